@@ -1,0 +1,3 @@
+fn main() {
+    println!("twill CNI plugin {}", env!("CARGO_PKG_VERSION"));
+}

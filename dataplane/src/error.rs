@@ -1,0 +1,60 @@
+use std::path::PathBuf;
+
+/// Errors of the kernel layer. Each carries what was being done and on what object.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("netlink: {op}: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link {0} not found")]
+    LinkNotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("nftables: {0}")]
+    Nft(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn netlink(op: impl Into<String>, source: rtnetlink::Error) -> Self {
+        Error::Netlink {
+            op: op.into(),
+            source,
+        }
+    }
+
+    pub fn io(op: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            op: op.into(),
+            source,
+        }
+    }
+
+    /// The kernel's errno behind a netlink error, if there is one (e.g. `libc::EEXIST`).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Netlink {
+                source: rtnetlink::Error::NetlinkError(msg),
+                ..
+            } => msg.code.map(|c| -c.get()),
+            Error::Io { source, .. } | Error::Netns { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! twill's kernel layer: netlink (links, addresses, routes, neighbours, FDB), network
+//! namespaces and nftables. Knows nothing of etcd or CNI.
+//!
+//! Every netlink socket is opened by [`Netlink::open`], in the namespace that the caller
+//! names, on a short-lived thread (never a tokio worker), so that `setns` never moves a
+//! thread that other code runs on.
+
+pub mod error;
+pub mod netlink;
+pub mod netns;
+
+pub use error::{Error, Result};
+pub use netlink::Netlink;
+pub use netns::NetNs;
+
+/// The packet types, always imported through rtnetlink so that the two never drift apart.
+pub use rtnetlink::packet_route;

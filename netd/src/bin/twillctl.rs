@@ -1,0 +1,3 @@
+fn main() {
+    println!("twillctl {}", env!("CARGO_PKG_VERSION"));
+}

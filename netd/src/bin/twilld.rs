@@ -1,0 +1,3 @@
+fn main() {
+    println!("twilld {}", env!("CARGO_PKG_VERSION"));
+}

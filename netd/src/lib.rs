@@ -1,0 +1,1 @@
+//! twilld and twillctl: the node daemon and the operator's CLI.

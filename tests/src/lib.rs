@@ -1,0 +1,2 @@
+//! Test harness shared by the integration tests: a real etcd started on free loopback ports,
+//! network namespaces with a unique prefix removed on drop, paths to the built binaries.
