@@ -26,11 +26,12 @@ impl Netlink {
     /// tokio runtime.
     pub fn open(ns: &NetNs) -> Result<Self> {
         let rt = tokio::runtime::Handle::current();
-        let (conn, handle, _) = ns.run_in(move || {
-            let _guard = rt.enter();
-            rtnetlink::new_connection()
-        })?
-        .map_err(|e| Error::io(format!("open netlink socket in {}", ns.path().display()), e))?;
+        let (conn, handle, _) = ns
+            .run_in(move || {
+                let _guard = rt.enter();
+                rtnetlink::new_connection()
+            })?
+            .map_err(|e| Error::io(format!("open netlink socket in {}", ns.path().display()), e))?;
         tokio::spawn(conn);
         Ok(Netlink { handle })
     }

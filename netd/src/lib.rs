@@ -1,1 +1,4 @@
 //! twilld and twillctl: the node daemon and the operator's CLI.
+
+pub mod cli;
+pub mod ctl;

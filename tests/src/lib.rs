@@ -1,2 +1,6 @@
 //! Test harness shared by the integration tests: a real etcd started on free loopback ports,
 //! network namespaces with a unique prefix removed on drop, paths to the built binaries.
+
+pub mod bins;
+pub mod etcd;
+pub mod netns;

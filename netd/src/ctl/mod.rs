@@ -1,0 +1,1 @@
+//! twillctl's commands, one file per command.
