@@ -31,9 +31,5 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if ! command -v cargo >/dev/null 2>&1; then
-  for d in "$HOME/.cargo/bin" /usr/local/cargo/bin; do
-    [ -x "$d/cargo" ] && export PATH="$d:$PATH"
-  done
-fi
-command -v cargo >/dev/null || { echo "setup: cargo (Rust toolchain, see rust-toolchain.toml) is required" >&2; exit 1; }
+command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || [ -x /usr/local/cargo/bin/cargo ] ||
+  { echo "setup: cargo (Rust toolchain, see rust-toolchain.toml) is required" >&2; exit 1; }

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+. ./scripts/env.sh
 if [ "$(id -u)" != 0 ]; then
   echo "test.sh: the kernel and cluster tests need root (they create network namespaces)" >&2
   exit 1
