@@ -1,3 +1,5 @@
+//! `twill`: the CNI plugin binary. All the work is in the library (`twill_cni`).
+
 fn main() {
-    println!("twill CNI plugin {}", env!("CARGO_PKG_VERSION"));
+    std::process::exit(twill_cni::main());
 }

@@ -5,9 +5,12 @@
 //! names, on a short-lived thread (never a tokio worker), so that `setns` never moves a
 //! thread that other code runs on.
 
+pub mod cni;
 pub mod error;
 pub mod netlink;
 pub mod netns;
+pub mod nft;
+pub mod overlay;
 
 pub use error::{Error, Result};
 pub use netlink::Netlink;

@@ -1,1 +1,502 @@
-//! TODO
+//! The on-disk pod IP allocator of the CNI plugin.
+//!
+//! One directory per CNI network (`<dataDir>/<network name>/`) holds:
+//! - `state.json`: every reservation, keyed by (container ID, ifname), and the last
+//!   reserved IP; rewritten crash-safe (temp file + fsync + rename);
+//! - `lock`: taken with `File::lock` (flock) around every read-modify-write, so parallel
+//!   plugin processes never hand out the same IP. The lock file stays (removing it would race
+//!   with waiters); the lock itself is released when the process closes it or exits.
+//!
+//! Allocation is round-robin: the search starts after the last reserved IP, so an IP that
+//! was just freed is not handed out again at once. The network address, the gateway (first
+//! host) and the broadcast address (last) are never handed out.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+
+/// Allocator errors; each names the path, IP or subnet at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error("IP allocator {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("IP allocator state {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("no free IP left in subnet {subnet} ({reserved} reserved)")]
+    Full { subnet: IpNet, reserved: usize },
+    #[error("requested IP {ip} is not usable in subnet {subnet}: {reason}")]
+    OutOfRange {
+        ip: IpAddr,
+        subnet: IpNet,
+        reason: &'static str,
+    },
+    #[error("requested IP {ip} is already reserved by container {container_id} ({ifname})")]
+    Taken {
+        ip: IpAddr,
+        container_id: String,
+        ifname: String,
+    },
+}
+
+/// One pod interface's reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    pub ip: IpAddr,
+    pub container_id: String,
+    pub ifname: String,
+    /// The host end of the pod's veth pair, so DEL/GC can find it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_veth: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+}
+
+impl Reservation {
+    pub fn is(&self, container_id: &str, ifname: &str) -> bool {
+        self.container_id == container_id && self.ifname == ifname
+    }
+}
+
+/// What the caller knows about the pod when it asks for an IP.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub container_id: String,
+    pub ifname: String,
+    pub host_veth: Option<String>,
+    pub netns: Option<String>,
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+    /// A specific IP (runtimeConfig.ips, CNI_ARGS IP=); otherwise the next free one.
+    pub ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct State {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_reserved: Option<IpAddr>,
+    #[serde(default)]
+    reservations: Vec<Reservation>,
+}
+
+/// The allocator for one CNI network: a directory under the data dir.
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    dir: PathBuf,
+}
+
+impl Allocator {
+    /// `<data_dir>/<network>`. Nothing is created until [`Allocator::lock`].
+    pub fn new(data_dir: impl AsRef<Path>, network: &str) -> Self {
+        Allocator {
+            dir: data_dir.as_ref().join(network),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// Takes the lock (blocking) and reads the state. Changes are written by
+    /// [`Locked::commit`]; dropping the guard without commit discards them.
+    pub fn lock(&self) -> Result<Locked, AllocError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AllocError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let lock_path = self.lock_path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        file.lock().map_err(io(&lock_path))?;
+        let state_path = self.state_path();
+        let state = match std::fs::read(&state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AllocError::Corrupt {
+                path: state_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io(&state_path)(e)),
+        };
+        Ok(Locked {
+            _lock: file,
+            state,
+            state_path,
+            dirty: false,
+        })
+    }
+
+    /// All reservations (takes the lock briefly).
+    pub fn list(&self) -> Result<Vec<Reservation>, AllocError> {
+        Ok(self.lock()?.state.reservations)
+    }
+}
+
+/// The allocator's state while its lock is held.
+#[derive(Debug)]
+pub struct Locked {
+    _lock: File,
+    state: State,
+    state_path: PathBuf,
+    dirty: bool,
+}
+
+impl Locked {
+    pub fn reservations(&self) -> &[Reservation] {
+        &self.state.reservations
+    }
+
+    pub fn get(&self, container_id: &str, ifname: &str) -> Option<&Reservation> {
+        self.state
+            .reservations
+            .iter()
+            .find(|r| r.is(container_id, ifname))
+    }
+
+    pub fn last_reserved(&self) -> Option<IpAddr> {
+        self.state.last_reserved
+    }
+
+    /// Reserves an IP of `subnet` (the node subnet, e.g. 10.244.3.0/24) for the request.
+    /// Returns the reservation and whether it is new (false: the same (container ID,
+    /// ifname) already held one, which is returned unchanged).
+    pub fn reserve(
+        &mut self,
+        subnet: IpNet,
+        req: &Request,
+    ) -> Result<(Reservation, bool), AllocError> {
+        if let Some(r) = self.get(&req.container_id, &req.ifname) {
+            if req.ip.is_none_or(|ip| ip == r.ip) {
+                return Ok((r.clone(), false));
+            }
+        }
+        let subnet = subnet.trunc();
+        let (first, last) = host_range(subnet);
+        let taken: HashSet<IpAddr> = self
+            .state
+            .reservations
+            .iter()
+            .filter(|r| !r.is(&req.container_id, &req.ifname))
+            .map(|r| r.ip)
+            .collect();
+        let ip = match req.ip {
+            Some(ip) => {
+                let reason = if !subnet.contains(&ip) {
+                    Some("outside the subnet")
+                } else if ip == subnet.network() {
+                    Some("the network address")
+                } else if to_u128(ip) == first - 1 {
+                    Some("the gateway")
+                } else if to_u128(ip) > last {
+                    Some("the broadcast address")
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    return Err(AllocError::OutOfRange { ip, subnet, reason });
+                }
+                if let Some(r) = self.state.reservations.iter().find(|r| r.ip == ip) {
+                    if !r.is(&req.container_id, &req.ifname) {
+                        return Err(AllocError::Taken {
+                            ip,
+                            container_id: r.container_id.clone(),
+                            ifname: r.ifname.clone(),
+                        });
+                    }
+                }
+                ip
+            }
+            None => {
+                if first > last {
+                    return Err(AllocError::Full {
+                        subnet,
+                        reserved: taken.len(),
+                    });
+                }
+                let size = last - first + 1;
+                let start = match self.state.last_reserved.map(to_u128) {
+                    Some(l) if (first..last).contains(&l) => l + 1,
+                    _ => first,
+                };
+                // At most |taken| + 1 candidates need a look before a free one shows up.
+                let tries = size.min(taken.len() as u128 + 1);
+                (0..tries)
+                    .map(|i| from_u128(subnet, first + (start - first + i) % size))
+                    .find(|ip| !taken.contains(ip))
+                    .ok_or(AllocError::Full {
+                        subnet,
+                        reserved: taken.len(),
+                    })?
+            }
+        };
+        self.state
+            .reservations
+            .retain(|r| !r.is(&req.container_id, &req.ifname));
+        let r = Reservation {
+            ip,
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            host_veth: req.host_veth.clone(),
+            netns: req.netns.clone(),
+            pod_namespace: req.pod_namespace.clone(),
+            pod_name: req.pod_name.clone(),
+        };
+        self.state.reservations.push(r.clone());
+        self.state.last_reserved = Some(ip);
+        self.dirty = true;
+        Ok((r, true))
+    }
+
+    /// Releases the reservation of (container ID, ifname), if any.
+    pub fn release(&mut self, container_id: &str, ifname: &str) -> Option<Reservation> {
+        let i = self
+            .state
+            .reservations
+            .iter()
+            .position(|r| r.is(container_id, ifname))?;
+        self.dirty = true;
+        Some(self.state.reservations.remove(i))
+    }
+
+    /// Releases every reservation for which `keep` is false; returns them.
+    pub fn release_unless(&mut self, keep: impl Fn(&Reservation) -> bool) -> Vec<Reservation> {
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.state.reservations)
+            .into_iter()
+            .partition(|r| keep(r));
+        self.state.reservations = kept;
+        if !gone.is_empty() {
+            self.dirty = true;
+        }
+        gone
+    }
+
+    /// Writes the state if it changed (crash-safe), then releases the lock.
+    pub fn commit(self) -> Result<(), AllocError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec_pretty(&self.state).expect("state serializes");
+        replace_file(&self.state_path, &bytes).map_err(|source| AllocError::Io {
+            path: self.state_path.clone(),
+            source,
+        })
+    }
+}
+
+/// Replaces `path` with `data` crash-safe: temp file, fsync, rename. After a crash the file
+/// is the old or the new version, never a mix. The directory is not fsynced: that would only
+/// make the newest rename survive a power cut, and a power cut takes every pod of the node
+/// with it (the runtime re-runs ADD, GC drops the stale entries); it costs a journal commit
+/// on every ADD and DEL.
+fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// The first and last IP (as numbers) that may be handed to pods: after the gateway (the
+/// first host), before the broadcast address (the last address).
+fn host_range(subnet: IpNet) -> (u128, u128) {
+    let net = to_u128(subnet.network());
+    let bcast = to_u128(subnet.broadcast());
+    (net + 2, bcast.saturating_sub(1))
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_u128(like: IpNet, n: u128) -> IpAddr {
+    match like {
+        IpNet::V4(_) => IpAddr::V4((n as u32).into()),
+        IpNet::V6(_) => IpAddr::V6(n.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(cid: &str) -> Request {
+        Request {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            ..Default::default()
+        }
+    }
+
+    fn reserve(a: &Allocator, subnet: &str, r: &Request) -> Result<IpAddr, AllocError> {
+        let mut l = a.lock()?;
+        let (res, _) = l.reserve(subnet.parse().unwrap(), r)?;
+        l.commit()?;
+        Ok(res.ip)
+    }
+
+    #[test]
+    fn hands_out_hosts_after_gateway_round_robin() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "twill");
+        assert_eq!(
+            reserve(&a, "10.1.0.0/29", &req("a")).unwrap().to_string(),
+            "10.1.0.2"
+        );
+        assert_eq!(
+            reserve(&a, "10.1.0.0/29", &req("b")).unwrap().to_string(),
+            "10.1.0.3"
+        );
+        // Same (container, ifname): the same IP again.
+        assert_eq!(
+            reserve(&a, "10.1.0.0/29", &req("a")).unwrap().to_string(),
+            "10.1.0.2"
+        );
+        // Freed .2 is not reused at once: next is .4.
+        let mut l = a.lock().unwrap();
+        assert!(l.release("a", "eth0").is_some());
+        l.commit().unwrap();
+        assert_eq!(
+            reserve(&a, "10.1.0.0/29", &req("c")).unwrap().to_string(),
+            "10.1.0.4"
+        );
+        assert_eq!(
+            reserve(&a, "10.1.0.0/29", &req("d")).unwrap().to_string(),
+            "10.1.0.5"
+        );
+        assert_eq!(
+            reserve(&a, "10.1.0.0/29", &req("e")).unwrap().to_string(),
+            "10.1.0.6"
+        );
+        // Wraps around to the freed .2; .7 (broadcast) and .1 (gateway) never.
+        assert_eq!(
+            reserve(&a, "10.1.0.0/29", &req("f")).unwrap().to_string(),
+            "10.1.0.2"
+        );
+        let e = reserve(&a, "10.1.0.0/29", &req("g")).unwrap_err();
+        assert!(matches!(e, AllocError::Full { reserved: 5, .. }), "{e}");
+        assert!(e.to_string().contains("10.1.0.0/29"), "{e}");
+        // A fresh allocator over the same dir sees the same state.
+        let ips: HashSet<_> = Allocator::new(dir.path(), "twill")
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.ip.to_string())
+            .collect();
+        assert_eq!(ips.len(), 5);
+        assert!(!ips.contains("10.1.0.1") && !ips.contains("10.1.0.7"));
+    }
+
+    #[test]
+    fn requested_ip_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "n");
+        let with = |cid: &str, ip: &str| Request {
+            ip: Some(ip.parse().unwrap()),
+            ..req(cid)
+        };
+        for (ip, frag) in [
+            ("10.2.0.0", "network address"),
+            ("10.2.0.1", "gateway"),
+            ("10.2.0.255", "broadcast"),
+            ("10.3.0.9", "outside"),
+        ] {
+            let e = reserve(&a, "10.2.0.0/24", &with("x", ip))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(frag) && e.contains(ip), "{e}");
+        }
+        assert_eq!(
+            reserve(&a, "10.2.0.0/24", &with("x", "10.2.0.77"))
+                .unwrap()
+                .to_string(),
+            "10.2.0.77"
+        );
+        let e = reserve(&a, "10.2.0.0/24", &with("y", "10.2.0.77")).unwrap_err();
+        assert!(
+            matches!(e, AllocError::Taken { .. }) && e.to_string().contains("x"),
+            "{e}"
+        );
+        // Round-robin continues after the requested one.
+        assert_eq!(
+            reserve(&a, "10.2.0.0/24", &req("z")).unwrap().to_string(),
+            "10.2.0.78"
+        );
+    }
+
+    #[test]
+    fn release_unless_and_corrupt_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "n");
+        for c in ["a", "b", "c"] {
+            reserve(&a, "fd00::/120", &req(c)).unwrap();
+        }
+        let mut l = a.lock().unwrap();
+        let gone = l.release_unless(|r| r.container_id == "b");
+        l.commit().unwrap();
+        assert_eq!(gone.len(), 2);
+        let left = a.list().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].ip.to_string(), "fd00::3");
+        std::fs::write(a.state_path(), b"{not json").unwrap();
+        let e = a.lock().unwrap_err().to_string();
+        assert!(e.contains("state.json") && e.contains("corrupt"), "{e}");
+    }
+
+    #[test]
+    fn parallel_threads_get_distinct_ips() {
+        let dir = tempfile::tempdir().unwrap();
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let a = Allocator::new(dir.path(), "n");
+                std::thread::spawn(move || {
+                    reserve(&a, "10.9.0.0/24", &req(&format!("c{i}"))).unwrap()
+                })
+            })
+            .collect();
+        let ips: HashSet<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(ips.len(), 16);
+    }
+}

@@ -1,1 +1,229 @@
-//! TODO
+//! Subnet leases: the value under `<prefix>/subnets/<net>-<len>`, in Flannel's JSON field
+//! names plus twill's own (`NodeName`). Fields written by another version are kept.
+
+use std::net::Ipv4Addr;
+use std::time::SystemTime;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A lease value or key that cannot be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeaseError {
+    #[error("lease key {key:?} is not of the form <net>-<len> (e.g. 10.244.3.0-24)")]
+    Key { key: String },
+    #[error("lease value of {key:?} is not valid lease JSON: {reason}")]
+    Value { key: String, reason: String },
+}
+
+/// `BackendData` of a Flannel VXLAN lease.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendData {
+    #[serde(rename = "VNI", default)]
+    pub vni: u32,
+    #[serde(rename = "VtepMAC", default)]
+    pub vtep_mac: String,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The content of a lease (its JSON value).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    /// `PublicIP`: where other nodes send VXLAN traffic. 0.0.0.0 in a reservation whose
+    /// node has not taken it yet.
+    #[serde(rename = "PublicIP", default = "unspecified")]
+    pub public_ip: Ipv4Addr,
+    /// `BackendType`: "vxlan".
+    #[serde(rename = "BackendType", default)]
+    pub backend_type: String,
+    /// `BackendData`: `VNI`, `VtepMAC`.
+    #[serde(rename = "BackendData", default)]
+    pub backend_data: BackendData,
+    /// twill's `NodeName`: the node that holds (or for which is reserved) the subnet; the
+    /// key of stickiness. Empty in leases written by flanneld.
+    #[serde(rename = "NodeName", default, skip_serializing_if = "String::is_empty")]
+    pub node_name: String,
+    /// Other fields (`PublicIPv6`, `BackendV6Data`, newer fields...), kept as written.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn unspecified() -> Ipv4Addr {
+    Ipv4Addr::UNSPECIFIED
+}
+
+impl LeaseAttrs {
+    /// Attributes of a VXLAN node.
+    pub fn vxlan(node_name: &str, public_ip: Ipv4Addr, vni: u32, vtep_mac: &str) -> Self {
+        LeaseAttrs {
+            public_ip,
+            backend_type: "vxlan".to_string(),
+            backend_data: BackendData {
+                vni,
+                vtep_mac: vtep_mac.to_string(),
+                extra: Map::new(),
+            },
+            node_name: node_name.to_string(),
+            extra: Map::new(),
+        }
+    }
+
+    /// `BackendData.VNI`.
+    pub fn vni(&self) -> u32 {
+        self.backend_data.vni
+    }
+
+    /// `BackendData.VtepMAC`.
+    pub fn vtep_mac(&self) -> &str {
+        &self.backend_data.vtep_mac
+    }
+
+    /// Whether a peer can route to this node: a public IP and a VTEP MAC are known (false for
+    /// a reservation that its node has not taken yet).
+    pub fn is_routable(&self) -> bool {
+        !self.public_ip.is_unspecified() && !self.backend_data.vtep_mac.is_empty()
+    }
+
+    /// The JSON value stored in etcd.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("serializing lease attrs cannot fail")
+    }
+
+    /// Parses a lease value; `key` is only used in the error.
+    pub fn from_json(key: &str, json: &[u8]) -> Result<Self, LeaseError> {
+        serde_json::from_slice(json).map_err(|e| LeaseError::Value {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// One lease as read from etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub subnet: Ipv4Net,
+    pub attrs: LeaseAttrs,
+    /// A reservation: the key has no etcd lease (no TTL) and never expires.
+    pub reserved: bool,
+    /// The etcd lease the key is bound to (0 when reserved).
+    pub etcd_lease: i64,
+    /// When the key expires, if known: only filled by calls that ask etcd for the remaining
+    /// TTL ([`crate::store::LeaseStore::list_with_ttl`], or right after an acquire).
+    pub expires: Option<SystemTime>,
+    /// etcd revision of the key's last change.
+    pub mod_revision: i64,
+}
+
+impl Lease {
+    /// The node's address in its subnet (the VXLAN device's /32 and the next hop of the
+    /// route to it): the subnet's network address, as Flannel does.
+    pub fn net_addr(&self) -> Ipv4Addr {
+        self.subnet.network()
+    }
+
+    /// The same lease content (attrs, binding), whatever revision it was read at.
+    pub fn same_content(&self, other: &Lease) -> bool {
+        self.subnet == other.subnet
+            && self.attrs == other.attrs
+            && self.reserved == other.reserved
+            && self.etcd_lease == other.etcd_lease
+    }
+}
+
+/// A change in the set of leases, as seen by [`crate::store::LeaseWatch`].
+// `Changed` holds two leases: boxing them would only make matching clumsier for a type that
+// is moved through a channel a few times per lease change.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseEvent {
+    Added(Lease),
+    Changed {
+        old: Lease,
+        new: Lease,
+    },
+    Removed(Lease),
+    /// The watch has delivered the complete state as of `revision` (after the first list,
+    /// and again after every re-list that followed a compaction). Between `Synced` events
+    /// only incremental events arrive.
+    Synced {
+        revision: i64,
+    },
+}
+
+/// `10.244.3.0/24` -> `10.244.3.0-24` (the key name under `<prefix>/subnets/`).
+pub fn subnet_to_key(subnet: &Ipv4Net) -> String {
+    format!("{}-{}", subnet.network(), subnet.prefix_len())
+}
+
+/// `10.244.3.0-24` -> `10.244.3.0/24`. The network must be canonical (no host bits).
+pub fn key_to_subnet(key: &str) -> Result<Ipv4Net, LeaseError> {
+    let bad = || LeaseError::Key {
+        key: key.to_string(),
+    };
+    let (addr, len) = key.split_once('-').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let net = Ipv4Net::new(addr, len).map_err(|_| bad())?;
+    if net.trunc() != net {
+        return Err(bad());
+    }
+    Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_round_trip() {
+        let net: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(subnet_to_key(&net), "10.244.3.0-24");
+        assert_eq!(key_to_subnet("10.244.3.0-24").unwrap(), net);
+        for bad in [
+            "10.244.3.0/24",
+            "10.244.3.0-",
+            "10.244.3.0-33",
+            "10.244.3.1-24",
+            "x-24",
+            "10.244.3.0-+4",
+            "",
+        ] {
+            assert!(key_to_subnet(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_flannel_lease_and_keeps_unknown_fields() {
+        let flannel = br#"{"PublicIP":"192.168.1.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"9a:2b:3c:4d:5e:6f","Extra":7},"Zone":"b"}"#;
+        let a = LeaseAttrs::from_json("k", flannel).unwrap();
+        assert_eq!(a.public_ip, Ipv4Addr::new(192, 168, 1, 5));
+        assert_eq!(a.vni(), 1);
+        assert_eq!(a.vtep_mac(), "9a:2b:3c:4d:5e:6f");
+        assert_eq!(a.node_name, "");
+        assert!(a.is_routable());
+        let out: Value = serde_json::from_str(&a.to_json()).unwrap();
+        assert_eq!(out["Zone"], "b");
+        assert_eq!(out["BackendData"]["Extra"], 7);
+        assert!(out.get("PublicIPv6").is_some());
+        assert!(out.get("NodeName").is_none());
+    }
+
+    #[test]
+    fn twill_lease_json() {
+        let a = LeaseAttrs::vxlan("node-1", Ipv4Addr::new(10, 0, 0, 1), 1, "aa:bb:cc:dd:ee:ff");
+        let json = a.to_json();
+        assert_eq!(
+            json,
+            r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"},"NodeName":"node-1"}"#
+        );
+        assert_eq!(LeaseAttrs::from_json("k", json.as_bytes()).unwrap(), a);
+        let reserved = LeaseAttrs::from_json("k", br#"{"NodeName":"n"}"#).unwrap();
+        assert!(!reserved.is_routable());
+        assert!(LeaseAttrs::from_json("k", b"nope").is_err());
+    }
+}

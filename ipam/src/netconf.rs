@@ -1,1 +1,606 @@
-//! TODO
+//! The network config stored at `<prefix>/config`, in Flannel's net-conf.json field names.
+//!
+//! Defaults follow Flannel (`pkg/subnet/config.go`): `SubnetLen` is /24 when `Network` is /22
+//! or larger, else `Network`'s prefix + 2; `SubnetMin` skips the first subnet (its address
+//! would clash with the network address), `SubnetMax` is the last one; `Backend.VNI` is 1 and `Backend.Port` 8472. One difference: an absent
+//! `Backend.Type` means "vxlan" (twill's only backend) where Flannel assumes "udp".
+//! Fields this version does not know are kept and written back unchanged.
+
+use std::net::Ipv4Addr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::lease::Lease;
+
+/// The only backend twill implements.
+pub const BACKEND_VXLAN: &str = "vxlan";
+/// Flannel's and Linux's VXLAN port.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// Flannel's default VNI.
+pub const DEFAULT_VNI: u32 = 1;
+
+/// Why a net-conf.json is rejected. Every variant names the field and the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("net-conf.json is not valid JSON: {0}")]
+    Json(String),
+    #[error("field {field}: {value:?} is invalid: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("field {field} is required")]
+    Missing { field: &'static str },
+}
+
+fn invalid(field: &'static str, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// `Backend` of net-conf.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    /// `Type`: "vxlan".
+    pub kind: String,
+    /// `VNI`.
+    pub vni: u32,
+    /// `Port`: the VXLAN UDP port.
+    pub port: u16,
+    /// Other backend fields (`GBP`, `DirectRouting`, `MTU`, ...), kept as written.
+    pub extra: Map<String, Value>,
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            kind: BACKEND_VXLAN.to_string(),
+            vni: DEFAULT_VNI,
+            port: DEFAULT_VXLAN_PORT,
+            extra: Map::new(),
+        }
+    }
+}
+
+/// The network config, validated and with Flannel's defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConfig {
+    /// `Network`: the cluster's pod network.
+    pub network: Ipv4Net,
+    /// `SubnetLen`: prefix length of one node's subnet.
+    pub subnet_len: u8,
+    /// `SubnetMin`: network address of the lowest subnet handed out.
+    pub subnet_min: Ipv4Addr,
+    /// `SubnetMax`: network address of the highest subnet handed out.
+    pub subnet_max: Ipv4Addr,
+    /// `Backend`.
+    pub backend: Backend,
+    /// `EnableIPv4` (default true).
+    pub enable_ipv4: bool,
+    /// `EnableIPv6` (default false).
+    pub enable_ipv6: bool,
+    /// `IPv6Network`.
+    pub ipv6_network: Option<Ipv6Net>,
+    /// `IPv6SubnetLen` (resolved when `IPv6Network` is set: /64, or prefix + 2 for a small network).
+    pub ipv6_subnet_len: Option<u8>,
+    /// Top-level fields this version does not know, kept as written.
+    pub extra: Map<String, Value>,
+}
+
+/// The raw JSON shape, before defaults and validation.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RawConfig {
+    #[serde(rename = "Network", default, skip_serializing_if = "Option::is_none")]
+    network: Option<String>,
+    #[serde(rename = "SubnetLen", default, skip_serializing_if = "Option::is_none")]
+    subnet_len: Option<i64>,
+    #[serde(rename = "SubnetMin", default, skip_serializing_if = "Option::is_none")]
+    subnet_min: Option<String>,
+    #[serde(rename = "SubnetMax", default, skip_serializing_if = "Option::is_none")]
+    subnet_max: Option<String>,
+    #[serde(
+        rename = "EnableIPv4",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    enable_ipv4: Option<bool>,
+    #[serde(
+        rename = "EnableIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    enable_ipv6: Option<bool>,
+    #[serde(
+        rename = "IPv6Network",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    ipv6_network: Option<String>,
+    #[serde(
+        rename = "IPv6SubnetLen",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    ipv6_subnet_len: Option<i64>,
+    #[serde(rename = "Backend", default, skip_serializing_if = "Option::is_none")]
+    backend: Option<RawBackend>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RawBackend {
+    #[serde(rename = "Type", default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(rename = "VNI", default, skip_serializing_if = "Option::is_none")]
+    vni: Option<i64>,
+    #[serde(rename = "Port", default, skip_serializing_if = "Option::is_none")]
+    port: Option<i64>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+impl NetConfig {
+    /// A config with Flannel's defaults for `network` (validated).
+    pub fn new(network: Ipv4Net) -> Result<Self, ConfigError> {
+        Self::from_raw(RawConfig {
+            network: Some(network.to_string()),
+            ..RawConfig::default()
+        })
+    }
+
+    /// Parses and validates net-conf.json, filling in Flannel's defaults.
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    /// The config as net-conf.json, defaults written out, unknown fields kept.
+    pub fn to_json(&self) -> String {
+        let raw = RawConfig {
+            network: Some(self.network.to_string()),
+            subnet_len: Some(i64::from(self.subnet_len)),
+            subnet_min: Some(self.subnet_min.to_string()),
+            subnet_max: Some(self.subnet_max.to_string()),
+            enable_ipv4: (!self.enable_ipv4).then_some(false),
+            enable_ipv6: Some(self.enable_ipv6),
+            ipv6_network: self.ipv6_network.map(|n| n.to_string()),
+            ipv6_subnet_len: self.ipv6_subnet_len.map(i64::from),
+            backend: Some(RawBackend {
+                kind: Some(self.backend.kind.clone()),
+                vni: Some(i64::from(self.backend.vni)),
+                port: Some(i64::from(self.backend.port)),
+                extra: self.backend.extra.clone(),
+            }),
+            extra: self.extra.clone(),
+        };
+        serde_json::to_string(&raw).expect("serializing a JSON map cannot fail")
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let enable_ipv4 = raw.enable_ipv4.unwrap_or(true);
+        let enable_ipv6 = raw.enable_ipv6.unwrap_or(false);
+        if !enable_ipv4 {
+            return Err(invalid(
+                "EnableIPv4",
+                "false",
+                "twill needs an IPv4 pod network (IPv6-only is not supported)",
+            ));
+        }
+        let net_str = raw
+            .network
+            .ok_or(ConfigError::Missing { field: "Network" })?;
+        let network: Ipv4Net = net_str
+            .parse()
+            .map_err(|_| invalid("Network", &net_str, "not an IPv4 CIDR"))?;
+        if network.trunc() != network {
+            return Err(invalid(
+                "Network",
+                &net_str,
+                format!("host bits are set (did you mean {}?)", network.trunc()),
+            ));
+        }
+        let plen = network.prefix_len();
+        let subnet_len = match raw.subnet_len {
+            Some(len) => {
+                if len > 30 {
+                    return Err(invalid(
+                        "SubnetLen",
+                        len,
+                        "must be at most 30 (each node needs a bridge and pod addresses)",
+                    ));
+                }
+                if len < i64::from(plen) + 2 {
+                    return Err(invalid(
+                        "SubnetLen",
+                        len,
+                        format!(
+                            "must be at least {} so that Network {network} holds four subnets",
+                            plen + 2
+                        ),
+                    ));
+                }
+                len as u8
+            }
+            None if plen > 28 => {
+                return Err(invalid(
+                    "Network",
+                    &net_str,
+                    "too small: the smallest useful Network is a /28",
+                ));
+            }
+            None if plen <= 22 => 24,
+            None => plen + 2,
+        };
+        let size = 1u32 << (32 - subnet_len);
+        let mask = u32::MAX << (32 - subnet_len);
+        let first = u32::from(network.network());
+        let last = u32::from(network.broadcast());
+        let parse_bound = |field: &'static str, v: Option<String>, default: u32| match v {
+            None => Ok(Ipv4Addr::from(default)),
+            Some(s) => {
+                let ip: Ipv4Addr = s
+                    .parse()
+                    .map_err(|_| invalid(field, &s, "not an IPv4 address"))?;
+                if !network.contains(&ip) {
+                    return Err(invalid(field, &s, format!("outside Network {network}")));
+                }
+                if u32::from(ip) & mask != u32::from(ip) {
+                    return Err(invalid(
+                        field,
+                        &s,
+                        format!("not on a /{subnet_len} boundary (SubnetLen)"),
+                    ));
+                }
+                Ok(ip)
+            }
+        };
+        let subnet_min = parse_bound("SubnetMin", raw.subnet_min, first + size)?;
+        let subnet_max = parse_bound("SubnetMax", raw.subnet_max, (last - size) + 1)?;
+        if subnet_min > subnet_max {
+            return Err(invalid(
+                "SubnetMin",
+                subnet_min,
+                format!("greater than SubnetMax {subnet_max}"),
+            ));
+        }
+
+        let (ipv6_network, ipv6_subnet_len) = match (raw.ipv6_network, raw.ipv6_subnet_len) {
+            (None, None) => (None, None),
+            (None, Some(len)) => {
+                return Err(invalid("IPv6SubnetLen", len, "set without IPv6Network"));
+            }
+            (Some(s), len) => {
+                let net: Ipv6Net = s
+                    .parse()
+                    .map_err(|_| invalid("IPv6Network", &s, "not an IPv6 CIDR"))?;
+                if net.trunc() != net {
+                    return Err(invalid("IPv6Network", &s, "host bits are set"));
+                }
+                let p = net.prefix_len();
+                let len = match len {
+                    Some(len) if len > 126 => {
+                        return Err(invalid("IPv6SubnetLen", len, "must be at most 126"));
+                    }
+                    Some(len) if len < i64::from(p) + 2 => {
+                        return Err(invalid(
+                            "IPv6SubnetLen",
+                            len,
+                            format!(
+                                "must be at least {} so that IPv6Network {net} holds four subnets",
+                                p + 2
+                            ),
+                        ));
+                    }
+                    Some(len) => len as u8,
+                    None if p > 126 => {
+                        return Err(invalid("IPv6Network", &s, "too small"));
+                    }
+                    None if p <= 62 => 64,
+                    None => p + 2,
+                };
+                (Some(net), Some(len))
+            }
+        };
+        if enable_ipv6 && ipv6_network.is_none() {
+            return Err(invalid(
+                "EnableIPv6",
+                "true",
+                "IPv6Network is required when EnableIPv6 is true",
+            ));
+        }
+
+        let rb = raw.backend.unwrap_or_default();
+        let kind = rb.kind.unwrap_or_else(|| BACKEND_VXLAN.to_string());
+        if kind != BACKEND_VXLAN {
+            return Err(invalid(
+                "Backend.Type",
+                &kind,
+                "unknown backend type (twill supports \"vxlan\")",
+            ));
+        }
+        let vni = match rb.vni {
+            None => DEFAULT_VNI,
+            // The VNI is a 24-bit field in the VXLAN header.
+            Some(v) if (0..=0x00ff_ffff).contains(&v) => v as u32,
+            Some(v) => return Err(invalid("Backend.VNI", v, "must be 0..=16777215")),
+        };
+        let port = match rb.port {
+            None | Some(0) => DEFAULT_VXLAN_PORT,
+            Some(p) if (1..=65535).contains(&p) => p as u16,
+            Some(p) => return Err(invalid("Backend.Port", p, "must be 1..=65535")),
+        };
+
+        Ok(NetConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            backend: Backend {
+                kind,
+                vni,
+                port,
+                extra: rb.extra,
+            },
+            enable_ipv4,
+            enable_ipv6,
+            ipv6_network,
+            ipv6_subnet_len,
+            extra: raw.extra,
+        })
+    }
+
+    fn subnet_size(&self) -> u32 {
+        1u32 << (32 - self.subnet_len)
+    }
+
+    /// How many subnets SubnetMin..=SubnetMax holds.
+    pub fn subnet_count(&self) -> u64 {
+        u64::from((u32::from(self.subnet_max) - u32::from(self.subnet_min)) / self.subnet_size())
+            + 1
+    }
+
+    /// The `index`-th candidate subnet (0-based from SubnetMin), if inside the range.
+    pub fn subnet_at(&self, index: u64) -> Option<Ipv4Net> {
+        if index >= self.subnet_count() {
+            return None;
+        }
+        let addr = u32::from(self.subnet_min) + (index as u32) * self.subnet_size();
+        Some(Ipv4Net::new(Ipv4Addr::from(addr), self.subnet_len).expect("subnet_len <= 30"))
+    }
+
+    /// All candidate subnets, SubnetMin first.
+    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+        (0..self.subnet_count()).map(|i| self.subnet_at(i).expect("index in range"))
+    }
+
+    /// Whether `subnet` is one this config hands out: the right length, aligned, inside
+    /// SubnetMin..=SubnetMax.
+    pub fn is_valid_subnet(&self, subnet: &Ipv4Net) -> bool {
+        subnet.prefix_len() == self.subnet_len
+            && subnet.trunc() == *subnet
+            && subnet.network() >= self.subnet_min
+            && subnet.network() <= self.subnet_max
+    }
+
+    /// The leases that this config would strand: their subnet is not one it hands out.
+    pub fn stranded_leases<'a>(&self, leases: &'a [Lease]) -> Vec<&'a Lease> {
+        leases
+            .iter()
+            .filter(|l| !self.is_valid_subnet(&l.subnet))
+            .collect()
+    }
+
+    /// Changes from `old` that running nodes cannot follow without a restart of the whole
+    /// data plane: another backend type, VNI or port. (Subnet range changes are judged by
+    /// [`NetConfig::stranded_leases`] against the actual leases.) Empty when compatible.
+    pub fn incompatible_changes(&self, old: &NetConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.backend.kind != old.backend.kind {
+            out.push(format!(
+                "Backend.Type changes from {:?} to {:?}",
+                old.backend.kind, self.backend.kind
+            ));
+        }
+        if self.backend.vni != old.backend.vni {
+            out.push(format!(
+                "Backend.VNI changes from {} to {}",
+                old.backend.vni, self.backend.vni
+            ));
+        }
+        if self.backend.port != old.backend.port {
+            out.push(format!(
+                "Backend.Port changes from {} to {}",
+                old.backend.port, self.backend.port
+            ));
+        }
+        out
+    }
+
+    /// True when moving from `old` to `self` keeps every subnet `old` could hand out valid
+    /// and keeps the backend: no lease can be stranded, whatever the leases are.
+    pub fn is_compatible_change(&self, old: &NetConfig) -> bool {
+        self.incompatible_changes(old).is_empty()
+            && self.subnet_len == old.subnet_len
+            && self.subnet_min <= old.subnet_min
+            && self.subnet_max >= old.subnet_max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_field(json: &str) -> (String, String) {
+        match NetConfig::from_json(json).unwrap_err() {
+            ConfigError::Invalid { field, value, .. } => (field.to_string(), value),
+            ConfigError::Missing { field } => (field.to_string(), String::new()),
+            e => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn flannel_defaults_for_16() {
+        let c = NetConfig::from_json(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
+            .unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
+        assert_eq!(c.backend.vni, 1);
+        assert_eq!(c.backend.port, 8472);
+        assert_eq!(c.subnet_count(), 255);
+        assert!(!c.enable_ipv6);
+    }
+
+    #[test]
+    fn small_network_gets_prefix_plus_two() {
+        let c = NetConfig::from_json(r#"{"Network":"10.1.0.0/26"}"#).unwrap();
+        assert_eq!(c.subnet_len, 28);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 1, 0, 16));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 1, 0, 48));
+        assert_eq!(c.subnet_count(), 3);
+        let c = NetConfig::from_json(r#"{"Network":"10.1.0.0/22"}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+        let c = NetConfig::from_json(r#"{"Network":"10.1.0.0/23"}"#).unwrap();
+        assert_eq!(c.subnet_len, 25);
+    }
+
+    #[test]
+    fn validation_names_field_and_value() {
+        assert_eq!(err_field(r#"{}"#).0, "Network");
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/29"}"#),
+            ("Network".into(), "10.0.0.0/29".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.1/16"}"#),
+            ("Network".into(), "10.0.0.1/16".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"banana"}"#),
+            ("Network".into(), "banana".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#),
+            ("SubnetLen".into(), "31".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","SubnetLen":17}"#),
+            ("SubnetLen".into(), "17".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.1.0.0"}"#),
+            ("SubnetMin".into(), "10.1.0.0".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","SubnetMax":"10.0.3.7"}"#),
+            ("SubnetMax".into(), "10.0.3.7".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.3.0"}"#)
+                .0,
+            "SubnetMin"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#),
+            ("Backend.Type".into(), "udp".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","Backend":{"VNI":16777216}}"#),
+            ("Backend.VNI".into(), "16777216".into())
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","EnableIPv6":true}"#).0,
+            "EnableIPv6"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","IPv6SubnetLen":64}"#).0,
+            "IPv6SubnetLen"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/127"}"#)
+                .0,
+            "IPv6Network"
+        );
+        assert_eq!(
+            err_field(
+                r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetLen":49}"#
+            ),
+            ("IPv6SubnetLen".into(), "49".into())
+        );
+        let msg = NetConfig::from_json(r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("SubnetLen") && msg.contains("31"), "{msg}");
+        assert!(matches!(
+            NetConfig::from_json("{").unwrap_err(),
+            ConfigError::Json(_)
+        ));
+    }
+
+    #[test]
+    fn ipv6_defaults() {
+        let c = NetConfig::from_json(
+            r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv6_subnet_len, Some(64));
+        let c = NetConfig::from_json(
+            r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/100"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv6_subnet_len, Some(102));
+    }
+
+    #[test]
+    fn unknown_fields_round_trip() {
+        let json = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableNFTables":true,"Future":{"a":1},"Backend":{"Type":"vxlan","VNI":4096,"GBP":true}}"#;
+        let c = NetConfig::from_json(json).unwrap();
+        assert_eq!(c.extra.get("EnableNFTables"), Some(&Value::Bool(true)));
+        assert_eq!(c.backend.extra.get("GBP"), Some(&Value::Bool(true)));
+        let out = c.to_json();
+        let back = NetConfig::from_json(&out).unwrap();
+        assert_eq!(back, c);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["Future"]["a"], 1);
+        assert_eq!(v["Backend"]["VNI"], 4096);
+        assert_eq!(v["Backend"]["Port"], 8472);
+        assert_eq!(v["SubnetMin"], "10.244.1.0");
+    }
+
+    #[test]
+    fn subnet_iteration_and_membership() {
+        let c = NetConfig::from_json(
+            r#"{"Network":"10.0.0.0/16","SubnetLen":24,"SubnetMin":"10.0.10.0","SubnetMax":"10.0.12.0"}"#,
+        )
+        .unwrap();
+        let all: Vec<String> = c.subnets().map(|s| s.to_string()).collect();
+        assert_eq!(all, ["10.0.10.0/24", "10.0.11.0/24", "10.0.12.0/24"]);
+        assert!(c.is_valid_subnet(&"10.0.11.0/24".parse().unwrap()));
+        assert!(!c.is_valid_subnet(&"10.0.13.0/24".parse().unwrap()));
+        assert!(!c.is_valid_subnet(&"10.0.11.0/25".parse().unwrap()));
+        assert_eq!(c.subnet_at(3), None);
+    }
+
+    #[test]
+    fn compatibility() {
+        let old = NetConfig::from_json(r#"{"Network":"10.0.0.0/16"}"#).unwrap();
+        let wider = NetConfig::from_json(
+            r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.0.1.0"}"#,
+        )
+        .unwrap();
+        assert!(wider.is_compatible_change(&old));
+        let narrower = NetConfig::from_json(r#"{"Network":"10.0.0.0/17"}"#).unwrap();
+        assert!(!narrower.is_compatible_change(&old));
+        let vni = NetConfig::from_json(r#"{"Network":"10.0.0.0/16","Backend":{"VNI":2}}"#).unwrap();
+        assert_eq!(vni.incompatible_changes(&old).len(), 1);
+        assert!(!vni.is_compatible_change(&old));
+    }
+}

@@ -1,1 +1,362 @@
-//! TODO
+//! The subnet file (`/run/twill/subnet.env`) that twilld writes and the CNI plugin reads,
+//! with Flannel's key names so that either CNI plugin can read either daemon's file:
+//!
+//! ```text
+//! FLANNEL_NETWORK=10.244.0.0/16
+//! FLANNEL_SUBNET=10.244.3.1/24
+//! FLANNEL_MTU=1450
+//! FLANNEL_IPMASQ=true
+//! ```
+//!
+//! `FLANNEL_SUBNET` is the node's gateway address with the subnet's prefix length (the first
+//! host address of the node subnet). Optional: `FLANNEL_IPV6_NETWORK`, `FLANNEL_IPV6_SUBNET`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+
+/// Errors reading, parsing or writing the subnet file; each names the path, and the key and
+/// value when one is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetFileError {
+    #[error("subnet file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("subnet file {path}: line {line}: expected KEY=VALUE, got {text:?}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        text: String,
+    },
+    #[error("subnet file {path}: {key}={value:?}: {reason}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("subnet file {path}: missing key {key}")]
+    Missing { path: PathBuf, key: &'static str },
+}
+
+/// The contents of the subnet file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetFile {
+    /// The whole cluster network (FLANNEL_NETWORK), e.g. 10.244.0.0/16.
+    pub network: IpNet,
+    /// The node's gateway with the node subnet's prefix length (FLANNEL_SUBNET), e.g.
+    /// 10.244.3.1/24. [`SubnetFile::node_subnet`] gives the network, 10.244.3.0/24.
+    pub subnet: IpNet,
+    /// MTU for pod interfaces (FLANNEL_MTU).
+    pub mtu: u32,
+    /// Whether twilld masquerades traffic leaving the cluster network (FLANNEL_IPMASQ).
+    pub ip_masq: bool,
+    /// FLANNEL_IPV6_NETWORK, if the cluster is dual-stack.
+    pub ipv6_network: Option<IpNet>,
+    /// FLANNEL_IPV6_SUBNET (gateway/len), if the cluster is dual-stack.
+    pub ipv6_subnet: Option<IpNet>,
+}
+
+impl SubnetFile {
+    /// Builds the file contents for a node subnet (e.g. 10.244.3.0/24): the gateway is the
+    /// first host address of the subnet.
+    pub fn for_node_subnet(network: IpNet, node_subnet: IpNet, mtu: u32, ip_masq: bool) -> Self {
+        SubnetFile {
+            network,
+            subnet: gateway_of(node_subnet),
+            mtu,
+            ip_masq,
+            ipv6_network: None,
+            ipv6_subnet: None,
+        }
+    }
+
+    /// The node subnet itself, e.g. 10.244.3.0/24 for FLANNEL_SUBNET=10.244.3.1/24.
+    pub fn node_subnet(&self) -> IpNet {
+        self.subnet.trunc()
+    }
+
+    /// The gateway (the bridge's address), e.g. 10.244.3.1.
+    pub fn gateway(&self) -> IpAddr {
+        self.subnet.addr()
+    }
+
+    /// Reads and parses the file at `path`.
+    pub fn read(path: impl AsRef<Path>) -> Result<Self, SubnetFileError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| SubnetFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses the file's text; `path` is only used in error messages. Blank lines and `#`
+    /// comments are skipped, unknown keys ignored, values may be quoted.
+    pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Self, SubnetFileError> {
+        let path = path.as_ref();
+        let mut network = None;
+        let mut subnet = None;
+        let mut mtu = None;
+        let mut ip_masq = false;
+        let mut ipv6_network = None;
+        let mut ipv6_subnet = None;
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(SubnetFileError::Syntax {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    text: raw.to_string(),
+                });
+            };
+            let key = key.trim().trim_start_matches("export ").trim();
+            let value = value.trim().trim_matches('"').trim_matches('\'');
+            let bad = |key: &'static str, reason: String| SubnetFileError::Value {
+                path: path.to_path_buf(),
+                key,
+                value: value.to_string(),
+                reason,
+            };
+            match key {
+                "FLANNEL_NETWORK" => {
+                    network = Some(
+                        value
+                            .parse::<IpNet>()
+                            .map_err(|e| bad("FLANNEL_NETWORK", e.to_string()))?,
+                    )
+                }
+                "FLANNEL_SUBNET" => {
+                    subnet = Some(
+                        value
+                            .parse::<IpNet>()
+                            .map_err(|e| bad("FLANNEL_SUBNET", e.to_string()))?,
+                    )
+                }
+                "FLANNEL_MTU" => {
+                    let v: u32 = value
+                        .parse()
+                        .map_err(|e: std::num::ParseIntError| bad("FLANNEL_MTU", e.to_string()))?;
+                    if !(68..=65535).contains(&v) {
+                        return Err(bad("FLANNEL_MTU", "must be between 68 and 65535".into()));
+                    }
+                    mtu = Some(v)
+                }
+                "FLANNEL_IPMASQ" => {
+                    ip_masq = match value {
+                        "true" | "1" => true,
+                        "false" | "0" | "" => false,
+                        _ => return Err(bad("FLANNEL_IPMASQ", "expected true or false".into())),
+                    }
+                }
+                "FLANNEL_IPV6_NETWORK" => {
+                    ipv6_network = Some(
+                        value
+                            .parse::<IpNet>()
+                            .map_err(|e| bad("FLANNEL_IPV6_NETWORK", e.to_string()))?,
+                    )
+                }
+                "FLANNEL_IPV6_SUBNET" => {
+                    ipv6_subnet = Some(
+                        value
+                            .parse::<IpNet>()
+                            .map_err(|e| bad("FLANNEL_IPV6_SUBNET", e.to_string()))?,
+                    )
+                }
+                _ => {}
+            }
+        }
+        let missing = |key| SubnetFileError::Missing {
+            path: path.to_path_buf(),
+            key,
+        };
+        let network = network.ok_or_else(|| missing("FLANNEL_NETWORK"))?;
+        let subnet = subnet.ok_or_else(|| missing("FLANNEL_SUBNET"))?;
+        let mtu = mtu.ok_or_else(|| missing("FLANNEL_MTU"))?;
+        let check = |key: &'static str, net: IpNet, within: IpNet| {
+            if within.contains(&net) {
+                Ok(())
+            } else {
+                Err(SubnetFileError::Value {
+                    path: path.to_path_buf(),
+                    key,
+                    value: net.to_string(),
+                    reason: format!("not inside the cluster network {within}"),
+                })
+            }
+        };
+        check("FLANNEL_SUBNET", subnet, network)?;
+        if subnet.max_prefix_len() - subnet.prefix_len() < 2 {
+            return Err(SubnetFileError::Value {
+                path: path.to_path_buf(),
+                key: "FLANNEL_SUBNET",
+                value: subnet.to_string(),
+                reason: "the node subnet has no room for pods".into(),
+            });
+        }
+        if let (Some(n), Some(s)) = (ipv6_network, ipv6_subnet) {
+            check("FLANNEL_IPV6_SUBNET", s, n)?;
+        }
+        Ok(SubnetFile {
+            network,
+            subnet,
+            mtu,
+            ip_masq,
+            ipv6_network,
+            ipv6_subnet,
+        })
+    }
+
+    /// The file's text, in Flannel's order.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\n",
+            self.network, self.subnet
+        );
+        if let Some(n) = self.ipv6_network {
+            s += &format!("FLANNEL_IPV6_NETWORK={n}\n");
+        }
+        if let Some(n) = self.ipv6_subnet {
+            s += &format!("FLANNEL_IPV6_SUBNET={n}\n");
+        }
+        s += &format!(
+            "FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.mtu, self.ip_masq
+        );
+        s
+    }
+
+    /// Writes the file atomically: a temp file in the same directory, fsync, rename over
+    /// `path`, fsync of the directory. Readers see the old or the new file, never a part.
+    /// Creates the parent directory if needed.
+    pub fn write_atomic(&self, path: impl AsRef<Path>) -> Result<(), SubnetFileError> {
+        let path = path.as_ref();
+        write_atomic(path, self.render().as_bytes()).map_err(|source| SubnetFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// The gateway address (first host) of a subnet, with the subnet's prefix length.
+pub fn gateway_of(subnet: IpNet) -> IpNet {
+    let net = subnet.trunc();
+    let gw = match net.network() {
+        IpAddr::V4(a) => IpAddr::V4((u32::from(a) + 1).into()),
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) + 1).into()),
+    };
+    IpNet::new(gw, net.prefix_len()).expect("prefix length of an existing net")
+}
+
+/// Writes `data` to `path` crash-safe: temp file + fsync + rename + fsync of the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLANNEL: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+
+    #[test]
+    fn parses_flannels_file() {
+        let f = SubnetFile::parse("x", FLANNEL).unwrap();
+        assert_eq!(f.network.to_string(), "10.244.0.0/16");
+        assert_eq!(f.subnet.to_string(), "10.244.3.1/24");
+        assert_eq!(f.node_subnet().to_string(), "10.244.3.0/24");
+        assert_eq!(f.gateway().to_string(), "10.244.3.1");
+        assert_eq!(f.mtu, 1450);
+        assert!(f.ip_masq);
+        assert_eq!(f.render(), FLANNEL);
+    }
+
+    #[test]
+    fn round_trips_through_disk_with_ipv6() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/twill/subnet.env");
+        let mut f = SubnetFile::for_node_subnet(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.7.0/24".parse().unwrap(),
+            1450,
+            false,
+        );
+        f.ipv6_network = Some("fd00:10::/56".parse().unwrap());
+        f.ipv6_subnet = Some("fd00:10:0:3::1/64".parse().unwrap());
+        f.write_atomic(&path).unwrap();
+        assert_eq!(SubnetFile::read(&path).unwrap(), f);
+        assert_eq!(f.subnet.to_string(), "10.244.7.1/24");
+        // No temp file is left next to it.
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("subnet.env")]);
+    }
+
+    #[test]
+    fn errors_name_key_and_value() {
+        let e = SubnetFile::parse(
+            "/p",
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=bogus\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("FLANNEL_SUBNET") && e.contains("bogus"), "{e}");
+        let e = SubnetFile::parse("/p", "garbage\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1") && e.contains("garbage"), "{e}");
+        let e = SubnetFile::parse("/p", "FLANNEL_NETWORK=10.244.0.0/16\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing key FLANNEL_SUBNET"), "{e}");
+        let e = SubnetFile::parse(
+            "/p",
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.9.3.1/24\nFLANNEL_MTU=1450\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not inside"), "{e}");
+        let e = SubnetFile::read("/nonexistent/twill/subnet.env")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/twill/subnet.env"), "{e}");
+    }
+}

@@ -2,3 +2,5 @@
 
 pub mod cli;
 pub mod ctl;
+pub mod daemon;
+pub mod install_cni;

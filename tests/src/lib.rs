@@ -2,5 +2,6 @@
 //! network namespaces with a unique prefix removed on drop, paths to the built binaries.
 
 pub mod bins;
+pub mod cluster;
 pub mod etcd;
 pub mod netns;

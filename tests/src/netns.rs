@@ -1,1 +1,220 @@
-//! TODO
+//! Network namespaces for kernel tests: [`TestNetns`] creates a uniquely named namespace
+//! (`tw<pid>n<seq><tag>`, via `ip netns add`) and deletes it on drop, also when the test
+//! fails. Commands run inside it through `nsenter --net=/var/run/netns/<name>` (not
+//! `ip netns exec`, which remounts /sys and costs milliseconds).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `tw<pid>n<seq>` + `tag`.
+pub fn unique_name(tag: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    format!("tw{}n{n}{tag}", std::process::id())
+}
+
+/// Fails (never skips) unless the test runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this kernel test needs root: run the tests as root"
+    );
+}
+
+fn checked(what: &str, out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what}: {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command in the caller's namespace; an error carries its stderr.
+pub fn run_host(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {program}"))?;
+    checked(&format!("{program} {}", args.join(" ")), out)
+}
+
+/// A named network namespace, deleted on drop (with every link inside it).
+#[derive(Debug)]
+pub struct TestNetns {
+    name: String,
+    deleted: bool,
+}
+
+impl TestNetns {
+    /// Creates `tw<pid>n<seq><tag>`; loopback is brought up.
+    pub fn new(tag: &str) -> Result<Self> {
+        require_root();
+        let name = unique_name(tag);
+        run_host("ip", &["netns", "add", &name])?;
+        let ns = TestNetns {
+            name,
+            deleted: false,
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/var/run/netns/<name>`, what CNI_NETNS and `nsenter --net=` take.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// A command that runs `program` inside this namespace (through nsenter).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// Runs `program args` inside; an error carries the exit status and stderr.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("spawn nsenter for {program}"))?;
+        checked(
+            &format!("[{}] {program} {}", self.name, args.join(" ")),
+            out,
+        )
+    }
+
+    /// `ip -n <name> args`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        run_host("ip", &a)
+    }
+
+    /// Pings `dst` from inside: `count` packets, `timeout_s` seconds overall. Returns ping's
+    /// output; fails if no reply came.
+    pub fn ping(&self, dst: IpAddr, count: u32, timeout_s: u32) -> Result<String> {
+        self.run(
+            "ping",
+            &[
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-w",
+                &timeout_s.to_string(),
+                &dst.to_string(),
+            ],
+        )
+    }
+
+    /// Whether one ping to `dst` gets a reply within `timeout_s` seconds.
+    pub fn can_ping(&self, dst: IpAddr, timeout_s: u32) -> bool {
+        self.run(
+            "ping",
+            &[
+                "-n",
+                "-c",
+                "1",
+                "-w",
+                &timeout_s.to_string(),
+                &dst.to_string(),
+            ],
+        )
+        .is_ok()
+    }
+
+    /// The names of the links inside.
+    pub fn links(&self) -> Result<Vec<String>> {
+        let out = self.ip(&["-o", "link", "show"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+            .collect())
+    }
+
+    /// Whether a link `name` exists inside.
+    pub fn has_link(&self, name: &str) -> bool {
+        self.ip(&["link", "show", "dev", name]).is_ok()
+    }
+
+    /// Adds `cidr` (e.g. "10.0.0.1/24") to `dev` and brings `dev` up.
+    pub fn add_addr(&self, dev: &str, cidr: &str) -> Result<()> {
+        self.ip(&["addr", "add", cidr, "dev", dev])?;
+        self.ip(&["link", "set", dev, "up"])?;
+        Ok(())
+    }
+
+    /// Deletes the namespace now (e.g. to test DEL after the netns is gone).
+    pub fn delete(&mut self) -> Result<()> {
+        if !self.deleted {
+            self.deleted = true;
+            run_host("ip", &["netns", "del", &self.name])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        if !self.deleted {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A veth pair between two namespaces: `a_if` in `a`, `b_if` in `b`, both up.
+pub fn veth_between(a: &TestNetns, a_if: &str, b: &TestNetns, b_if: &str) -> Result<()> {
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_prefixed() {
+        let a = unique_name("x");
+        let b = unique_name("x");
+        assert_ne!(a, b);
+        assert!(a.starts_with("tw"));
+    }
+}

@@ -1,3 +1,43 @@
-fn main() {
-    println!("twilld {}", env!("CARGO_PKG_VERSION"));
+//! twilld: the twill node daemon (see twill_netd::daemon), and `twilld install-cni`.
+
+use std::io::IsTerminal;
+
+use anyhow::Result;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use twill_netd::cli::{Cli, Command};
+
+fn init_logging(format: &str) {
+    // rtnetlink and netlink-proto log through `log`.
+    let _ = tracing_log::LogTracer::init();
+    let filter = EnvFilter::try_from_env("TWILLD_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| {
+            EnvFilter::new("info,netlink_proto=warn,h2=warn,tower=warn,hyper=warn")
+        });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.try_init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.run.log_format);
+    match cli.command {
+        Some(Command::InstallCni(args)) => twill_netd::install_cni::run(&args),
+        Some(Command::Run) | None => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(twill_netd::daemon::run(cli.run))
+        }
+    }
 }

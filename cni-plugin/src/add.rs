@@ -1,0 +1,301 @@
+//! ADD: reserve an IP, ensure the bridge, create the veth pair with its peer directly in the
+//! pod netns, give the pod its address and routes, and return the result. A failure half-way
+//! undoes what this invocation did (the host veth, which takes its peer along, and a
+//! reservation it made).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde_json::Value;
+use twill_dataplane::NetNs;
+use twill_dataplane::cni::{CniDataplane, RtnlCni, bridge_mac, format_mac, pod_link};
+use twill_ipam::alloc::{Allocator, Request};
+use twill_ipam::subnet_file::SubnetFile;
+
+use crate::config::NetConf;
+use crate::env::CniEnv;
+use crate::error::{CniError, Result, code};
+use crate::types::{CniResult, Interface, IpConfig, Route};
+use crate::{block_on, host_veth_name, read_subnet_file};
+
+/// Opens CNI_NETNS; a missing or wrong path is code 4 naming the variable and the path.
+pub(crate) fn open_netns(path: &str) -> Result<NetNs> {
+    NetNs::open(path)
+        .map_err(|e| CniError::new(code::INVALID_ENV, format!("CNI_NETNS={path:?}: {e}")))
+}
+
+/// The IP the runtime asks for: `runtimeConfig.ips` first, then CNI_ARGS `IP=`. At most one
+/// per family; one outside the node subnet is code 7 naming the field and the value (the
+/// allocator rejects the subnet's network, gateway and broadcast addresses).
+fn requested_ip(conf: &NetConf, env: &CniEnv, subnet: &SubnetFile) -> Result<Option<IpAddr>> {
+    let net = subnet.node_subnet();
+    let v4 = net.addr().is_ipv4();
+    let fam: Vec<IpAddr> = conf
+        .runtime_ips
+        .iter()
+        .copied()
+        .filter(|ip| ip.is_ipv4() == v4)
+        .collect();
+    if fam.len() > 1 {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("runtimeConfig.ips: {fam:?}: at most one IP per family"),
+        ));
+    }
+    let (ip, field) = match (fam.first(), env.args.ip) {
+        (Some(ip), _) => (*ip, "runtimeConfig.ips:"),
+        (None, Some(ip)) => (ip, "CNI_ARGS IP"),
+        (None, None) => return Ok(None),
+    };
+    if !net.contains(&ip) {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("{field} {ip} is outside the node subnet {net}"),
+        ));
+    }
+    Ok(Some(ip))
+}
+
+pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
+    let cid = env.container_id()?;
+    let ifname = env.ifname()?;
+    let netns_path = env.netns()?;
+    let prev = match &conf.prev_result {
+        Some(v) => Some(
+            CniResult::from_value(v)
+                .map_err(|e| CniError::new(code::DECODE, format!("prevResult: {e}")))?,
+        ),
+        None => None,
+    };
+    let subnet = read_subnet_file(&conf.subnet_file)?;
+    let mtu = conf.mtu.unwrap_or(subnet.mtu);
+    let requested = requested_ip(conf, env, &subnet)?;
+    let ns = open_netns(netns_path)?;
+    let host = host_veth_name(cid, ifname);
+
+    let alloc = Allocator::new(&conf.data_dir, &conf.name);
+    let mut locked = alloc.lock()?;
+    let (res, new) = locked.reserve(
+        subnet.node_subnet(),
+        &Request {
+            container_id: cid.into(),
+            ifname: ifname.into(),
+            host_veth: Some(host.clone()),
+            netns: Some(netns_path.into()),
+            pod_namespace: env.args.pod_namespace.clone(),
+            pod_name: env.args.pod_name.clone(),
+            ip: requested,
+        },
+    )?;
+    tracing::info!(container = cid, ifname, ip = %res.ip, new, "reserved");
+    // The crash-safe write (two fsyncs: most of an ADD's time) runs on its own thread, with
+    // the lock, while the kernel work goes on; success is reported only once it is durable.
+    let commit = std::thread::spawn(move || locked.commit());
+
+    let wired = block_on(wire(conf, &subnet, &ns, ifname, &host, res.ip, mtu)).and_then(|r| r);
+    let committed = commit
+        .join()
+        .unwrap_or_else(|_| Err(twill_ipam::alloc::AllocError::Io {
+            path: alloc.state_path(),
+            source: std::io::Error::other("commit thread panicked"),
+        }));
+    let wired = match (wired, committed) {
+        (Ok(w), Ok(())) => Ok(w),
+        (Ok(_), Err(e)) => {
+            // The pod is wired but its reservation is not on disk: take the wiring back.
+            match block_on(async { RtnlCni::current()?.delete_link(&host).await }) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e2)) => tracing::error!("undo: delete {host}: {e2}"),
+                Err(e2) => tracing::error!("undo: delete {host}: {e2}"),
+            }
+            Err(e.into())
+        }
+        (Err(e), _) => Err(e),
+    };
+    let (bridge, host_link, pod) = match wired {
+        Ok(x) => x,
+        Err(e) => {
+            if new {
+                // Undo the reservation this invocation made; a failure here is logged only:
+                // the error the runtime needs to see is the first one.
+                match alloc.lock() {
+                    Ok(mut l) => {
+                        l.release(cid, ifname);
+                        if let Err(e2) = l.commit() {
+                            tracing::error!("undo reservation of {}: {e2}", res.ip);
+                        }
+                    }
+                    Err(e2) => tracing::error!("undo reservation of {}: {e2}", res.ip),
+                }
+            }
+            return Err(e);
+        }
+    };
+
+    let gw = subnet.gateway();
+    let mut ours = CniResult {
+        cni_version: conf.cni_version.clone(),
+        interfaces: vec![
+            Interface {
+                name: bridge.0,
+                mac: Some(bridge.1),
+                ..Default::default()
+            },
+            Interface {
+                name: host_link.0,
+                mac: Some(host_link.1),
+                ..Default::default()
+            },
+            Interface {
+                name: ifname.into(),
+                mac: Some(pod),
+                mtu: Some(mtu),
+                sandbox: Some(netns_path.into()),
+                ..Default::default()
+            },
+        ],
+        ips: vec![IpConfig {
+            address: IpNet::new(res.ip, subnet.subnet.prefix_len()).expect("valid prefix"),
+            gateway: Some(gw),
+            interface: Some(2),
+            extra: Default::default(),
+        }],
+        routes: pod_routes(conf, &subnet)
+            .into_iter()
+            .map(|dst| Route {
+                dst,
+                gw: Some(gw),
+                extra: Default::default(),
+            })
+            .collect(),
+        dns: conf.dns.clone(),
+    };
+    if let Some(mut p) = prev {
+        // Chained after another plugin: keep its result and add twill's.
+        let off = p.interfaces.len();
+        for ip in &mut ours.ips {
+            ip.interface = ip.interface.map(|i| i + off);
+        }
+        p.interfaces.append(&mut ours.interfaces);
+        p.ips.append(&mut ours.ips);
+        p.routes.append(&mut ours.routes);
+        if !ours.dns.is_empty() {
+            p.dns = ours.dns;
+        }
+        ours = p;
+    }
+    Ok(ours.encode(&conf.cni_version))
+}
+
+/// The routes the pod gets, all via the gateway: the default route (if isDefaultGateway)
+/// and the cluster network.
+pub(crate) fn pod_routes(conf: &NetConf, subnet: &SubnetFile) -> Vec<IpNet> {
+    let mut v = Vec::new();
+    if conf.is_default_gateway {
+        v.push(if subnet.network.addr().is_ipv4() {
+            "0.0.0.0/0".parse().expect("literal")
+        } else {
+            "::/0".parse().expect("literal")
+        });
+    }
+    if !v.contains(&subnet.network) {
+        v.push(subnet.network);
+    }
+    v
+}
+
+type Named = (String, String);
+
+/// The kernel part of ADD. Returns (bridge name, MAC), (host veth, MAC), pod MAC.
+async fn wire(
+    conf: &NetConf,
+    subnet: &SubnetFile,
+    ns: &NetNs,
+    ifname: &str,
+    host: &str,
+    ip: IpAddr,
+    mtu: u32,
+) -> Result<(Named, Named, String)> {
+    let node = RtnlCni::current()?;
+    let pod = RtnlCni::open(ns)?;
+    let gw = subnet.gateway();
+    let br = node
+        .ensure_bridge(&conf.bridge, subnet.subnet, bridge_mac(gw), mtu)
+        .await?;
+    let created = match node.create_veth(host, &br, ns, ifname, mtu).await {
+        Err(e) if e.errno() == Some(libc::EEXIST) => {
+            // A leftover of an earlier ADD of the same (container, ifname): remove it (its
+            // peer goes with it) and try once more.
+            if node.delete_link(host).await? {
+                tracing::warn!(host, "removed a leftover host veth");
+                node.create_veth(host, &br, ns, ifname, mtu).await
+            } else {
+                Err(e)
+            }
+        }
+        r => r,
+    };
+    created.map_err(|e| {
+        let mut err = CniError::from(e);
+        if err.details.contains("exists") {
+            err.msg = format!("{}: is {ifname} already taken in the pod netns?", err.msg);
+        }
+        err
+    })?;
+    // From here on a failure deletes the host veth. The host side and the pod side are
+    // independent: their requests go out concurrently.
+    let host_side = async {
+        let h = node
+            .link(host)
+            .await?
+            .ok_or_else(|| twill_dataplane::Error::LinkNotFound(host.to_string()))?;
+        if conf.hairpin_mode {
+            node.set_hairpin(h.index, true).await?;
+        }
+        Ok::<_, twill_dataplane::Error>(h)
+    };
+    let pod_side = async {
+        let pl = pod_link(&pod, ifname).await?;
+        let addr = IpNet::new(ip, subnet.subnet.prefix_len()).expect("prefix");
+        let (up, added) = tokio::join!(pod.set_up(pl.index), pod.add_address(pl.index, addr));
+        up?;
+        added?;
+        // Both need the link up and the connected route of the address.
+        let routes = pod_routes(conf, subnet);
+        let (r0, r1) = tokio::join!(
+            async {
+                match routes.first() {
+                    Some(d) => pod.add_route(pl.index, *d, gw).await,
+                    None => Ok(()),
+                }
+            },
+            async {
+                for d in routes.iter().skip(1) {
+                    pod.add_route(pl.index, *d, gw).await?;
+                }
+                Ok(())
+            }
+        );
+        r0?;
+        r1?;
+        Ok::<_, twill_dataplane::Error>(pl)
+    };
+    let (host_link, pod_link_res) = tokio::join!(host_side, pod_side);
+    let configured = match (host_link, pod_link_res) {
+        (Ok(h), Ok(p)) => Ok((h, p)),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    match configured {
+        Ok((host_link, pl)) => Ok((
+            (br.name.clone(), br.mac_string()),
+            (host_link.name.clone(), host_link.mac_string()),
+            format_mac(&pl.mac),
+        )),
+        Err(e) => {
+            if let Err(e2) = node.delete_link(host).await {
+                tracing::error!("undo: delete {host}: {e2}");
+            }
+            Err(e.into())
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! DEL: remove the host veth (the kernel removes its peer in the pod netns with it) and
+//! release the reservation. Idempotent: the netns may be gone, the interface missing, there
+//! may be no prevResult and nothing reserved; the IP is always released.
+
+use twill_dataplane::cni::{CniDataplane, RtnlCni};
+use twill_ipam::alloc::Allocator;
+
+use crate::config::NetConf;
+use crate::env::CniEnv;
+use crate::error::Result;
+use crate::{block_on, host_veth_name};
+
+pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
+    let cid = env.container_id()?;
+    let ifname = env.ifname()?;
+    let host = host_veth_name(cid, ifname);
+    let alloc = Allocator::new(&conf.data_dir, &conf.name);
+    let mut locked = alloc.lock()?;
+    let released = locked.release(cid, ifname);
+    // The release is written (fsyncs) on its own thread while the kernel removes the veth.
+    let commit = std::thread::spawn(move || locked.commit());
+    let other = released
+        .as_ref()
+        .and_then(|r| r.host_veth.clone())
+        .filter(|h| *h != host);
+    // Deleting one end is enough: the kernel's veth teardown (one synchronize_net) takes
+    // both ends, so the pod netns is never entered.
+    let deleted = block_on(async {
+        let node = RtnlCni::current()?;
+        node.delete_link(&host).await?;
+        // A reservation written under another naming scheme: remove that veth too.
+        if let Some(other) = &other {
+            node.delete_link(other).await?;
+        }
+        Ok::<_, twill_dataplane::Error>(())
+    });
+    let committed = commit.join().unwrap_or_else(|_| {
+        Err(twill_ipam::alloc::AllocError::Io {
+            path: alloc.state_path(),
+            source: std::io::Error::other("commit thread panicked"),
+        })
+    });
+    deleted??;
+    committed?;
+    if let Some(r) = &released {
+        tracing::info!(container = cid, ifname, ip = %r.ip, "released");
+    }
+    Ok(())
+}

@@ -1,0 +1,453 @@
+//! The kernel verbs of the CNI plugin: the node bridge, the pod's veth pair, the pod's
+//! addresses and routes, and the lookups that CHECK, DEL and GC need.
+//!
+//! [`CniDataplane`] is the small trait of domain verbs; [`RtnlCni`] implements it over one
+//! rtnetlink socket bound to one namespace (the node's or the pod's). The plugin opens one
+//! for the node namespace (the one it runs in) and one inside the pod namespace.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::{Error, NetNs, Netlink, Result};
+
+/// What the plugin needs to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Vec<u8>,
+    pub mtu: Option<u32>,
+    pub up: bool,
+    /// The index of the bridge (or other controller) the link is a port of.
+    pub controller: Option<u32>,
+    /// The link kind ("veth", "bridge", ...), when the kernel reports one.
+    pub kind: Option<String>,
+}
+
+impl Link {
+    /// The MAC as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        format_mac(&self.mac)
+    }
+}
+
+/// A route as CHECK compares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The bridge's fixed MAC, derived from its gateway: `0a:58` (locally administered, unicast)
+/// followed by the IPv4 address, as Kubernetes' kubenet and OVN do. Stable across restarts,
+/// so pods' neighbour entries for the gateway never go stale.
+pub fn bridge_mac(gateway: IpAddr) -> [u8; 6] {
+    let o = match gateway {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => {
+            let s = a.octets();
+            [s[12], s[13], s[14], s[15]]
+        }
+    };
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
+}
+
+/// The domain verbs of the CNI plugin, on one namespace.
+#[allow(async_fn_in_trait)]
+pub trait CniDataplane {
+    /// The bridge `name`, created (with `mac`, `mtu`, up) if missing, brought up if down,
+    /// with `gateway` (gateway/len) as an address.
+    async fn ensure_bridge(
+        &self,
+        name: &str,
+        gateway: IpNet,
+        mac: [u8; 6],
+        mtu: u32,
+    ) -> Result<Link>;
+    /// A veth pair: `host_name` here, a port of `bridge`, up; its peer created directly
+    /// inside `pod_ns` as `pod_ifname`, still down (see [`Self::set_up`]). Both ends get
+    /// `mtu`. One request.
+    async fn create_veth(
+        &self,
+        host_name: &str,
+        bridge: &Link,
+        pod_ns: &NetNs,
+        pod_ifname: &str,
+        mtu: u32,
+    ) -> Result<()>;
+    /// Sets hairpin mode on the bridge port with index `index`.
+    async fn set_hairpin(&self, index: u32, on: bool) -> Result<()>;
+    /// Brings the link with index `index` up.
+    async fn set_up(&self, index: u32) -> Result<()>;
+    /// The link called `name`, if any.
+    async fn link(&self, name: &str) -> Result<Option<Link>>;
+    /// Deletes the link called `name`; `Ok(false)` if there was none.
+    async fn delete_link(&self, name: &str) -> Result<bool>;
+    /// Every link that is a port of the bridge with index `bridge`.
+    async fn bridge_ports(&self, bridge: u32) -> Result<Vec<Link>>;
+    /// Adds `addr` (ip/len) to the link with index `index`.
+    async fn add_address(&self, index: u32, addr: IpNet) -> Result<()>;
+    /// The addresses on the link with index `index`.
+    async fn addresses(&self, index: u32) -> Result<Vec<IpNet>>;
+    /// Adds (replaces) a route to `dst` via `gateway` out of link `index`.
+    async fn add_route(&self, index: u32, dst: IpNet, gateway: IpAddr) -> Result<()>;
+    /// The main table's routes of the family of `family_of`.
+    async fn routes(&self, family_of: IpAddr) -> Result<Vec<Route>>;
+}
+
+/// [`CniDataplane`] over an rtnetlink socket bound to one namespace.
+#[derive(Clone)]
+pub struct RtnlCni {
+    nl: Netlink,
+}
+
+impl RtnlCni {
+    pub fn new(nl: Netlink) -> Self {
+        RtnlCni { nl }
+    }
+
+    /// Opens a socket inside `ns` (see [`Netlink::open`]).
+    pub fn open(ns: &NetNs) -> Result<Self> {
+        Ok(RtnlCni {
+            nl: Netlink::open(ns)?,
+        })
+    }
+
+    /// Opens a socket in the caller's own namespace.
+    pub fn current() -> Result<Self> {
+        Ok(RtnlCni {
+            nl: Netlink::current()?,
+        })
+    }
+}
+
+fn link_from(msg: LinkMessage) -> Link {
+    let mut l = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: Vec::new(),
+        mtu: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        controller: None,
+        kind: None,
+    };
+    for a in msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n,
+            LinkAttribute::Address(m) => l.mac = m,
+            LinkAttribute::Mtu(m) => l.mtu = Some(m),
+            LinkAttribute::Controller(c) if c != 0 => l.controller = Some(c),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let NlLinkInfo::Kind(k) = i {
+                        l.kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.map(|c| -c.get()) == Some(errno))
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+fn route_from(msg: &RouteMessage) -> Option<Route> {
+    if msg.header.table != RouteHeader::RT_TABLE_MAIN {
+        return None;
+    }
+    let mut dst = None;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &msg.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = route_addr(d),
+            RouteAttribute::Gateway(g) => gateway = route_addr(g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let len = msg.header.destination_prefix_length;
+    let dst = match (dst, msg.header.address_family) {
+        (Some(d), _) => IpNet::new(d, len).ok()?,
+        (None, AddressFamily::Inet) => IpNet::new(IpAddr::V4(0.into()), 0).ok()?,
+        (None, AddressFamily::Inet6) => IpNet::new(IpAddr::V6(0.into()), 0).ok()?,
+        _ => return None,
+    };
+    Some(Route { dst, gateway, oif })
+}
+
+impl CniDataplane for RtnlCni {
+    async fn ensure_bridge(
+        &self,
+        name: &str,
+        gateway: IpNet,
+        mac: [u8; 6],
+        mtu: u32,
+    ) -> Result<Link> {
+        let h = self.nl.handle();
+        let br = match self.link(name).await? {
+            Some(l) => l,
+            None => {
+                let msg = LinkMessageBuilder::<rtnetlink::LinkBridge>::new(name)
+                    .address(mac.to_vec())
+                    .mtu(mtu)
+                    .up()
+                    .build();
+                match h.link().add(msg).execute().await {
+                    Ok(()) => {}
+                    // Another plugin process created it at the same moment.
+                    Err(e) if is_errno(&e, libc::EEXIST) => {}
+                    Err(e) => return Err(Error::netlink(format!("create bridge {name}"), e)),
+                }
+                self.link(name)
+                    .await?
+                    .ok_or_else(|| Error::LinkNotFound(name.to_string()))?
+            }
+        };
+        if br.kind.as_deref().is_some_and(|k| k != "bridge") {
+            return Err(Error::Invalid(format!(
+                "bridge {name}: a link of that name exists but is a {}",
+                br.kind.as_deref().unwrap_or("?")
+            )));
+        }
+        if !br.up {
+            self.set_up(br.index).await?;
+        }
+        // EEXIST: the gateway address is already there (the usual case after the first pod).
+        match self.add_address(br.index, gateway).await {
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            r => r?,
+        }
+        Ok(br)
+    }
+
+    async fn create_veth(
+        &self,
+        host_name: &str,
+        bridge: &Link,
+        pod_ns: &NetNs,
+        pod_ifname: &str,
+        mtu: u32,
+    ) -> Result<()> {
+        // One request: the peer is born inside the pod netns (IFLA_NET_NS_FD in the peer's
+        // message); the host end joins the bridge (IFLA_MASTER) and comes up.
+        // Kernel 6.18: IFF_UP in the peer's header fails the request with ENOTCONN, so the
+        // peer is brought up afterwards from inside the pod netns (`set_up`).
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(pod_ifname)
+            .mtu(mtu)
+            .setns_by_fd(pod_ns.raw_fd())
+            .build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host_name)
+            .mtu(mtu)
+            .controller(bridge.index)
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.nl.handle().link().add(msg).execute().await.map_err(|e| {
+            Error::netlink(
+                format!(
+                    "create veth {host_name} with peer {pod_ifname} in {}",
+                    pod_ns.path().display()
+                ),
+                e,
+            )
+        })
+    }
+
+    async fn set_hairpin(&self, index: u32, on: bool) -> Result<()> {
+        // Bridge-port options are ignored in a create request (IFLA_INFO_SLAVE_DATA only
+        // applies to an existing port), so hairpin is its own request.
+        let msg = LinkBridgePort::new(index).hairpin(on).build();
+        self.nl
+            .handle()
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("set hairpin on link {index}"), e))
+    }
+
+    async fn set_up(&self, index: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.nl
+            .handle()
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("set link {index} up"), e))
+    }
+
+    async fn link(&self, name: &str) -> Result<Option<Link>> {
+        let mut s = self.nl.handle().link().get().match_name(name).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.map(link_from)),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(Error::netlink(format!("get link {name}"), e)),
+        }
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<bool> {
+        let msg = LinkUnspec::new_with_name(name).build();
+        match self
+            .nl
+            .handle()
+            .link()
+            .del_with_message(msg)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(false),
+            Err(e) => Err(Error::netlink(format!("delete link {name}"), e)),
+        }
+    }
+
+    async fn bridge_ports(&self, bridge: u32) -> Result<Vec<Link>> {
+        // Dump filters are ignored without strict checking: filter here.
+        let links: Vec<LinkMessage> = self
+            .nl
+            .handle()
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink("dump links", e))?;
+        Ok(links
+            .into_iter()
+            .map(link_from)
+            .filter(|l| l.controller == Some(bridge))
+            .collect())
+    }
+
+    async fn add_address(&self, index: u32, addr: IpNet) -> Result<()> {
+        self.nl
+            .handle()
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("add address {addr} to link {index}"), e))
+    }
+
+    async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+        let msgs: Vec<_> = self
+            .nl
+            .handle()
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink(format!("dump addresses of link {index}"), e))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| {
+                let len = m.header.prefix_len;
+                m.attributes.into_iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => IpNet::new(ip, len).ok(),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    async fn add_route(&self, index: u32, dst: IpNet, gateway: IpAddr) -> Result<()> {
+        let msg = match (dst, gateway) {
+            (IpNet::V4(d), IpAddr::V4(g)) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .gateway(g)
+                .output_interface(index)
+                .build(),
+            (IpNet::V6(d), IpAddr::V6(g)) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .gateway(g)
+                .output_interface(index)
+                .build(),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "route to {dst} via {gateway}: address families differ"
+                )));
+            }
+        };
+        self.nl
+            .handle()
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("add route {dst} via {gateway}"), e))
+    }
+
+    async fn routes(&self, family_of: IpAddr) -> Result<Vec<Route>> {
+        let msg = match family_of {
+            IpAddr::V4(_) => RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            IpAddr::V6(_) => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        };
+        let msgs: Vec<_> = self
+            .nl
+            .handle()
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink("dump routes", e))?;
+        Ok(msgs.iter().filter_map(route_from).collect())
+    }
+}
+
+/// Convenience: the pod end of a veth, looked up by name in the pod namespace.
+pub async fn pod_link(pod: &impl CniDataplane, ifname: &str) -> Result<Link> {
+    pod.link(ifname)
+        .await?
+        .ok_or_else(|| Error::LinkNotFound(ifname.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_mac_is_local_unicast_and_stable() {
+        let m = bridge_mac("10.244.3.1".parse().unwrap());
+        assert_eq!(format_mac(&m), "0a:58:0a:f4:03:01");
+        assert_eq!(m[0] & 0x02, 0x02, "locally administered");
+        assert_eq!(m[0] & 0x01, 0, "unicast");
+    }
+}

@@ -1,0 +1,361 @@
+//! The VXLAN overlay: one `twill.<VNI>` device per node and, per peer node, a neighbour, an
+//! FDB entry and an onlink route. [`Overlay`] is the small set of domain verbs that twilld
+//! uses; [`RtnlOverlay`] implements it with rtnetlink, [`FakeOverlay`] records calls for unit
+//! tests. [`Monitor`] listens to the kernel's link/neighbour/route events.
+
+mod fake;
+mod monitor;
+mod rtnl;
+pub mod sysctl;
+pub mod underlay;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+
+pub use fake::{FakeCall, FakeOverlay};
+pub use monitor::{Monitor, MonitorEvent};
+pub use rtnl::RtnlOverlay;
+
+use crate::Result;
+
+/// The VXLAN UDP port of the Linux kernel (and Flannel), not IANA's 4789.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// VXLAN over IPv4: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD_V4: u32 = 50;
+/// VXLAN over IPv6: outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD_V6: u32 = 70;
+
+/// The device name of a VNI: `twill.<VNI>`.
+pub fn vxlan_name(vni: u32) -> String {
+    format!("twill.{vni}")
+}
+
+/// An Ethernet address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// A stable, locally administered unicast MAC derived from `seed` (e.g. the node name):
+    /// the same seed always gives the same MAC, on every machine and every release.
+    pub fn derive(seed: &str) -> Mac {
+        // FNV-1a 64: tiny, stable, and good enough to spread node names.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in seed.as_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // splitmix64 finaliser: FNV barely moves the high bytes for a change in the last
+        // character ("node-1" vs "node-2").
+        h ^= h >> 30;
+        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 27;
+        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
+        let b = h.to_be_bytes();
+        // Locally administered (bit 1 set), unicast (bit 0 clear).
+        Mac([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+    }
+
+    pub fn from_slice(s: &[u8]) -> Option<Mac> {
+        <[u8; 6]>::try_from(s).ok().map(Mac)
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 6]
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Mac {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Mac> {
+        let bad =
+            || crate::Error::Invalid(format!("MAC address {s:?}: expected aa:bb:cc:dd:ee:ff"));
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for o in out.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What the VXLAN device must look like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub vni: u32,
+    /// UDP destination port (8472).
+    pub port: u16,
+    /// Index of the underlay device (`--iface`).
+    pub underlay_index: u32,
+    /// Source address of the outer packets: the node's public IP.
+    pub local: IpAddr,
+    pub mtu: u32,
+    /// The VTEP MAC that peers put into their neighbour and FDB entries for this node.
+    pub mac: Mac,
+    /// The lease's network address, set on the device as /32.
+    pub address: Ipv4Addr,
+}
+
+impl VxlanSpec {
+    pub fn name(&self) -> String {
+        vxlan_name(self.vni)
+    }
+}
+
+/// The VXLAN device as the kernel has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanLink {
+    pub index: u32,
+    pub name: String,
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub underlay_index: Option<u32>,
+    pub local: Option<IpAddr>,
+    pub learning: Option<bool>,
+    pub mtu: u32,
+    pub mac: Mac,
+    pub up: bool,
+    pub addresses: Vec<Ipv4Net>,
+}
+
+impl VxlanLink {
+    /// What, if anything, differs from `spec` in a way that needs the device recreated
+    /// (the kernel refuses to change VNI, port, local, underlay after creation, and raising
+    /// the MTU later is EINVAL): `None` when it matches.
+    pub fn mismatch(&self, spec: &VxlanSpec) -> Option<String> {
+        let mut why = Vec::new();
+        if self.vni != Some(spec.vni) {
+            why.push(format!("vni {:?} != {}", self.vni, spec.vni));
+        }
+        if self.port != Some(spec.port) {
+            why.push(format!("port {:?} != {}", self.port, spec.port));
+        }
+        if self.underlay_index != Some(spec.underlay_index) {
+            why.push(format!(
+                "underlay index {:?} != {}",
+                self.underlay_index, spec.underlay_index
+            ));
+        }
+        if self.local != Some(spec.local) {
+            why.push(format!("local {:?} != {}", self.local, spec.local));
+        }
+        if self.learning != Some(false) {
+            why.push("learning is on".to_string());
+        }
+        if self.mtu != spec.mtu {
+            why.push(format!("mtu {} != {}", self.mtu, spec.mtu));
+        }
+        if self.mac != spec.mac {
+            why.push(format!("mac {} != {}", self.mac, spec.mac));
+        }
+        if why.is_empty() {
+            None
+        } else {
+            Some(why.join(", "))
+        }
+    }
+}
+
+/// What [`Overlay::ensure_vxlan`] had to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnsureOutcome {
+    /// The device was there and right (address and up state may have been fixed).
+    Adopted,
+    /// No device: created.
+    Created,
+    /// A device with the name but the wrong settings: deleted and created again (every
+    /// neighbour, FDB entry and route on it is gone).
+    Recreated { reason: String },
+}
+
+/// `<ip> lladdr <mac> permanent` on the VXLAN device: the peer's VTEP for its net address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Neigh {
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+}
+
+/// `<mac> dst <ip> self permanent` on the VXLAN device: where to send frames for a VTEP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Fdb {
+    pub mac: Mac,
+    pub dst: IpAddr,
+}
+
+/// `<dst> via <via> dev twill.<VNI> onlink` in the main table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Route {
+    pub dst: Ipv4Net,
+    pub via: Ipv4Addr,
+}
+
+/// Everything programmed on the VXLAN device (only the kinds of entries twill manages:
+/// permanent neighbours, FDB entries with a destination, main-table routes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Programmed {
+    pub neighs: BTreeSet<Neigh>,
+    pub fdbs: BTreeSet<Fdb>,
+    pub routes: BTreeSet<Route>,
+}
+
+impl Programmed {
+    pub fn len(&self) -> usize {
+        self.neighs.len() + self.fdbs.len() + self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The overlay's domain verbs. Every write is idempotent (replace semantics); deleting
+/// something that is already gone is not an error.
+pub trait Overlay: Send + Sync + 'static {
+    /// Finds the VXLAN device of `vni`, if any.
+    fn get_vxlan(&self, vni: u32) -> impl Future<Output = Result<Option<VxlanLink>>> + Send;
+    /// Makes the device match `spec`: adopt it when right, create it when missing, delete
+    /// and recreate it when a setting differs; then the /32 address and up.
+    fn ensure_vxlan(
+        &self,
+        spec: &VxlanSpec,
+    ) -> impl Future<Output = Result<(VxlanLink, EnsureOutcome)>> + Send;
+    /// The entries programmed on the device with index `link`.
+    fn dump(&self, link: u32) -> impl Future<Output = Result<Programmed>> + Send;
+    fn replace_neigh(&self, link: u32, n: &Neigh) -> impl Future<Output = Result<()>> + Send;
+    fn delete_neigh(&self, link: u32, n: &Neigh) -> impl Future<Output = Result<()>> + Send;
+    fn replace_fdb(&self, link: u32, f: &Fdb) -> impl Future<Output = Result<()>> + Send;
+    fn delete_fdb(&self, link: u32, f: &Fdb) -> impl Future<Output = Result<()>> + Send;
+    fn replace_route(&self, link: u32, r: &Route) -> impl Future<Output = Result<()>> + Send;
+    fn delete_route(&self, link: u32, r: &Route) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// One change to the programmed entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    ReplaceFdb(Fdb),
+    ReplaceNeigh(Neigh),
+    ReplaceRoute(Route),
+    DeleteRoute(Route),
+    DeleteNeigh(Neigh),
+    DeleteFdb(Fdb),
+}
+
+impl Op {
+    /// Applies the op through `o` on the device `link`.
+    pub async fn apply<O: Overlay>(&self, o: &O, link: u32) -> Result<()> {
+        match self {
+            Op::ReplaceFdb(f) => o.replace_fdb(link, f).await,
+            Op::ReplaceNeigh(n) => o.replace_neigh(link, n).await,
+            Op::ReplaceRoute(r) => o.replace_route(link, r).await,
+            Op::DeleteRoute(r) => o.delete_route(link, r).await,
+            Op::DeleteNeigh(n) => o.delete_neigh(link, n).await,
+            Op::DeleteFdb(f) => o.delete_fdb(link, f).await,
+        }
+    }
+
+    /// Updates `p` as if the op had been applied.
+    pub fn apply_to(&self, p: &mut Programmed) {
+        match self {
+            Op::ReplaceFdb(f) => {
+                p.fdbs.retain(|x| x.mac != f.mac);
+                p.fdbs.insert(*f);
+            }
+            Op::ReplaceNeigh(n) => {
+                p.neighs.retain(|x| x.ip != n.ip);
+                p.neighs.insert(*n);
+            }
+            Op::ReplaceRoute(r) => {
+                p.routes.retain(|x| x.dst != r.dst);
+                p.routes.insert(*r);
+            }
+            Op::DeleteRoute(r) => {
+                p.routes.remove(r);
+            }
+            Op::DeleteNeigh(n) => {
+                p.neighs.remove(n);
+            }
+            Op::DeleteFdb(f) => {
+                p.fdbs.remove(f);
+            }
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::ReplaceFdb(x) => write!(f, "replace fdb {} dst {}", x.mac, x.dst),
+            Op::ReplaceNeigh(x) => write!(f, "replace neigh {} lladdr {}", x.ip, x.mac),
+            Op::ReplaceRoute(x) => write!(f, "replace route {} via {}", x.dst, x.via),
+            Op::DeleteRoute(x) => write!(f, "delete route {} via {}", x.dst, x.via),
+            Op::DeleteNeigh(x) => write!(f, "delete neigh {} lladdr {}", x.ip, x.mac),
+            Op::DeleteFdb(x) => write!(f, "delete fdb {} dst {}", x.mac, x.dst),
+        }
+    }
+}
+
+/// Applies `ops` with up to `parallel` requests in flight (netlink answers each request
+/// on its own sequence number, so pipelining is safe); returns the ops that failed.
+pub async fn apply_ops<O: Overlay>(
+    o: &O,
+    link: u32,
+    ops: &[Op],
+    parallel: usize,
+) -> Vec<(Op, crate::Error)> {
+    use futures::stream::{self, StreamExt};
+    // Adds before deletes of the same kind would not conflict, but keep the stages ordered
+    // so that a route never points at a neighbour that is not yet there.
+    let mut failed = Vec::new();
+    let stages: [fn(&Op) -> bool; 3] = [
+        |op| matches!(op, Op::ReplaceFdb(_) | Op::ReplaceNeigh(_)),
+        |op| matches!(op, Op::ReplaceRoute(_) | Op::DeleteRoute(_)),
+        |op| matches!(op, Op::DeleteNeigh(_) | Op::DeleteFdb(_)),
+    ];
+    for stage in stages {
+        let mut results = stream::iter(ops.iter().filter(|op| stage(op)))
+            .map(|op| async move { (*op, op.apply(o, link).await) })
+            .buffer_unordered(parallel.max(1));
+        while let Some((op, r)) = results.next().await {
+            if let Err(e) = r {
+                failed.push((op, e));
+            }
+        }
+    }
+    failed
+}

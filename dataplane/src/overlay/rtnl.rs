@@ -1,0 +1,505 @@
+//! [`Overlay`] over rtnetlink. The only file that knows rtnetlink's request builders for
+//! the overlay, so that its API churn stays here.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use super::{EnsureOutcome, Fdb, Mac, Neigh, Overlay, Programmed, Route, VxlanLink, VxlanSpec};
+use crate::{Error, Netlink, Result};
+
+const ENODEV: i32 = libc::ENODEV;
+const ENOENT: i32 = libc::ENOENT;
+const ESRCH: i32 = libc::ESRCH;
+
+/// The rtnetlink implementation of [`Overlay`], acting on the namespace that its
+/// [`Netlink`] socket was opened in.
+#[derive(Clone)]
+pub struct RtnlOverlay {
+    nl: Netlink,
+}
+
+impl RtnlOverlay {
+    pub fn new(nl: Netlink) -> Self {
+        RtnlOverlay { nl }
+    }
+
+    pub fn netlink(&self) -> &Netlink {
+        &self.nl
+    }
+
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
+        let mut s = self.nl.handle().link().get().match_name(name).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                let e = Error::netlink(format!("get link {name}"), e);
+                if e.errno() == Some(ENODEV) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn v4_addresses(&self, index: u32) -> Result<Vec<(Ipv4Net, AddressMessage)>> {
+        let msgs: Vec<AddressMessage> = self
+            .nl
+            .handle()
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink(format!("dump addresses of link {index}"), e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.index != index || m.header.family != AddressFamily::Inet {
+                continue;
+            }
+            // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on p2p links.
+            let ip = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            let ip = ip.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = ip
+                && let Ok(net) = Ipv4Net::new(ip, m.header.prefix_len)
+            {
+                out.push((net, m));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn to_vxlan_link(&self, m: &LinkMessage) -> Result<VxlanLink> {
+        let mut l = VxlanLink {
+            index: m.header.index,
+            name: String::new(),
+            vni: None,
+            port: None,
+            underlay_index: None,
+            local: None,
+            learning: None,
+            mtu: 0,
+            mac: Mac::default(),
+            up: m.header.flags.contains(LinkFlags::Up),
+            addresses: Vec::new(),
+        };
+        let mut is_vxlan = false;
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => l.name = n.clone(),
+                LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
+                LinkAttribute::Address(a) => l.mac = Mac::from_slice(a).unwrap_or_default(),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        match i {
+                            LinkInfo::Kind(InfoKind::Vxlan) => is_vxlan = true,
+                            LinkInfo::Data(InfoData::Vxlan(d)) => {
+                                for x in d {
+                                    match x {
+                                        InfoVxlan::Id(v) => l.vni = Some(*v),
+                                        InfoVxlan::Port(p) => l.port = Some(*p),
+                                        InfoVxlan::Link(i) => l.underlay_index = Some(*i),
+                                        InfoVxlan::Local(ip) => l.local = Some(IpAddr::V4(*ip)),
+                                        InfoVxlan::Local6(ip) => l.local = Some(IpAddr::V6(*ip)),
+                                        InfoVxlan::Learning(b) => l.learning = Some(*b),
+                                        _ => {}
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !is_vxlan {
+            // Leave vni None: `mismatch` then asks for a recreate.
+            l.vni = None;
+        }
+        l.addresses = self
+            .v4_addresses(l.index)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        Ok(l)
+    }
+
+    async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<()> {
+        let name = spec.name();
+        let mut b = LinkVxlan::new(&name, spec.vni)
+            // `dev` is the underlay by index (LinkMessageBuilder::link() does not work for VXLAN).
+            .dev(spec.underlay_index)
+            .port(spec.port)
+            .learning(false)
+            // MTU and MAC at creation: raising the MTU later is EINVAL.
+            .mtu(spec.mtu)
+            .address(spec.mac.0.to_vec());
+        b = match spec.local {
+            IpAddr::V4(ip) => b.local(ip),
+            IpAddr::V6(ip) => b.local6(ip),
+        };
+        self.nl
+            .handle()
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("create vxlan {name} (vni {})", spec.vni), e))
+    }
+
+    async fn delete_link(&self, index: u32, name: &str) -> Result<()> {
+        match self.nl.handle().link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = Error::netlink(format!("delete link {name} (index {index})"), e);
+                if e.errno() == Some(ENODEV) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// The /32 address and up; other IPv4 addresses on the device are removed.
+    async fn fix_addr_and_up(&self, spec: &VxlanSpec, link: &mut VxlanLink) -> Result<()> {
+        let want = Ipv4Net::new(spec.address, 32).expect("/32 is valid");
+        for (net, msg) in self.v4_addresses(link.index).await? {
+            if net != want {
+                self.nl
+                    .handle()
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        Error::netlink(format!("delete address {net} from {}", link.name), e)
+                    })?;
+            }
+        }
+        if !link.addresses.contains(&want) {
+            self.nl
+                .handle()
+                .address()
+                .add(link.index, IpAddr::V4(spec.address), 32)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| Error::netlink(format!("add address {want} to {}", link.name), e))?;
+        }
+        link.addresses = vec![want];
+        if !link.up {
+            self.nl
+                .handle()
+                .link()
+                .set(LinkUnspec::new_with_index(link.index).up().build())
+                .execute()
+                .await
+                .map_err(|e| Error::netlink(format!("set {} up", link.name), e))?;
+            link.up = true;
+        }
+        Ok(())
+    }
+
+    async fn neigh_dump(&self, family: AddressFamily) -> Result<Vec<NeighbourMessage>> {
+        self.nl
+            .handle()
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink(format!("dump neighbours ({family:?})"), e))
+    }
+
+    async fn route_dump(&self) -> Result<Vec<RouteMessage>> {
+        self.nl
+            .handle()
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink("dump IPv4 routes", e))
+    }
+}
+
+fn ignore_missing(r: std::result::Result<(), rtnetlink::Error>, op: String) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let e = Error::netlink(op, e);
+            // Deleting what is already gone is success (idempotent deletes).
+            match e.errno() {
+                Some(ENOENT) | Some(ESRCH) | Some(ENODEV) => Ok(()),
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// The neighbour (IPv4, permanent) in `m` if it is on `link`.
+pub(crate) fn parse_neigh(m: &NeighbourMessage, link: u32) -> Option<Neigh> {
+    if m.header.ifindex != link
+        || m.header.family != AddressFamily::Inet
+        || m.header.state != NeighbourState::Permanent
+    {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
+            _ => {}
+        }
+    }
+    Some(Neigh { ip: ip?, mac: mac? })
+}
+
+/// The FDB entry (bridge family, permanent, with a destination) in `m` if it is on `link`.
+pub(crate) fn parse_fdb(m: &NeighbourMessage, link: u32) -> Option<Fdb> {
+    if m.header.ifindex != link
+        || m.header.family != AddressFamily::Bridge
+        || m.header.state != NeighbourState::Permanent
+    {
+        return None;
+    }
+    let mut dst = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
+                dst = Some(IpAddr::V4(*v))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                dst = Some(IpAddr::V6(*v))
+            }
+            // In an AF_BRIDGE message the parser cannot tell NDA_DST's family: raw bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                dst = match b.len() {
+                    4 => <[u8; 4]>::try_from(&b[..]).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(&b[..]).ok().map(IpAddr::from),
+                    _ => None,
+                }
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
+            _ => {}
+        }
+    }
+    let mac = mac?;
+    if mac.is_zero() {
+        return None;
+    }
+    Some(Fdb { mac, dst: dst? })
+}
+
+/// The IPv4 main-table unicast route in `m` if its output device is `link`.
+pub(crate) fn parse_route(m: &RouteMessage, link: u32) -> Option<Route> {
+    if m.header.address_family != AddressFamily::Inet || m.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(m.header.table);
+    let mut oif = None;
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut via = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || oif != Some(link) {
+        return None;
+    }
+    let dst = Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?;
+    // A route without a gateway on the device is not one of ours; report it with
+    // via = its own network address so that the diff replaces or deletes it.
+    Some(Route {
+        dst,
+        via: via.unwrap_or(dst.network()),
+    })
+}
+
+fn route_msg(link: u32, r: &Route) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.dst.network(), r.dst.prefix_len())
+        .gateway(r.via)
+        .output_interface(link)
+        // onlink: the gateway (the peer's net address) is on no subnet of the device.
+        .onlink()
+        .build()
+}
+
+impl Overlay for RtnlOverlay {
+    async fn get_vxlan(&self, vni: u32) -> Result<Option<VxlanLink>> {
+        let name = super::vxlan_name(vni);
+        match self.link_by_name(&name).await? {
+            Some(m) => Ok(Some(self.to_vxlan_link(&m).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(VxlanLink, EnsureOutcome)> {
+        let name = spec.name();
+        let (mut link, outcome) = match self.get_vxlan(spec.vni).await? {
+            Some(l) => match l.mismatch(spec) {
+                None => (l, EnsureOutcome::Adopted),
+                Some(reason) => {
+                    self.delete_link(l.index, &name).await?;
+                    self.create_vxlan(spec).await?;
+                    let l = self
+                        .get_vxlan(spec.vni)
+                        .await?
+                        .ok_or_else(|| Error::LinkNotFound(name.clone()))?;
+                    (l, EnsureOutcome::Recreated { reason })
+                }
+            },
+            None => {
+                self.create_vxlan(spec).await?;
+                let l = self
+                    .get_vxlan(spec.vni)
+                    .await?
+                    .ok_or_else(|| Error::LinkNotFound(name.clone()))?;
+                (l, EnsureOutcome::Created)
+            }
+        };
+        if let Some(why) = link.mismatch(spec) {
+            return Err(Error::Invalid(format!(
+                "vxlan {name} created but the kernel reports different settings: {why}"
+            )));
+        }
+        self.fix_addr_and_up(spec, &mut link).await?;
+        Ok((link, outcome))
+    }
+
+    async fn dump(&self, link: u32) -> Result<Programmed> {
+        let mut p = Programmed::default();
+        for m in self.neigh_dump(AddressFamily::Inet).await? {
+            if let Some(n) = parse_neigh(&m, link) {
+                p.neighs.insert(n);
+            }
+        }
+        for m in self.neigh_dump(AddressFamily::Bridge).await? {
+            if let Some(f) = parse_fdb(&m, link) {
+                p.fdbs.insert(f);
+            }
+        }
+        for m in self.route_dump().await? {
+            if let Some(r) = parse_route(&m, link) {
+                p.routes.insert(r);
+            }
+        }
+        Ok(p)
+    }
+
+    async fn replace_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
+        self.nl
+            .handle()
+            .neighbours()
+            .add(link, IpAddr::V4(n.ip))
+            .link_layer_address(&n.mac.0)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("replace neigh {} lladdr {}", n.ip, n.mac), e))
+    }
+
+    async fn delete_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = link;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                n.ip,
+            )));
+        let r = self.nl.handle().neighbours().del(m).execute().await;
+        ignore_missing(r, format!("delete neigh {}", n.ip))
+    }
+
+    async fn replace_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
+        self.nl
+            .handle()
+            .neighbours()
+            .add_bridge(link, &f.mac.0)
+            .destination(f.dst)
+            // NTF_SELF: the entry belongs to the VXLAN device's own FDB, not to a bridge.
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("replace fdb {} dst {}", f.mac, f.dst), e))
+    }
+
+    async fn delete_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = link;
+        m.header.flags = NeighbourFlags::Own;
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
+        // With NDA_DST only that remote goes; the entry goes with its last remote.
+        m.attributes
+            .push(NeighbourAttribute::Destination(match f.dst {
+                IpAddr::V4(v) => NeighbourAddress::Inet(v),
+                IpAddr::V6(v) => NeighbourAddress::Inet6(v),
+            }));
+        let r = self.nl.handle().neighbours().del(m).execute().await;
+        ignore_missing(r, format!("delete fdb {} dst {}", f.mac, f.dst))
+    }
+
+    async fn replace_route(&self, link: u32, r: &Route) -> Result<()> {
+        self.nl
+            .handle()
+            .route()
+            .add(route_msg(link, r))
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("replace route {} via {}", r.dst, r.via), e))
+    }
+
+    async fn delete_route(&self, link: u32, r: &Route) -> Result<()> {
+        let mut m = route_msg(link, r);
+        // Delete whatever protocol added it (0 = any) at any scope (NOWHERE = any): a
+        // stale route may come from `ip route add` (proto boot) or an earlier twilld.
+        m.header.protocol = RouteProtocol::Unspec;
+        m.header.scope = RouteScope::NoWhere;
+        m.attributes
+            .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
+        let res = self.nl.handle().route().del(m).execute().await;
+        ignore_missing(res, format!("delete route {}", r.dst))
+    }
+}

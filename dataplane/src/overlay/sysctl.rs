@@ -1,0 +1,65 @@
+//! Per-namespace sysctls under /proc/sys/net. /proc/sys/net shows the network namespace of
+//! the thread that opens the file, so a write for another namespace happens on a thread
+//! inside it ([`NetNs::run_in`]). Only ever used for a node's own namespace, never the host's.
+
+use std::path::PathBuf;
+
+use crate::{Error, NetNs, Result};
+
+/// Writes `value` to `/proc/sys/<key>` in the caller's namespace; `key` uses `/`
+/// separators (`net/ipv4/ip_forward`, `net/ipv4/conf/twill.1/rp_filter`), since device
+/// names may contain dots.
+pub fn write(key: &str, value: &str) -> Result<()> {
+    let path = PathBuf::from("/proc/sys").join(key);
+    let cur = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    if cur.trim() == value {
+        return Ok(());
+    }
+    std::fs::write(&path, value)
+        .map_err(|e| Error::io(format!("write {value:?} to {}", path.display()), e))
+}
+
+/// Reads `/proc/sys/<key>` in the caller's namespace.
+pub fn read(key: &str) -> Result<String> {
+    let path = PathBuf::from("/proc/sys").join(key);
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| Error::io(format!("read {}", path.display()), e))
+}
+
+/// [`write`] from a thread inside `ns`.
+pub fn write_in(ns: &NetNs, key: &str, value: &str) -> Result<()> {
+    let (k, v) = (key.to_string(), value.to_string());
+    ns.run_in(move || write(&k, &v))?
+}
+
+/// [`read`] from a thread inside `ns`.
+pub fn read_in(ns: &NetNs, key: &str) -> Result<String> {
+    let k = key.to_string();
+    ns.run_in(move || read(&k))?
+}
+
+/// What a node needs for the overlay: IPv4 forwarding, and on the VXLAN device no reverse
+/// path filter (replies from pods arrive on it with sources routed elsewhere only briefly).
+pub fn node_settings(vxlan: &str) -> Vec<(String, &'static str)> {
+    vec![
+        ("net/ipv4/ip_forward".to_string(), "1"),
+        (format!("net/ipv4/conf/{vxlan}/forwarding"), "1"),
+        (format!("net/ipv4/conf/{vxlan}/rp_filter"), "0"),
+    ]
+}
+
+/// Applies [`node_settings`] in the caller's namespace.
+pub fn enable_forwarding(vxlan: &str) -> Result<()> {
+    for (k, v) in node_settings(vxlan) {
+        write(&k, v)?;
+    }
+    Ok(())
+}
+
+/// Applies [`node_settings`] inside `ns`.
+pub fn enable_forwarding_in(ns: &NetNs, vxlan: &str) -> Result<()> {
+    let vx = vxlan.to_string();
+    ns.run_in(move || enable_forwarding(&vx))?
+}

@@ -1,0 +1,456 @@
+//! [`LeaseHolder`]: keeps this node's lease, in a background task.
+//!
+//! Acquire (sticky, see [`LeaseStore::acquire_with`]) retrying with backoff; then renew with
+//! a keep-alive every TTL/3 and watch the node's own key. When the lease is lost anyway
+//! (its etcd lease expired while etcd was unreachable, or the key was deleted or taken over),
+//! the holder logs it, counts it and acquires again preferring the same subnet.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchStream};
+use ipnet::Ipv4Net;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Backoff, LeaseStore, StoreError};
+use crate::lease::{Lease, LeaseAttrs};
+use crate::netconf::NetConfig;
+
+/// What the holder has, published on a `tokio::sync::watch` channel.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HolderState {
+    /// The lease last acquired (stays set while re-acquiring after a loss: the data plane
+    /// keeps using it, and the re-acquisition normally yields the same subnet).
+    pub lease: Option<Lease>,
+    /// True while the lease is held, i.e. acquired and not known to be lost.
+    pub held: bool,
+    /// True while held and the last request to etcd succeeded.
+    pub healthy: bool,
+    /// The last error, cleared by the next success.
+    pub last_error: Option<String>,
+}
+
+/// Counters of a [`LeaseHolder`] (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HolderStats {
+    /// Successful acquisitions (1 + re-acquisitions).
+    pub acquisitions: u64,
+    /// Successful keep-alives.
+    pub renewals: u64,
+    /// Leases lost (expired, deleted, taken over).
+    pub losses: u64,
+    /// Failed requests.
+    pub errors: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    acquisitions: AtomicU64,
+    renewals: AtomicU64,
+    losses: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Keeps a lease; dropping it stops renewing (the key then expires after its TTL unless the
+/// node comes back before, which keeps the subnet).
+#[derive(Debug)]
+pub struct LeaseHolder {
+    state: watch::Receiver<HolderState>,
+    attrs: watch::Sender<LeaseAttrs>,
+    counters: Arc<Counters>,
+    store: LeaseStore,
+    task: JoinHandle<()>,
+}
+
+impl Drop for LeaseHolder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LeaseHolder {
+    pub(super) fn spawn(
+        store: LeaseStore,
+        cfg: NetConfig,
+        attrs: LeaseAttrs,
+        ttl: Duration,
+        prefer: Option<Ipv4Net>,
+    ) -> Self {
+        let (state_tx, state_rx) = watch::channel(HolderState::default());
+        let (attrs_tx, attrs_rx) = watch::channel(attrs);
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(
+            Task {
+                store: store.clone(),
+                cfg,
+                ttl,
+                attrs: attrs_rx,
+                state: state_tx,
+                counters: counters.clone(),
+            }
+            .run(prefer),
+        );
+        LeaseHolder {
+            state: state_rx,
+            attrs: attrs_tx,
+            counters,
+            store,
+            task,
+        }
+    }
+
+    /// A receiver of the state (changes are notified).
+    pub fn subscribe(&self) -> watch::Receiver<HolderState> {
+        self.state.clone()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> HolderState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until a lease is held and returns it.
+    pub async fn acquired(&mut self) -> Lease {
+        let s = self
+            .state
+            .wait_for(|s| s.held && s.lease.is_some())
+            .await
+            .expect("the holder task owns the sender until it is aborted");
+        s.lease.clone().expect("checked above")
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> HolderStats {
+        let c = &self.counters;
+        HolderStats {
+            acquisitions: c.acquisitions.load(Ordering::Relaxed),
+            renewals: c.renewals.load(Ordering::Relaxed),
+            losses: c.losses.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// New attributes (e.g. a new VTEP MAC): written to the held key.
+    pub fn update_attrs(&self, attrs: LeaseAttrs) {
+        self.attrs.send_replace(attrs);
+    }
+
+    /// Stops renewing and deletes the key (explicit release). Returns whether a key was
+    /// deleted.
+    pub async fn release(self) -> Result<bool, StoreError> {
+        self.task.abort();
+        let lease = self.state.borrow().lease.clone();
+        match lease {
+            Some(l) => self.store.release(l.subnet).await,
+            None => Ok(false),
+        }
+    }
+}
+
+struct Task {
+    store: LeaseStore,
+    cfg: NetConfig,
+    ttl: Duration,
+    attrs: watch::Receiver<LeaseAttrs>,
+    state: watch::Sender<HolderState>,
+    counters: Arc<Counters>,
+}
+
+/// Why a held lease ended.
+enum Lost {
+    Expired,
+    Deleted,
+    TakenOver(String),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Expired => f.write_str("its etcd lease expired"),
+            Lost::Deleted => f.write_str("its key was deleted"),
+            Lost::TakenOver(who) => write!(f, "its key was overwritten (now {who})"),
+        }
+    }
+}
+
+impl Task {
+    fn error(&self, e: &StoreError) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.state.send_modify(|s| {
+            s.healthy = false;
+            s.last_error = Some(e.to_string());
+        });
+    }
+
+    async fn run(mut self, mut prefer: Option<Ipv4Net>) {
+        let mut backoff = Backoff::new(Duration::from_secs(10));
+        loop {
+            let attrs = self.attrs.borrow_and_update().clone();
+            let lease = match self
+                .store
+                .acquire_with(&self.cfg, &attrs, self.ttl, prefer)
+                .await
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    self.error(&e);
+                    let d = backoff.next_delay();
+                    tracing::error!(error = %e, retry_in = ?d, "acquiring a subnet lease failed");
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            self.counters.acquisitions.fetch_add(1, Ordering::Relaxed);
+            prefer = Some(lease.subnet);
+            self.state.send_replace(HolderState {
+                lease: Some(lease.clone()),
+                held: true,
+                healthy: true,
+                last_error: None,
+            });
+            let lost = self.hold(lease.clone()).await;
+            self.counters.losses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(subnet = %lease.subnet, reason = %lost, "lost the subnet lease: re-acquiring it");
+            if lease.etcd_lease != 0 && !matches!(lost, Lost::Expired) {
+                self.store.revoke(lease.etcd_lease).await;
+            }
+            self.state.send_modify(|s| {
+                s.held = false;
+                s.healthy = false;
+                s.last_error = Some(format!("lease {} lost: {lost}", lease.subnet));
+            });
+        }
+    }
+
+    /// Renews and watches `lease` until it is lost.
+    async fn hold(&mut self, mut lease: Lease) -> Lost {
+        let key = self.store.lease_key(&lease.subnet);
+        let ttl = lease
+            .expires
+            .and_then(|e| e.duration_since(SystemTime::now()).ok())
+            .unwrap_or(self.ttl)
+            .max(Duration::from_secs(1));
+        let interval = ttl / 3;
+        let mut deadline = Instant::now() + ttl;
+        let mut next_renew = Instant::now() + interval;
+        let mut keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        let mut own: Option<WatchStream> = None;
+        let mut backoff = Backoff::new(interval.max(Duration::from_millis(200)));
+        let mut watch_retry = Instant::now();
+        let mut attrs_open = true;
+        loop {
+            // (Re)start the watch of our own key: a get first (the key may have changed while
+            // the watch was down, even beyond a compaction), then watch from after it.
+            if own.is_none() && Instant::now() >= watch_retry {
+                match self.check_own(&key, &lease).await {
+                    Ok(Err(lost)) => return lost,
+                    Ok(Ok(rev)) => {
+                        let mut wc = self.store.client.watch_client();
+                        let opts = WatchOptions::new().with_start_revision(rev + 1);
+                        match self
+                            .store
+                            .rpc("watch", &key, wc.watch(key.clone(), Some(opts)))
+                            .await
+                        {
+                            Ok(s) => own = Some(s),
+                            Err(e) => {
+                                self.error(&e);
+                                watch_retry = Instant::now() + backoff.next_delay();
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.error(&e);
+                        watch_retry = Instant::now() + backoff.next_delay();
+                    }
+                }
+            }
+            let renew_at = if lease.reserved {
+                Instant::now() + Duration::from_secs(3600)
+            } else {
+                next_renew
+            };
+            let wake = if own.is_none() {
+                renew_at.min(watch_retry)
+            } else {
+                renew_at
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {
+                    if lease.reserved || Instant::now() < next_renew {
+                        continue;
+                    }
+                    match self.renew(&mut keeper, lease.etcd_lease).await {
+                        Ok(ttl_left) if ttl_left > 0 => {
+                            self.counters.renewals.fetch_add(1, Ordering::Relaxed);
+                            deadline = Instant::now() + Duration::from_secs(ttl_left as u64);
+                            next_renew = Instant::now() + interval;
+                            backoff.reset();
+                            let expires = SystemTime::now() + Duration::from_secs(ttl_left as u64);
+                            self.state.send_modify(|s| {
+                                s.healthy = true;
+                                s.last_error = None;
+                                if let Some(l) = &mut s.lease {
+                                    l.expires = Some(expires);
+                                }
+                            });
+                            tracing::debug!(subnet = %lease.subnet, ttl_left, "renewed the lease");
+                        }
+                        Ok(_) => return Lost::Expired,
+                        Err(e) => {
+                            keeper = None;
+                            self.error(&e);
+                            if Instant::now() >= deadline {
+                                return Lost::Expired;
+                            }
+                            let d = backoff.next_delay().min(deadline - Instant::now());
+                            tracing::warn!(subnet = %lease.subnet, error = %e, retry_in = ?d, "renewing the lease failed");
+                            next_renew = Instant::now() + d;
+                        }
+                    }
+                }
+                msg = async { own.as_mut().expect("guarded").message().await }, if own.is_some() => {
+                    match msg {
+                        Ok(Some(resp)) => {
+                            if resp.canceled() {
+                                own = None;
+                                continue;
+                            }
+                            for ev in resp.events() {
+                                let Some(kv) = ev.kv() else { continue };
+                                match ev.event_type() {
+                                    EventType::Delete => return Lost::Deleted,
+                                    EventType::Put => {
+                                        let a = LeaseAttrs::from_json(&key, kv.value());
+                                        let node = a.as_ref().map(|a| a.node_name.clone()).unwrap_or_default();
+                                        if node != self.attrs.borrow().node_name || kv.lease() != lease.etcd_lease {
+                                            return Lost::TakenOver(format!("node {node:?}, etcd lease {:x}", kv.lease()));
+                                        }
+                                        lease.mod_revision = kv.mod_revision();
+                                    }
+                                }
+                            }
+                        }
+                        Ok(None) | Err(_) => {
+                            // etcd restarted or the connection broke: re-check and re-watch.
+                            own = None;
+                            watch_retry = Instant::now() + backoff.next_delay();
+                        }
+                    }
+                }
+                changed = self.attrs.changed(), if attrs_open => {
+                    if changed.is_err() {
+                        attrs_open = false;
+                        continue;
+                    }
+                    let attrs = self.attrs.borrow_and_update().clone();
+                    match self.rewrite(&key, &lease, &attrs).await {
+                        Ok(Some(rev)) => {
+                            lease.attrs = attrs;
+                            lease.mod_revision = rev;
+                            let l = lease.clone();
+                            self.state.send_modify(|s| s.lease = Some(l));
+                        }
+                        Ok(None) => return Lost::TakenOver("changed before the attribute update".into()),
+                        Err(e) => {
+                            self.error(&e);
+                            // Retried by the next change notification.
+                            self.attrs.mark_changed();
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ok(Ok(revision)) if the key is still ours; Ok(Err(lost)) if not.
+    async fn check_own(&self, key: &str, lease: &Lease) -> Result<Result<i64, Lost>, StoreError> {
+        let mut kv = self.store.client.kv_client();
+        let resp = self
+            .store
+            .rpc("get", key, kv.get(key.to_string(), None))
+            .await?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let Some(k) = resp.kvs().first() else {
+            return Ok(Err(Lost::Deleted));
+        };
+        let node = LeaseAttrs::from_json(key, k.value())
+            .map(|a| a.node_name)
+            .unwrap_or_default();
+        if node != self.attrs.borrow().node_name || k.lease() != lease.etcd_lease {
+            return Ok(Err(Lost::TakenOver(format!(
+                "node {node:?}, etcd lease {:x}",
+                k.lease()
+            ))));
+        }
+        Ok(Ok(rev))
+    }
+
+    /// One keep-alive round trip; returns the remaining TTL (0: the lease is gone).
+    async fn renew(
+        &self,
+        keeper: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+        id: i64,
+    ) -> Result<i64, StoreError> {
+        let what = format!("lease {id:x}");
+        if keeper.is_none() {
+            let mut lc = self.store.client.lease_client();
+            *keeper = Some(
+                self.store
+                    .rpc("lease-keepalive", &what, lc.keep_alive(id))
+                    .await?,
+            );
+        }
+        let (k, s) = keeper.as_mut().expect("set above");
+        let res = self
+            .store
+            .rpc("lease-keepalive", &what, async {
+                k.keep_alive().await?;
+                s.message().await
+            })
+            .await;
+        match res {
+            Ok(Some(resp)) => Ok(resp.ttl()),
+            Ok(None) => {
+                *keeper = None;
+                Err(StoreError::Etcd {
+                    op: "lease-keepalive",
+                    key: what,
+                    source: etcd_client::Error::LeaseKeepAliveError("stream closed".into()),
+                })
+            }
+            Err(e) => {
+                *keeper = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes new attrs if the key is still ours. Ok(None) if it is not.
+    async fn rewrite(
+        &self,
+        key: &str,
+        lease: &Lease,
+        attrs: &LeaseAttrs,
+    ) -> Result<Option<i64>, StoreError> {
+        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+        let opts = (!lease.reserved).then(|| PutOptions::new().with_lease(lease.etcd_lease));
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                key.to_string(),
+                CompareOp::Equal,
+                lease.mod_revision,
+            )])
+            .and_then(vec![TxnOp::put(key.to_string(), attrs.to_json(), opts)]);
+        let mut kv = self.store.client.kv_client();
+        let resp = self.store.rpc("txn", key, kv.txn(txn)).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    }
+}

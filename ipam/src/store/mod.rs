@@ -1,0 +1,839 @@
+//! The etcd lease store (feature `etcd`): network config, subnet leases, watch, hold.
+//!
+//! Layout (see docs/leases.md): `<prefix>/config` holds net-conf.json, `<prefix>/subnets/<net>-<len>`
+//! one lease per node, bound to an etcd lease (TTL) or without one (a reservation).
+//! Every request carries the timeout of [`EtcdOptions::timeout`]; nothing here panics on an
+//! unreachable etcd, and the long-running parts ([`LeaseWatch`], [`LeaseHolder`]) retry with
+//! backoff forever.
+
+mod holder;
+mod watch;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+use ipnet::Ipv4Net;
+use rand::Rng;
+
+/// The etcd client crate, for callers that need raw access (tests, tools).
+pub use etcd_client;
+pub use holder::{HolderState, HolderStats, LeaseHolder};
+pub use watch::{LeaseWatch, WatchStats};
+
+use crate::lease::{Lease, LeaseAttrs, key_to_subnet, subnet_to_key};
+use crate::netconf::{ConfigError, NetConfig};
+
+/// Default key prefix (Flannel's is `/coreos.com/network`).
+pub const DEFAULT_PREFIX: &str = "/twill/network";
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// `http://host:port` or `https://host:port`; several for a cluster.
+    pub endpoints: Vec<String>,
+    /// Key prefix, e.g. `/twill/network` (a trailing `/` is ignored).
+    pub prefix: String,
+    /// CA that signed etcd's server certificate (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mTLS (PEM); needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Client key for mTLS (PEM); needs `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Timeout of connecting and of every single request.
+    pub timeout: Duration,
+}
+
+impl EtcdOptions {
+    /// Plain-HTTP options with the default prefix and a 5 s timeout.
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        EtcdOptions {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: DEFAULT_PREFIX.to_string(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Sets the key prefix.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+/// Errors of the lease store. Each names the operation and the key or value involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid etcd options: {0}")]
+    Options(String),
+    #[error("cannot read {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach etcd at {endpoints}: {reason}")]
+    Unreachable { endpoints: String, reason: String },
+    #[error("etcd {op} {key}: {source}")]
+    Etcd {
+        op: &'static str,
+        key: String,
+        source: etcd_client::Error,
+    },
+    #[error("etcd {op} {key}: no answer within {timeout:?}")]
+    Timeout {
+        op: &'static str,
+        key: String,
+        timeout: Duration,
+    },
+    #[error("the network config at {key} is invalid: {source}")]
+    BadConfig { key: String, source: ConfigError },
+    #[error("no network config at {key} (write one with `twillctl network set`)")]
+    NoConfig { key: String },
+    #[error(
+        "network full: all {count} subnets /{subnet_len} of {network} between {min} and {max} are leased"
+    )]
+    NetworkFull {
+        network: Ipv4Net,
+        subnet_len: u8,
+        min: Ipv4Addr,
+        max: Ipv4Addr,
+        count: u64,
+    },
+    #[error("refused: {}", reasons.join("; "))]
+    Refused {
+        reasons: Vec<String>,
+        stranded: Vec<Ipv4Net>,
+    },
+    #[error("subnet {subnet} {reason}")]
+    InvalidSubnet { subnet: Ipv4Net, reason: String },
+    #[error("lease attributes invalid: {0}")]
+    InvalidAttrs(String),
+    #[error("{key} is held by node {holder:?}")]
+    Conflict { key: String, holder: String },
+    #[error("gave up on {what} after {attempts} attempts: every attempt collided")]
+    Contention { what: &'static str, attempts: u32 },
+}
+
+impl StoreError {
+    /// True for errors that a retry may cure (etcd unreachable, timeouts, collisions).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unreachable { .. }
+                | StoreError::Etcd { .. }
+                | StoreError::Timeout { .. }
+                | StoreError::Contention { .. }
+        )
+    }
+}
+
+/// A handle on the leases of one network in etcd. Cheap to clone.
+#[derive(Clone)]
+pub struct LeaseStore {
+    client: Client,
+    opts: Arc<EtcdOptions>,
+    prefix: Arc<str>,
+    rpcs: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for LeaseStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseStore")
+            .field("endpoints", &self.opts.endpoints)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path).map_err(|source| StoreError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Maximum number of create-if-absent attempts of one acquisition.
+const MAX_ATTEMPTS: u32 = 1000;
+
+impl LeaseStore {
+    /// Builds the client without talking to etcd (it connects on the first request, and
+    /// reconnects by itself). Fails only on invalid options or unreadable TLS files.
+    pub async fn new(opts: EtcdOptions) -> Result<Self, StoreError> {
+        if opts.endpoints.is_empty() {
+            return Err(StoreError::Options("no etcd endpoints".into()));
+        }
+        let tls = opts.ca_file.is_some() || opts.cert_file.is_some() || opts.key_file.is_some();
+        let mut endpoints = Vec::new();
+        for e in &opts.endpoints {
+            let e = e.trim();
+            if e.starts_with("http://") {
+                if tls {
+                    return Err(StoreError::Options(format!(
+                        "endpoint {e} is http:// but TLS files are given: use https://"
+                    )));
+                }
+                endpoints.push(e.to_string());
+            } else if e.starts_with("https://") {
+                endpoints.push(e.to_string());
+            } else if e.contains("://") {
+                return Err(StoreError::Options(format!(
+                    "endpoint {e}: scheme must be http:// or https://"
+                )));
+            } else {
+                let scheme = if tls { "https" } else { "http" };
+                endpoints.push(format!("{scheme}://{e}"));
+            }
+        }
+        let mut co = ConnectOptions::new()
+            .with_connect_timeout(opts.timeout)
+            .with_keep_alive(Duration::from_secs(10), opts.timeout)
+            .with_keep_alive_while_idle(true);
+        if tls || endpoints.iter().any(|e| e.starts_with("https://")) {
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &opts.ca_file {
+                t = t.ca_certificate(Certificate::from_pem(read_file("CA file", ca)?));
+            }
+            match (&opts.cert_file, &opts.key_file) {
+                (Some(c), Some(k)) => {
+                    t = t.identity(Identity::from_pem(
+                        read_file("client certificate", c)?,
+                        read_file("client key", k)?,
+                    ));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(StoreError::Options(
+                        "--etcd-certfile and --etcd-keyfile go together".into(),
+                    ));
+                }
+            }
+            co = co.with_tls(t);
+        }
+        let client = Client::connect(&endpoints, Some(co))
+            .await
+            .map_err(|e| StoreError::Options(format!("endpoints {endpoints:?}: {e}")))?;
+        let prefix: Arc<str> = opts.prefix.trim_end_matches('/').into();
+        Ok(LeaseStore {
+            client,
+            opts: Arc::new(opts),
+            prefix,
+            rpcs: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// [`LeaseStore::new`], then one read to check that etcd answers: a clear
+    /// [`StoreError::Unreachable`] otherwise.
+    pub async fn connect(opts: EtcdOptions) -> Result<Self, StoreError> {
+        let store = Self::new(opts).await?;
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// One read of the config key: Ok if etcd answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let key = self.config_key();
+        let mut kv = self.client.kv_client();
+        self.rpc("get", &key, kv.get(key.clone(), None))
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                StoreError::Etcd { source, .. } => StoreError::Unreachable {
+                    endpoints: self.opts.endpoints.join(","),
+                    reason: source.to_string(),
+                },
+                StoreError::Timeout { timeout, .. } => StoreError::Unreachable {
+                    endpoints: self.opts.endpoints.join(","),
+                    reason: format!("no answer within {timeout:?}"),
+                },
+                e => e,
+            })
+    }
+
+    /// The options this store was built with.
+    pub fn options(&self) -> &EtcdOptions {
+        &self.opts
+    }
+
+    /// The underlying etcd client (tests, tools).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Number of etcd requests (round trips) made through this store and its clones.
+    pub fn rpc_count(&self) -> u64 {
+        self.rpcs.load(Ordering::Relaxed)
+    }
+
+    /// `<prefix>/config`.
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    /// `<prefix>/subnets/` (with the trailing slash).
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    /// `<prefix>/subnets/<net>-<len>`.
+    pub fn lease_key(&self, subnet: &Ipv4Net) -> String {
+        format!("{}{}", self.subnets_prefix(), subnet_to_key(subnet))
+    }
+
+    /// Runs one etcd request with the timeout, counting it.
+    async fn rpc<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        self.rpcs.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.opts.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(StoreError::Etcd {
+                op,
+                key: key.to_string(),
+                source,
+            }),
+            Err(_) => Err(StoreError::Timeout {
+                op,
+                key: key.to_string(),
+                timeout: self.opts.timeout,
+            }),
+        }
+    }
+
+    /// The network config, `None` if there is none.
+    pub async fn get_config(&self) -> Result<Option<NetConfig>, StoreError> {
+        Ok(self.get_config_kv().await?.map(|(c, _)| c))
+    }
+
+    async fn get_config_kv(&self) -> Result<Option<(NetConfig, i64)>, StoreError> {
+        let key = self.config_key();
+        let mut kv = self.client.kv_client();
+        let resp = self.rpc("get", &key, kv.get(key.clone(), None)).await?;
+        let Some(item) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(item.value());
+        let cfg = NetConfig::from_json(&text).map_err(|source| StoreError::BadConfig {
+            key: key.clone(),
+            source,
+        })?;
+        Ok(Some((cfg, item.mod_revision())))
+    }
+
+    /// The network config, or [`StoreError::NoConfig`].
+    pub async fn require_config(&self) -> Result<NetConfig, StoreError> {
+        self.get_config()
+            .await?
+            .ok_or_else(|| StoreError::NoConfig {
+                key: self.config_key(),
+            })
+    }
+
+    /// Writes the network config. Without `force` it refuses ([`StoreError::Refused`]) a
+    /// config under which existing leases would be invalid (stranded), and a change of
+    /// backend type/VNI/port while leases exist.
+    pub async fn put_config(&self, cfg: &NetConfig, force: bool) -> Result<(), StoreError> {
+        let key = self.config_key();
+        // The current config's revision guards the write: a concurrent writer makes us fail
+        // rather than silently overwrite what we checked against.
+        let current_rev = {
+            let mut kv = self.client.kv_client();
+            let resp = self.rpc("get", &key, kv.get(key.clone(), None)).await?;
+            resp.kvs()
+                .first()
+                .map(|k| (k.mod_revision(), k.value().to_vec()))
+        };
+        if !force {
+            let (leases, _) = self.list().await?;
+            let stranded: Vec<Ipv4Net> = cfg
+                .stranded_leases(&leases)
+                .iter()
+                .map(|l| l.subnet)
+                .collect();
+            let mut reasons = Vec::new();
+            if !stranded.is_empty() {
+                let list: Vec<String> = stranded.iter().map(|s| s.to_string()).collect();
+                reasons.push(format!(
+                    "{} existing lease(s) would be outside the new Network/SubnetLen/SubnetMin/SubnetMax: {}",
+                    stranded.len(),
+                    list.join(", ")
+                ));
+            }
+            if !leases.is_empty()
+                && let Some((_, old)) = &current_rev
+                && let Ok(old) = NetConfig::from_json(&String::from_utf8_lossy(old))
+            {
+                reasons.extend(cfg.incompatible_changes(&old));
+            }
+            if !reasons.is_empty() {
+                reasons.push("use --force to write it anyway".into());
+                return Err(StoreError::Refused { reasons, stranded });
+            }
+        }
+        let guard = match &current_rev {
+            Some((rev, _)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *rev),
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        };
+        let txn = Txn::new().when(vec![guard]).and_then(vec![TxnOp::put(
+            key.clone(),
+            cfg.to_json(),
+            None,
+        )]);
+        let mut kv = self.client.kv_client();
+        let resp = self.rpc("txn", &key, kv.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::Contention {
+                what: "writing the network config (it changed concurrently)",
+                attempts: 1,
+            });
+        }
+        Ok(())
+    }
+
+    /// Parses one lease key-value; `None` (logged) when the key or value is unreadable.
+    fn parse_kv(&self, kv: &KeyValue) -> Option<Lease> {
+        let key = String::from_utf8_lossy(kv.key());
+        let name = key.strip_prefix(&self.subnets_prefix())?;
+        let subnet = match key_to_subnet(name) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "ignoring lease key");
+                return None;
+            }
+        };
+        let attrs = match LeaseAttrs::from_json(&key, kv.value()) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "ignoring lease value");
+                return None;
+            }
+        };
+        Some(Lease {
+            subnet,
+            attrs,
+            reserved: kv.lease() == 0,
+            etcd_lease: kv.lease(),
+            expires: None,
+            mod_revision: kv.mod_revision(),
+        })
+    }
+
+    /// All readable leases (sorted by subnet) and the revision they were read at.
+    pub async fn list(&self) -> Result<(Vec<Lease>, i64), StoreError> {
+        let (kvs, rev) = self.list_raw().await?;
+        let mut leases: Vec<Lease> = kvs.iter().filter_map(|k| self.parse_kv(k)).collect();
+        leases.sort_by_key(|l| l.subnet);
+        Ok((leases, rev))
+    }
+
+    async fn list_raw(&self) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let key = self.subnets_prefix();
+        let mut kv = self.client.kv_client();
+        let mut resp = self
+            .rpc(
+                "list",
+                &key,
+                kv.get(key.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok((resp.take_kvs(), rev))
+    }
+
+    /// [`LeaseStore::list`] with `expires` filled in (one extra request per TTL lease).
+    pub async fn list_with_ttl(&self) -> Result<(Vec<Lease>, i64), StoreError> {
+        let (mut leases, rev) = self.list().await?;
+        for l in leases.iter_mut().filter(|l| !l.reserved) {
+            l.expires = self.expires(l.etcd_lease).await?;
+        }
+        Ok((leases, rev))
+    }
+
+    /// When etcd lease `id` expires (`None`: it is gone).
+    pub async fn expires(&self, id: i64) -> Result<Option<SystemTime>, StoreError> {
+        let mut lc = self.client.lease_client();
+        let resp = self
+            .rpc(
+                "lease-ttl",
+                &format!("lease {id:x}"),
+                lc.time_to_live(id, None),
+            )
+            .await?;
+        Ok((resp.ttl() > 0).then(|| SystemTime::now() + Duration::from_secs(resp.ttl() as u64)))
+    }
+
+    /// The lease of `subnet`, if any.
+    pub async fn get(&self, subnet: &Ipv4Net) -> Result<Option<Lease>, StoreError> {
+        let key = self.lease_key(subnet);
+        let mut kv = self.client.kv_client();
+        let resp = self.rpc("get", &key, kv.get(key.clone(), None)).await?;
+        Ok(resp.kvs().first().and_then(|k| self.parse_kv(k)))
+    }
+
+    /// Deletes the lease of `subnet` (and revokes its etcd lease). False if there was none.
+    pub async fn release(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
+        let key = self.lease_key(&subnet);
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .rpc(
+                "delete",
+                &key,
+                kv.delete(key.clone(), Some(DeleteOptions::new().with_prev_key())),
+            )
+            .await?;
+        for prev in resp.prev_kvs() {
+            if prev.lease() != 0 {
+                self.revoke(prev.lease()).await;
+            }
+        }
+        Ok(resp.deleted() > 0)
+    }
+
+    /// Best-effort revoke of an etcd lease that no key uses any more.
+    async fn revoke(&self, id: i64) {
+        let mut lc = self.client.lease_client();
+        if let Err(e) = self
+            .rpc("lease-revoke", &format!("lease {id:x}"), lc.revoke(id))
+            .await
+        {
+            tracing::debug!(lease = id, error = %e, "revoking an unused etcd lease failed (it expires by itself)");
+        }
+    }
+
+    /// Reserves `subnet` for `attrs.node_name`: a key without TTL. Allowed when the subnet is
+    /// free or already held by that node; the subnet must be valid under the stored config.
+    pub async fn reserve(&self, subnet: Ipv4Net, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
+        if attrs.node_name.is_empty() {
+            return Err(StoreError::InvalidAttrs(
+                "a reservation needs a NodeName".into(),
+            ));
+        }
+        let cfg = self.require_config().await?;
+        if !cfg.is_valid_subnet(&subnet) {
+            return Err(StoreError::InvalidSubnet {
+                subnet,
+                reason: format!(
+                    "is not a /{} between SubnetMin {} and SubnetMax {} of Network {}",
+                    cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.network
+                ),
+            });
+        }
+        let key = self.lease_key(&subnet);
+        let mut kv = self.client.kv_client();
+        let cur = self.rpc("get", &key, kv.get(key.clone(), None)).await?;
+        let guard = match cur.kvs().first() {
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            Some(k) => {
+                let holder = LeaseAttrs::from_json(&key, k.value())
+                    .map(|a| a.node_name)
+                    .unwrap_or_default();
+                if holder != attrs.node_name {
+                    return Err(StoreError::Conflict { key, holder });
+                }
+                Compare::mod_revision(key.clone(), CompareOp::Equal, k.mod_revision())
+            }
+        };
+        let txn = Txn::new().when(vec![guard]).and_then(vec![TxnOp::put(
+            key.clone(),
+            attrs.to_json(),
+            None,
+        )]);
+        let resp = self.rpc("txn", &key, kv.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::Contention {
+                what: "reserving (the key changed concurrently)",
+                attempts: 1,
+            });
+        }
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok(Lease {
+            subnet,
+            attrs: attrs.clone(),
+            reserved: true,
+            etcd_lease: 0,
+            expires: None,
+            mod_revision: rev,
+        })
+    }
+
+    /// Takes a subnet for `attrs.node_name` with a TTL (see [`LeaseStore::acquire_with`]).
+    pub async fn acquire(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        self.acquire_with(cfg, attrs, ttl, None).await
+    }
+
+    /// Takes a subnet for `attrs.node_name`:
+    /// 1. a key that already names this node (still alive after a restart, or reserved) is
+    ///    taken over: bound to a fresh etcd lease, or kept without TTL if it is a reservation;
+    /// 2. else `prefer` (e.g. the subnet from the node's subnet file, or the one just lost) if
+    ///    it is free and valid;
+    /// 3. else a random free subnet, created only if absent (one txn); on collision the txn's
+    ///    else-branch returns the fresh list and the next attempt picks again.
+    ///
+    /// The etcd TTL is `ttl` rounded up to whole seconds (etcd may raise very short TTLs to
+    /// its minimum of about 2 s).
+    pub async fn acquire_with(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        prefer: Option<Ipv4Net>,
+    ) -> Result<Lease, StoreError> {
+        if attrs.node_name.is_empty() {
+            return Err(StoreError::InvalidAttrs(
+                "NodeName must not be empty".into(),
+            ));
+        }
+        let ttl_secs = ttl.as_secs() as i64 + i64::from(ttl.subsec_nanos() > 0);
+        let ttl_secs = ttl_secs.max(1);
+        let value = attrs.to_json();
+        let prefix = self.subnets_prefix();
+
+        // The list and the etcd lease grant are independent: one round trip of latency.
+        let mut lc = self.client.lease_client();
+        let grant_key = format!("lease ttl {ttl_secs}s");
+        let (listed, granted) = tokio::join!(
+            self.list_raw(),
+            self.rpc("lease-grant", &grant_key, lc.grant(ttl_secs, None))
+        );
+        let granted = granted?;
+        let lease_id = granted.id();
+        let granted_ttl = granted.ttl().max(ttl_secs);
+        let result = async {
+            let (mut kvs, _) = listed?;
+            for attempt in 1..=MAX_ATTEMPTS {
+                let mut taken: HashSet<Ipv4Net> = HashSet::with_capacity(kvs.len());
+                let mut own: Vec<(Ipv4Net, &KeyValue)> = Vec::new();
+                for k in &kvs {
+                    let key = String::from_utf8_lossy(k.key());
+                    let Some(name) = key.strip_prefix(&prefix) else {
+                        continue;
+                    };
+                    let Ok(subnet) = key_to_subnet(name) else {
+                        continue;
+                    };
+                    taken.insert(subnet);
+                    if cfg.is_valid_subnet(&subnet)
+                        && LeaseAttrs::from_json(&key, k.value())
+                            .is_ok_and(|a| a.node_name == attrs.node_name)
+                    {
+                        own.push((subnet, k));
+                    }
+                }
+                // 1. Our own key (sticky), the preferred one first.
+                own.sort_by_key(|(s, _)| (Some(*s) != prefer, *s));
+                if let Some((subnet, k)) = own.first() {
+                    let key = self.lease_key(subnet);
+                    let reserved = k.lease() == 0;
+                    let old_lease = k.lease();
+                    let put = if reserved {
+                        TxnOp::put(key.clone(), value.clone(), None)
+                    } else {
+                        TxnOp::put(
+                            key.clone(),
+                            value.clone(),
+                            Some(PutOptions::new().with_lease(lease_id)),
+                        )
+                    };
+                    let txn = Txn::new()
+                        .when(vec![Compare::mod_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            k.mod_revision(),
+                        )])
+                        .and_then(vec![put])
+                        .or_else(vec![TxnOp::get(
+                            prefix.clone(),
+                            Some(GetOptions::new().with_prefix()),
+                        )]);
+                    let subnet = *subnet;
+                    let mut kvc = self.client.kv_client();
+                    let resp = self.rpc("txn", &key, kvc.txn(txn)).await?;
+                    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    if resp.succeeded() {
+                        if !reserved && old_lease != lease_id {
+                            self.revoke(old_lease).await;
+                        }
+                        tracing::info!(%subnet, node = %attrs.node_name, reserved, "took over this node's existing subnet");
+                        return Ok((subnet, reserved, rev));
+                    }
+                    kvs = else_list(resp.op_responses());
+                    tracing::debug!(%subnet, attempt, "own key changed concurrently, retrying");
+                    continue;
+                }
+                // 2./3. A free subnet.
+                let free_count = count_free(cfg, &taken);
+                if free_count == 0 {
+                    return Err(StoreError::NetworkFull {
+                        network: cfg.network,
+                        subnet_len: cfg.subnet_len,
+                        min: cfg.subnet_min,
+                        max: cfg.subnet_max,
+                        count: cfg.subnet_count(),
+                    });
+                }
+                let subnet = match prefer {
+                    Some(p) if cfg.is_valid_subnet(&p) && !taken.contains(&p) => p,
+                    _ => pick_free(cfg, &taken),
+                };
+                let key = self.lease_key(&subnet);
+                let txn = Txn::new()
+                    .when(vec![Compare::create_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then(vec![TxnOp::put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(lease_id)),
+                    )])
+                    .or_else(vec![TxnOp::get(
+                        prefix.clone(),
+                        Some(GetOptions::new().with_prefix()),
+                    )]);
+                let mut kvc = self.client.kv_client();
+                let resp = self.rpc("txn", &key, kvc.txn(txn)).await?;
+                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                if resp.succeeded() {
+                    tracing::info!(%subnet, node = %attrs.node_name, attempt, "acquired subnet");
+                    return Ok((subnet, false, rev));
+                }
+                tracing::debug!(%subnet, attempt, "subnet taken concurrently, picking another");
+                kvs = else_list(resp.op_responses());
+            }
+            Err(StoreError::Contention {
+                what: "acquiring a subnet",
+                attempts: MAX_ATTEMPTS,
+            })
+        }
+        .await;
+        match result {
+            Ok((subnet, reserved, rev)) => {
+                if reserved {
+                    self.revoke(lease_id).await;
+                }
+                Ok(Lease {
+                    subnet,
+                    attrs: attrs.clone(),
+                    reserved,
+                    etcd_lease: if reserved { 0 } else { lease_id },
+                    expires: (!reserved)
+                        .then(|| SystemTime::now() + Duration::from_secs(granted_ttl as u64)),
+                    mod_revision: rev,
+                })
+            }
+            Err(e) => {
+                self.revoke(lease_id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps a lease for `attrs.node_name` in a background task (see [`LeaseHolder`]).
+    /// Must be called inside a tokio runtime.
+    pub fn hold(&self, cfg: NetConfig, attrs: LeaseAttrs, ttl: Duration) -> LeaseHolder {
+        LeaseHolder::spawn(self.clone(), cfg, attrs, ttl, None)
+    }
+
+    /// [`LeaseStore::hold`] preferring `prefer` (e.g. the subnet of the node's subnet file)
+    /// when the node has no key in etcd.
+    pub fn hold_with(
+        &self,
+        cfg: NetConfig,
+        attrs: LeaseAttrs,
+        ttl: Duration,
+        prefer: Option<Ipv4Net>,
+    ) -> LeaseHolder {
+        LeaseHolder::spawn(self.clone(), cfg, attrs, ttl, prefer)
+    }
+
+    /// A stream of lease events: full state, then changes (see [`LeaseWatch`]).
+    /// Must be called inside a tokio runtime.
+    pub fn watch(&self) -> LeaseWatch {
+        LeaseWatch::spawn(self.clone())
+    }
+}
+
+/// The list returned by the else-branch of an acquire txn.
+fn else_list(responses: Vec<TxnOpResponse>) -> Vec<KeyValue> {
+    responses
+        .into_iter()
+        .find_map(|r| match r {
+            TxnOpResponse::Get(mut g) => Some(g.take_kvs()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// A random free candidate: random probes first (cheap for large ranges), then a uniform
+/// pick among the enumerated free subnets. `taken` must leave at least one free.
+fn pick_free(cfg: &NetConfig, taken: &HashSet<Ipv4Net>) -> Ipv4Net {
+    let count = cfg.subnet_count();
+    let mut rng = rand::rng();
+    for _ in 0..16 {
+        let s = cfg
+            .subnet_at(rng.random_range(0..count))
+            .expect("index in range");
+        if !taken.contains(&s) {
+            return s;
+        }
+    }
+    let free: Vec<Ipv4Net> = cfg.subnets().filter(|s| !taken.contains(s)).collect();
+    free[rng.random_range(0..free.len())]
+}
+
+/// Number of candidate subnets of `cfg` not in `taken`.
+fn count_free(cfg: &NetConfig, taken: &HashSet<Ipv4Net>) -> u64 {
+    let used = taken.iter().filter(|s| cfg.is_valid_subnet(s)).count() as u64;
+    cfg.subnet_count().saturating_sub(used)
+}
+
+/// Backoff for retries: 100 ms doubling up to `max`, with ±20 % jitter.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(max: Duration) -> Self {
+        Backoff {
+            next: Duration::from_millis(100),
+            max,
+        }
+    }
+    pub(crate) fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = rand::rng().random_range(0.8..1.2);
+        d.mul_f64(jitter)
+    }
+}
+
+/// Groups leases by subnet (used by the watch diff).
+pub(crate) fn by_subnet(leases: Vec<Lease>) -> HashMap<Ipv4Net, Lease> {
+    leases.into_iter().map(|l| (l.subnet, l)).collect()
+}

@@ -1,0 +1,335 @@
+//! [`LeaseWatch`]: the lease set as a stream of typed events.
+//!
+//! A background task lists `<prefix>/subnets/` (revision R), emits the difference to what it
+//! delivered before (everything, the first time) and `Synced { revision: R }`, then watches
+//! from R + 1. After a broken stream (etcd restart, network) it resumes from the last revision
+//! it delivered + 1, so nothing is lost or repeated; when etcd answers that this revision is
+//! compacted it re-lists and emits the diff. It retries with backoff forever.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use ipnet::Ipv4Net;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{Backoff, LeaseStore, by_subnet};
+use crate::lease::{Lease, LeaseEvent, key_to_subnet};
+
+/// Counters of a [`LeaseWatch`] (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    /// Full lists (1 + re-lists after compaction).
+    pub lists: u64,
+    /// Watches cancelled by etcd because the revision was compacted.
+    pub compactions: u64,
+    /// Watch streams that broke and were resumed.
+    pub reconnects: u64,
+    /// Failed requests (list, watch create).
+    pub errors: u64,
+    /// Added/Changed/Removed events delivered from the watch stream (not from lists).
+    pub events: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    lists: AtomicU64,
+    compactions: AtomicU64,
+    reconnects: AtomicU64,
+    errors: AtomicU64,
+    events: AtomicU64,
+}
+
+/// Events of the lease set; see the module doc. Dropping it stops the background task.
+#[derive(Debug)]
+pub struct LeaseWatch {
+    rx: mpsc::Receiver<LeaseEvent>,
+    state: BTreeMap<Ipv4Net, Lease>,
+    synced: bool,
+    revision: i64,
+    counters: Arc<Counters>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for LeaseWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LeaseWatch {
+    pub(super) fn spawn(store: LeaseStore) -> Self {
+        let (tx, rx) = mpsc::channel(1024);
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(run(store, tx, counters.clone()));
+        LeaseWatch {
+            rx,
+            state: BTreeMap::new(),
+            synced: false,
+            revision: 0,
+            counters,
+            task,
+        }
+    }
+
+    /// The next event. Cancel-safe. `None` only if the background task is gone.
+    pub async fn next(&mut self) -> Option<LeaseEvent> {
+        let ev = self.rx.recv().await?;
+        match &ev {
+            LeaseEvent::Added(l) => {
+                self.revision = self.revision.max(l.mod_revision);
+                self.state.insert(l.subnet, l.clone());
+            }
+            LeaseEvent::Changed { new, .. } => {
+                self.revision = self.revision.max(new.mod_revision);
+                self.state.insert(new.subnet, new.clone());
+            }
+            LeaseEvent::Removed(l) => {
+                self.state.remove(&l.subnet);
+            }
+            LeaseEvent::Synced { revision } => {
+                self.synced = true;
+                self.revision = self.revision.max(*revision);
+            }
+        }
+        Some(ev)
+    }
+
+    /// Consumes events until the first `Synced` (if not synced yet) and returns the state.
+    pub async fn wait_synced(&mut self) -> Option<&BTreeMap<Ipv4Net, Lease>> {
+        while !self.synced {
+            self.next().await?;
+        }
+        Some(&self.state)
+    }
+
+    /// The lease set as of the events returned so far by [`LeaseWatch::next`].
+    pub fn state(&self) -> &BTreeMap<Ipv4Net, Lease> {
+        &self.state
+    }
+
+    /// Whether a `Synced` event has been returned (the state is complete).
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The highest revision seen in the events returned so far.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> WatchStats {
+        let c = &self.counters;
+        WatchStats {
+            lists: c.lists.load(Ordering::Relaxed),
+            compactions: c.compactions.load(Ordering::Relaxed),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            events: c.events.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Differences from `known` to `new`, ordered by subnet.
+fn diff(known: &HashMap<Ipv4Net, Lease>, new: &HashMap<Ipv4Net, Lease>) -> Vec<LeaseEvent> {
+    let mut out: Vec<(Ipv4Net, LeaseEvent)> = Vec::new();
+    for (s, old) in known {
+        if !new.contains_key(s) {
+            out.push((*s, LeaseEvent::Removed(old.clone())));
+        }
+    }
+    for (s, l) in new {
+        match known.get(s) {
+            None => out.push((*s, LeaseEvent::Added(l.clone()))),
+            Some(old) if old.mod_revision != l.mod_revision || !old.same_content(l) => out.push((
+                *s,
+                LeaseEvent::Changed {
+                    old: old.clone(),
+                    new: l.clone(),
+                },
+            )),
+            Some(_) => {}
+        }
+    }
+    out.sort_by_key(|(s, _)| *s);
+    out.into_iter().map(|(_, e)| e).collect()
+}
+
+async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Counters>) {
+    let prefix = store.subnets_prefix();
+    let mut known: HashMap<Ipv4Net, Lease> = HashMap::new();
+    // The last revision whose events have all been delivered.
+    let mut rev: i64 = 0;
+    let mut need_list = true;
+    let mut backoff = Backoff::new(Duration::from_secs(5));
+    loop {
+        if need_list {
+            match store.list().await {
+                Ok((leases, r)) => {
+                    counters.lists.fetch_add(1, Ordering::Relaxed);
+                    let new = by_subnet(leases);
+                    for ev in diff(&known, &new) {
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    known = new;
+                    rev = r;
+                    need_list = false;
+                    if tx.send(LeaseEvent::Synced { revision: r }).await.is_err() {
+                        return;
+                    }
+                    tracing::debug!(revision = r, leases = known.len(), "lease list delivered");
+                }
+                Err(e) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?d, "listing leases failed");
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+            }
+        }
+
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1)
+            .with_prev_key()
+            .with_progress_notify();
+        let mut wc = store.client.watch_client();
+        let mut stream = match store
+            .rpc("watch", &prefix, wc.watch(prefix.clone(), Some(opts)))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, from_revision = rev + 1, retry_in = ?d, "starting the lease watch failed");
+                tokio::time::sleep(d).await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() {
+                        if resp.compact_revision() > 0 {
+                            counters.compactions.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(
+                                from_revision = rev + 1,
+                                compacted_to = resp.compact_revision(),
+                                "lease watch revision compacted: re-listing"
+                            );
+                            need_list = true;
+                        } else {
+                            counters.errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                reason = resp.cancel_reason(),
+                                "etcd cancelled the lease watch"
+                            );
+                        }
+                        break;
+                    }
+                    backoff.reset();
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        rev = rev.max(kv.mod_revision());
+                        let key = String::from_utf8_lossy(kv.key());
+                        let Some(subnet) = key
+                            .strip_prefix(&prefix)
+                            .and_then(|n| key_to_subnet(n).ok())
+                        else {
+                            continue;
+                        };
+                        let out = match ev.event_type() {
+                            EventType::Put => match store.parse_kv(kv) {
+                                Some(l) => match known.insert(subnet, l.clone()) {
+                                    Some(old) => Some(LeaseEvent::Changed { old, new: l }),
+                                    None => Some(LeaseEvent::Added(l)),
+                                },
+                                // An unreadable value: as if the lease were gone.
+                                None => known.remove(&subnet).map(LeaseEvent::Removed),
+                            },
+                            EventType::Delete => known.remove(&subnet).map(LeaseEvent::Removed),
+                        };
+                        if let Some(out) = out {
+                            counters.events.fetch_add(1, Ordering::Relaxed);
+                            if tx.send(out).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // A progress notification: every event up to its revision was sent.
+                    if resp.events().is_empty()
+                        && !resp.created()
+                        && let Some(h) = resp.header()
+                    {
+                        rev = rev.max(h.revision());
+                    }
+                }
+                Ok(None) => {
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(resume_from = rev + 1, "lease watch stream ended: resuming");
+                    break;
+                }
+                Err(e) => {
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, resume_from = rev + 1, "lease watch stream broke: resuming");
+                    break;
+                }
+            }
+        }
+        if !need_list {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseAttrs;
+
+    fn lease(s: &str, node: &str, rev: i64) -> Lease {
+        Lease {
+            subnet: s.parse().unwrap(),
+            attrs: LeaseAttrs::vxlan(
+                node,
+                std::net::Ipv4Addr::new(10, 0, 0, 1),
+                1,
+                "02:00:00:00:00:01",
+            ),
+            reserved: false,
+            etcd_lease: 7,
+            expires: None,
+            mod_revision: rev,
+        }
+    }
+
+    #[test]
+    fn diff_after_relist() {
+        let known = by_subnet(vec![
+            lease("10.0.1.0/24", "a", 5),
+            lease("10.0.2.0/24", "b", 6),
+            lease("10.0.3.0/24", "c", 7),
+        ]);
+        let new = by_subnet(vec![
+            lease("10.0.2.0/24", "b", 6),
+            lease("10.0.3.0/24", "c2", 9),
+            lease("10.0.4.0/24", "d", 10),
+        ]);
+        let ev = diff(&known, &new);
+        assert_eq!(ev.len(), 3);
+        assert!(matches!(&ev[0], LeaseEvent::Removed(l) if l.attrs.node_name == "a"));
+        assert!(
+            matches!(&ev[1], LeaseEvent::Changed { old, new } if old.attrs.node_name == "c" && new.attrs.node_name == "c2")
+        );
+        assert!(matches!(&ev[2], LeaseEvent::Added(l) if l.attrs.node_name == "d"));
+        assert!(diff(&new, &new).is_empty());
+    }
+}

@@ -1,0 +1,226 @@
+//! `twillctl leases list|show|release|reserve`.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+use twill_ipam::lease::{Lease, LeaseAttrs, key_to_subnet};
+
+use super::{Cli, EXIT_NOT_FOUND, EXIT_REFUSED, Failure, Output, connect, print_json, print_table};
+
+#[derive(Debug, Subcommand)]
+pub enum LeasesCmd {
+    /// All leases: subnet, node, public IP, VTEP MAC, expiry or "reserved".
+    List,
+    /// One lease, by subnet (10.244.3.0/24 or 10.244.3.0-24) or by node name.
+    Show {
+        /// A subnet or a node name.
+        what: String,
+    },
+    /// Delete a lease (its node, if running, takes a subnet again). Needs --yes.
+    Release {
+        /// The subnet, e.g. 10.244.3.0/24.
+        subnet: String,
+        /// Really release it.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Reserve a subnet for a node: a lease without TTL that only this node takes.
+    Reserve {
+        /// The subnet, e.g. 10.244.3.0/24.
+        subnet: String,
+        /// The node it is reserved for.
+        #[arg(long)]
+        node: String,
+        /// The node's public IP, if known (else filled in when the node takes it).
+        #[arg(long)]
+        public_ip: Option<Ipv4Addr>,
+    },
+}
+
+/// Parses `10.244.3.0/24` or `10.244.3.0-24`.
+pub fn parse_subnet(s: &str) -> Option<Ipv4Net> {
+    s.parse::<Ipv4Net>()
+        .ok()
+        .filter(|n| n.trunc() == *n)
+        .or_else(|| key_to_subnet(s).ok())
+}
+
+fn subnet_arg(s: &str) -> Result<Ipv4Net, Failure> {
+    parse_subnet(s).ok_or_else(|| {
+        Failure::new(
+            super::EXIT_USAGE,
+            format!("{s:?} is not a subnet (e.g. 10.244.3.0/24)"),
+        )
+    })
+}
+
+fn expires_in(l: &Lease) -> Option<u64> {
+    l.expires.map(|e| {
+        e.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .as_secs()
+    })
+}
+
+/// The JSON of one lease (stable field names, documented in docs/leases.md).
+pub fn lease_json(l: &Lease) -> Value {
+    json!({
+        "subnet": l.subnet.to_string(),
+        "node": l.attrs.node_name,
+        "public_ip": l.attrs.public_ip.to_string(),
+        "backend_type": l.attrs.backend_type,
+        "vni": l.attrs.vni(),
+        "vtep_mac": l.attrs.vtep_mac(),
+        "reserved": l.reserved,
+        "expires_in_seconds": expires_in(l),
+        "etcd_lease_id": format!("{:x}", l.etcd_lease),
+        "mod_revision": l.mod_revision,
+        "value": serde_json::to_value(&l.attrs).expect("lease attrs serialize"),
+    })
+}
+
+fn expiry_cell(l: &Lease) -> String {
+    if l.reserved {
+        return "reserved".into();
+    }
+    match expires_in(l) {
+        Some(s) => format!("in {}", humantime::format_duration(Duration::from_secs(s))),
+        None => "expired".into(),
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.into() }
+}
+
+fn row(l: &Lease) -> Vec<String> {
+    vec![
+        l.subnet.to_string(),
+        dash(&l.attrs.node_name),
+        if l.attrs.public_ip.is_unspecified() {
+            "-".into()
+        } else {
+            l.attrs.public_ip.to_string()
+        },
+        dash(l.attrs.vtep_mac()),
+        expiry_cell(l),
+    ]
+}
+
+const HEADER: [&str; 5] = ["SUBNET", "NODE", "PUBLIC-IP", "VTEP-MAC", "EXPIRES"];
+
+pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
+    let store = connect(&cli.etcd).await?;
+    match cmd {
+        LeasesCmd::List => {
+            let (leases, rev) = store.list_with_ttl().await?;
+            match cli.output {
+                Output::Json => print_json(&json!({
+                    "revision": rev,
+                    "leases": leases.iter().map(lease_json).collect::<Vec<_>>(),
+                })),
+                Output::Table => print_table(&HEADER, &leases.iter().map(row).collect::<Vec<_>>()),
+            }
+            Ok(())
+        }
+        LeasesCmd::Show { what } => {
+            let (leases, _) = store.list_with_ttl().await?;
+            let found: Vec<&Lease> = match parse_subnet(what) {
+                Some(s) => leases.iter().filter(|l| l.subnet == s).collect(),
+                None => leases
+                    .iter()
+                    .filter(|l| l.attrs.node_name == *what)
+                    .collect(),
+            };
+            if found.is_empty() {
+                return Err(Failure::new(
+                    EXIT_NOT_FOUND,
+                    format!("no lease for {what:?} under {}", store.subnets_prefix()),
+                ));
+            }
+            match cli.output {
+                Output::Json if found.len() == 1 => print_json(&lease_json(found[0])),
+                Output::Json => {
+                    print_json(&Value::Array(found.iter().map(|l| lease_json(l)).collect()))
+                }
+                Output::Table => {
+                    for (i, l) in found.iter().enumerate() {
+                        if i > 0 {
+                            println!();
+                        }
+                        let r = row(l);
+                        for (h, v) in HEADER.iter().zip(r) {
+                            println!("{:<10} {v}", format!("{h}:"));
+                        }
+                        println!("{:<10} {}", "KEY:", store.lease_key(&l.subnet));
+                        println!("{:<10} {}", "VALUE:", l.attrs.to_json());
+                    }
+                }
+            }
+            Ok(())
+        }
+        LeasesCmd::Release { subnet, yes } => {
+            let subnet = subnet_arg(subnet)?;
+            let Some(lease) = store.get(&subnet).await? else {
+                return Err(Failure::new(
+                    EXIT_NOT_FOUND,
+                    format!("no lease for {subnet}"),
+                ));
+            };
+            if !yes {
+                return Err(Failure::new(
+                    EXIT_REFUSED,
+                    format!(
+                        "not releasing {subnet} (node {:?}) without --yes",
+                        lease.attrs.node_name
+                    ),
+                ));
+            }
+            if !store.release(subnet).await? {
+                return Err(Failure::new(
+                    EXIT_NOT_FOUND,
+                    format!("no lease for {subnet}"),
+                ));
+            }
+            match cli.output {
+                Output::Json => print_json(&json!({
+                    "released": subnet.to_string(),
+                    "node": lease.attrs.node_name,
+                })),
+                Output::Table => {
+                    println!("released {subnet} (node {})", dash(&lease.attrs.node_name))
+                }
+            }
+            Ok(())
+        }
+        LeasesCmd::Reserve {
+            subnet,
+            node,
+            public_ip,
+        } => {
+            let subnet = subnet_arg(subnet)?;
+            let cfg = store.require_config().await?;
+            let mut attrs = LeaseAttrs::vxlan(
+                node,
+                public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                cfg.backend.vni,
+                "",
+            );
+            attrs.backend_type = cfg.backend.kind.clone();
+            let lease = store.reserve(subnet, &attrs).await.map_err(|e| match e {
+                twill_ipam::store::StoreError::Conflict { .. } => {
+                    Failure::new(EXIT_REFUSED, e.to_string())
+                }
+                e => e.into(),
+            })?;
+            match cli.output {
+                Output::Json => print_json(&lease_json(&lease)),
+                Output::Table => println!("reserved {subnet} for node {node}"),
+            }
+            Ok(())
+        }
+    }
+}

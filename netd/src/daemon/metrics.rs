@@ -1,0 +1,206 @@
+//! twilld's metrics (Prometheus text format via prometheus-client) and its HTTP endpoints:
+//! `/healthz` (the process runs its loop), `/readyz` (lease held and data plane programmed)
+//! and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Every metric of twilld, cheap to clone (the metrics are shared handles).
+#[derive(Clone)]
+pub struct Metrics {
+    pub peers: Gauge,
+    pub routes: Gauge,
+    pub fdb: Gauge,
+    pub neighs: Gauge,
+    pub reconcile_seconds: Histogram,
+    pub reconciles: Counter,
+    pub ops_applied: Counter,
+    pub op_errors: Counter,
+    pub drift_repaired: Counter,
+    pub etcd_errors: Counter,
+    pub lease_expiry: Gauge<f64, AtomicU64>,
+    pub lease_renewals: Counter,
+    pub lease_losses: Counter,
+    pub netlink_overruns: Counter,
+    pub vxlan_recreated: Counter,
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    pub fn new(reg: &mut Registry) -> Metrics {
+        let m = Metrics {
+            peers: Gauge::default(),
+            routes: Gauge::default(),
+            fdb: Gauge::default(),
+            neighs: Gauge::default(),
+            // 100 µs .. ~3 s
+            reconcile_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            reconciles: Counter::default(),
+            ops_applied: Counter::default(),
+            op_errors: Counter::default(),
+            drift_repaired: Counter::default(),
+            etcd_errors: Counter::default(),
+            lease_expiry: Gauge::default(),
+            lease_renewals: Counter::default(),
+            lease_losses: Counter::default(),
+            netlink_overruns: Counter::default(),
+            vxlan_recreated: Counter::default(),
+            ready: Gauge::default(),
+        };
+        reg.register(
+            "twill_peers",
+            "Peer nodes (other leases) programmed for",
+            m.peers.clone(),
+        );
+        reg.register(
+            "twill_routes_programmed",
+            "Routes on the VXLAN device",
+            m.routes.clone(),
+        );
+        reg.register(
+            "twill_fdb_programmed",
+            "FDB entries on the VXLAN device",
+            m.fdb.clone(),
+        );
+        reg.register(
+            "twill_neighbours_programmed",
+            "Permanent neighbours on the VXLAN device",
+            m.neighs.clone(),
+        );
+        reg.register(
+            "twill_reconcile_duration_seconds",
+            "Time of one reconcile (diff + apply)",
+            m.reconcile_seconds.clone(),
+        );
+        reg.register("twill_reconciles", "Reconciles run", m.reconciles.clone());
+        reg.register(
+            "twill_netlink_ops",
+            "Netlink writes applied",
+            m.ops_applied.clone(),
+        );
+        reg.register(
+            "twill_netlink_op_errors",
+            "Netlink writes that failed",
+            m.op_errors.clone(),
+        );
+        reg.register(
+            "twill_drift_repaired",
+            "Entries changed outside twilld (deleted or altered by hand, stale) and repaired",
+            m.drift_repaired.clone(),
+        );
+        reg.register(
+            "twill_etcd_errors",
+            "Failed requests to etcd",
+            m.etcd_errors.clone(),
+        );
+        reg.register(
+            "twill_lease_expiry_timestamp_seconds",
+            "When this node's lease expires unless renewed (Unix time)",
+            m.lease_expiry.clone(),
+        );
+        reg.register(
+            "twill_lease_renewals",
+            "Lease keep-alives that succeeded",
+            m.lease_renewals.clone(),
+        );
+        reg.register(
+            "twill_lease_losses",
+            "Leases lost (expired, deleted, taken over)",
+            m.lease_losses.clone(),
+        );
+        reg.register(
+            "twill_netlink_overruns",
+            "Netlink event overruns (each followed by a full dump)",
+            m.netlink_overruns.clone(),
+        );
+        reg.register(
+            "twill_vxlan_recreated",
+            "Times the VXLAN device was (re)created",
+            m.vxlan_recreated.clone(),
+        );
+        reg.register(
+            "twill_ready",
+            "1 when the lease is held and the data plane programmed",
+            m.ready.clone(),
+        );
+        m
+    }
+}
+
+/// What the HTTP handlers read.
+pub struct Shared {
+    pub registry: Registry,
+    pub ready: AtomicBool,
+    pub why_not_ready: std::sync::Mutex<String>,
+}
+
+impl Shared {
+    pub fn set_ready(&self, ready: bool, why: &str) {
+        self.ready.store(ready, Ordering::SeqCst);
+        *self.why_not_ready.lock().unwrap() = why.to_string();
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        let why = s.why_not_ready.lock().unwrap().clone();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+    }
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    let mut out = String::new();
+    if encode(&mut out, &s.registry).is_err() {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            String::new(),
+        );
+    }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+}
+
+/// Binds `addr` (fails now if it cannot) and serves the endpoints in a background task.
+pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,661 @@
+//! twilld: the node daemon.
+//!
+//! Start-up: underlay and public IP → network config (etcd, `--net-conf`) → the node's
+//! lease (sticky, kept by a [`LeaseHolder`]) → `twill.<VNI>` (adopted if right) →
+//! forwarding sysctls → nftables → the lease watch and a netlink dump → the first reconcile
+//! → the subnet file (only now: the data plane is ready) → `/readyz` says ready.
+//!
+//! Then a loop reconciles on lease events (desired state), netlink events (the programmed
+//! state, kept in a cache that events update; a fresh dump after an overrun) and on a
+//! periodic resync (fresh dump, repairs drift). Stopping (SIGTERM, SIGINT, kill -9) never
+//! tears the data plane down: the next start adopts it.
+
+pub mod metrics;
+pub mod reconcile;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::FutureExt;
+use ipnet::{IpNet, Ipv4Net};
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, error, info, warn};
+
+use twill_dataplane::Netlink;
+use twill_dataplane::nft::{Nft, NftConfig, NftOutcome};
+use twill_dataplane::overlay::{
+    self, EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, RtnlOverlay,
+    VxlanLink, VxlanSpec, sysctl, underlay,
+};
+use twill_ipam::lease::{Lease, LeaseAttrs};
+use twill_ipam::netconf::NetConfig;
+use twill_ipam::store::{EtcdOptions, LeaseHolder, LeaseStore, LeaseWatch};
+use twill_ipam::subnet_file::SubnetFile;
+
+use crate::cli::{EtcdArgs, RunArgs};
+use metrics::{Metrics, Shared};
+use reconcile::{desired, diff, peers_of_map};
+
+/// Netlink requests in flight when applying many ops.
+const PARALLEL_OPS: usize = 64;
+
+/// The etcd options of the shared connection flags.
+pub fn etcd_options(a: &EtcdArgs) -> EtcdOptions {
+    let mut o = EtcdOptions::new(a.etcd_endpoints.clone()).with_prefix(a.etcd_prefix.clone());
+    o.ca_file = a.etcd_cafile.clone();
+    o.cert_file = a.etcd_certfile.clone();
+    o.key_file = a.etcd_keyfile.clone();
+    o.timeout = a.etcd_timeout;
+    o
+}
+
+/// The node name: `--node-name`, else the hostname.
+pub fn node_name(args: &RunArgs) -> Result<String> {
+    match &args.node_name {
+        Some(n) if !n.is_empty() => Ok(n.clone()),
+        _ => Ok(hostname::get()
+            .context("read the hostname (give --node-name)")?
+            .to_string_lossy()
+            .into_owned()),
+    }
+}
+
+/// Why a reconcile runs (drift is counted only for the ones that are not lease changes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    Start,
+    Leases,
+    Netlink,
+    Resync,
+}
+
+struct Daemon {
+    args: RunArgs,
+    ov: RtnlOverlay,
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    cfg: NetConfig,
+    spec: VxlanSpec,
+    link: VxlanLink,
+    own: Ipv4Net,
+    /// The programmed entries as last dumped and updated by our writes and netlink events.
+    actual: Programmed,
+    /// A fresh dump is needed before the next reconcile (overrun, failed op, recreated link).
+    need_dump: bool,
+    programmed_once: bool,
+    nft: Nft,
+    last_renewals: u64,
+    last_losses: u64,
+    last_etcd_errors: u64,
+}
+
+/// Runs twilld until SIGTERM/SIGINT. Never removes the data plane.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let node = node_name(&args)?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let shared = Arc::new(Shared {
+        registry,
+        ready: AtomicBool::new(false),
+        why_not_ready: std::sync::Mutex::new("starting".into()),
+    });
+    let bound = metrics::serve(args.metrics_addr, shared.clone())
+        .await
+        .with_context(|| format!("listen on --metrics-addr {}", args.metrics_addr))?;
+    info!(node = %node, metrics = %bound, "twilld starting");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+
+    let nl = Netlink::current().context("open netlink socket")?;
+    let ov = RtnlOverlay::new(nl.clone());
+    let under = underlay::resolve(&nl, args.iface.as_deref(), args.public_ip)
+        .await
+        .context("find the underlay interface and public IP")?;
+    let IpAddr::V4(public_v4) = under.ip else {
+        bail!(
+            "public IP {} is IPv6: only an IPv4 underlay is supported (give --public-ip)",
+            under.ip
+        );
+    };
+    info!(iface = %under.name, index = under.index, mtu = under.mtu, public_ip = %under.ip, "underlay");
+
+    let store = LeaseStore::new(etcd_options(&args.etcd))
+        .await
+        .context("etcd client")?;
+    let cfg = tokio::select! {
+        c = net_config(&store, args.net_conf.as_deref(), &metrics) => c?,
+        _ = sigterm.recv() => return Ok(()),
+        _ = sigint.recv() => return Ok(()),
+    };
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(refused) => {
+            // Stay up, not ready: the node's data plane stays as it is, /readyz tells why,
+            // and a DaemonSet rollout stops here instead of crash-looping through the cluster.
+            error!("{refused}");
+            shared.set_ready(false, &refused);
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+            }
+            return Ok(());
+        }
+    };
+    if cfg.backend.kind != "vxlan" {
+        bail!(
+            "Backend.Type {:?} is not supported (only vxlan)",
+            cfg.backend.kind
+        );
+    }
+    let vni = cfg.backend.vni;
+    info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni, port = cfg.backend.port, "network config");
+
+    // The VTEP MAC: the existing device's (a restart keeps what peers have), else derived
+    // from the node name (the same on every start, also after a reboot).
+    let existing = ov
+        .get_vxlan(vni)
+        .await
+        .context("look for the VXLAN device")?;
+    let mac = match &existing {
+        Some(l) if l.vni == Some(vni) && !l.mac.is_zero() => l.mac,
+        _ => Mac::derive(&node),
+    };
+    let prefer = SubnetFile::read(&args.subnet_file)
+        .ok()
+        .and_then(|f| match f.node_subnet() {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        });
+    let attrs = LeaseAttrs::vxlan(&node, public_v4, vni, &mac.to_string());
+    let mut holder = store.hold_with(cfg.clone(), attrs, args.lease_ttl, prefer);
+    shared.set_ready(false, "waiting for the lease");
+    let lease = tokio::select! {
+        l = holder.acquired() => l,
+        _ = sigterm.recv() => return Ok(()),
+        _ = sigint.recv() => return Ok(()),
+    };
+    info!(subnet = %lease.subnet, "lease held");
+    if let Some(exp) = lease.expires {
+        set_expiry(&metrics, exp);
+    }
+
+    let mtu = args.mtu.unwrap_or_else(|| under.vxlan_mtu());
+    let spec = VxlanSpec {
+        vni,
+        port: cfg.backend.port,
+        underlay_index: under.index,
+        local: under.ip,
+        mtu,
+        mac,
+        address: lease.net_addr(),
+    };
+    let mut d = Daemon {
+        args: args.clone(),
+        ov,
+        metrics: metrics.clone(),
+        shared: shared.clone(),
+        cfg,
+        spec,
+        link: placeholder_link(),
+        own: lease.subnet,
+        actual: Programmed::default(),
+        need_dump: true,
+        programmed_once: false,
+        nft: Nft::new(),
+        last_renewals: 0,
+        last_losses: 0,
+        last_etcd_errors: 0,
+    };
+    // Subscribe before the first dump so that no change between the two is missed.
+    let mut monitor = Monitor::current().context("subscribe to netlink events")?;
+    d.ensure_node().await?;
+
+    let mut watch = store.watch();
+    tokio::select! {
+        r = watch.wait_synced() => { r.ok_or_else(|| anyhow!("lease watch ended"))?; }
+        _ = sigterm.recv() => return Ok(()),
+        _ = sigint.recv() => return Ok(()),
+    }
+    d.reconcile(watch.state(), Cause::Start).await;
+    d.write_subnet_file()?;
+    d.programmed_once = true;
+    d.update_ready(&holder);
+    info!(
+        peers = d.metrics.peers.get(),
+        entries = d.actual.len(),
+        "data plane ready"
+    );
+
+    let mut resync = tokio::time::interval(args.resync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut holder_rx = holder.subscribe();
+    let mut retry_at: Option<tokio::time::Instant> = None;
+
+    loop {
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => futures::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = watch.next() => {
+                let Some(ev) = ev else { bail!("lease watch ended") };
+                debug!(?ev, "lease event");
+                // Take every event already queued, then reconcile once.
+                while let Some(Some(ev)) = watch.next().now_or_never() {
+                    debug!(?ev, "lease event");
+                }
+                d.reconcile(watch.state(), Cause::Leases).await;
+            }
+            ev = monitor.next() => {
+                let Some(ev) = ev else { bail!("netlink monitor socket closed") };
+                let mut dirty = d.on_netlink(ev);
+                while let Some(ev) = monitor.try_next() {
+                    dirty |= d.on_netlink(ev);
+                }
+                if dirty {
+                    if d.need_link_check()
+                        && let Err(e) = d.ensure_node().await
+                    {
+                        warn!(error = %format!("{e:#}"), "repairing the VXLAN device failed; retrying");
+                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                        continue;
+                    }
+                    d.reconcile(watch.state(), Cause::Netlink).await;
+                }
+            }
+            _ = resync.tick() => {
+                d.need_dump = true;
+                if let Err(e) = d.ensure_node().await {
+                    warn!(error = %format!("{e:#}"), "resync: node setup failed");
+                }
+                d.reconcile(watch.state(), Cause::Resync).await;
+            }
+            _ = retry => {
+                retry_at = None;
+                d.need_dump = true;
+                if let Err(e) = d.ensure_node().await {
+                    warn!(error = %format!("{e:#}"), "retry: node setup failed");
+                    retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    continue;
+                }
+                d.reconcile(watch.state(), Cause::Resync).await;
+            }
+            r = holder_rx.changed() => {
+                if r.is_err() { bail!("lease holder stopped") }
+                let st = holder_rx.borrow_and_update().clone();
+                if let Some(l) = &st.lease
+                    && st.held
+                    && l.subnet != d.own
+                {
+                    warn!(old = %d.own, new = %l.subnet, "lease re-acquired with another subnet: moving the node");
+                    d.own = l.subnet;
+                    d.spec.address = l.net_addr();
+                    if let Err(e) = d.ensure_node().await {
+                        warn!(error = %format!("{e:#}"), "moving to the new subnet failed; retrying");
+                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                    d.reconcile(watch.state(), Cause::Leases).await;
+                    if let Err(e) = d.write_subnet_file() { error!(error = %format!("{e:#}"), "subnet file"); }
+                }
+                if let Some(l) = &st.lease && let Some(exp) = l.expires { set_expiry(&d.metrics, exp); }
+                d.update_ready(&holder);
+            }
+            _ = stats_tick.tick() => {
+                d.update_stats(&holder, &watch);
+                d.update_ready(&holder);
+                if d.need_dump && retry_at.is_none() {
+                    retry_at = Some(tokio::time::Instant::now());
+                }
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: exiting, the data plane stays in place"); break; }
+            _ = sigint.recv() => { info!("SIGINT: exiting, the data plane stays in place"); break; }
+        }
+    }
+    // Dropping the holder stops the keep-alive; the lease stays until its TTL, so a restart
+    // gets the same subnet back.
+    drop(holder);
+    Ok(())
+}
+
+fn placeholder_link() -> VxlanLink {
+    VxlanLink {
+        index: 0,
+        name: String::new(),
+        vni: None,
+        port: None,
+        underlay_index: None,
+        local: None,
+        learning: None,
+        mtu: 0,
+        mac: Mac::default(),
+        up: false,
+        addresses: Vec::new(),
+    }
+}
+
+fn set_expiry(m: &Metrics, at: SystemTime) {
+    if let Ok(d) = at.duration_since(SystemTime::UNIX_EPOCH) {
+        m.lease_expiry.set(d.as_secs_f64());
+    }
+}
+
+/// The network config: etcd's; when etcd has none, `--net-conf` is written there. When both
+/// exist, a file that differs compatibly is ignored (etcd wins, a warning says so) and an
+/// incompatible one (another backend type/VNI/port, or a Network/SubnetLen under which
+/// existing leases would be invalid) is refused: `Ok(Err(reason))`. Retries while etcd is
+/// unreachable.
+async fn net_config(
+    store: &LeaseStore,
+    file: Option<&Path>,
+    m: &Metrics,
+) -> Result<std::result::Result<NetConfig, String>> {
+    let from_file = match file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("read --net-conf {}", p.display()))?;
+            Some(
+                NetConfig::from_json(&text)
+                    .with_context(|| format!("parse --net-conf {}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let got = match store.get_config().await {
+            Ok(Some(etcd)) => match &from_file {
+                Some(f) if f != &etcd => match store.list().await {
+                    Ok((leases, _)) => {
+                        let mut why = f.incompatible_changes(&etcd);
+                        let stranded: Vec<String> = f
+                            .stranded_leases(&leases)
+                            .iter()
+                            .map(|l| l.subnet.to_string())
+                            .collect();
+                        if !stranded.is_empty() {
+                            why.push(format!(
+                                "Network {}/SubnetLen {} would strand existing leases: {}",
+                                f.network,
+                                f.subnet_len,
+                                stranded.join(", ")
+                            ));
+                        }
+                        if why.is_empty() {
+                            warn!(
+                                key = %store.config_key(),
+                                "--net-conf differs from etcd's config (compatibly): running with etcd's; change it with `twillctl network set`"
+                            );
+                            return Ok(Ok(etcd));
+                        }
+                        return Ok(Err(format!(
+                            "--net-conf is incompatible with the network config in etcd ({}): {}",
+                            store.config_key(),
+                            why.join("; ")
+                        )));
+                    }
+                    Err(e) => Err(e),
+                },
+                _ => return Ok(Ok(etcd)),
+            },
+            Ok(None) => match &from_file {
+                Some(f) => match store.put_config(f, false).await {
+                    Ok(()) => {
+                        info!(key = %store.config_key(), "wrote --net-conf to etcd");
+                        continue;
+                    }
+                    // Another node may have written it concurrently: read again.
+                    Err(e) if !e.is_transient() => {
+                        warn!(error = %e, "writing the network config to etcd failed; reading again");
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                None => {
+                    warn!(
+                        key = %store.config_key(),
+                        "no network config in etcd and no --net-conf: waiting (`twillctl network set`)"
+                    );
+                    Ok(())
+                }
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = got {
+            m.etcd_errors.inc();
+            if !e.is_transient() {
+                return Err(e).context("read the network config from etcd");
+            }
+            warn!(error = %e, "etcd unreachable; retrying");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+impl Daemon {
+    /// The VXLAN device, forwarding sysctls, nftables: compared first, changed only if wrong.
+    async fn ensure_node(&mut self) -> Result<()> {
+        let (link, outcome) = self
+            .ov
+            .ensure_vxlan(&self.spec)
+            .await
+            .with_context(|| format!("ensure VXLAN device {}", self.spec.name()))?;
+        match &outcome {
+            EnsureOutcome::Adopted => debug!(link = %link.name, "VXLAN device adopted"),
+            EnsureOutcome::Created => {
+                self.metrics.vxlan_recreated.inc();
+                info!(link = %link.name, index = link.index, mtu = link.mtu, mac = %link.mac, "VXLAN device created");
+            }
+            EnsureOutcome::Recreated { reason } => {
+                self.metrics.vxlan_recreated.inc();
+                warn!(link = %link.name, %reason, "VXLAN device recreated");
+            }
+        }
+        if outcome != EnsureOutcome::Adopted || link.index != self.link.index {
+            self.need_dump = true;
+        }
+        self.link = link;
+        sysctl::enable_forwarding(&self.spec.name()).context("enable forwarding")?;
+        let nft_cfg = NftConfig {
+            network: self.cfg.network,
+            node_subnet: self.own,
+            masquerade: self.args.ip_masq,
+        };
+        let nft = self.nft.clone();
+        let out = tokio::task::spawn_blocking(move || nft.ensure(&nft_cfg))
+            .await
+            .context("nft task")?
+            .context("nftables")?;
+        if out == NftOutcome::Applied {
+            info!(table = "ip twill", "nftables table written");
+        }
+        Ok(())
+    }
+
+    fn need_link_check(&self) -> bool {
+        self.need_dump
+    }
+
+    /// Updates the cache from one event; true if it differs from what we expect (something
+    /// to repair) or a full check is needed.
+    fn on_netlink(&mut self, ev: MonitorEvent) -> bool {
+        let link = self.link.index;
+        match ev {
+            MonitorEvent::Overrun => {
+                self.metrics.netlink_overruns.inc();
+                warn!("netlink events lost (overrun): dumping again");
+                self.need_dump = true;
+                true
+            }
+            MonitorEvent::LinkGone { index, .. } if index == link => {
+                warn!(link = %self.link.name, "VXLAN device deleted: recreating");
+                self.need_dump = true;
+                true
+            }
+            MonitorEvent::Link { index, .. } if index == link => {
+                // Cheap to check (one get); catches a device set down or changed by hand.
+                self.need_dump = true;
+                true
+            }
+            MonitorEvent::NeighUp { link: l, neigh } if l == link => {
+                let cached = self.actual.neighs.contains(&neigh);
+                if !cached {
+                    Op::ReplaceNeigh(neigh).apply_to(&mut self.actual);
+                }
+                !cached
+            }
+            MonitorEvent::NeighGone { link: l, ip } if l == link => {
+                let before = self.actual.neighs.len();
+                self.actual.neighs.retain(|n| n.ip != ip);
+                before != self.actual.neighs.len()
+            }
+            MonitorEvent::FdbUp { link: l, fdb } if l == link => self.actual.fdbs.insert(fdb),
+            MonitorEvent::FdbGone { link: l, fdb } if l == link => self.actual.fdbs.remove(&fdb),
+            MonitorEvent::RouteUp { link: l, route } if l == link => {
+                let cached = self.actual.routes.contains(&route);
+                if !cached {
+                    Op::ReplaceRoute(route).apply_to(&mut self.actual);
+                }
+                !cached
+            }
+            MonitorEvent::RouteGone { link: l, route } if l == link => {
+                self.actual.routes.remove(&route)
+            }
+            _ => false,
+        }
+    }
+
+    /// Diff the leases against the programmed entries and apply the ops.
+    async fn reconcile(&mut self, leases: &BTreeMap<Ipv4Net, Lease>, cause: Cause) {
+        let t0 = Instant::now();
+        if self.need_dump {
+            match self.ov.dump(self.link.index).await {
+                Ok(p) => {
+                    self.actual = p;
+                    self.need_dump = false;
+                }
+                Err(e) => {
+                    warn!(error = %e, "netlink dump failed; will retry");
+                    return;
+                }
+            }
+        }
+        let (peers, skipped) = peers_of_map(leases, Some(self.own), self.spec.vni);
+        for s in &skipped {
+            debug!(subnet = %s.subnet, reason = %s.reason, "lease skipped");
+        }
+        let want = desired(&peers);
+        let ops = diff(&want, &self.actual);
+        if !ops.is_empty() {
+            let failed = overlay::apply_ops(&self.ov, self.link.index, &ops, PARALLEL_OPS).await;
+            let failed_ops: Vec<Op> = failed.iter().map(|(o, _)| *o).collect();
+            for op in &ops {
+                if !failed_ops.contains(op) {
+                    op.apply_to(&mut self.actual);
+                }
+            }
+            for (op, e) in &failed {
+                warn!(%op, error = %e, "netlink write failed; will retry");
+            }
+            if !failed.is_empty() {
+                self.need_dump = true;
+                self.metrics.op_errors.inc_by(failed.len() as u64);
+            }
+            let applied = (ops.len() - failed.len()) as u64;
+            self.metrics.ops_applied.inc_by(applied);
+            if matches!(cause, Cause::Netlink | Cause::Resync) {
+                self.metrics.drift_repaired.inc_by(applied);
+                info!(?cause, repaired = applied, "drift repaired");
+            } else {
+                info!(
+                    ?cause,
+                    ops = ops.len(),
+                    failed = failed.len(),
+                    peers = peers.len(),
+                    elapsed_us = t0.elapsed().as_micros() as u64,
+                    "reconciled"
+                );
+            }
+            for op in ops.iter().take(20) {
+                debug!(%op, "applied");
+            }
+        }
+        self.metrics.peers.set(peers.len() as i64);
+        self.metrics.routes.set(self.actual.routes.len() as i64);
+        self.metrics.fdb.set(self.actual.fdbs.len() as i64);
+        self.metrics.neighs.set(self.actual.neighs.len() as i64);
+        self.metrics.reconciles.inc();
+        self.metrics
+            .reconcile_seconds
+            .observe(t0.elapsed().as_secs_f64());
+    }
+
+    fn write_subnet_file(&self) -> Result<()> {
+        let f = SubnetFile::for_node_subnet(
+            IpNet::V4(self.cfg.network),
+            IpNet::V4(self.own),
+            self.spec.mtu,
+            self.args.ip_masq,
+        );
+        if SubnetFile::read(&self.args.subnet_file).ok().as_ref() == Some(&f) {
+            return Ok(());
+        }
+        if let Some(dir) = self.args.subnet_file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        f.write_atomic(&self.args.subnet_file)
+            .with_context(|| format!("write subnet file {}", self.args.subnet_file.display()))?;
+        info!(path = %self.args.subnet_file.display(), subnet = %self.own, mtu = self.spec.mtu, "subnet file written");
+        Ok(())
+    }
+
+    fn update_ready(&self, holder: &LeaseHolder) {
+        let st = holder.state();
+        let ready = st.held && self.programmed_once;
+        let why = if !st.held {
+            "lease not held"
+        } else if !self.programmed_once {
+            "data plane not programmed yet"
+        } else {
+            ""
+        };
+        self.shared.set_ready(ready, why);
+        self.metrics.ready.set(i64::from(ready));
+    }
+
+    fn update_stats(&mut self, holder: &LeaseHolder, watch: &LeaseWatch) {
+        let hs = holder.stats();
+        let ws = watch.stats();
+        if hs.renewals > self.last_renewals {
+            self.metrics
+                .lease_renewals
+                .inc_by(hs.renewals - self.last_renewals);
+            self.last_renewals = hs.renewals;
+            set_expiry(&self.metrics, SystemTime::now() + self.args.lease_ttl);
+        }
+        if hs.losses > self.last_losses {
+            self.metrics
+                .lease_losses
+                .inc_by(hs.losses - self.last_losses);
+            self.last_losses = hs.losses;
+        }
+        let errs = hs.errors + ws.errors;
+        if errs > self.last_etcd_errors {
+            self.metrics
+                .etcd_errors
+                .inc_by(errs - self.last_etcd_errors);
+            self.last_etcd_errors = errs;
+        }
+    }
+}

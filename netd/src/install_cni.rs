@@ -1,0 +1,242 @@
+//! `twilld install-cni`: puts the CNI plugin binary and its conflist into the host's CNI
+//! directories (the DaemonSet's init container, and ExecStartPre of twilld.service).
+//!
+//! Each file is written to a temp file in the destination directory, fsynced, given its
+//! mode, then renamed over the destination, and the directory is fsynced: a container
+//! runtime that reads `/etc/cni/net.d` or executes `/opt/cni/bin/twill` at any moment sees
+//! either the old file or the new one, never a half-written one. A plugin process that is
+//! running keeps the old inode (rename never hits ETXTBSY, unlike writing in place).
+//! The binary goes first, so a new conflist never names a plugin that is not there yet.
+//! Files that are already identical (content and mode) are left alone.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::cli::InstallCniArgs;
+
+/// Mode of the installed plugin binary.
+pub const BIN_MODE: u32 = 0o755;
+/// Mode of the installed conflist.
+pub const CONF_MODE: u32 = 0o644;
+/// Name of the installed plugin binary: the `type` in the conflist.
+pub const PLUGIN_NAME: &str = "twill";
+
+/// Marker in temp file names: `.<name>.twill-tmp.<pid>`. Never ends in `.conf`,
+/// `.conflist` or `.json`, so libcni never loads a temp file as a config.
+const TMP_MARKER: &str = ".twill-tmp.";
+
+/// What [`install_file`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination was missing or different and has been replaced.
+    Installed,
+    /// The destination already had the same content and mode.
+    Unchanged,
+}
+
+/// Installs the plugin binary, then the conflist (validated first; an invalid conflist
+/// installs nothing).
+pub fn run(args: &InstallCniArgs) -> Result<()> {
+    let conf = fs::read(&args.conf_src)
+        .with_context(|| format!("read conflist --conf-src {}", args.conf_src.display()))?;
+    validate_conflist(&conf)
+        .with_context(|| format!("invalid conflist --conf-src {}", args.conf_src.display()))?;
+    ensure!(
+        !args.conf_name.is_empty()
+            && !args.conf_name.contains('/')
+            && !args.conf_name.starts_with('.')
+            && (args.conf_name.ends_with(".conflist") || args.conf_name.ends_with(".json")),
+        "--conf-name {:?}: must be a plain file name ending in .conflist or .json (libcni \
+         loads only those)",
+        args.conf_name
+    );
+    let bin = fs::read(&args.plugin_src)
+        .with_context(|| format!("read plugin --plugin-src {}", args.plugin_src.display()))?;
+    ensure!(
+        !bin.is_empty(),
+        "plugin --plugin-src {} is empty",
+        args.plugin_src.display()
+    );
+
+    let bin_dest = args.bin_dir.join(PLUGIN_NAME);
+    let outcome = install_file(&bin, &args.bin_dir, PLUGIN_NAME, BIN_MODE)?;
+    log_outcome(outcome, &bin_dest);
+    let conf_dest = args.conf_dir.join(&args.conf_name);
+    let outcome = install_file(&conf, &args.conf_dir, &args.conf_name, CONF_MODE)?;
+    log_outcome(outcome, &conf_dest);
+    Ok(())
+}
+
+fn log_outcome(outcome: Outcome, dest: &Path) {
+    match outcome {
+        Outcome::Installed => tracing::info!(path = %dest.display(), "installed"),
+        Outcome::Unchanged => tracing::info!(path = %dest.display(), "already up to date"),
+    }
+}
+
+/// Checks the conflist with the twill plugin's own parser ([`twill_cni::config`]: libcni's
+/// rules, supported `cniVersion`/`cniVersions`, every `twill` entry parsed as the plugin
+/// will at ADD time), then what an installed twill conflist must also be: `twill` first
+/// (chained plugins such as portmap come after it), with an absolute `subnetFile`.
+pub fn validate_conflist(bytes: &[u8]) -> Result<()> {
+    twill_cni::config::validate_conflist(bytes).context("rejected by the twill plugin's parser")?;
+    // The parser accepted it, so it is an object with a non-empty list of typed plugins.
+    let v: Value = serde_json::from_slice(bytes).context("not JSON")?;
+    let first = &v["plugins"][0];
+    let ty = first["type"].as_str().unwrap_or_default();
+    if ty != PLUGIN_NAME {
+        bail!("plugins[0].type: {ty:?}, expected {PLUGIN_NAME:?} (the main plugin comes first)");
+    }
+    if let Some(sf) = first.get("subnetFile") {
+        ensure!(
+            sf.as_str().is_some_and(|s| s.starts_with('/')),
+            "plugins[0].subnetFile: {sf} is not an absolute path"
+        );
+    }
+    Ok(())
+}
+
+/// Atomically makes `<dir>/<name>` hold `content` with permission bits `mode`: temp file
+/// in `dir`, write, chmod, fsync, rename, fsync `dir`. Leaves the file alone if it already
+/// matches. Stale temp files of an earlier, interrupted run are removed first.
+pub fn install_file(content: &[u8], dir: &Path, name: &str, mode: u32) -> Result<Outcome> {
+    fs::create_dir_all(dir).with_context(|| format!("create directory {}", dir.display()))?;
+    remove_stale_temps(dir, name)?;
+    let dest = dir.join(name);
+    if is_identical(&dest, content, mode)? {
+        return Ok(Outcome::Unchanged);
+    }
+
+    let tmp = dir.join(format!(".{name}{TMP_MARKER}{}", std::process::id()));
+    let mut guard = TempGuard(Some(tmp.clone()));
+    write_synced(&tmp, content, mode)
+        .with_context(|| format!("write temp file {}", tmp.display()))?;
+    fs::rename(&tmp, &dest)
+        .with_context(|| format!("rename {} to {}", tmp.display(), dest.display()))?;
+    guard.0 = None;
+    // The rename is durable only once the directory entry is on disk.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync directory {}", dir.display()))?;
+    Ok(Outcome::Installed)
+}
+
+fn write_synced(tmp: &Path, content: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(tmp)?;
+    f.write_all(content)?;
+    // open(2)'s mode is filtered by the umask: set the exact bits explicitly.
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.sync_all()
+}
+
+fn is_identical(dest: &Path, content: &[u8], mode: u32) -> Result<bool> {
+    let meta = match fs::symlink_metadata(dest) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("stat {}", dest.display())),
+    };
+    // A symlink or a directory in the way is replaced (rename fails on a directory,
+    // with an error that names it).
+    if !meta.file_type().is_file()
+        || meta.permissions().mode() & 0o7777 != mode
+        || meta.len() != content.len() as u64
+    {
+        return Ok(false);
+    }
+    let current = fs::read(dest).with_context(|| format!("read {}", dest.display()))?;
+    Ok(current == content)
+}
+
+fn remove_stale_temps(dir: &Path, name: &str) -> Result<()> {
+    let prefix = format!(".{name}{TMP_MARKER}");
+    let entries = fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("list {}", dir.display()))?;
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => tracing::warn!(path = %path.display(), "removed stale temp file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("remove stale {}", path.display()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the temp file unless it has been renamed into place.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"cniVersion":"1.0.0","cniVersions":["1.0.0","1.1.0"],"name":"twill","plugins":[
+      {"type":"twill","subnetFile":"/run/twill/subnet.env","bridge":"cni0","hairpinMode":true},
+      {"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+
+    #[test]
+    fn accepts_the_design_conflist() {
+        validate_conflist(GOOD.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn rejects_broken_conflists_naming_the_field() {
+        let cases = [
+            ("{", "not valid JSON"),
+            ("[]", "JSON object"),
+            (r#"{"name":"n","plugins":[{"type":"twill"}]}"#, "cniVersion"),
+            (
+                r#"{"cniVersion":"9.9.9","name":"n","plugins":[{"type":"twill"}]}"#,
+                "9.9.9",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","plugins":[{"type":"twill"}]}"#,
+                "key name",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"twill"}"#,
+                "key plugins",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[]}"#,
+                "plugins is empty",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"bridge":"x"}]}"#,
+                "plugins[0]: key type",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"portmap"},{"type":"twill"}]}"#,
+                "plugins[0].type",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"twill","subnetFile":"run/x"}]}"#,
+                "subnetFile",
+            ),
+        ];
+        for (json, want) in cases {
+            let err = format!("{:#}", validate_conflist(json.as_bytes()).unwrap_err());
+            assert!(err.contains(want), "{json}: error {err:?} lacks {want:?}");
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! CNI benchmark: twill against Debian's reference `bridge` + `host-local`, in one run, on
+//! one node namespace, same subnet and MTU, every pod in a fresh namespace. Not a test: it
+//! prints numbers. Run with bench/cni/run.sh, which starts this program inside the node
+//! namespace (`nsenter --net=`), so each plugin is exec'd the way a runtime does it: a
+//! fork/exec from a process that already is in the node namespace.
+//!
+//! Per iteration: exec `/bin/true` (the floor), ADD with each plugin, `ip link del` of a
+//! fresh veth pair whose peer is in a pod namespace (the kernel's own cost of removing a
+//! veth), DEL with each plugin. The order of the two plugins alternates. p50/p95 are
+//! reported raw and net of the floor's p50; peak RSS comes from wait4's rusage.
+//!
+//! Usage: bench_cni --twill <path> --work <dir> [--iterations 200] [--ref-dir /usr/lib/cni]
+//!        [--prefix twb<pid>]   (pod namespaces: <prefix>{t,r,v}<i>)
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+struct Run {
+    elapsed: Duration,
+    max_rss_kib: i64,
+}
+
+/// fork/exec `program` with `env` and `stdin`, wait with wait4 for its rusage.
+fn exec(program: &Path, args: &[&str], env: &[(&str, &str)], stdin: &str) -> Result<Run> {
+    let start = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {}", program.display()))?;
+    let mut input = child.stdin.take().expect("stdin");
+    let _ = input.write_all(stdin.as_bytes());
+    drop(input);
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet reaped; the pointers are valid.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let elapsed = start.elapsed();
+    if r != pid {
+        bail!(
+            "wait4 {}: {}",
+            program.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let st = std::process::ExitStatus::from_raw(status);
+    if !st.success() {
+        let mut out = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut o, &mut out);
+        }
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        bail!("{} {args:?} {env:?}: {st}: {out} {err}", program.display());
+    }
+    Ok(Run {
+        elapsed,
+        max_rss_kib: ru.ru_maxrss,
+    })
+}
+
+fn sh(program: &str, args: &[&str]) -> Result<()> {
+    let st = Command::new(program)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .status()
+        .with_context(|| format!("spawn {program}"))?;
+    if !st.success() {
+        bail!("{program} {args:?}: {st}");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Series {
+    ms: Vec<f64>,
+    rss: Vec<i64>,
+}
+
+impl Series {
+    fn push(&mut self, r: Run) {
+        self.ms.push(r.elapsed.as_secs_f64() * 1e3);
+        self.rss.push(r.max_rss_kib);
+    }
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.ms.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v[i]
+    }
+    fn max_rss(&self) -> i64 {
+        self.rss.iter().copied().max().unwrap_or(0)
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let twill = PathBuf::from(arg(&args, "--twill").context("--twill <path> is required")?);
+    let work = PathBuf::from(arg(&args, "--work").context("--work <dir> is required")?);
+    let n: usize = arg(&args, "--iterations")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200);
+    let ref_dir = PathBuf::from(arg(&args, "--ref-dir").unwrap_or("/usr/lib/cni".into()));
+    let prefix = arg(&args, "--prefix").unwrap_or_else(|| format!("twb{}", std::process::id()));
+
+    std::fs::create_dir_all(&work)?;
+    let subnet_file = work.join("subnet.env");
+    std::fs::write(
+        &subnet_file,
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    )?;
+    let twill_conf = json!({"cniVersion":"1.0.0","name":"twill","type":"twill",
+        "subnetFile": subnet_file, "dataDir": work.join("twill-data"),
+        "bridge":"cni0","hairpinMode":true})
+    .to_string();
+    // Flannel's delegate config for the reference bridge plugin, same subnet and MTU.
+    let ref_conf = json!({"cniVersion":"1.0.0","name":"refnet","type":"bridge",
+        "bridge":"cni0","isGateway":true,"isDefaultGateway":true,"hairpinMode":true,
+        "ipMasq":false,"mtu":1450,
+        "ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.3.0/24"}]],
+                "routes":[{"dst":"10.244.0.0/16"}],"dataDir": work.join("host-local")}})
+    .to_string();
+    let bridge = ref_dir.join("bridge");
+    let ip = PathBuf::from("/usr/sbin/ip");
+    let truebin = PathBuf::from("/bin/true");
+    let cni_path = ref_dir.display().to_string();
+
+    let (mut floor, mut t_add, mut t_del, mut r_add, mut r_del, mut vdel) = Default::default();
+    let (floor, t_add, t_del, r_add, r_del, vdel): (
+        &mut Series,
+        &mut Series,
+        &mut Series,
+        &mut Series,
+        &mut Series,
+        &mut Series,
+    ) = (
+        &mut floor, &mut t_add, &mut t_del, &mut r_add, &mut r_del, &mut vdel,
+    );
+    eprintln!(
+        "bench: {n} iterations (twill {} vs bridge+host-local)",
+        twill.display()
+    );
+    for i in 0..n {
+        let pt = format!("{prefix}t{i}");
+        let pr = format!("{prefix}r{i}");
+        let pv = format!("{prefix}v{i}");
+        for p in [&pt, &pr, &pv] {
+            sh("ip", &["netns", "add", p])?;
+        }
+        let nst = format!("/var/run/netns/{pt}");
+        let nsr = format!("/var/run/netns/{pr}");
+        let id_t = format!("bench-t-{i}");
+        let id_r = format!("bench-r-{i}");
+        let env_t = |cmd: &'static str| {
+            vec![
+                ("CNI_COMMAND", cmd),
+                ("CNI_CONTAINERID", id_t.as_str()),
+                ("CNI_NETNS", nst.as_str()),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", cni_path.as_str()),
+            ]
+        };
+        let env_r = |cmd: &'static str| {
+            vec![
+                ("CNI_COMMAND", cmd),
+                ("CNI_CONTAINERID", id_r.as_str()),
+                ("CNI_NETNS", nsr.as_str()),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", cni_path.as_str()),
+            ]
+        };
+        floor.push(exec(&truebin, &[], &[], "")?);
+        let twill_first = i % 2 == 0;
+        for k in 0..2 {
+            if (k == 0) == twill_first {
+                t_add.push(exec(&twill, &[], &env_t("ADD"), &twill_conf)?);
+            } else {
+                r_add.push(exec(&bridge, &[], &env_r("ADD"), &ref_conf)?);
+            }
+        }
+        // The kernel's floor for removing a veth whose peer is in a pod namespace.
+        let veth = format!("twbv{i}");
+        sh(
+            "ip",
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pv,
+            ],
+        )?;
+        vdel.push(exec(&ip, &["link", "del", &veth], &[], "")?);
+        for k in 0..2 {
+            if (k == 0) == twill_first {
+                t_del.push(exec(&twill, &[], &env_t("DEL"), &twill_conf)?);
+            } else {
+                r_del.push(exec(&bridge, &[], &env_r("DEL"), &ref_conf)?);
+            }
+        }
+        for p in [&pt, &pr, &pv] {
+            sh("ip", &["netns", "del", p])?;
+        }
+    }
+
+    let f50 = floor.pct(0.5);
+    let net = |s: &Series, p: f64| (s.pct(p) - f50).max(0.0);
+    println!("| call | p50 ms | p95 ms | p50 net ms | p95 net ms | peak RSS KiB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (name, s) in [
+        ("exec /bin/true (floor)", &*floor),
+        ("twill ADD", &*t_add),
+        ("bridge+host-local ADD", &*r_add),
+        ("twill DEL", &*t_del),
+        ("bridge+host-local DEL", &*r_del),
+        ("ip link del (veth)", &*vdel),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            s.pct(0.5),
+            s.pct(0.95),
+            net(s, 0.5),
+            net(s, 0.95),
+            s.max_rss()
+        );
+    }
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    println!();
+    println!(
+        "ADD p50 net: twill/reference = {:.3} (target <= 0.25)",
+        ratio(net(t_add, 0.5), net(r_add, 0.5))
+    );
+    println!(
+        "DEL p50 net: twill/reference = {:.3} (target <= 0.5)",
+        ratio(net(t_del, 0.5), net(r_del, 0.5))
+    );
+    println!(
+        "DEL p50 net: twill/ip-link-del = {:.3} (target <= 1.3)",
+        ratio(net(t_del, 0.5), net(vdel, 0.5))
+    );
+    let size = std::fs::metadata(&twill)?.len();
+    println!(
+        "twill binary: {} bytes ({:.2} MiB)",
+        size,
+        size as f64 / 1048576.0
+    );
+    Ok(())
+}

@@ -1,0 +1,771 @@
+//! The cluster harness: an underlay bridge in its own namespace, N node namespaces joined to
+//! it by veths, a real etcd, one real `twilld` per node started inside its node namespace,
+//! and pods made with the real `twill` CNI plugin. Everything has a unique `tw<pid><n>`
+//! prefix and is removed on drop, also when a test fails.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short prefix `tw<pid><n>` for names of this process (namespaces, links).
+/// Kept short: link names are at most 15 bytes.
+pub fn unique_prefix() -> String {
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    format!("tw{}{}", std::process::id() % 100_000, n)
+}
+
+/// Fails the test unless it runs as root (kernel tests must not silently skip).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this kernel test needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root"
+    );
+}
+
+/// Runs a command and fails with its stderr if it fails.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {cmd}"))?;
+    check(cmd, args, out)
+}
+
+fn check(cmd: &str, args: &[&str], out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}: {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop with everything in it.
+#[derive(Debug)]
+pub struct Ns {
+    pub name: String,
+}
+
+impl Ns {
+    pub fn new(name: impl Into<String>) -> Result<Ns> {
+        let name = name.into();
+        run("ip", &["netns", "add", &name])?;
+        let ns = Ns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The bind mount of the namespace (for `nsenter --net=` and `NetNs::open`).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `cmd args` inside the namespace.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> Result<String> {
+        let out = self.exec_output(cmd, args)?;
+        check(&format!("[{}] {cmd}", self.name), args, out)
+    }
+
+    /// Like [`Ns::exec`] but returns the raw output, failing or not. (nsenter, not
+    /// `ip netns exec`, which remounts /sys and costs milliseconds.)
+    pub fn exec_output(&self, cmd: &str, args: &[&str]) -> Result<Output> {
+        self.command(cmd)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("nsenter {} {cmd}", self.name))
+    }
+
+    /// `ip <args>` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        self.exec("ip", args)
+    }
+
+    /// A command to be spawned inside the namespace.
+    pub fn command(&self, cmd: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(cmd);
+        c
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        // Kill what still runs inside (pings, servers) so the namespace can go.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Polls `f` every 10 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+#[derive(Debug)]
+pub struct ChildGuard {
+    pub child: Option<Child>,
+    pub what: String,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child, what: impl Into<String>) -> Self {
+        ChildGuard {
+            child: Some(child),
+            what: what.into(),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends `sig` to the process (by its PID).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        if let Some(pid) = self.pid() {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+                .with_context(|| format!("kill {sig} {}", self.what))?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit (after a signal), up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let st = wait_for(timeout, || c.try_wait().ok().flatten());
+        if st.is_some() {
+            self.child = None;
+        }
+        st
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Parses the first IPv4 address of `dev` from `ip -4 -o addr show dev`.
+pub fn first_v4(ns: &Ns, dev: &str) -> Result<Ipv4Addr> {
+    let out = ns.ip(&["-4", "-o", "addr", "show", "dev", dev])?;
+    let tok = out
+        .split_whitespace()
+        .skip_while(|t| *t != "inet")
+        .nth(1)
+        .with_context(|| format!("no IPv4 address on {dev} in {}: {out}", ns.name))?;
+    let ip = tok.split('/').next().unwrap_or_default();
+    ip.parse()
+        .with_context(|| format!("parse address {tok:?} of {dev}"))
+}
+
+/// Reads a file, empty if missing.
+pub fn read_or_empty(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Runs `f` on a new thread that has entered the network namespace at `path`; sockets it
+/// creates stay in that namespace for their whole life.
+pub fn in_netns<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    std::thread::spawn(move || -> Result<T> {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// A plain HTTP/1.0 GET from inside the namespace at `ns`: (status, body).
+pub fn http_get(ns: &Path, addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let stream = in_netns(ns, move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })??;
+    let mut stream = stream;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad HTTP response: {resp:?}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of a metric (first sample whose name matches exactly, labels ignored).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        let k = k.split('{').next()?;
+        (k == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
+/// A TCP forwarder whose listening socket lives inside a node namespace (127.0.0.1:port
+/// there) and whose upstream connections are made from the test process's own namespace:
+/// how a twilld inside a node namespace reaches the etcd that the test runs on the host's
+/// loopback, without touching any interface of the host.
+pub struct NsProxy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NsProxy {
+    pub fn start(ns: &Path, listen: u16, upstream: std::net::SocketAddr) -> Result<NsProxy> {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let listener = in_netns(ns, move || {
+            std::net::TcpListener::bind(("127.0.0.1", listen))
+        })??;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (st, cs) = (stop.clone(), conns.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((down, _)) => {
+                        let _ = down.set_nonblocking(false);
+                        let Ok(up) =
+                            std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(1))
+                        else {
+                            continue; // upstream down: drop the client, it retries
+                        };
+                        let _ = down.set_nodelay(true);
+                        let _ = up.set_nodelay(true);
+                        if let (Ok(d2), Ok(u2)) = (down.try_clone(), up.try_clone()) {
+                            let mut g = cs.lock().unwrap();
+                            g.retain(|s| s.peer_addr().is_ok());
+                            g.push(down.try_clone().unwrap());
+                            g.push(up.try_clone().unwrap());
+                            drop(g);
+                            pipe(down, u2);
+                            pipe(up, d2);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(NsProxy {
+            stop,
+            conns,
+            thread: Some(thread),
+        })
+    }
+
+    /// Closes every open connection (clients see their streams break).
+    pub fn reset(&self) {
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+impl Drop for NsProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.reset();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The etcd prefix every cluster uses.
+pub const ETCD_PREFIX: &str = "/twill/network";
+/// The cluster network.
+pub const NETWORK: &str = "10.244.0.0/16";
+/// twilld's metrics address inside each node namespace.
+pub const METRICS: &str = "127.0.0.1:9472";
+/// The etcd port inside each node namespace (the [`NsProxy`]).
+pub const NODE_ETCD_PORT: u16 = 2379;
+
+/// Options of a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    pub resync: Duration,
+    pub lease_ttl: Duration,
+    /// Extra twilld arguments.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        ClusterOpts {
+            nodes: 3,
+            pods_per_node: 2,
+            resync: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(60),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A pod: a namespace with `eth0` made by the real `twill` CNI plugin.
+pub struct Pod {
+    pub ns: Ns,
+    pub ip: Ipv4Addr,
+    pub id: String,
+}
+
+/// A node: a namespace on the underlay, its files, its etcd proxy and its twilld.
+pub struct Node {
+    pub name: String,
+    pub ns: Ns,
+    /// Underlay address on eth0.
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub daemon: Option<ChildGuard>,
+    pub pods: Vec<Pod>,
+    _proxy: NsProxy,
+}
+
+impl Node {
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("twilld.log")
+    }
+
+    /// GET on twilld's metrics server inside this node.
+    pub fn http(&self, path: &str) -> Result<(u16, String)> {
+        http_get(&self.ns.path(), METRICS.parse().unwrap(), path)
+    }
+
+    pub fn ready(&self) -> bool {
+        matches!(self.http("/readyz"), Ok((200, _)))
+    }
+
+    pub fn metrics(&self) -> String {
+        self.http("/metrics").map(|(_, b)| b).unwrap_or_default()
+    }
+
+    /// The routes on `twill.1` (lines of `ip route show dev twill.1`).
+    pub fn overlay_routes(&self) -> Vec<String> {
+        self.ns
+            .ip(&["route", "show", "dev", "twill.1"])
+            .map(|s| s.lines().map(|l| l.trim().to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether a route to `subnet` (e.g. "10.244.3.0/24") is on `twill.1`.
+    pub fn has_route(&self, subnet: &str) -> bool {
+        self.overlay_routes()
+            .iter()
+            .any(|l| l.starts_with(&format!("{subnet} ")))
+    }
+
+    /// The node's subnet from its subnet file (e.g. "10.244.3.0/24").
+    pub fn subnet(&self) -> Option<String> {
+        let text = read_or_empty(&self.subnet_file());
+        let s = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+        let net: ipnet::Ipv4Net = s.trim().parse().ok()?;
+        Some(net.trunc().to_string())
+    }
+
+    /// twilld's log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        read_or_empty(&self.log())
+    }
+
+    /// SIGKILL twilld (the data plane stays).
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill();
+        }
+    }
+
+    /// SIGTERM twilld and wait for it to exit.
+    pub fn stop_daemon(&mut self) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            d.signal(nix::sys::signal::Signal::SIGTERM)?;
+            if d.wait_exit(Duration::from_secs(10)).is_none() {
+                bail!("twilld of {} did not exit on SIGTERM", self.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole test cluster. Dropping it kills every twilld, deletes every namespace and
+/// stops etcd.
+pub struct Cluster {
+    pub opts: ClusterOpts,
+    pub prefix: String,
+    // Field order = drop order: nodes (twilld, pods, namespaces) before the underlay, etcd last.
+    pub nodes: Vec<Node>,
+    pub underlay: Ns,
+    pub etcd: crate::etcd::EtcdServer,
+    pub dir: tempfile::TempDir,
+    next_node: usize,
+}
+
+impl Cluster {
+    /// Starts etcd, the underlay and `opts.nodes` nodes with their twilld (ready), then
+    /// `opts.pods_per_node` pods on each.
+    pub fn start(opts: ClusterOpts) -> Result<Cluster> {
+        require_root();
+        let prefix = unique_prefix();
+        let dir = tempfile::Builder::new().prefix("tw-cluster-").tempdir()?;
+        let etcd = crate::etcd::EtcdServer::start()?;
+        let underlay = Ns::new(format!("{prefix}-u"))?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&["addr", "add", "192.168.50.254/24", "dev", "br0"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        std::fs::write(
+            dir.path().join("net-conf.json"),
+            format!(
+                r#"{{"Network":"{NETWORK}","SubnetLen":24,"Backend":{{"Type":"vxlan","VNI":1}}}}"#
+            ),
+        )?;
+        let mut c = Cluster {
+            opts: opts.clone(),
+            prefix,
+            nodes: Vec::new(),
+            underlay,
+            etcd,
+            dir,
+            next_node: 1,
+        };
+        for _ in 0..opts.nodes {
+            c.add_node()?;
+        }
+        for i in 0..c.nodes.len() {
+            c.wait_ready(i, Duration::from_secs(20))?;
+        }
+        for i in 0..c.nodes.len() {
+            for _ in 0..opts.pods_per_node {
+                c.add_pod(i)?;
+            }
+        }
+        Ok(c)
+    }
+
+    /// etcd options for the test's own clients (from the host namespace).
+    pub fn etcd_options(&self) -> twill_ipam::store::EtcdOptions {
+        self.etcd.options(ETCD_PREFIX)
+    }
+
+    /// Adds a node (namespace, veth to the underlay bridge, etcd proxy) and starts its
+    /// twilld; does not wait for it. Returns its index.
+    pub fn add_node(&mut self) -> Result<usize> {
+        let n = self.next_node;
+        self.next_node += 1;
+        let name = format!("node-{n}");
+        let ns = Ns::new(format!("{}-n{n}", self.prefix))?;
+        let ip = Ipv4Addr::new(192, 168, 50, 10 + n as u8);
+        // The veth is created in the underlay namespace with its peer directly in the node's.
+        self.underlay.ip(&[
+            "link",
+            "add",
+            &format!("n{n}"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns.path().display().to_string(),
+        ])?;
+        self.underlay
+            .ip(&["link", "set", &format!("n{n}"), "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", "192.168.50.254"])?;
+        let dir = self.dir.path().join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let upstream: std::net::SocketAddr = self
+            .etcd
+            .endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .context("etcd endpoint")?;
+        let proxy = NsProxy::start(&ns.path(), NODE_ETCD_PORT, upstream)?;
+        self.nodes.push(Node {
+            name,
+            ns,
+            ip,
+            dir,
+            daemon: None,
+            pods: Vec::new(),
+            _proxy: proxy,
+        });
+        let i = self.nodes.len() - 1;
+        self.start_daemon(i)?;
+        Ok(i)
+    }
+
+    /// Starts twilld of node `i` inside its namespace (stderr → its log file).
+    pub fn start_daemon(&mut self, i: usize) -> Result<()> {
+        let net_conf = self.dir.path().join("net-conf.json");
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log())?;
+        let mut cmd = node.ns.command(crate::bins::bin("twilld"));
+        cmd.args([
+            "--etcd-endpoints",
+            &format!("http://127.0.0.1:{NODE_ETCD_PORT}"),
+            "--etcd-prefix",
+            ETCD_PREFIX,
+            "--etcd-timeout",
+            "2s",
+            "--node-name",
+            &node.name,
+            "--subnet-file",
+            &node.subnet_file().display().to_string(),
+            "--metrics-addr",
+            METRICS,
+            "--net-conf",
+            &net_conf.display().to_string(),
+            "--resync-period",
+            &format!("{}ms", self.opts.resync.as_millis()),
+            "--lease-ttl",
+            &format!("{}s", self.opts.lease_ttl.as_secs()),
+        ])
+        .args(&self.opts.extra_args)
+        .env("TWILLD_LOG", "info,twill_netd=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+        let child = cmd.spawn().context("spawn twilld")?;
+        node.daemon = Some(ChildGuard::new(child, format!("twilld {}", node.name)));
+        Ok(())
+    }
+
+    /// Waits until node `i`'s `/readyz` answers 200; fails with its log otherwise.
+    pub fn wait_ready(&self, i: usize, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        let n = &self.nodes[i];
+        if wait_for(timeout, || n.ready().then_some(())).is_none() {
+            bail!(
+                "{} not ready within {timeout:?}; twilld log:\n{}",
+                n.name,
+                n.log_text()
+            );
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// Makes a pod on node `i` with the real `twill` plugin (CNI ADD). Returns its index.
+    pub fn add_pod(&mut self, i: usize) -> Result<usize> {
+        let node = &mut self.nodes[i];
+        let k = node.pods.len() + 1;
+        let ns = Ns::new(format!(
+            "{}-{}p{k}",
+            self.prefix,
+            &node.ns.name[self.prefix.len() + 1..]
+        ))?;
+        let id = format!("{}-pod{k}", node.name);
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","name":"twill","type":"twill","subnetFile":"{}","dataDir":"{}","bridge":"cni0"}}"#,
+            node.subnet_file().display(),
+            node.dir.join("cni").display()
+        );
+        let netns = ns.path().display().to_string();
+        let bin_dir = crate::bins::bin_dir().display().to_string();
+        let out = crate::bins::exec_plugin(
+            &crate::bins::bin("twill"),
+            Some(&node.ns.path()),
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", &id),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", &bin_dir),
+            ],
+            &conf,
+        )?;
+        if !out.ok() {
+            bail!("CNI ADD for {id}: {} {}", out.stdout, out.stderr);
+        }
+        let ip = first_v4(&ns, "eth0")?;
+        node.pods.push(Pod { ns, ip, id });
+        Ok(node.pods.len() - 1)
+    }
+
+    /// Every pod IP with its (node, pod) index.
+    pub fn pods(&self) -> Vec<(usize, usize, Ipv4Addr)> {
+        let mut v = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (k, p) in n.pods.iter().enumerate() {
+                v.push((i, k, p.ip));
+            }
+        }
+        v
+    }
+
+    /// twillctl (from the host namespace) with this cluster's etcd.
+    pub fn twillctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(crate::bins::bin("twillctl"))
+            .args([
+                "--etcd-endpoints",
+                &self.etcd.endpoint(),
+                "--etcd-prefix",
+                ETCD_PREFIX,
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("spawn twillctl")?;
+        check("twillctl", args, out)
+    }
+
+    /// The logs of every twilld (for failure messages).
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("===== {} =====\n{}", n.name, n.log_text()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// `ping -c <count> -W <wait>` from inside `ns`; true if every reply came back.
+pub fn ping(ns: &Ns, dst: Ipv4Addr, count: u32, wait_s: u32) -> bool {
+    ns.exec_output(
+        "ping",
+        &[
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            &wait_s.to_string(),
+            &dst.to_string(),
+        ],
+    )
+    .map(|o| o.status.success())
+    .unwrap_or(false)
+}
+
+/// A ping running in the background (`-i interval`), whose loss is read at the end.
+pub struct BackgroundPing {
+    child: ChildGuard,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BackgroundPing {
+    /// Pings `dst` from `ns` every `interval` until [`BackgroundPing::finish`].
+    pub fn start(ns: &Ns, dst: Ipv4Addr, interval: Duration) -> Result<BackgroundPing> {
+        let dir = tempfile::tempdir()?;
+        let out = dir.path().join("ping.out");
+        let f = std::fs::File::create(&out)?;
+        let child = ns
+            .command("ping")
+            .args([
+                "-n",
+                "-i",
+                &format!("{:.3}", interval.as_secs_f64()),
+                "-W",
+                "1",
+            ])
+            .arg(dst.to_string())
+            .stdout(f)
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()?;
+        Ok(BackgroundPing {
+            child: ChildGuard::new(child, format!("ping {dst}")),
+            out,
+            _dir: dir,
+        })
+    }
+
+    /// Stops the ping (SIGINT, so it prints its summary): (transmitted, received).
+    pub fn finish(mut self) -> Result<(u32, u32)> {
+        // Let the last reply arrive.
+        std::thread::sleep(Duration::from_millis(1200));
+        self.child.signal(nix::sys::signal::Signal::SIGINT)?;
+        self.child.wait_exit(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&self.out)?;
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .with_context(|| format!("no ping summary in {text:?}"))?;
+        let nums: Vec<u32> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        Ok((nums[0], nums[1]))
+    }
+}

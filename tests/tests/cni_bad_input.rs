@@ -1,0 +1,254 @@
+//! A table of bad inputs to the real `twill` binary: each fails with the expected CNI error
+//! code and a message naming the field and value, and leaves nothing behind (no
+//! reservation, no interface, no held lock). Root required.
+
+mod cni_common;
+
+use cni_common::Node;
+use serde_json::{Value, json};
+
+struct Case {
+    name: &'static str,
+    env: Vec<(&'static str, String)>,
+    conf: Value,
+    code: u64,
+    fragment: String,
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_with_the_right_code() {
+    let node = Node::new();
+    let pod = node.pod("bad");
+    let netns = pod.netns();
+    let good = node.conf("1.0.0");
+    let base = |cmd: &'static str| {
+        vec![
+            ("CNI_COMMAND", cmd.to_string()),
+            ("CNI_CONTAINERID", "bad1".to_string()),
+            ("CNI_NETNS", netns.clone()),
+            ("CNI_IFNAME", "eth0".to_string()),
+            ("CNI_PATH", "/usr/lib/cni".to_string()),
+        ]
+    };
+    let without = |k: &str| {
+        base("ADD")
+            .into_iter()
+            .filter(|(n, _)| *n != k)
+            .collect::<Vec<_>>()
+    };
+    let with = |k: &'static str, v: &str| {
+        let mut e = without(k);
+        e.push((k, v.to_string()));
+        e
+    };
+    let conf_with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let missing_subnet = node.dir.path().join("nope/subnet.env");
+    let garbage = node.dir.path().join("garbage.env");
+    std::fs::write(&garbage, "this is not a subnet file\n").unwrap();
+
+    let cases = vec![
+        Case {
+            name: "invalid JSON",
+            env: base("ADD"),
+            conf: Value::String("{not json".into()),
+            code: 6,
+            fragment: "not valid JSON".into(),
+        },
+        Case {
+            name: "unknown cniVersion",
+            env: base("ADD"),
+            conf: conf_with("cniVersion", json!("9.9.9")),
+            code: 1,
+            fragment: "cniVersion=\"9.9.9\"".into(),
+        },
+        Case {
+            name: "missing CNI_COMMAND",
+            env: without("CNI_COMMAND"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "CNI_COMMAND is required".into(),
+        },
+        Case {
+            name: "unknown CNI_COMMAND",
+            env: with("CNI_COMMAND", "ATTACH"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "CNI_COMMAND=\"ATTACH\"".into(),
+        },
+        Case {
+            name: "missing CNI_CONTAINERID",
+            env: without("CNI_CONTAINERID"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "CNI_CONTAINERID is required".into(),
+        },
+        Case {
+            name: "invalid CNI_CONTAINERID",
+            env: with("CNI_CONTAINERID", "../etc"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "CNI_CONTAINERID=\"../etc\"".into(),
+        },
+        Case {
+            name: "missing CNI_IFNAME",
+            env: without("CNI_IFNAME"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "CNI_IFNAME is required".into(),
+        },
+        Case {
+            name: "CNI_IFNAME over 15 bytes",
+            env: with("CNI_IFNAME", "eth0123456789abc"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "CNI_IFNAME=\"eth0123456789abc\": longer than 15 bytes".into(),
+        },
+        Case {
+            name: "netns that does not exist",
+            env: with("CNI_NETNS", "/var/run/netns/tw-no-such-ns"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "CNI_NETNS=\"/var/run/netns/tw-no-such-ns\"".into(),
+        },
+        Case {
+            name: "netns path that is not a netns",
+            env: with("CNI_NETNS", "/etc/hostname"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "not a network namespace".into(),
+        },
+        Case {
+            name: "subnet file missing",
+            env: base("ADD"),
+            conf: conf_with("subnetFile", json!(missing_subnet)),
+            code: 11,
+            fragment: missing_subnet.display().to_string(),
+        },
+        Case {
+            name: "subnet file with garbage",
+            env: base("ADD"),
+            conf: conf_with("subnetFile", json!(garbage)),
+            code: 7,
+            fragment: "this is not a subnet file".into(),
+        },
+        Case {
+            name: "requested IP outside the subnet (runtimeConfig)",
+            env: base("ADD"),
+            conf: conf_with("runtimeConfig", json!({"ips": ["10.9.9.9/24"]})),
+            code: 7,
+            fragment: "runtimeConfig.ips: 10.9.9.9 is outside the node subnet 10.244.3.0/24".into(),
+        },
+        Case {
+            name: "requested IP outside the subnet (CNI_ARGS)",
+            env: with("CNI_ARGS", "IgnoreUnknown=1;IP=10.9.9.9"),
+            conf: good.clone(),
+            code: 7,
+            fragment: "CNI_ARGS IP 10.9.9.9 is outside".into(),
+        },
+        Case {
+            name: "requested IP is the gateway",
+            env: with("CNI_ARGS", "IP=10.244.3.1"),
+            conf: good.clone(),
+            code: 7,
+            fragment: "10.244.3.1 is not usable".into(),
+        },
+        Case {
+            name: "unknown CNI_ARGS key",
+            env: with("CNI_ARGS", "FOO=bar"),
+            conf: good.clone(),
+            code: 2,
+            fragment: "\"FOO\"".into(),
+        },
+        Case {
+            name: "mtu of the wrong type",
+            env: base("ADD"),
+            conf: conf_with("mtu", json!("jumbo")),
+            code: 7,
+            fragment: "mtu=\"jumbo\"".into(),
+        },
+        Case {
+            name: "bridge name too long",
+            env: base("ADD"),
+            conf: conf_with("bridge", json!("a-bridge-name-too-long")),
+            code: 7,
+            fragment: "a-bridge-name-too-long".into(),
+        },
+    ];
+
+    let mut failures = Vec::new();
+    for c in &cases {
+        let env: Vec<(&str, &str)> = c.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let stdin = match &c.conf {
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let out = twill_tests::bins::exec_plugin(&node.plugin, Some(&node.ns.path()), &env, &stdin)
+            .unwrap();
+        let got = out.error_code();
+        let msg = serde_json::from_str::<Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["msg"].as_str().map(String::from))
+            .unwrap_or_default();
+        if out.ok() || got != Some(c.code) || !msg.contains(&c.fragment) {
+            failures.push(format!(
+                "{}: exit {}, want code {} and {:?}; got {}",
+                c.name, out.exit_code, c.code, c.fragment, out.stdout
+            ));
+        }
+        // The error object has every field the spec asks for.
+        if let Ok(v) = serde_json::from_str::<Value>(&out.stdout) {
+            for k in ["cniVersion", "code", "msg", "details"] {
+                assert!(v.get(k).is_some(), "{}: no {k} in {}", c.name, out.stdout);
+            }
+        }
+        assert!(
+            node.reservations().is_empty(),
+            "{}: reservation left",
+            c.name
+        );
+        assert!(node.host_veths().is_empty(), "{}: veth left", c.name);
+        assert_eq!(
+            pod.ns.links().unwrap(),
+            vec!["lo"],
+            "{}: pod link left",
+            c.name
+        );
+        assert!(node.lock_is_free(), "{}: lock held", c.name);
+        assert!(node.stray_files().is_empty(), "{}: temp file left", c.name);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_full_subnet_is_try_again_and_leaves_nothing() {
+    // A /30: network, gateway, one pod, broadcast.
+    let node = Node::with_subnet(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/30\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let a = node.pod("fa");
+    let b = node.pod("fb");
+    let r = node.add(&a);
+    assert_eq!(r["ips"][0]["address"], "10.244.3.2/30");
+    let out = node.call("ADD", &b, &node.conf("1.0.0"));
+    assert_eq!(out.error_code(), Some(11), "{}", out.stdout);
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("no free IP left in subnet 10.244.3.0/30")
+    );
+    assert_eq!(node.reservations().len(), 1);
+    assert_eq!(b.ns.links().unwrap(), vec!["lo"]);
+    assert_eq!(node.host_veths().len(), 1);
+    // STATUS says the plugin cannot serve an ADD.
+    let st = node.exec(&[("CNI_COMMAND", "STATUS")], &node.conf("1.1.0"));
+    assert_eq!(st.error_code(), Some(50));
+    node.del(&a);
+    node.add(&b);
+    node.del(&b);
+    assert!(node.reservations().is_empty() && node.host_veths().is_empty());
+}

@@ -1,0 +1,356 @@
+//! Upgrades and config changes as the DaemonSet performs them, on the cluster harness (node
+//! namespaces on an underlay bridge, a real etcd, real twilld, pods made by the real plugin):
+//!
+//! - a rolling upgrade: each node's twilld is stopped (SIGTERM, as the kubelet does) and a
+//!   new binary is started in its place, one node at a time, waiting for `/readyz`, while
+//!   every pod pings a pod on the next node: 0 lost;
+//! - a compatible config change applied by a restart (other flags, net-conf.json with the
+//!   same network written differently): 0 lost;
+//! - an incompatible change (`Network` under existing leases) is refused with a clear
+//!   message in the log and on `/readyz`, and the data plane keeps working meanwhile;
+//! - twilld started with exactly the DaemonSet's privileges (capability bounding set =
+//!   NET_ADMIN, no new privileges, `/proc/sys` read-only as in a container) on a node that
+//!   meets docs/install.md's prerequisites, becomes ready and carries pod traffic.
+//!
+//! Root required (namespaces); everything has a `tw<pid><n>` prefix and is removed on drop.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use twill_tests::cluster::{
+    BackgroundPing, ChildGuard, Cluster, ClusterOpts, ETCD_PREFIX, METRICS, NODE_ETCD_PORT, ping,
+};
+
+const PING_INTERVAL: Duration = Duration::from_millis(100);
+
+/// twilld's command line for node `i`, as the harness starts it, from `binary`, with
+/// `extra` flags, optionally behind `wrapper` (argv prefix run inside the node namespace).
+fn daemon_command(
+    c: &Cluster,
+    i: usize,
+    binary: &Path,
+    extra: &[&str],
+    wrapper: &[&str],
+) -> Command {
+    let node = &c.nodes[i];
+    let mut cmd = node.ns.command(if wrapper.is_empty() {
+        binary.as_os_str()
+    } else {
+        wrapper[0].as_ref()
+    });
+    if !wrapper.is_empty() {
+        cmd.args(&wrapper[1..]).arg(binary);
+    }
+    cmd.args([
+        "--etcd-endpoints",
+        &format!("http://127.0.0.1:{NODE_ETCD_PORT}"),
+        "--etcd-prefix",
+        ETCD_PREFIX,
+        "--etcd-timeout",
+        "2s",
+        "--node-name",
+        &node.name,
+        "--subnet-file",
+        &node.subnet_file().display().to_string(),
+        "--metrics-addr",
+        METRICS,
+        "--net-conf",
+        &c.dir.path().join("net-conf.json").display().to_string(),
+        "--lease-ttl",
+        &format!("{}s", c.opts.lease_ttl.as_secs()),
+    ])
+    .args(extra)
+    .env("TWILLD_LOG", "info,twill_netd=debug")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log())
+            .unwrap(),
+    );
+    cmd
+}
+
+/// Starts node `i`'s twilld with [`daemon_command`] and keeps it as the node's daemon.
+fn start(c: &mut Cluster, i: usize, binary: &Path, extra: &[&str], wrapper: &[&str]) {
+    let child = daemon_command(c, i, binary, extra, wrapper)
+        .spawn()
+        .expect("spawn twilld");
+    let what = format!("twilld {} ({})", c.nodes[i].name, binary.display());
+    c.nodes[i].daemon = Some(ChildGuard::new(child, what));
+}
+
+/// A "new release" of twilld: the built binary copied to a new file (the image of the new
+/// pod), so that the old process runs from a binary that is no longer the one started.
+fn new_release(dir: &Path, tag: &str) -> PathBuf {
+    let p = dir.join(format!("twilld-{tag}"));
+    std::fs::copy(twill_tests::bins::bin("twilld"), &p).expect("copy twilld");
+    p
+}
+
+/// Background pings from each node's first pod to the first pod of the next node (a ring:
+/// every node sends and receives cross-node traffic).
+fn ring_pings(c: &Cluster) -> Vec<(String, BackgroundPing)> {
+    let n = c.nodes.len();
+    (0..n)
+        .map(|i| {
+            let dst: Ipv4Addr = c.nodes[(i + 1) % n].pods[0].ip;
+            let label = format!(
+                "{} -> {} ({dst})",
+                c.nodes[i].name,
+                c.nodes[(i + 1) % n].name
+            );
+            (
+                label,
+                BackgroundPing::start(&c.nodes[i].pods[0].ns, dst, PING_INTERVAL).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn assert_no_loss(c: &Cluster, pings: Vec<(String, BackgroundPing)>, what: &str) {
+    let mut report = Vec::new();
+    let mut lost_total = 0;
+    for (label, bg) in pings {
+        let (tx, rx) = bg.finish().unwrap();
+        assert!(tx >= 20, "{label}: only {tx} pings sent");
+        eprintln!("{what}: {label}: {rx}/{tx} received");
+        lost_total += tx - rx;
+        report.push(format!("{label}: {} of {tx} lost", tx - rx));
+    }
+    assert_eq!(lost_total, 0, "{what}: {}\n{}", report.join(", "), c.logs());
+}
+
+fn subnets(c: &Cluster) -> Vec<Option<String>> {
+    c.nodes.iter().map(|n| n.subnet()).collect()
+}
+
+#[test]
+fn rolling_upgrade_node_by_node_loses_no_pod_traffic() {
+    let mut c = Cluster::start(ClusterOpts {
+        nodes: 3,
+        pods_per_node: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let releases = tempfile::tempdir().unwrap();
+    let before = subnets(&c);
+    let pings = ring_pings(&c);
+    std::thread::sleep(Duration::from_secs(1));
+
+    for round in ["v2", "v3"] {
+        let bin = new_release(releases.path(), round);
+        for i in 0..c.nodes.len() {
+            // The kubelet's SIGTERM, then the new pod's twilld (maxSurge 0: never two).
+            c.nodes[i].stop_daemon().unwrap();
+            start(&mut c, i, &bin, &[], &[]);
+            let took = c.wait_ready(i, Duration::from_secs(20)).unwrap();
+            eprintln!("{round}: {} ready after {took:?}", c.nodes[i].name);
+            // minReadySeconds of the DaemonSet.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    assert_no_loss(&c, pings, "rolling upgrade");
+    // Sticky leases: every node kept its subnet, so every pod kept its IP.
+    assert_eq!(subnets(&c), before);
+    for n in &c.nodes {
+        let d = n.daemon.as_ref().unwrap();
+        assert!(d.pid().is_some(), "{} runs", n.name);
+    }
+}
+
+#[test]
+fn compatible_config_change_is_applied_by_a_restart_without_loss() {
+    let mut c = Cluster::start(ClusterOpts {
+        nodes: 3,
+        pods_per_node: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let before = subnets(&c);
+    // The same network written out with its defaults, plus a key this version ignores: the
+    // ConfigMap edited by hand. And other per-node settings (resync period, log format).
+    std::fs::write(
+        c.dir.path().join("net-conf.json"),
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMin":"10.244.1.0",
+            "SubnetMax":"10.244.255.0","Backend":{"Type":"vxlan","VNI":1,"Port":8472},
+            "Comment":"edited"}"#,
+    )
+    .unwrap();
+    let pings = ring_pings(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    let bin = twill_tests::bins::bin("twilld");
+    for i in 0..c.nodes.len() {
+        c.nodes[i].stop_daemon().unwrap();
+        start(
+            &mut c,
+            i,
+            &bin,
+            &["--resync-period", "5s", "--log-format", "json"],
+            &[],
+        );
+        c.wait_ready(i, Duration::from_secs(20)).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // Long enough for a resync under the new period to run.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_no_loss(&c, pings, "compatible config change");
+    assert_eq!(subnets(&c), before);
+}
+
+#[test]
+fn incompatible_network_change_is_refused_in_log_and_readyz_and_traffic_flows() {
+    let mut c = Cluster::start(ClusterOpts {
+        nodes: 2,
+        pods_per_node: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let good = std::fs::read_to_string(c.dir.path().join("net-conf.json")).unwrap();
+    std::fs::write(
+        c.dir.path().join("net-conf.json"),
+        r#"{"Network":"10.99.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}"#,
+    )
+    .unwrap();
+    let pings = ring_pings(&c);
+    let bin = twill_tests::bins::bin("twilld");
+    c.nodes[0].stop_daemon().unwrap();
+    start(&mut c, 0, &bin, &[], &[]);
+
+    // /readyz answers 503 and says why (the process stays up: the kubelet's probe, not a
+    // crash loop, holds the rollout); the log says the same.
+    let node = &c.nodes[0];
+    let body =
+        twill_tests::cluster::wait_for(Duration::from_secs(15), || match node.http("/readyz") {
+            Ok((503, body)) if body.contains("10.99.0.0/16") => Some(body),
+            _ => None,
+        });
+    let log = node.log_text();
+    let body = body.unwrap_or_else(|| {
+        panic!(
+            "/readyz never said why the config is refused (now: {:?}); log:\n{log}",
+            node.http("/readyz")
+        )
+    });
+    eprintln!("/readyz: {body}");
+    assert!(body.contains("Network"), "{body}");
+    assert!(
+        log.contains("10.99.0.0/16") && log.contains("10.244.0.0/16"),
+        "log:\n{log}"
+    );
+    assert!(!node.ready());
+    // Meanwhile the data plane is untouched: traffic keeps flowing both ways.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ping(&c.nodes[1].pods[0].ns, c.nodes[0].pods[0].ip, 3, 1));
+
+    // Undo the ConfigMap change; the next pod is ready again.
+    std::fs::write(c.dir.path().join("net-conf.json"), good).unwrap();
+    c.nodes[0].stop_daemon().unwrap();
+    start(&mut c, 0, &bin, &[], &[]);
+    c.wait_ready(0, Duration::from_secs(20)).unwrap();
+    assert_no_loss(&c, pings, "refused config change");
+}
+
+/// `/proc/sys` read-only (as runc mounts it in a non-privileged container) and a capability
+/// bounding set of NET_ADMIN only, without new privileges: what deploy/kube-twill.yml gives
+/// the twilld container.
+fn daemonset_privileges() -> Vec<String> {
+    let script = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && \
+                  exec setpriv --no-new-privs --inh-caps=-all --bounding-set=-all,+net_admin -- \"$@\"";
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        script,
+        "twilld",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn twilld_works_with_exactly_the_daemonset_privileges() {
+    let mut c = Cluster::start(ClusterOpts {
+        nodes: 2,
+        pods_per_node: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    // A third node, prepared like a real one (docs/install.md): IPv4 forwarding on, and the
+    // reverse-path filter of common distributions (loose), before twilld ever runs there.
+    let i = c.add_node().unwrap();
+    c.nodes[i].kill_daemon();
+    let ns = &c.nodes[i].ns;
+    let _ = ns.ip(&["link", "del", "twill.1"]);
+    let _ = ns.exec("nft", &["delete", "table", "ip", "twill"]);
+    let _ = std::fs::remove_file(c.nodes[i].subnet_file());
+    for (k, v) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "2"),
+        ("net.ipv4.conf.default.rp_filter", "2"),
+    ] {
+        ns.exec("sysctl", &["-q", "-w", &format!("{k}={v}")])
+            .unwrap();
+    }
+
+    let wrapper = daemonset_privileges();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let bin = twill_tests::bins::bin("twilld");
+    start(&mut c, i, &bin, &[], &wrapper);
+    if let Err(e) = c.wait_ready(i, Duration::from_secs(20)) {
+        panic!("twilld with the DaemonSet's privileges: {e:#}");
+    }
+    // It really ran restricted: its effective capabilities are NET_ADMIN (bit 12) only.
+    let pid = c.nodes[i].daemon.as_ref().unwrap().pid().unwrap();
+    let twilld_pid = child_named(pid, "twilld").unwrap_or(pid);
+    let status = std::fs::read_to_string(format!("/proc/{twilld_pid}/status")).unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    assert_eq!(
+        u64::from_str_radix(cap_eff, 16).unwrap(),
+        1 << 12,
+        "CapEff {cap_eff}"
+    );
+
+    // Pods on it reach the others and back.
+    c.add_pod(i).unwrap();
+    let here = c.nodes[i].pods[0].ip;
+    for k in 0..i {
+        let there = c.nodes[k].pods[0].ip;
+        assert!(
+            ping(&c.nodes[i].pods[0].ns, there, 3, 2),
+            "{here} -> {there}\n{}",
+            c.logs()
+        );
+        assert!(
+            ping(&c.nodes[k].pods[0].ns, here, 3, 2),
+            "{there} -> {here}\n{}",
+            c.logs()
+        );
+    }
+}
+
+/// The pid of the process named `name` among `pid` and its descendants (nsenter, unshare
+/// and sh exec into each other, but nsenter forks).
+fn child_named(pid: u32, name: &str) -> Option<u32> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    if comm.trim() == name {
+        return Some(pid);
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .find_map(|c| child_named(c, name))
+}

@@ -1,0 +1,362 @@
+//! Kernel tests of the overlay verbs (twill_dataplane::overlay, ::nft) in a fresh network
+//! namespace: the VXLAN device, neighbour/FDB/route replace/dump/delete, the netlink
+//! monitor, sysctls and the nftables table. Root required.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use twill_dataplane::nft::{Nft, NftConfig, NftOutcome, render};
+use twill_dataplane::overlay::{
+    self, EnsureOutcome, Fdb, Mac, Monitor, MonitorEvent, Neigh, Overlay, Route, RtnlOverlay,
+    VxlanSpec, sysctl,
+};
+use twill_dataplane::{NetNs, Netlink};
+use twill_tests::cluster::{Ns, require_root, unique_prefix};
+
+struct Env {
+    ns: Ns,
+    netns: NetNs,
+    o: RtnlOverlay,
+    underlay: u32,
+}
+
+/// A namespace with a veth pair as the underlay (no dummy module here), `u0` =
+/// 192.168.77.1/24, up.
+async fn env() -> Env {
+    require_root();
+    let p = unique_prefix();
+    let ns = Ns::new(format!("{p}-ovl")).unwrap();
+    ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])
+        .unwrap();
+    ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "u0"])
+        .unwrap();
+    ns.ip(&["link", "set", "u0", "up"]).unwrap();
+    ns.ip(&["link", "set", "u1", "up"]).unwrap();
+    let netns = NetNs::open(ns.path()).unwrap();
+    let nl = Netlink::open(&netns).unwrap();
+    let idx: u32 = ns
+        .exec("cat", &["/sys/class/net/u0/ifindex"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    Env {
+        ns,
+        netns,
+        o: RtnlOverlay::new(nl),
+        underlay: idx,
+    }
+}
+
+fn spec(underlay: u32, mtu: u32) -> VxlanSpec {
+    VxlanSpec {
+        vni: 1,
+        port: overlay::DEFAULT_VXLAN_PORT,
+        underlay_index: underlay,
+        local: IpAddr::V4(Ipv4Addr::new(192, 168, 77, 1)),
+        mtu,
+        mac: Mac::derive("node-a"),
+        address: Ipv4Addr::new(10, 244, 1, 0),
+    }
+}
+
+#[tokio::test]
+async fn vxlan_is_created_adopted_and_recreated_on_mismatch() {
+    let e = env().await;
+    let s = spec(e.underlay, 1450);
+    let (l, out) = e.o.ensure_vxlan(&s).await.unwrap();
+    assert_eq!(out, EnsureOutcome::Created);
+    assert_eq!(l.name, "twill.1");
+    assert_eq!(l.mtu, 1450);
+    assert_eq!(l.mac, s.mac);
+    assert!(l.up);
+    assert_eq!(l.addresses, vec!["10.244.1.0/32".parse().unwrap()]);
+    let d = e.ns.ip(&["-d", "link", "show", "twill.1"]).unwrap();
+    assert!(d.contains("vxlan id 1"), "{d}");
+    assert!(d.contains("dstport 8472"), "{d}");
+    assert!(d.contains("nolearning"), "{d}");
+    assert!(d.contains("local 192.168.77.1"), "{d}");
+    assert!(d.contains("dev u0"), "{d}");
+
+    // Same spec: adopted, same device (no re-create).
+    let (l2, out) = e.o.ensure_vxlan(&s).await.unwrap();
+    assert_eq!(out, EnsureOutcome::Adopted);
+    assert_eq!(l2.index, l.index);
+
+    // Someone took the address away and set it down: fixed without a re-create.
+    e.ns.ip(&["addr", "flush", "dev", "twill.1"]).unwrap();
+    e.ns.ip(&["link", "set", "twill.1", "down"]).unwrap();
+    let (l3, out) = e.o.ensure_vxlan(&s).await.unwrap();
+    assert_eq!(out, EnsureOutcome::Adopted);
+    assert_eq!(l3.index, l.index);
+    assert!(l3.up);
+    let a =
+        e.ns.ip(&["-4", "-o", "addr", "show", "dev", "twill.1"])
+            .unwrap();
+    assert!(a.contains("10.244.1.0/32"), "{a}");
+
+    // A larger MTU than the kernel allows to raise to later: recreated with it.
+    let s2 = spec(e.underlay, 1400);
+    let (l4, out) = e.o.ensure_vxlan(&s2).await.unwrap();
+    assert!(matches!(out, EnsureOutcome::Recreated { .. }), "{out:?}");
+    assert_eq!(l4.mtu, 1400);
+    let (l5, out) = e.o.ensure_vxlan(&s).await.unwrap();
+    assert!(matches!(out, EnsureOutcome::Recreated { .. }), "{out:?}");
+    assert_eq!(l5.mtu, 1450);
+
+    // A non-VXLAN device squatting the name is replaced.
+    e.ns.ip(&["link", "del", "twill.1"]).unwrap();
+    e.ns.ip(&[
+        "link", "add", "twill.1", "type", "veth", "peer", "name", "twx",
+    ])
+    .unwrap();
+    let (_, out) = e.o.ensure_vxlan(&s).await.unwrap();
+    assert!(matches!(out, EnsureOutcome::Recreated { .. }), "{out:?}");
+    let d = e.ns.ip(&["-d", "link", "show", "twill.1"]).unwrap();
+    assert!(d.contains("vxlan id 1"), "{d}");
+}
+
+fn peer(n: u8) -> (Neigh, Fdb, Route) {
+    let mac = Mac::derive(&format!("peer-{n}"));
+    let net = Ipv4Addr::new(10, 244, n, 0);
+    (
+        Neigh { ip: net, mac },
+        Fdb {
+            mac,
+            dst: IpAddr::V4(Ipv4Addr::new(192, 168, 77, n)),
+        },
+        Route {
+            dst: format!("10.244.{n}.0/24").parse().unwrap(),
+            via: net,
+        },
+    )
+}
+
+#[tokio::test]
+async fn peer_entries_replace_dump_delete() {
+    let e = env().await;
+    let (l, _) = e.o.ensure_vxlan(&spec(e.underlay, 1450)).await.unwrap();
+    assert!(e.o.dump(l.index).await.unwrap().is_empty());
+
+    let (n2, f2, r2) = peer(2);
+    let (n3, f3, r3) = peer(3);
+    for _ in 0..2 {
+        // Twice: replace is idempotent.
+        for (n, f, r) in [(n2, f2, r2), (n3, f3, r3)] {
+            e.o.replace_fdb(l.index, &f).await.unwrap();
+            e.o.replace_neigh(l.index, &n).await.unwrap();
+            e.o.replace_route(l.index, &r).await.unwrap();
+        }
+    }
+    let p = e.o.dump(l.index).await.unwrap();
+    assert_eq!(p.neighs, [n2, n3].into());
+    assert_eq!(p.fdbs, [f2, f3].into());
+    assert_eq!(p.routes, [r2, r3].into());
+
+    let neigh = e.ns.ip(&["neigh", "show", "dev", "twill.1"]).unwrap();
+    assert!(
+        neigh.contains(&format!("10.244.2.0 lladdr {} PERMANENT", n2.mac)),
+        "{neigh}"
+    );
+    let fdb =
+        e.ns.exec("bridge", &["fdb", "show", "dev", "twill.1"])
+            .unwrap();
+    assert!(
+        fdb.contains(&format!("{} dst 192.168.77.2 self permanent", f2.mac)),
+        "{fdb}"
+    );
+    let routes = e.ns.ip(&["route", "show", "dev", "twill.1"]).unwrap();
+    assert!(
+        routes.contains("10.244.2.0/24 via 10.244.2.0 proto static onlink"),
+        "{routes}"
+    );
+
+    // A peer's VTEP MAC and public IP change: replace leaves one entry of each.
+    let mac = Mac::derive("peer-2-new");
+    let n2b = Neigh { ip: n2.ip, mac };
+    let f2b = Fdb {
+        mac,
+        dst: IpAddr::V4(Ipv4Addr::new(192, 168, 77, 20)),
+    };
+    e.o.replace_fdb(l.index, &f2b).await.unwrap();
+    e.o.replace_neigh(l.index, &n2b).await.unwrap();
+    e.o.delete_fdb(l.index, &f2).await.unwrap();
+    let p = e.o.dump(l.index).await.unwrap();
+    assert_eq!(p.neighs, [n2b, n3].into());
+    assert_eq!(p.fdbs, [f2b, f3].into());
+
+    // Deletes, twice (idempotent).
+    for _ in 0..2 {
+        for (n, f, r) in [(n2b, f2b, r2), (n3, f3, r3)] {
+            e.o.delete_route(l.index, &r).await.unwrap();
+            e.o.delete_neigh(l.index, &n).await.unwrap();
+            e.o.delete_fdb(l.index, &f).await.unwrap();
+        }
+    }
+    assert!(e.o.dump(l.index).await.unwrap().is_empty());
+
+    // A route added by hand (proto boot, another via) is seen and can be deleted.
+    e.ns.ip(&[
+        "route",
+        "add",
+        "10.244.9.0/24",
+        "via",
+        "10.244.9.0",
+        "dev",
+        "twill.1",
+        "onlink",
+    ])
+    .unwrap();
+    let p = e.o.dump(l.index).await.unwrap();
+    let stale = Route {
+        dst: "10.244.9.0/24".parse().unwrap(),
+        via: "10.244.9.0".parse().unwrap(),
+    };
+    assert_eq!(p.routes, [stale].into());
+    e.o.delete_route(l.index, &stale).await.unwrap();
+    assert!(e.o.dump(l.index).await.unwrap().routes.is_empty());
+}
+
+#[tokio::test]
+async fn pipelined_apply_of_many_ops() {
+    let e = env().await;
+    let (l, _) = e.o.ensure_vxlan(&spec(e.underlay, 1450)).await.unwrap();
+    let mut ops = Vec::new();
+    for i in 0..200u32 {
+        let mac = Mac::derive(&format!("p{i}"));
+        let net = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + (i << 8));
+        ops.push(overlay::Op::ReplaceFdb(Fdb {
+            mac,
+            dst: IpAddr::V4(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(192, 168, 100, 0)) + i,
+            )),
+        }));
+        ops.push(overlay::Op::ReplaceNeigh(Neigh { ip: net, mac }));
+        ops.push(overlay::Op::ReplaceRoute(Route {
+            dst: ipnet::Ipv4Net::new(net, 24).unwrap(),
+            via: net,
+        }));
+    }
+    let failed = overlay::apply_ops(&e.o, l.index, &ops, 64).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let p = e.o.dump(l.index).await.unwrap();
+    assert_eq!(p.len(), 600);
+}
+
+#[tokio::test]
+async fn monitor_reports_changes_on_the_device() {
+    let e = env().await;
+    let (l, _) = e.o.ensure_vxlan(&spec(e.underlay, 1450)).await.unwrap();
+    let (n, f, r) = peer(4);
+    e.o.replace_fdb(l.index, &f).await.unwrap();
+    e.o.replace_neigh(l.index, &n).await.unwrap();
+    e.o.replace_route(l.index, &r).await.unwrap();
+
+    let mut m = Monitor::open(&e.netns).unwrap();
+    e.ns.ip(&["route", "del", "10.244.4.0/24", "dev", "twill.1"])
+        .unwrap();
+    e.ns.exec(
+        "bridge",
+        &[
+            "fdb",
+            "del",
+            &f.mac.to_string(),
+            "dev",
+            "twill.1",
+            "dst",
+            "192.168.77.4",
+            "self",
+        ],
+    )
+    .unwrap();
+    e.ns.ip(&["neigh", "del", "10.244.4.0", "dev", "twill.1"])
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while seen.len() < 3 {
+        let ev = tokio::time::timeout_at(deadline, m.next())
+            .await
+            .expect("monitor events within 3 s")
+            .expect("monitor open");
+        match ev {
+            MonitorEvent::RouteGone { link, route } if link == l.index => {
+                assert_eq!(route, r);
+                seen.push("route");
+            }
+            MonitorEvent::FdbGone { link, fdb } if link == l.index => {
+                assert_eq!(fdb, f);
+                seen.push("fdb");
+            }
+            MonitorEvent::NeighGone { link, ip } if link == l.index => {
+                assert_eq!(ip, n.ip);
+                seen.push("neigh");
+            }
+            _ => {}
+        }
+    }
+    e.ns.ip(&["link", "del", "twill.1"]).unwrap();
+    loop {
+        let ev = tokio::time::timeout_at(deadline, m.next())
+            .await
+            .expect("link event within 3 s")
+            .unwrap();
+        if let MonitorEvent::LinkGone { index, .. } = ev
+            && index == l.index
+        {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sysctls_are_written_inside_the_namespace_only() {
+    let e = env().await;
+    let host_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    e.o.ensure_vxlan(&spec(e.underlay, 1450)).await.unwrap();
+    assert_eq!(
+        sysctl::read_in(&e.netns, "net/ipv4/ip_forward").unwrap(),
+        "0"
+    );
+    sysctl::enable_forwarding_in(&e.netns, "twill.1").unwrap();
+    assert_eq!(
+        sysctl::read_in(&e.netns, "net/ipv4/ip_forward").unwrap(),
+        "1"
+    );
+    assert_eq!(
+        sysctl::read_in(&e.netns, "net/ipv4/conf/twill.1/rp_filter").unwrap(),
+        "0"
+    );
+    let host_after = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    assert_eq!(host_before, host_after, "the host's sysctl must not change");
+}
+
+#[test]
+fn nft_table_is_idempotent() {
+    require_root();
+    let ns = Ns::new(format!("{}-nft", unique_prefix())).unwrap();
+    let nft = Nft::in_netns(ns.path());
+    let cfg = NftConfig {
+        network: "10.244.0.0/16".parse().unwrap(),
+        node_subnet: "10.244.3.0/24".parse().unwrap(),
+        masquerade: true,
+    };
+    assert_eq!(nft.list().unwrap(), None);
+    assert_eq!(nft.ensure(&cfg).unwrap(), NftOutcome::Applied);
+    assert_eq!(nft.list().unwrap().as_deref(), Some(render(&cfg).as_str()));
+    assert_eq!(nft.ensure(&cfg).unwrap(), NftOutcome::Unchanged);
+    // Drift (a rule deleted by hand) is repaired.
+    ns.exec("nft", &["flush", "chain", "ip", "twill", "forward"])
+        .unwrap();
+    assert_eq!(nft.ensure(&cfg).unwrap(), NftOutcome::Applied);
+    assert_eq!(nft.ensure(&cfg).unwrap(), NftOutcome::Unchanged);
+    // A changed config replaces the table atomically.
+    let cfg2 = NftConfig {
+        masquerade: false,
+        ..cfg
+    };
+    assert_eq!(nft.ensure(&cfg2).unwrap(), NftOutcome::Applied);
+    let l = nft.list().unwrap().unwrap();
+    assert!(!l.contains("masquerade"), "{l}");
+    nft.remove().unwrap();
+    assert_eq!(nft.list().unwrap(), None);
+}

@@ -1,0 +1,308 @@
+//! `twillctl` end to end against a real etcd: list/show/release/reserve, network show/set,
+//! table and JSON output, exit codes.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use twill_ipam::lease::LeaseAttrs;
+use twill_ipam::netconf::NetConfig;
+use twill_ipam::store::LeaseStore;
+use twill_tests::bins::bin;
+use twill_tests::etcd::EtcdServer;
+
+const PREFIX: &str = "/tw-ctl/network";
+
+struct Ctl<'a> {
+    etcd: &'a EtcdServer,
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout not JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl Ctl<'_> {
+    /// Runs twillctl with the endpoint from the environment and the prefix as a flag after
+    /// the command (global flags).
+    fn run(&self, args: &[&str]) -> Run {
+        self.run_with(args, |_| {})
+    }
+
+    fn run_with(&self, args: &[&str], f: impl FnOnce(&mut Command)) -> Run {
+        let mut cmd = Command::new(bin("twillctl"));
+        cmd.args(args)
+            .arg("--etcd-prefix")
+            .arg(PREFIX)
+            .env("TWILLCTL_ETCD_ENDPOINTS", self.etcd.endpoint())
+            .env("TWILLCTL_ETCD_TIMEOUT", "3s")
+            .env_remove("TWILLCTL_OUTPUT");
+        f(&mut cmd);
+        let out: Output = cmd.output().expect("running twillctl");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twillctl_end_to_end() {
+    let etcd = EtcdServer::start().unwrap();
+    let ctl = Ctl { etcd: &etcd };
+    let dir = tempfile::tempdir().unwrap();
+
+    // No config yet: not found.
+    let r = ctl.run(&["network", "show"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("no network config"), "{}", r.stderr);
+
+    // A bad config is rejected before etcd, naming the field and the value.
+    let bad = write(
+        &dir,
+        "bad.json",
+        r#"{"Network":"10.50.0.0/16","SubnetLen":31}"#,
+    );
+    let r = ctl.run(&["network", "set", "--file", &bad]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("SubnetLen") && r.stderr.contains("31"),
+        "{}",
+        r.stderr
+    );
+    let bad = write(
+        &dir,
+        "bad2.json",
+        r#"{"Network":"10.50.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    );
+    let r = ctl.run(&["network", "set", "--file", &bad]);
+    assert_eq!(r.code, 5);
+    assert!(
+        r.stderr.contains("Backend.Type") && r.stderr.contains("host-gw"),
+        "{}",
+        r.stderr
+    );
+
+    // A good one is written; global flags before the command work too.
+    let good = write(
+        &dir,
+        "good.json",
+        r#"{"Network":"10.50.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#,
+    );
+    let r = ctl.run(&["-o", "json", "network", "set", "--file", &good]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["written"], true);
+    let r = ctl.run(&["network", "show"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("10.50.0.0/16") && r.stdout.contains("255 total"),
+        "{}",
+        r.stdout
+    );
+    let r = ctl.run(&["network", "show", "-o", "json"]);
+    let v = r.json();
+    assert_eq!(v["config"]["Network"], "10.50.0.0/16");
+    assert_eq!(v["config"]["SubnetLen"], 24);
+    assert_eq!(v["config"]["Backend"]["Port"], 8472);
+    assert_eq!(v["subnets"]["total"], 255);
+
+    // Leases taken by "nodes".
+    let store = LeaseStore::connect(etcd.options(PREFIX)).await.unwrap();
+    let cfg = store.get_config().await.unwrap().unwrap();
+    let a = store
+        .acquire(
+            &cfg,
+            &LeaseAttrs::vxlan(
+                "node-a",
+                Ipv4Addr::new(192, 168, 7, 1),
+                1,
+                "02:00:00:00:00:0a",
+            ),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    let b = store
+        .acquire(
+            &cfg,
+            &LeaseAttrs::vxlan(
+                "node-b",
+                Ipv4Addr::new(192, 168, 7, 2),
+                1,
+                "02:00:00:00:00:0b",
+            ),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+
+    let r = ctl.run(&["leases", "list"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.stdout);
+    assert!(lines[0].starts_with("SUBNET") && lines[0].contains("VTEP-MAC"));
+    assert!(r.stdout.contains(&a.subnet.to_string()));
+    assert!(r.stdout.contains("node-b") && r.stdout.contains("192.168.7.2"));
+    assert!(
+        r.stdout.contains("02:00:00:00:00:0a")
+            && (r.stdout.contains("in 59m") || r.stdout.contains("in 1h")),
+        "{}",
+        r.stdout
+    );
+
+    let r = ctl.run(&["leases", "list", "-o", "json"]);
+    let v = r.json();
+    let leases = v["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 2);
+    assert!(v["revision"].as_i64().unwrap() > 0);
+    let la = leases.iter().find(|l| l["node"] == "node-a").unwrap();
+    assert_eq!(la["subnet"], a.subnet.to_string());
+    assert_eq!(la["public_ip"], "192.168.7.1");
+    assert_eq!(la["vtep_mac"], "02:00:00:00:00:0a");
+    assert_eq!(la["vni"], 1);
+    assert_eq!(la["reserved"], false);
+    let secs = la["expires_in_seconds"].as_u64().unwrap();
+    assert!(secs > 3500 && secs <= 3600, "{secs}");
+    assert_eq!(la["value"]["NodeName"], "node-a");
+
+    // show by node and by subnet (both spellings); unknown: exit 3.
+    let r = ctl.run(&["leases", "show", "node-b", "-o", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["subnet"], b.subnet.to_string());
+    let key_form = b.subnet.to_string().replace('/', "-");
+    let r = ctl.run(&["leases", "show", &key_form]);
+    assert_eq!(r.code, 0);
+    assert!(
+        r.stdout.contains("node-b") && r.stdout.contains("KEY:"),
+        "{}",
+        r.stdout
+    );
+    let r = ctl.run(&["leases", "show", "node-zzz"]);
+    assert_eq!(r.code, 3);
+
+    // release asks for --yes (4), then releases; a second release is not found (3).
+    let sa = a.subnet.to_string();
+    let r = ctl.run(&["leases", "release", &sa]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("--yes"));
+    assert!(store.get(&a.subnet).await.unwrap().is_some());
+    let r = ctl.run(&["leases", "release", &sa, "--yes", "-o", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["released"], sa);
+    assert!(store.get(&a.subnet).await.unwrap().is_none());
+    let r = ctl.run(&["leases", "release", &sa, "--yes"]);
+    assert_eq!(r.code, 3);
+    let r = ctl.run(&["leases", "release", "not-a-subnet", "--yes"]);
+    assert_eq!(r.code, 2);
+
+    // reserve: shown as reserved.
+    let r = ctl.run(&["leases", "reserve", "10.50.77.0/24", "--node", "node-r"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = ctl.run(&["leases", "list"]);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("10.50.77.0/24"))
+        .unwrap();
+    assert!(
+        line.contains("node-r") && line.ends_with("reserved"),
+        "{line}"
+    );
+    let r = ctl.run(&[
+        "leases",
+        "reserve",
+        &b.subnet.to_string(),
+        "--node",
+        "node-r",
+    ]);
+    assert_eq!(r.code, 4, "held by node-b: {}", r.stderr);
+
+    // A config that strands node-b's lease is refused (4) unless --force.
+    let idx: u32 = b.subnet.network().octets()[2].into();
+    let narrow = if idx >= 128 {
+        r#"{"Network":"10.50.0.0/17"}"#
+    } else {
+        r#"{"Network":"10.50.128.0/17"}"#
+    };
+    let narrow_f = write(&dir, "narrow.json", narrow);
+    let r = ctl.run(&["network", "set", "--file", &narrow_f]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains(&b.subnet.to_string()), "{}", r.stderr);
+    let r = ctl.run(&[
+        "network",
+        "set",
+        "--file",
+        &narrow_f,
+        "--dry-run",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(r.code, 4);
+    assert_eq!(r.json()["would_write"], false);
+    assert_eq!(
+        store.get_config().await.unwrap().unwrap().network,
+        "10.50.0.0/16".parse::<Ipv4Net>().unwrap()
+    );
+    let r = ctl.run(&["network", "set", "--file", &narrow_f, "--force"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        store.get_config().await.unwrap().unwrap(),
+        NetConfig::from_json(narrow).unwrap()
+    );
+    // From stdin.
+    let r = ctl.run_with(&["network", "set", "--file", "-", "--force"], |c| {
+        c.stdin(std::fs::File::open(&good).unwrap());
+    });
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn twillctl_unreachable_etcd_and_usage_errors() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(bin("twillctl"))
+        .args(["leases", "list", "--etcd-timeout", "500ms"])
+        .env(
+            "TWILLCTL_ETCD_ENDPOINTS",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach etcd") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    let out = Command::new(bin("twillctl"))
+        .args(["leases", "frobnicate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin("twillctl"))
+        .args(["network", "set"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
