@@ -93,12 +93,14 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     let commit = std::thread::spawn(move || locked.commit());
 
     let wired = block_on(wire(conf, &subnet, &ns, ifname, &host, res.ip, mtu)).and_then(|r| r);
-    let committed = commit
-        .join()
-        .unwrap_or_else(|_| Err(twill_ipam::alloc::AllocError::Io {
+    tracing::debug!(ok = wired.is_ok(), "kernel work done");
+    let committed = commit.join().unwrap_or_else(|_| {
+        Err(twill_ipam::alloc::AllocError::Io {
             path: alloc.state_path(),
             source: std::io::Error::other("commit thread panicked"),
-        }));
+        })
+    });
+    tracing::debug!(ok = committed.is_ok(), "reservation on disk");
     let wired = match (wired, committed) {
         (Ok(w), Ok(())) => Ok(w),
         (Ok(_), Err(e)) => {
@@ -216,8 +218,10 @@ async fn wire(
     ip: IpAddr,
     mtu: u32,
 ) -> Result<(Named, Named, String)> {
+    // The pod's socket is opened on a thread of its own while the node side is set up
+    // here; it is first needed after the veth exists.
+    let pod_open = RtnlCni::spawn_open(ns.path().to_path_buf());
     let node = RtnlCni::current()?;
-    let pod = RtnlCni::open(ns)?;
     let gw = subnet.gateway();
     let br = node
         .ensure_bridge(&conf.bridge, subnet.subnet, bridge_mac(gw), mtu)
@@ -235,6 +239,12 @@ async fn wire(
         }
         r => r,
     };
+    tracing::debug!("bridge ensured, veth created");
+    let pod = pod_open.join().unwrap_or_else(|_| {
+        Err(twill_dataplane::Error::Invalid(
+            "netns thread panicked".into(),
+        ))
+    });
     created.map_err(|e| {
         let mut err = CniError::from(e);
         if err.details.contains("exists") {
@@ -242,6 +252,15 @@ async fn wire(
         }
         err
     })?;
+    let pod = match pod {
+        Ok(p) => p,
+        Err(e) => {
+            if let Err(e2) = node.delete_link(host).await {
+                tracing::error!("undo: delete {host}: {e2}");
+            }
+            return Err(e.into());
+        }
+    };
     // From here on a failure deletes the host veth. The host side and the pod side are
     // independent: their requests go out concurrently.
     let host_side = async {

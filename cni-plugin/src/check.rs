@@ -78,13 +78,13 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<()> {
                 "interface {ifname} in netns {netns_path} is down"
             )));
         }
-        if let Some(mac) = &want_if.mac {
-            if !mac.eq_ignore_ascii_case(&format_mac(&link.mac)) {
-                return Err(failed(format!(
-                    "interface {ifname} has MAC {}, prevResult says {mac}",
-                    format_mac(&link.mac)
-                )));
-            }
+        if let Some(mac) = &want_if.mac
+            && !mac.eq_ignore_ascii_case(&format_mac(&link.mac))
+        {
+            return Err(failed(format!(
+                "interface {ifname} has MAC {}, prevResult says {mac}",
+                format_mac(&link.mac)
+            )));
         }
         let addrs = pod.addresses(link.index).await?;
         for ip in &ips {

@@ -124,12 +124,12 @@ pub fn parse_conf(bytes: &[u8]) -> Result<NetConf> {
     let bridge: String = field(&obj, "bridge")?.unwrap_or_else(|| DEFAULT_BRIDGE.into());
     validate_ifname("bridge", &bridge).map_err(|e| invalid(format!("config key {}", e.msg)))?;
     let mtu: Option<u32> = field(&obj, "mtu")?;
-    if let Some(m) = mtu {
-        if !(68..=65535).contains(&m) {
-            return Err(invalid(format!(
-                "config key mtu={m}: must be between 68 and 65535"
-            )));
-        }
+    if let Some(m) = mtu
+        && !(68..=65535).contains(&m)
+    {
+        return Err(invalid(format!(
+            "config key mtu={m}: must be between 68 and 65535"
+        )));
     }
     let runtime: Option<Map<String, Value>> = field(&obj, "runtimeConfig")?;
     let mut runtime_ips = Vec::new();

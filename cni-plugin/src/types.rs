@@ -121,13 +121,13 @@ impl CniResult {
         // The spec's examples put `version` first in an IP entry; order is cosmetic only.
         if let Some(ips) = v.get_mut("ips").and_then(Value::as_array_mut) {
             for ip in ips {
-                if let Some(o) = ip.as_object_mut() {
-                    if let Some(ver) = o.remove("version") {
-                        let mut n = Map::new();
-                        n.insert("version".into(), ver);
-                        n.extend(std::mem::take(o));
-                        *o = n;
-                    }
+                if let Some(o) = ip.as_object_mut()
+                    && let Some(ver) = o.remove("version")
+                {
+                    let mut n = Map::new();
+                    n.insert("version".into(), ver);
+                    n.extend(std::mem::take(o));
+                    *o = n;
                 }
             }
         }

@@ -6,6 +6,7 @@
 //! for the node namespace (the one it runs in) and one inside the pod namespace.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -15,7 +16,9 @@ use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
-use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::{Error, NetNs, Netlink, Result};
 
@@ -116,26 +119,51 @@ pub trait CniDataplane {
 /// [`CniDataplane`] over an rtnetlink socket bound to one namespace.
 #[derive(Clone)]
 pub struct RtnlCni {
-    nl: Netlink,
+    handle: Handle,
 }
 
 impl RtnlCni {
     pub fn new(nl: Netlink) -> Self {
-        RtnlCni { nl }
+        RtnlCni {
+            handle: nl.handle().clone(),
+        }
     }
 
     /// Opens a socket inside `ns` (see [`Netlink::open`]).
     pub fn open(ns: &NetNs) -> Result<Self> {
-        Ok(RtnlCni {
-            nl: Netlink::open(ns)?,
-        })
+        Ok(Self::new(Netlink::open(ns)?))
     }
 
     /// Opens a socket in the caller's own namespace.
     pub fn current() -> Result<Self> {
-        Ok(RtnlCni {
-            nl: Netlink::current()?,
+        Ok(Self::new(Netlink::current()?))
+    }
+
+    /// Starts opening a socket inside the namespace at `path` and returns at once: one
+    /// thread enters the namespace, creates the socket (registered with the caller's tokio
+    /// runtime) and exits, while the caller goes on with other work. Must be called inside
+    /// a tokio runtime, which must still run when the result is used.
+    pub fn spawn_open(path: PathBuf) -> std::thread::JoinHandle<Result<Self>> {
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let ns = NetNs::open(&path)?;
+            // setns moves only this thread, which exits right after creating the socket.
+            nix::sched::setns(ns.fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                Error::Netns {
+                    path: path.clone(),
+                    source: e.into(),
+                }
+            })?;
+            let _rt = rt.enter();
+            let (conn, handle, _) = rtnetlink::new_connection()
+                .map_err(|e| Error::io(format!("open netlink socket in {}", path.display()), e))?;
+            tokio::spawn(conn);
+            Ok(RtnlCni { handle })
         })
+    }
+
+    fn handle(&self) -> &Handle {
+        &self.handle
     }
 }
 
@@ -213,7 +241,7 @@ impl CniDataplane for RtnlCni {
         mac: [u8; 6],
         mtu: u32,
     ) -> Result<Link> {
-        let h = self.nl.handle();
+        let h = self.handle();
         let br = match self.link(name).await? {
             Some(l) => l,
             None => {
@@ -274,7 +302,7 @@ impl CniDataplane for RtnlCni {
             .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
-        self.nl.handle().link().add(msg).execute().await.map_err(|e| {
+        self.handle().link().add(msg).execute().await.map_err(|e| {
             Error::netlink(
                 format!(
                     "create veth {host_name} with peer {pod_ifname} in {}",
@@ -289,8 +317,7 @@ impl CniDataplane for RtnlCni {
         // Bridge-port options are ignored in a create request (IFLA_INFO_SLAVE_DATA only
         // applies to an existing port), so hairpin is its own request.
         let msg = LinkBridgePort::new(index).hairpin(on).build();
-        self.nl
-            .handle()
+        self.handle()
             .link()
             .set_port(msg)
             .execute()
@@ -300,8 +327,7 @@ impl CniDataplane for RtnlCni {
 
     async fn set_up(&self, index: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        self.nl
-            .handle()
+        self.handle()
             .link()
             .set(msg)
             .execute()
@@ -310,7 +336,7 @@ impl CniDataplane for RtnlCni {
     }
 
     async fn link(&self, name: &str) -> Result<Option<Link>> {
-        let mut s = self.nl.handle().link().get().match_name(name).execute();
+        let mut s = self.handle().link().get().match_name(name).execute();
         match s.try_next().await {
             Ok(m) => Ok(m.map(link_from)),
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
@@ -320,14 +346,7 @@ impl CniDataplane for RtnlCni {
 
     async fn delete_link(&self, name: &str) -> Result<bool> {
         let msg = LinkUnspec::new_with_name(name).build();
-        match self
-            .nl
-            .handle()
-            .link()
-            .del_with_message(msg)
-            .execute()
-            .await
-        {
+        match self.handle.link().del_with_message(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(false),
             Err(e) => Err(Error::netlink(format!("delete link {name}"), e)),
@@ -337,8 +356,7 @@ impl CniDataplane for RtnlCni {
     async fn bridge_ports(&self, bridge: u32) -> Result<Vec<Link>> {
         // Dump filters are ignored without strict checking: filter here.
         let links: Vec<LinkMessage> = self
-            .nl
-            .handle()
+            .handle
             .link()
             .get()
             .execute()
@@ -353,8 +371,7 @@ impl CniDataplane for RtnlCni {
     }
 
     async fn add_address(&self, index: u32, addr: IpNet) -> Result<()> {
-        self.nl
-            .handle()
+        self.handle()
             .address()
             .add(index, addr.addr(), addr.prefix_len())
             .execute()
@@ -364,8 +381,7 @@ impl CniDataplane for RtnlCni {
 
     async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
         let msgs: Vec<_> = self
-            .nl
-            .handle()
+            .handle
             .address()
             .get()
             .set_link_index_filter(index)
@@ -404,8 +420,7 @@ impl CniDataplane for RtnlCni {
                 )));
             }
         };
-        self.nl
-            .handle()
+        self.handle()
             .route()
             .add(msg)
             .replace()
@@ -420,8 +435,7 @@ impl CniDataplane for RtnlCni {
             IpAddr::V6(_) => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
         };
         let msgs: Vec<_> = self
-            .nl
-            .handle()
+            .handle
             .route()
             .get(msg)
             .execute()

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-
 /// Allocator errors; each names the path, IP or subnet at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {
@@ -192,10 +191,10 @@ impl Locked {
         subnet: IpNet,
         req: &Request,
     ) -> Result<(Reservation, bool), AllocError> {
-        if let Some(r) = self.get(&req.container_id, &req.ifname) {
-            if req.ip.is_none_or(|ip| ip == r.ip) {
-                return Ok((r.clone(), false));
-            }
+        if let Some(r) = self.get(&req.container_id, &req.ifname)
+            && req.ip.is_none_or(|ip| ip == r.ip)
+        {
+            return Ok((r.clone(), false));
         }
         let subnet = subnet.trunc();
         let (first, last) = host_range(subnet);
@@ -222,14 +221,14 @@ impl Locked {
                 if let Some(reason) = reason {
                     return Err(AllocError::OutOfRange { ip, subnet, reason });
                 }
-                if let Some(r) = self.state.reservations.iter().find(|r| r.ip == ip) {
-                    if !r.is(&req.container_id, &req.ifname) {
-                        return Err(AllocError::Taken {
-                            ip,
-                            container_id: r.container_id.clone(),
-                            ifname: r.ifname.clone(),
-                        });
-                    }
+                if let Some(r) = self.state.reservations.iter().find(|r| r.ip == ip)
+                    && !r.is(&req.container_id, &req.ifname)
+                {
+                    return Err(AllocError::Taken {
+                        ip,
+                        container_id: r.container_id.clone(),
+                        ifname: r.ifname.clone(),
+                    });
                 }
                 ip
             }

@@ -114,10 +114,10 @@ pub fn exec_plugin(
         .expect("piped stdin")
         .write_all(stdin.as_bytes());
     // A plugin may exit before reading stdin (e.g. a usage error): not the test's problem.
-    if let Err(e) = written {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("write config to the plugin's stdin");
-        }
+    if let Err(e) = written
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(e).context("write config to the plugin's stdin");
     }
     let out = child.wait_with_output().context("wait for the plugin")?;
     Ok(CniOutput {

@@ -42,10 +42,10 @@ fn plugin_conf(list: &Value, i: usize, prev: Option<&Value>, rt: &Value) -> Valu
     if let Some(caps) = c.get("capabilities").and_then(Value::as_object).cloned() {
         let mut rc = serde_json::Map::new();
         for (cap, on) in caps {
-            if on == json!(true) {
-                if let Some(v) = rt.get(&cap) {
-                    rc.insert(cap, v.clone());
-                }
+            if on == json!(true)
+                && let Some(v) = rt.get(&cap)
+            {
+                rc.insert(cap, v.clone());
             }
         }
         if !rc.is_empty() {

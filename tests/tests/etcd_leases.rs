@@ -334,6 +334,28 @@ async fn holder_renews_and_reacquires_the_same_subnet_after_a_manual_delete() {
     assert_eq!(in_etcd.attrs.node_name, "node-a");
     assert_eq!(in_etcd.etcd_lease, again.etcd_lease);
 
+    // New attributes (e.g. a recreated VXLAN device's MAC) go to the same key and lease.
+    let mut w = synced_watch(&store).await;
+    let mut new_attrs = attrs("node-a", 1);
+    new_attrs.backend_data.vtep_mac = "02:00:00:00:99:99".into();
+    h.update_attrs(new_attrs);
+    match next_event(&mut w, Duration::from_secs(5)).await {
+        LeaseEvent::Changed { old, new } => {
+            assert_eq!(new.subnet, lease.subnet);
+            assert_eq!(old.attrs.vtep_mac(), "aa:bb:cc:00:00:01");
+            assert_eq!(new.attrs.vtep_mac(), "02:00:00:00:99:99");
+            assert_eq!(new.etcd_lease, again.etcd_lease);
+        }
+        e => panic!("{e:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = h.stats();
+    assert_eq!((st.losses, st.acquisitions), (1, 2), "{st:?}");
+    assert_eq!(
+        h.state().lease.unwrap().attrs.vtep_mac(),
+        "02:00:00:00:99:99"
+    );
+
     // Explicit release deletes the key.
     assert!(h.release().await.unwrap());
     assert!(store.get(&lease.subnet).await.unwrap().is_none());
@@ -534,8 +556,13 @@ async fn unreachable_etcd_gives_a_clear_error() {
     let store = LeaseStore::new(o).await.unwrap();
     assert!(store.list().await.unwrap_err().is_transient());
     let mut w = store.watch();
+    let cfg = NetConfig::from_json(NET16).unwrap();
+    let h = store.hold(cfg, attrs("a", 1), Duration::from_secs(10));
     no_event(&mut w, Duration::from_millis(1500)).await;
     assert!(w.stats().errors >= 1);
+    let (st, hs) = (h.state(), h.stats());
+    assert!(!st.held && !st.healthy && st.lease.is_none(), "{st:?}");
+    assert!(st.last_error.is_some() && hs.errors >= 1, "{st:?} {hs:?}");
     // http:// with TLS files is an option error.
     let mut bad = twill_ipam::store::EtcdOptions::new(["http://127.0.0.1:1"]);
     bad.ca_file = Some("/nonexistent/ca.pem".into());
@@ -565,4 +592,67 @@ async fn several_endpoints_work_with_one_of_them_down() {
             .unwrap();
     }
     assert_eq!(store.list().await.unwrap().0.len(), 20);
+    // Streams too: a fresh store (starting at the dead endpoint again) watches and holds.
+    let mut o = etcd.options(PREFIX);
+    o.endpoints = vec![format!("http://127.0.0.1:{dead}"), etcd.endpoint()];
+    let fresh = LeaseStore::new(o).await.unwrap();
+    let mut w = synced_watch(&fresh).await;
+    assert_eq!(w.state().len(), 20);
+    let mut h = fresh.hold(cfg.clone(), attrs("held", 99), Duration::from_secs(2));
+    let l = tokio::time::timeout(Duration::from_secs(10), h.acquired())
+        .await
+        .unwrap();
+    match next_event(&mut w, Duration::from_secs(5)).await {
+        LeaseEvent::Added(a) => assert_eq!(a.subnet, l.subnet),
+        e => panic!("{e:?}"),
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        h.stats().renewals >= 1 && h.stats().losses == 0,
+        "{:?}",
+        h.stats()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_relists_when_etcd_comes_back_empty() {
+    let mut etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd, NET16).await;
+    let ttl = Duration::from_secs(600);
+    for i in 0..3 {
+        store
+            .acquire(&cfg, &attrs(&format!("n{i}"), i), ttl)
+            .await
+            .unwrap();
+    }
+    // Push the revision up so that the new store's revision is clearly lower.
+    let mut client = store.client().clone();
+    for i in 0..20 {
+        client
+            .put(format!("/tw-other/{i}"), "x", None)
+            .await
+            .unwrap();
+    }
+    let mut w = synced_watch(&store).await;
+    assert_eq!(w.state().len(), 3);
+    etcd.stop().unwrap();
+    std::fs::remove_dir_all(etcd.data_dir()).unwrap();
+    etcd.restart().unwrap();
+    let mut removed = 0;
+    loop {
+        match next_event(&mut w, Duration::from_secs(20)).await {
+            LeaseEvent::Removed(_) => removed += 1,
+            LeaseEvent::Synced { .. } => break,
+            e => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(removed, 3);
+    assert!(w.state().is_empty());
+    let writer = LeaseStore::connect(etcd.options(PREFIX)).await.unwrap();
+    writer.put_config(&cfg, false).await.unwrap();
+    let l = writer.acquire(&cfg, &attrs("new", 9), ttl).await.unwrap();
+    match next_event(&mut w, Duration::from_secs(10)).await {
+        LeaseEvent::Added(a) => assert_eq!(a.subnet, l.subnet),
+        e => panic!("{e:?}"),
+    }
 }

@@ -54,8 +54,8 @@ async fn mtls_client_works_and_clients_without_a_valid_cert_are_refused() {
     let err = LeaseStore::connect(o).await.unwrap_err();
     eprintln!("without a client certificate: {err}");
     assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
-    // rustls reports etcd's TLS alert: "received fatal alert: BadCertificate".
-    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+    // (With TLS 1.3 the client learns of the rejection after its handshake: the error reads
+    // "received fatal alert: BadCertificate" or just "connection closed", depending on timing.)
 
     // With a certificate from another CA: refused.
     let mut o = etcd.options(PREFIX);

@@ -249,11 +249,13 @@ impl Task {
                 match self.check_own(&key, &lease).await {
                     Ok(Err(lost)) => return lost,
                     Ok(Ok(rev)) => {
-                        let mut wc = self.store.client.watch_client();
                         let opts = WatchOptions::new().with_start_revision(rev + 1);
                         match self
                             .store
-                            .rpc("watch", &key, wc.watch(key.clone(), Some(opts)))
+                            .rpc("watch", &key, |c| {
+                                let (k, o) = (key.clone(), opts.clone());
+                                async move { c.watch_client().watch(k, Some(o)).await }
+                            })
                             .await
                         {
                             Ok(s) => own = Some(s),
@@ -370,11 +372,7 @@ impl Task {
 
     /// Ok(Ok(revision)) if the key is still ours; Ok(Err(lost)) if not.
     async fn check_own(&self, key: &str, lease: &Lease) -> Result<Result<i64, Lost>, StoreError> {
-        let mut kv = self.store.client.kv_client();
-        let resp = self
-            .store
-            .rpc("get", key, kv.get(key.to_string(), None))
-            .await?;
+        let resp = self.store.kv_get(key, None).await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         let Some(k) = resp.kvs().first() else {
             return Ok(Err(Lost::Deleted));
@@ -399,17 +397,18 @@ impl Task {
     ) -> Result<i64, StoreError> {
         let what = format!("lease {id:x}");
         if keeper.is_none() {
-            let mut lc = self.store.client.lease_client();
             *keeper = Some(
                 self.store
-                    .rpc("lease-keepalive", &what, lc.keep_alive(id))
+                    .rpc("lease-keepalive", &what, |c| async move {
+                        c.lease_client().keep_alive(id).await
+                    })
                     .await?,
             );
         }
         let (k, s) = keeper.as_mut().expect("set above");
         let res = self
             .store
-            .rpc("lease-keepalive", &what, async {
+            .timed("lease-keepalive", &what, async {
                 k.keep_alive().await?;
                 s.message().await
             })
@@ -447,8 +446,7 @@ impl Task {
                 lease.mod_revision,
             )])
             .and_then(vec![TxnOp::put(key.to_string(), attrs.to_json(), opts)]);
-        let mut kv = self.store.client.kv_client();
-        let resp = self.store.rpc("txn", key, kv.txn(txn)).await?;
+        let resp = self.store.kv_txn(key, txn).await?;
         Ok(resp
             .succeeded()
             .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))

@@ -14,12 +14,13 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions,
+    GetResponse, Identity, KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
 };
 use ipnet::Ipv4Net;
 use rand::Rng;
@@ -142,7 +143,11 @@ impl StoreError {
 /// A handle on the leases of one network in etcd. Cheap to clone.
 #[derive(Clone)]
 pub struct LeaseStore {
-    client: Client,
+    /// One client per endpoint: requests go to the current one and fail over to the next
+    /// on a transport error or timeout (etcd-client's balanced channel would keep sending
+    /// a share of the requests to a dead endpoint).
+    clients: Arc<[Client]>,
+    current: Arc<AtomicUsize>,
     opts: Arc<EtcdOptions>,
     prefix: Arc<str>,
     rpcs: Arc<AtomicU64>,
@@ -222,12 +227,18 @@ impl LeaseStore {
             }
             co = co.with_tls(t);
         }
-        let client = Client::connect(&endpoints, Some(co))
-            .await
-            .map_err(|e| StoreError::Options(format!("endpoints {endpoints:?}: {e}")))?;
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for e in &endpoints {
+            clients.push(
+                Client::connect([e.as_str()], Some(co.clone()))
+                    .await
+                    .map_err(|err| StoreError::Options(format!("endpoint {e}: {err}")))?,
+            );
+        }
         let prefix: Arc<str> = opts.prefix.trim_end_matches('/').into();
         Ok(LeaseStore {
-            client,
+            clients: clients.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             opts: Arc::new(opts),
             prefix,
             rpcs: Arc::new(AtomicU64::new(0)),
@@ -245,8 +256,7 @@ impl LeaseStore {
     /// One read of the config key: Ok if etcd answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let key = self.config_key();
-        let mut kv = self.client.kv_client();
-        self.rpc("get", &key, kv.get(key.clone(), None))
+        self.kv_get(&key, None)
             .await
             .map(|_| ())
             .map_err(|e| match e {
@@ -267,9 +277,9 @@ impl LeaseStore {
         &self.opts
     }
 
-    /// The underlying etcd client (tests, tools).
+    /// The etcd client of the current endpoint (tests, tools).
     pub fn client(&self) -> &Client {
-        &self.client
+        &self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()]
     }
 
     /// Number of etcd requests (round trips) made through this store and its clones.
@@ -292,8 +302,39 @@ impl LeaseStore {
         format!("{}{}", self.subnets_prefix(), subnet_to_key(subnet))
     }
 
-    /// Runs one etcd request with the timeout, counting it.
-    async fn rpc<T>(
+    /// Runs one etcd request with the timeout, counting it: `f` is called with the current
+    /// endpoint's client, and again with the next endpoint's after a transport error or a
+    /// timeout, until every endpoint was tried once.
+    async fn rpc<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            match self.timed(op, key, f(self.clients[idx].clone())).await {
+                Ok(v) => {
+                    if i > 0 {
+                        self.current.store(idx, Ordering::Relaxed);
+                        tracing::info!(endpoint = %self.opts.endpoints[idx], "switched etcd endpoint");
+                    }
+                    return Ok(v);
+                }
+                Err(e) if i + 1 < n && is_endpoint_failure(&e) => {
+                    tracing::debug!(endpoint = %self.opts.endpoints[idx], error = %e, "etcd endpoint failed, trying the next");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one endpoint"))
+    }
+
+    /// One request with the timeout, counted, no failover.
+    async fn timed<T>(
         &self,
         op: &'static str,
         key: &str,
@@ -315,6 +356,23 @@ impl LeaseStore {
         }
     }
 
+    async fn kv_get(&self, key: &str, opts: Option<GetOptions>) -> Result<GetResponse, StoreError> {
+        let op = if opts.is_some() { "list" } else { "get" };
+        self.rpc(op, key, |c| {
+            let (k, o) = (key.to_string(), opts.clone());
+            async move { c.kv_client().get(k, o).await }
+        })
+        .await
+    }
+
+    async fn kv_txn(&self, key: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
+        self.rpc("txn", key, |c| {
+            let t = txn.clone();
+            async move { c.kv_client().txn(t).await }
+        })
+        .await
+    }
+
     /// The network config, `None` if there is none.
     pub async fn get_config(&self) -> Result<Option<NetConfig>, StoreError> {
         Ok(self.get_config_kv().await?.map(|(c, _)| c))
@@ -322,8 +380,7 @@ impl LeaseStore {
 
     async fn get_config_kv(&self) -> Result<Option<(NetConfig, i64)>, StoreError> {
         let key = self.config_key();
-        let mut kv = self.client.kv_client();
-        let resp = self.rpc("get", &key, kv.get(key.clone(), None)).await?;
+        let resp = self.kv_get(&key, None).await?;
         let Some(item) = resp.kvs().first() else {
             return Ok(None);
         };
@@ -352,8 +409,7 @@ impl LeaseStore {
         // The current config's revision guards the write: a concurrent writer makes us fail
         // rather than silently overwrite what we checked against.
         let current_rev = {
-            let mut kv = self.client.kv_client();
-            let resp = self.rpc("get", &key, kv.get(key.clone(), None)).await?;
+            let resp = self.kv_get(&key, None).await?;
             resp.kvs()
                 .first()
                 .map(|k| (k.mod_revision(), k.value().to_vec()))
@@ -394,8 +450,7 @@ impl LeaseStore {
             cfg.to_json(),
             None,
         )]);
-        let mut kv = self.client.kv_client();
-        let resp = self.rpc("txn", &key, kv.txn(txn)).await?;
+        let resp = self.kv_txn(&key, txn).await?;
         if !resp.succeeded() {
             return Err(StoreError::Contention {
                 what: "writing the network config (it changed concurrently)",
@@ -443,13 +498,8 @@ impl LeaseStore {
 
     async fn list_raw(&self) -> Result<(Vec<KeyValue>, i64), StoreError> {
         let key = self.subnets_prefix();
-        let mut kv = self.client.kv_client();
         let mut resp = self
-            .rpc(
-                "list",
-                &key,
-                kv.get(key.clone(), Some(GetOptions::new().with_prefix())),
-            )
+            .kv_get(&key, Some(GetOptions::new().with_prefix()))
             .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok((resp.take_kvs(), rev))
@@ -466,13 +516,10 @@ impl LeaseStore {
 
     /// When etcd lease `id` expires (`None`: it is gone).
     pub async fn expires(&self, id: i64) -> Result<Option<SystemTime>, StoreError> {
-        let mut lc = self.client.lease_client();
         let resp = self
-            .rpc(
-                "lease-ttl",
-                &format!("lease {id:x}"),
-                lc.time_to_live(id, None),
-            )
+            .rpc("lease-ttl", &format!("lease {id:x}"), |c| async move {
+                c.lease_client().time_to_live(id, None).await
+            })
             .await?;
         Ok((resp.ttl() > 0).then(|| SystemTime::now() + Duration::from_secs(resp.ttl() as u64)))
     }
@@ -480,21 +527,22 @@ impl LeaseStore {
     /// The lease of `subnet`, if any.
     pub async fn get(&self, subnet: &Ipv4Net) -> Result<Option<Lease>, StoreError> {
         let key = self.lease_key(subnet);
-        let mut kv = self.client.kv_client();
-        let resp = self.rpc("get", &key, kv.get(key.clone(), None)).await?;
+        let resp = self.kv_get(&key, None).await?;
         Ok(resp.kvs().first().and_then(|k| self.parse_kv(k)))
     }
 
     /// Deletes the lease of `subnet` (and revokes its etcd lease). False if there was none.
     pub async fn release(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
         let key = self.lease_key(&subnet);
-        let mut kv = self.client.kv_client();
         let resp = self
-            .rpc(
-                "delete",
-                &key,
-                kv.delete(key.clone(), Some(DeleteOptions::new().with_prev_key())),
-            )
+            .rpc("delete", &key, |c| {
+                let k = key.clone();
+                async move {
+                    c.kv_client()
+                        .delete(k, Some(DeleteOptions::new().with_prev_key()))
+                        .await
+                }
+            })
             .await?;
         for prev in resp.prev_kvs() {
             if prev.lease() != 0 {
@@ -506,9 +554,10 @@ impl LeaseStore {
 
     /// Best-effort revoke of an etcd lease that no key uses any more.
     async fn revoke(&self, id: i64) {
-        let mut lc = self.client.lease_client();
         if let Err(e) = self
-            .rpc("lease-revoke", &format!("lease {id:x}"), lc.revoke(id))
+            .rpc("lease-revoke", &format!("lease {id:x}"), |c| async move {
+                c.lease_client().revoke(id).await
+            })
             .await
         {
             tracing::debug!(lease = id, error = %e, "revoking an unused etcd lease failed (it expires by itself)");
@@ -534,8 +583,7 @@ impl LeaseStore {
             });
         }
         let key = self.lease_key(&subnet);
-        let mut kv = self.client.kv_client();
-        let cur = self.rpc("get", &key, kv.get(key.clone(), None)).await?;
+        let cur = self.kv_get(&key, None).await?;
         let guard = match cur.kvs().first() {
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
             Some(k) => {
@@ -553,7 +601,7 @@ impl LeaseStore {
             attrs.to_json(),
             None,
         )]);
-        let resp = self.rpc("txn", &key, kv.txn(txn)).await?;
+        let resp = self.kv_txn(&key, txn).await?;
         if !resp.succeeded() {
             return Err(StoreError::Contention {
                 what: "reserving (the key changed concurrently)",
@@ -609,11 +657,12 @@ impl LeaseStore {
         let prefix = self.subnets_prefix();
 
         // The list and the etcd lease grant are independent: one round trip of latency.
-        let mut lc = self.client.lease_client();
         let grant_key = format!("lease ttl {ttl_secs}s");
         let (listed, granted) = tokio::join!(
             self.list_raw(),
-            self.rpc("lease-grant", &grant_key, lc.grant(ttl_secs, None))
+            self.rpc("lease-grant", &grant_key, |c| async move {
+                c.lease_client().grant(ttl_secs, None).await
+            })
         );
         let granted = granted?;
         let lease_id = granted.id();
@@ -666,8 +715,7 @@ impl LeaseStore {
                             Some(GetOptions::new().with_prefix()),
                         )]);
                     let subnet = *subnet;
-                    let mut kvc = self.client.kv_client();
-                    let resp = self.rpc("txn", &key, kvc.txn(txn)).await?;
+                    let resp = self.kv_txn(&key, txn).await?;
                     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                     if resp.succeeded() {
                         if !reserved && old_lease != lease_id {
@@ -711,8 +759,7 @@ impl LeaseStore {
                         prefix.clone(),
                         Some(GetOptions::new().with_prefix()),
                     )]);
-                let mut kvc = self.client.kv_client();
-                let resp = self.rpc("txn", &key, kvc.txn(txn)).await?;
+                let resp = self.kv_txn(&key, txn).await?;
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                 if resp.succeeded() {
                     tracing::info!(%subnet, node = %attrs.node_name, attempt, "acquired subnet");
@@ -771,6 +818,22 @@ impl LeaseStore {
     /// Must be called inside a tokio runtime.
     pub fn watch(&self) -> LeaseWatch {
         LeaseWatch::spawn(self.clone())
+    }
+}
+
+/// Errors after which another endpoint may answer: transport failures and timeouts (not
+/// etcd's own answers such as "lease not found").
+fn is_endpoint_failure(e: &StoreError) -> bool {
+    match e {
+        StoreError::Timeout { .. } => true,
+        StoreError::Etcd { source, .. } => match source {
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+            // gRPC codes: 1 Cancelled, 2 Unknown (tonic's transport errors), 4 DeadlineExceeded,
+            // 14 Unavailable.
+            etcd_client::Error::GRpcStatus(st) => matches!(st.code() as i32, 1 | 2 | 4 | 14),
+            _ => false,
+        },
+        _ => false,
     }
 }
 

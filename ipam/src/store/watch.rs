@@ -91,8 +91,9 @@ impl LeaseWatch {
                 self.state.remove(&l.subnet);
             }
             LeaseEvent::Synced { revision } => {
+                // A full state: after a re-list of a restored etcd the revision may go down.
                 self.synced = true;
-                self.revision = self.revision.max(*revision);
+                self.revision = *revision;
             }
         }
         Some(ev)
@@ -200,9 +201,11 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Coun
             .with_start_revision(rev + 1)
             .with_prev_key()
             .with_progress_notify();
-        let mut wc = store.client.watch_client();
         let mut stream = match store
-            .rpc("watch", &prefix, wc.watch(prefix.clone(), Some(opts)))
+            .rpc("watch", &prefix, |c| {
+                let (k, o) = (prefix.clone(), opts.clone());
+                async move { c.watch_client().watch(k, Some(o)).await }
+            })
             .await
         {
             Ok(s) => s,
@@ -233,6 +236,21 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Coun
                                 "etcd cancelled the lease watch"
                             );
                         }
+                        break;
+                    }
+                    // A store whose revision went backwards (etcd restored from a backup, or
+                    // wiped): the history we resume from is not this store's; start over.
+                    if resp.created()
+                        && let Some(h) = resp.header()
+                        && h.revision() < rev
+                    {
+                        counters.compactions.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            store_revision = h.revision(),
+                            delivered_revision = rev,
+                            "etcd's revision went backwards (restored or replaced): re-listing"
+                        );
+                        need_list = true;
                         break;
                     }
                     backoff.reset();

@@ -24,6 +24,7 @@ use serde_json::json;
 struct Run {
     elapsed: Duration,
     max_rss_kib: i64,
+    cpu: Duration,
 }
 
 /// fork/exec `program` with `env` and `stdin`, wait with wait4 for its rusage.
@@ -68,9 +69,11 @@ fn exec(program: &Path, args: &[&str], env: &[(&str, &str)], stdin: &str) -> Res
         }
         bail!("{} {args:?} {env:?}: {st}: {out} {err}", program.display());
     }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Ok(Run {
         elapsed,
         max_rss_kib: ru.ru_maxrss,
+        cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
     })
 }
 
@@ -89,19 +92,25 @@ fn sh(program: &str, args: &[&str]) -> Result<()> {
 #[derive(Default)]
 struct Series {
     ms: Vec<f64>,
+    cpu_ms: Vec<f64>,
     rss: Vec<i64>,
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
 }
 
 impl Series {
     fn push(&mut self, r: Run) {
         self.ms.push(r.elapsed.as_secs_f64() * 1e3);
+        self.cpu_ms.push(r.cpu.as_secs_f64() * 1e3);
         self.rss.push(r.max_rss_kib);
     }
     fn pct(&self, p: f64) -> f64 {
-        let mut v = self.ms.clone();
-        v.sort_by(|a, b| a.total_cmp(b));
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v[i]
+        percentile(&self.ms, p)
     }
     fn max_rss(&self) -> i64 {
         self.rss.iter().copied().max().unwrap_or(0)
@@ -223,8 +232,10 @@ fn main() -> Result<()> {
 
     let f50 = floor.pct(0.5);
     let net = |s: &Series, p: f64| (s.pct(p) - f50).max(0.0);
-    println!("| call | p50 ms | p95 ms | p50 net ms | p95 net ms | peak RSS KiB |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| call | p50 ms | p95 ms | p50 net ms | p95 net ms | CPU (user+sys) p50 ms | peak RSS KiB |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (name, s) in [
         ("exec /bin/true (floor)", &*floor),
         ("twill ADD", &*t_add),
@@ -234,11 +245,12 @@ fn main() -> Result<()> {
         ("ip link del (veth)", &*vdel),
     ] {
         println!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             s.pct(0.5),
             s.pct(0.95),
             net(s, 0.5),
             net(s, 0.95),
+            percentile(&s.cpu_ms, 0.5),
             s.max_rss()
         );
     }
@@ -256,6 +268,8 @@ fn main() -> Result<()> {
         "DEL p50 net: twill/ip-link-del = {:.3} (target <= 1.3)",
         ratio(net(t_del, 0.5), net(vdel, 0.5))
     );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at the end: {}", load.trim());
     let size = std::fs::metadata(&twill)?.len();
     println!(
         "twill binary: {} bytes ({:.2} MiB)",
