@@ -17,7 +17,7 @@ NODE="${PREFIX}node"
 WORK="$(mktemp -d /tmp/twbench.XXXXXX)"
 cleanup() {
   # Pods of an interrupted run, then the node namespace (its bridge and veths go with it).
-  for ns in $(ip netns list | awk '{print $1}' | grep -E "^${PREFIX}[trv][0-9]+$" || true); do
+  for ns in $(ip netns list | awk '{print $1}' | grep -E "^${PREFIX}[trvw][0-9]+$" || true); do
     ip netns del "$ns" 2>/dev/null || true
   done
   ip netns del "$NODE" 2>/dev/null || true

@@ -222,6 +222,31 @@ async fn wire(
     // here; it is first needed after the veth exists.
     let pod_open = RtnlCni::spawn_open(ns.path().to_path_buf());
     let node = RtnlCni::current()?;
+    let pod = || {
+        pod_open.join().unwrap_or_else(|_| {
+            Err(twill_dataplane::Error::Invalid(
+                "netns thread panicked".into(),
+            ))
+        })
+    };
+    wire_with(&node, pod, conf, subnet, ns, ifname, host, ip, mtu).await
+}
+
+/// [`wire`] over any [`CniDataplane`]: `node` acts in the node namespace, `pod()` gives the
+/// one for the pod namespace (called once the veth exists). A failure after the veth exists
+/// deletes the host veth (the kernel removes the pod end with it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
+    node: &N,
+    pod: impl FnOnce() -> twill_dataplane::Result<P>,
+    conf: &NetConf,
+    subnet: &SubnetFile,
+    ns: &NetNs,
+    ifname: &str,
+    host: &str,
+    ip: IpAddr,
+    mtu: u32,
+) -> Result<(Named, Named, String)> {
     let gw = subnet.gateway();
     let br = node
         .ensure_bridge(&conf.bridge, subnet.subnet, bridge_mac(gw), mtu)
@@ -240,11 +265,7 @@ async fn wire(
         r => r,
     };
     tracing::debug!("bridge ensured, veth created");
-    let pod = pod_open.join().unwrap_or_else(|_| {
-        Err(twill_dataplane::Error::Invalid(
-            "netns thread panicked".into(),
-        ))
-    });
+    let pod = pod();
     created.map_err(|e| {
         let mut err = CniError::from(e);
         if err.details.contains("exists") {
@@ -316,5 +337,145 @@ async fn wire(
             }
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twill_dataplane::cni::fake::Recording;
+
+    fn conf() -> NetConf {
+        crate::config::parse_conf(br#"{"cniVersion":"1.1.0","name":"t","type":"twill"}"#).unwrap()
+    }
+
+    fn subnet() -> SubnetFile {
+        SubnetFile::parse(
+            "s",
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\n",
+        )
+        .unwrap()
+    }
+
+    /// The node fake, and the pod fake, where the kernel puts the veth's pod end.
+    fn fakes() -> (Recording, Recording) {
+        let pod = Recording::new();
+        pod.add_link("eth0", "veth");
+        (Recording::new(), pod)
+    }
+
+    async fn run(
+        node: &Recording,
+        pod: &Recording,
+        pod_fails: bool,
+    ) -> Result<(Named, Named, String)> {
+        let ns = NetNs::current().unwrap();
+        let pod = pod.clone();
+        let pod = move || {
+            if pod_fails {
+                Err(twill_dataplane::Error::Invalid("no pod socket".into()))
+            } else {
+                Ok(pod)
+            }
+        };
+        wire_with(
+            node,
+            pod,
+            &conf(),
+            &subnet(),
+            &ns,
+            "eth0",
+            "vethabc",
+            "10.244.3.2".parse().unwrap(),
+            1450,
+        )
+        .await
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn wires_bridge_veth_pod_in_order() {
+        let (f, p) = fakes();
+        let (br, host, _mac) = rt().block_on(run(&f, &p, false)).unwrap();
+        assert_eq!(br, ("cni0".to_string(), "0a:58:0a:f4:03:01".to_string()));
+        assert_eq!(host.0, "vethabc");
+        assert_eq!(
+            f.calls(),
+            [
+                "ensure_bridge cni0 10.244.3.1/24 1450",
+                "create_veth vethabc eth0 1450",
+                "link vethabc",
+                "set_hairpin vethabc true"
+            ]
+        );
+        let calls = p.calls();
+        assert_eq!(calls[0], "link eth0");
+        for c in [
+            "set_up eth0",
+            "add_address eth0 10.244.3.2/24",
+            "add_route 0.0.0.0/0 via 10.244.3.1",
+            "add_route 10.244.0.0/16 via 10.244.3.1",
+        ] {
+            assert!(calls.contains(&c.to_string()), "{c} not in {calls:?}");
+        }
+        let up = calls.iter().position(|c| c == "set_up eth0").unwrap();
+        let route = calls
+            .iter()
+            .position(|c| c.starts_with("add_route"))
+            .unwrap();
+        let addr = calls
+            .iter()
+            .position(|c| c.starts_with("add_address"))
+            .unwrap();
+        assert!(
+            up < route && addr < route,
+            "routes before link/address: {calls:?}"
+        );
+    }
+
+    #[test]
+    fn a_failure_after_the_veth_deletes_it() {
+        let (f, p) = fakes();
+        p.fail_next("add_route", libc::ENETUNREACH);
+        let e = rt().block_on(run(&f, &p, false)).unwrap_err();
+        assert_eq!(e.code, code::KERNEL);
+        assert_eq!(f.calls().last().unwrap(), "delete_link vethabc");
+        assert!(!f.has_link("vethabc"));
+
+        let (f, p) = fakes();
+        let e = rt().block_on(run(&f, &p, true)).unwrap_err();
+        assert!(e.msg.contains("no pod socket"), "{e}");
+        assert_eq!(f.calls().last().unwrap(), "delete_link vethabc");
+    }
+
+    #[test]
+    fn a_leftover_host_veth_is_replaced() {
+        let (f, p) = fakes();
+        f.add_link("vethabc", "veth");
+        rt().block_on(run(&f, &p, false)).unwrap();
+        let calls = f.calls();
+        assert_eq!(
+            calls[1..4],
+            [
+                "create_veth vethabc eth0 1450".to_string(),
+                "delete_link vethabc".to_string(),
+                "create_veth vethabc eth0 1450".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_bridge_touches_nothing_else() {
+        let (f, p) = fakes();
+        f.fail_next("ensure_bridge", libc::EPERM);
+        let e = rt().block_on(run(&f, &p, false)).unwrap_err();
+        assert_eq!(e.code, code::KERNEL);
+        assert_eq!(f.calls().len(), 1);
+        assert!(p.calls().is_empty());
     }
 }

@@ -465,3 +465,210 @@ mod tests {
         assert_eq!(m[0] & 0x01, 0, "unicast");
     }
 }
+
+/// A recording fake of [`CniDataplane`] for unit tests of the plugin's logic: it keeps links
+/// in memory, records every call as a line (`"create_veth vethX eth0 1450"`), and fails the
+/// next call of a verb with a given errno when told to.
+pub mod fake {
+    use std::collections::{BTreeMap, HashMap};
+    use std::net::IpAddr;
+    use std::sync::{Arc, Mutex};
+
+    use ipnet::IpNet;
+
+    use super::{CniDataplane, Link, Route};
+    use crate::{Error, NetNs, Result};
+
+    /// One namespace's fake kernel. Clones share it (keep one to inspect after handing one
+    /// to the code under test).
+    #[derive(Default, Clone)]
+    pub struct Recording {
+        inner: Arc<Inner>,
+    }
+
+    #[derive(Default)]
+    struct Inner {
+        calls: Mutex<Vec<String>>,
+        fail: Mutex<HashMap<String, i32>>,
+        links: Mutex<BTreeMap<String, Link>>,
+        addrs: Mutex<Vec<(u32, IpNet)>>,
+        routes: Mutex<Vec<Route>>,
+    }
+
+    impl Recording {
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// The next call of `verb` fails with `errno`.
+        pub fn fail_next(&self, verb: &str, errno: i32) {
+            self.inner.fail.lock().unwrap().insert(verb.into(), errno);
+        }
+
+        /// Every call so far, one line each.
+        pub fn calls(&self) -> Vec<String> {
+            self.inner.calls.lock().unwrap().clone()
+        }
+
+        /// Adds a link as if the kernel had it.
+        pub fn add_link(&self, name: &str, kind: &str) -> Link {
+            let mut links = self.inner.links.lock().unwrap();
+            let l = Link {
+                index: links.len() as u32 + 2,
+                name: name.into(),
+                mac: vec![2, 0, 0, 0, 0, links.len() as u8 + 2],
+                mtu: Some(1500),
+                up: false,
+                controller: None,
+                kind: Some(kind.into()),
+            };
+            links.insert(name.into(), l.clone());
+            l
+        }
+
+        pub fn has_link(&self, name: &str) -> bool {
+            self.inner.links.lock().unwrap().contains_key(name)
+        }
+
+        fn call(&self, verb: &str, line: String) -> Result<()> {
+            self.inner.calls.lock().unwrap().push(line);
+            match self.inner.fail.lock().unwrap().remove(verb) {
+                Some(errno) => Err(Error::io(
+                    format!("fake {verb}"),
+                    std::io::Error::from_raw_os_error(errno),
+                )),
+                None => Ok(()),
+            }
+        }
+
+        fn by_index(&self, index: u32) -> Option<String> {
+            self.inner
+                .links
+                .lock()
+                .unwrap()
+                .values()
+                .find(|l| l.index == index)
+                .map(|l| l.name.clone())
+        }
+    }
+
+    impl CniDataplane for Recording {
+        async fn ensure_bridge(
+            &self,
+            name: &str,
+            gateway: IpNet,
+            mac: [u8; 6],
+            mtu: u32,
+        ) -> Result<Link> {
+            self.call(
+                "ensure_bridge",
+                format!("ensure_bridge {name} {gateway} {mtu}"),
+            )?;
+            if !self.has_link(name) {
+                let mut l = self.add_link(name, "bridge");
+                l.mac = mac.to_vec();
+                l.up = true;
+                self.inner.links.lock().unwrap().insert(name.into(), l);
+            }
+            Ok(self.inner.links.lock().unwrap()[name].clone())
+        }
+
+        async fn create_veth(
+            &self,
+            host_name: &str,
+            bridge: &Link,
+            _pod_ns: &NetNs,
+            pod_ifname: &str,
+            mtu: u32,
+        ) -> Result<()> {
+            self.call(
+                "create_veth",
+                format!("create_veth {host_name} {pod_ifname} {mtu}"),
+            )?;
+            if self.has_link(host_name) {
+                return Err(Error::io(
+                    "fake create_veth",
+                    std::io::Error::from_raw_os_error(libc::EEXIST),
+                ));
+            }
+            let mut h = self.add_link(host_name, "veth");
+            h.up = true;
+            h.controller = Some(bridge.index);
+            self.inner.links.lock().unwrap().insert(host_name.into(), h);
+            // The pod end appears in the pod namespace's fake: the test adds it there.
+            Ok(())
+        }
+
+        async fn set_hairpin(&self, index: u32, on: bool) -> Result<()> {
+            let n = self.by_index(index).unwrap_or_default();
+            self.call("set_hairpin", format!("set_hairpin {n} {on}"))
+        }
+
+        async fn set_up(&self, index: u32) -> Result<()> {
+            let n = self.by_index(index).unwrap_or_default();
+            self.call("set_up", format!("set_up {n}"))?;
+            if let Some(l) = self.inner.links.lock().unwrap().get_mut(&n) {
+                l.up = true;
+            }
+            Ok(())
+        }
+
+        async fn link(&self, name: &str) -> Result<Option<Link>> {
+            self.call("link", format!("link {name}"))?;
+            Ok(self.inner.links.lock().unwrap().get(name).cloned())
+        }
+
+        async fn delete_link(&self, name: &str) -> Result<bool> {
+            self.call("delete_link", format!("delete_link {name}"))?;
+            Ok(self.inner.links.lock().unwrap().remove(name).is_some())
+        }
+
+        async fn bridge_ports(&self, bridge: u32) -> Result<Vec<Link>> {
+            self.call("bridge_ports", format!("bridge_ports {bridge}"))?;
+            Ok(self
+                .inner
+                .links
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|l| l.controller == Some(bridge))
+                .cloned()
+                .collect())
+        }
+
+        async fn add_address(&self, index: u32, addr: IpNet) -> Result<()> {
+            let n = self.by_index(index).unwrap_or_default();
+            self.call("add_address", format!("add_address {n} {addr}"))?;
+            self.inner.addrs.lock().unwrap().push((index, addr));
+            Ok(())
+        }
+
+        async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+            self.call("addresses", format!("addresses {index}"))?;
+            Ok(self
+                .inner
+                .addrs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(i, _)| *i == index)
+                .map(|(_, a)| *a)
+                .collect())
+        }
+
+        async fn add_route(&self, index: u32, dst: IpNet, gateway: IpAddr) -> Result<()> {
+            self.call("add_route", format!("add_route {dst} via {gateway}"))?;
+            self.inner.routes.lock().unwrap().push(Route {
+                dst,
+                gateway: Some(gateway),
+                oif: Some(index),
+            });
+            Ok(())
+        }
+
+        async fn routes(&self, _family_of: IpAddr) -> Result<Vec<Route>> {
+            self.call("routes", "routes".into())?;
+            Ok(self.inner.routes.lock().unwrap().clone())
+        }
+    }
+}

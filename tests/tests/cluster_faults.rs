@@ -122,3 +122,55 @@ fn etcd_outage_of_30s_loses_nothing_and_twilld_recovers() {
         tx - rx
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_lease_deleted_is_reacquired_with_the_same_subnet() {
+    let c = Cluster::start(ClusterOpts {
+        pods_per_node: 1,
+        ..ClusterOpts::default()
+    })
+    .unwrap();
+    let store = twill_ipam::store::LeaseStore::connect(c.etcd_options())
+        .await
+        .unwrap();
+    let subnet: ipnet::Ipv4Net = c.nodes[0].subnet().unwrap().parse().unwrap();
+    let bg = BackgroundPing::start(
+        &c.nodes[1].pods[0].ns,
+        c.nodes[0].pods[0].ip,
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    assert!(store.release(subnet).await.unwrap());
+    // The holder sees its key go and takes the same subnet again.
+    let mut back = None;
+    for _ in 0..200 {
+        if let Some(l) = store.get(&subnet).await.unwrap()
+            && l.attrs.node_name == c.nodes[0].name
+        {
+            back = Some(l);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        back.is_some(),
+        "lease not re-acquired\n{}",
+        c.nodes[0].log_text()
+    );
+    let routed = twill_tests::cluster::wait_for(Duration::from_secs(5), || {
+        [1, 2]
+            .iter()
+            .all(|&k| c.nodes[k].has_route(&subnet.to_string()))
+            .then_some(())
+    });
+    assert!(routed.is_some(), "peers lost the route\n{}", c.logs());
+    c.wait_ready(0, Duration::from_secs(5)).unwrap();
+    let m = c.nodes[0].metrics();
+    assert!(
+        metric(&m, "twill_lease_losses_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    let (tx, rx) = bg.finish().unwrap();
+    eprintln!("pings across the lease loss: {rx}/{tx}");
+    assert!(rx + 2 >= tx, "{} of {tx} pings lost", tx - rx);
+}

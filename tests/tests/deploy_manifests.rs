@@ -261,6 +261,18 @@ fn flags_by_env(cmd: &clap::Command) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// `twillctl status`: the global connection flags and the node name.
+fn twillctl_status(twillctl: &clap::Command) -> clap::Command {
+    let mut status = twillctl
+        .find_subcommand("status")
+        .expect("twillctl has the status command")
+        .clone();
+    for a in twillctl.get_arguments() {
+        status = status.arg(a.clone());
+    }
+    status
+}
+
 fn twilld() -> clap::Command {
     twill_netd::cli::Cli::command()
 }
@@ -579,8 +591,8 @@ fn env_names_are_twilld_flags_and_values_parse() {
         (
             twilld_container(pod),
             "TWILLCTL_",
-            twillctl.clone(),
-            vec!["twillctl", "leases", "list"],
+            twillctl_status(&twillctl),
+            vec!["twillctl", "status"],
         ),
         (
             install_container(pod),
@@ -634,6 +646,7 @@ fn env_names_are_twilld_flags_and_values_parse() {
         "ETCD_CAFILE",
         "ETCD_CERTFILE",
         "ETCD_KEYFILE",
+        "NODE_NAME",
     ] {
         assert_eq!(
             env.get(&format!("TWILLCTL_{k}")),

@@ -3,7 +3,8 @@
 //!
 //! - a rolling upgrade: each node's twilld is stopped (SIGTERM, as the kubelet does) and a
 //!   new binary is started in its place, one node at a time, waiting for `/readyz`, while
-//!   every pod pings a pod on the next node: 0 lost;
+//!   every pod pings a pod on the next node: 0 lost, every node keeps its subnet;
+//! - fields that a newer version wrote into the leases and the config survive restarts;
 //! - a compatible config change applied by a restart (other flags, net-conf.json with the
 //!   same network written differently): 0 lost;
 //! - an incompatible change (`Network` under existing leases) is refused with a clear
@@ -125,6 +126,71 @@ fn assert_no_loss(c: &Cluster, pings: Vec<(String, BackgroundPing)>, what: &str)
     assert_eq!(lost_total, 0, "{what}: {}\n{}", report.join(", "), c.logs());
 }
 
+/// Adds `"FutureField"` to every lease and to the network config in etcd, as a newer twill
+/// would write them (each lease stays bound to its etcd lease).
+fn write_future_fields(c: &Cluster) {
+    rt().block_on(async {
+        let store = twill_ipam::store::LeaseStore::new(c.etcd_options())
+            .await
+            .unwrap();
+        let mut kv = store.client().clone();
+        let mut keys = vec![store.config_key()];
+        let resp = kv
+            .get(
+                store.subnets_prefix(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        keys.extend(resp.kvs().iter().map(|k| k.key_str().unwrap().to_string()));
+        assert!(keys.len() > c.nodes.len(), "{keys:?}");
+        for key in keys {
+            let resp = kv.get(key.as_str(), None).await.unwrap();
+            let item = &resp.kvs()[0];
+            let mut v: serde_json::Value = serde_json::from_slice(item.value()).unwrap();
+            v["FutureField"] = serde_json::json!({"since": "v9"});
+            let opts = (item.lease() != 0)
+                .then(|| etcd_client::PutOptions::new().with_lease(item.lease()));
+            kv.put(key.as_str(), v.to_string(), opts).await.unwrap();
+        }
+    });
+}
+
+/// The keys (leases and config) that still carry `"FutureField"`.
+fn keys_with_future_fields(c: &Cluster) -> (usize, usize) {
+    rt().block_on(async {
+        let store = twill_ipam::store::LeaseStore::new(c.etcd_options())
+            .await
+            .unwrap();
+        let mut kv = store.client().clone();
+        let resp = kv
+            .get(
+                store.subnets_prefix(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        let leases = resp
+            .kvs()
+            .iter()
+            .filter(|k| k.value_str().unwrap().contains("\"FutureField\""))
+            .count();
+        let conf = kv.get(store.config_key(), None).await.unwrap();
+        let conf = conf.kvs()[0]
+            .value_str()
+            .unwrap()
+            .contains("\"FutureField\"") as usize;
+        (leases, conf)
+    })
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn subnets(c: &Cluster) -> Vec<Option<String>> {
     c.nodes.iter().map(|n| n.subnet()).collect()
 }
@@ -161,6 +227,38 @@ fn rolling_upgrade_node_by_node_loses_no_pod_traffic() {
         let d = n.daemon.as_ref().unwrap();
         assert!(d.pid().is_some(), "{} runs", n.name);
     }
+}
+
+#[test]
+fn leases_and_config_keep_fields_of_a_newer_version_across_restarts() {
+    let mut c = Cluster::start(ClusterOpts {
+        nodes: 2,
+        pods_per_node: 0,
+        ..Default::default()
+    })
+    .unwrap();
+    // What a newer version wrote: a twilld must keep it when it takes its lease over on
+    // restart (and renews it), so that an upgrade followed by a rollback loses nothing.
+    write_future_fields(&c);
+    let bin = twill_tests::bins::bin("twilld");
+    for i in 0..c.nodes.len() {
+        c.nodes[i].stop_daemon().unwrap();
+        start(&mut c, i, &bin, &[], &[]);
+        c.wait_ready(i, Duration::from_secs(20)).unwrap();
+    }
+    let (leases, conf) = keys_with_future_fields(&c);
+    assert_eq!(
+        conf, 1,
+        "the network config lost the field a newer version wrote"
+    );
+    assert_eq!(
+        leases,
+        c.nodes.len(),
+        "only {leases} of {} leases kept the field a newer version wrote, after twilld took \
+         them over on restart\n{}",
+        c.nodes.len(),
+        c.logs()
+    );
 }
 
 #[test]
@@ -255,13 +353,19 @@ fn incompatible_network_change_is_refused_in_log_and_readyz_and_traffic_flows() 
     assert_no_loss(&c, pings, "refused config change");
 }
 
-/// `/proc/sys` read-only (as runc mounts it in a non-privileged container) and a capability
-/// bounding set of NET_ADMIN only, without new privileges: what deploy/kube-twill.yml gives
-/// the twilld container.
-fn daemonset_privileges() -> Vec<String> {
-    let script = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && \
-                  exec setpriv --no-new-privs --inh-caps=-all --bounding-set=-all,+net_admin -- \"$@\"";
-    [
+/// `/proc/sys` read-only (as runc mounts it in a non-privileged container), the root file
+/// system read-only (`readOnlyRootFilesystem`) except `writable` (the node's directory with
+/// the subnet file: the hostPath `/run/twill` of the pod), and a capability bounding set of
+/// NET_ADMIN only, without new privileges: what deploy/kube-twill.yml gives the twilld
+/// container. All in a private mount namespace: the host's mounts are not touched.
+fn daemonset_privileges(writable: &Path) -> Vec<String> {
+    let w = writable.display();
+    let script = format!(
+        "mount --bind {w} {w} && mount -o remount,bind,ro / && \
+         mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && \
+         exec setpriv --no-new-privs --inh-caps=-all --bounding-set=-all,+net_admin -- \"$@\""
+    );
+    let mut v: Vec<String> = [
         "unshare",
         "--mount",
         "--propagation",
@@ -269,11 +373,12 @@ fn daemonset_privileges() -> Vec<String> {
         "--",
         "sh",
         "-c",
-        script,
-        "twilld",
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    v.push(script);
+    v.push("twilld".into());
+    v
 }
 
 #[test]
@@ -284,8 +389,9 @@ fn twilld_works_with_exactly_the_daemonset_privileges() {
         ..Default::default()
     })
     .unwrap();
-    // A third node, prepared like a real one (docs/install.md): IPv4 forwarding on, and the
-    // reverse-path filter of common distributions (loose), before twilld ever runs there.
+    // A third node, prepared as docs/install.md asks (the sysctls twilld cannot write from
+    // a pod: forwarding on, no reverse-path filter for new interfaces), with the loose
+    // filter of common distributions on `all`, before twilld ever runs there.
     let i = c.add_node().unwrap();
     c.nodes[i].kill_daemon();
     let ns = &c.nodes[i].ns;
@@ -295,13 +401,13 @@ fn twilld_works_with_exactly_the_daemonset_privileges() {
     for (k, v) in [
         ("net.ipv4.ip_forward", "1"),
         ("net.ipv4.conf.all.rp_filter", "2"),
-        ("net.ipv4.conf.default.rp_filter", "2"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
     ] {
         ns.exec("sysctl", &["-q", "-w", &format!("{k}={v}")])
             .unwrap();
     }
 
-    let wrapper = daemonset_privileges();
+    let wrapper = daemonset_privileges(&c.nodes[i].dir);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let bin = twill_tests::bins::bin("twilld");
     start(&mut c, i, &bin, &[], &wrapper);

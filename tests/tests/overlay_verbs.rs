@@ -34,8 +34,12 @@ async fn env() -> Env {
     ns.ip(&["link", "set", "u1", "up"]).unwrap();
     let netns = NetNs::open(ns.path()).unwrap();
     let nl = Netlink::open(&netns).unwrap();
+    // `ip -o link` starts with "<ifindex>: " (nsenter does not remount /sys for the ns).
     let idx: u32 = ns
-        .exec("cat", &["/sys/class/net/u0/ifindex"])
+        .ip(&["-o", "link", "show", "u0"])
+        .unwrap()
+        .split(':')
+        .next()
         .unwrap()
         .trim()
         .parse()

@@ -33,8 +33,9 @@ fn main() -> Result<()> {
     match cli.command {
         Some(Command::InstallCni(args)) => twill_netd::install_cni::run(&args),
         Some(Command::Run) | None => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // One thread: netlink replies, etcd streams and HTTP are all I/O-bound; no
+            // cross-thread wake-ups per netlink message, and a smaller RSS.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(twill_netd::daemon::run(cli.run))
