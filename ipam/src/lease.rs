@@ -55,6 +55,24 @@ fn unspecified() -> Ipv4Addr {
 }
 
 impl LeaseAttrs {
+    /// These attributes, with the fields that this version does not know taken from
+    /// `older` where they are not set here: a newer version's fields survive a restart of
+    /// an older twilld (rolling upgrade, roll back), at the top level and in `BackendData`.
+    pub fn keeping_unknown_fields_of(&self, older: &LeaseAttrs) -> LeaseAttrs {
+        let mut merged = self.clone();
+        for (k, v) in &older.extra {
+            merged.extra.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        for (k, v) in &older.backend_data.extra {
+            merged
+                .backend_data
+                .extra
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+        }
+        merged
+    }
+
     /// Attributes of a VXLAN node.
     pub fn vxlan(node_name: &str, public_ip: Ipv4Addr, vni: u32, vtep_mac: &str) -> Self {
         LeaseAttrs {

@@ -165,10 +165,17 @@ async fn own_lease_deleted_is_reacquired_with_the_same_subnet() {
     });
     assert!(routed.is_some(), "peers lost the route\n{}", c.logs());
     c.wait_ready(0, Duration::from_secs(5)).unwrap();
-    let m = c.nodes[0].metrics();
+    // Holder counters reach the metrics on twilld's 1 s stats tick.
+    let counted = twill_tests::cluster::wait_for(Duration::from_secs(3), || {
+        (metric(&c.nodes[0].metrics(), "twill_lease_losses_total").unwrap_or(0.0) >= 1.0)
+            .then_some(())
+    });
     assert!(
-        metric(&m, "twill_lease_losses_total").unwrap_or(0.0) >= 1.0,
-        "{m}"
+        counted.is_some(),
+        "{}
+{}",
+        c.nodes[0].metrics(),
+        c.nodes[0].log_text()
     );
     let (tx, rx) = bg.finish().unwrap();
     eprintln!("pings across the lease loss: {rx}/{tx}");

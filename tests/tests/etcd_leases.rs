@@ -147,6 +147,38 @@ async fn restart_gets_the_same_subnet_also_after_expiry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboot_past_ttl_without_hint_gets_the_home_subnet_back() {
+    // A node that was down past its TTL and lost /run (no subnet file, so no hint): its home
+    // subnet (a hash of its name) is still free, so it gets the same subnet as before.
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd, NET16).await;
+    let a = attrs("node-reboot", 1);
+    let first = store
+        .acquire(&cfg, &a, Duration::from_secs(1))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let other = attrs(&format!("peer-{i}"), 10 + i);
+        store
+            .acquire(&cfg, &other, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let mut w = synced_watch(&store).await;
+    loop {
+        if let LeaseEvent::Removed(l) = next_event(&mut w, Duration::from_secs(10)).await {
+            assert_eq!(l.subnet, first.subnet);
+            break;
+        }
+    }
+    let back = store
+        .acquire(&cfg, &a, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(back.subnet, first.subnet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_expiry_gives_a_removed_event_within_ttl_plus_one_second() {
     let etcd = EtcdServer::start().unwrap();
     let (store, cfg) = setup(&etcd, NET16).await;

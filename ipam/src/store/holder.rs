@@ -445,7 +445,11 @@ impl Task {
                 CompareOp::Equal,
                 lease.mod_revision,
             )])
-            .and_then(vec![TxnOp::put(key.to_string(), attrs.to_json(), opts)]);
+            .and_then(vec![TxnOp::put(
+                key.to_string(),
+                attrs.keeping_unknown_fields_of(&lease.attrs).to_json(),
+                opts,
+            )]);
         let resp = self.store.kv_txn(key, txn).await?;
         Ok(resp
             .succeeded()

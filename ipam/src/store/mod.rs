@@ -694,14 +694,16 @@ impl LeaseStore {
                     let key = self.lease_key(subnet);
                     let reserved = k.lease() == 0;
                     let old_lease = k.lease();
+                    // Keep the fields that a newer version wrote into this key.
+                    let kept = match LeaseAttrs::from_json(&key, k.value()) {
+                        Ok(old) => attrs.keeping_unknown_fields_of(&old),
+                        Err(_) => attrs.clone(),
+                    };
+                    let value = kept.to_json();
                     let put = if reserved {
-                        TxnOp::put(key.clone(), value.clone(), None)
+                        TxnOp::put(key.clone(), value, None)
                     } else {
-                        TxnOp::put(
-                            key.clone(),
-                            value.clone(),
-                            Some(PutOptions::new().with_lease(lease_id)),
-                        )
+                        TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(lease_id)))
                     };
                     let txn = Txn::new()
                         .when(vec![Compare::mod_revision(
@@ -722,7 +724,7 @@ impl LeaseStore {
                             self.revoke(old_lease).await;
                         }
                         tracing::info!(%subnet, node = %attrs.node_name, reserved, "took over this node's existing subnet");
-                        return Ok((subnet, reserved, rev));
+                        return Ok((subnet, reserved, rev, kept));
                     }
                     kvs = else_list(resp.op_responses());
                     tracing::debug!(%subnet, attempt, "own key changed concurrently, retrying");
@@ -739,10 +741,15 @@ impl LeaseStore {
                         count: cfg.subnet_count(),
                     });
                 }
-                let subnet = match prefer {
-                    Some(p) if cfg.is_valid_subnet(&p) && !taken.contains(&p) => p,
-                    _ => pick_free(cfg, &taken),
-                };
+                // The caller's hint first (the subnet it had), then the node's home subnet
+                // (a hash of its name): a node whose key expired while it was down, and whose
+                // hint is gone too (/run is tmpfs), still gets its old subnet back when that
+                // was its home and is free. Otherwise a random free one.
+                let subnet = [prefer, home_subnet(cfg, &attrs.node_name)]
+                    .into_iter()
+                    .flatten()
+                    .find(|p| cfg.is_valid_subnet(p) && !taken.contains(p))
+                    .unwrap_or_else(|| pick_free(cfg, &taken));
                 let key = self.lease_key(&subnet);
                 let txn = Txn::new()
                     .when(vec![Compare::create_revision(
@@ -763,7 +770,7 @@ impl LeaseStore {
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                 if resp.succeeded() {
                     tracing::info!(%subnet, node = %attrs.node_name, attempt, "acquired subnet");
-                    return Ok((subnet, false, rev));
+                    return Ok((subnet, false, rev, attrs.clone()));
                 }
                 tracing::debug!(%subnet, attempt, "subnet taken concurrently, picking another");
                 kvs = else_list(resp.op_responses());
@@ -775,13 +782,13 @@ impl LeaseStore {
         }
         .await;
         match result {
-            Ok((subnet, reserved, rev)) => {
+            Ok((subnet, reserved, rev, attrs)) => {
                 if reserved {
                     self.revoke(lease_id).await;
                 }
                 Ok(Lease {
                     subnet,
-                    attrs: attrs.clone(),
+                    attrs,
                     reserved,
                     etcd_lease: if reserved { 0 } else { lease_id },
                     expires: (!reserved)
@@ -819,6 +826,21 @@ impl LeaseStore {
     pub fn watch(&self) -> LeaseWatch {
         LeaseWatch::spawn(self.clone())
     }
+}
+
+/// The subnet a node tries first when it holds none: FNV-1a of its name over the candidate
+/// subnets. Stable across versions and restarts (unlike std's hasher), uniform across names.
+fn home_subnet(cfg: &NetConfig, node_name: &str) -> Option<Ipv4Net> {
+    let count = cfg.subnet_count();
+    if count == 0 {
+        return None;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node_name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    cfg.subnet_at(h % count)
 }
 
 /// Errors after which another endpoint may answer: transport failures and timeouts (not
