@@ -88,7 +88,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         },
     )?;
     tracing::info!(container = cid, ifname, ip = %res.ip, new, "reserved");
-    // The crash-safe write (two fsyncs: most of an ADD's time) runs on its own thread, with
+    // The crash-safe write (fsync + rename: most of an ADD's time) runs on its own thread, with
     // the lock, while the kernel work goes on; success is reported only once it is durable.
     let commit = std::thread::spawn(move || locked.commit());
 

@@ -15,10 +15,17 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
     let ifname = env.ifname()?;
     let host = host_veth_name(cid, ifname);
     let alloc = Allocator::new(&conf.data_dir, &conf.name);
-    let mut locked = alloc.lock()?;
-    let released = locked.release(cid, ifname);
-    // The release is written (fsyncs) on its own thread while the kernel removes the veth.
-    let commit = std::thread::spawn(move || locked.commit());
+    // An unreadable allocator must not keep the pod's veth alive: it is removed anyway, and
+    // the allocator's error is reported after that.
+    let (released, commit) = match alloc.lock() {
+        Ok(mut locked) => {
+            let released = locked.release(cid, ifname);
+            // The release is written (fsync + rename) on its own thread while the kernel
+            // removes the veth.
+            (released, Ok(std::thread::spawn(move || locked.commit())))
+        }
+        Err(e) => (None, Err(e)),
+    };
     let other = released
         .as_ref()
         .and_then(|r| r.host_veth.clone())
@@ -34,10 +41,12 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
         }
         Ok::<_, twill_dataplane::Error>(())
     });
-    let committed = commit.join().unwrap_or_else(|_| {
-        Err(twill_ipam::alloc::AllocError::Io {
-            path: alloc.state_path(),
-            source: std::io::Error::other("commit thread panicked"),
+    let committed = commit.and_then(|c| {
+        c.join().unwrap_or_else(|_| {
+            Err(twill_ipam::alloc::AllocError::Io {
+                path: alloc.state_path(),
+                source: std::io::Error::other("commit thread panicked"),
+            })
         })
     });
     deleted??;

@@ -86,7 +86,8 @@ pub struct RunArgs {
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
     #[arg(long, env = "TWILLD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
     pub metrics_addr: SocketAddr,
-    /// Period of the full resync (etcd list + netlink dump + repair).
+    /// Period of the full resync: device, sysctls and nftables checked, a fresh netlink dump
+    /// diffed against the leases (kept current by the etcd watch), drift repaired.
     #[arg(long, env = "TWILLD_RESYNC_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
     pub resync_period: Duration,
     /// A net-conf.json file (e.g. from the ConfigMap): written to etcd if etcd has none,

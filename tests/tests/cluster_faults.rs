@@ -181,3 +181,34 @@ async fn own_lease_deleted_is_reacquired_with_the_same_subnet() {
     eprintln!("pings across the lease loss: {rx}/{tx}");
     assert!(rx + 2 >= tx, "{} of {tx} pings lost", tx - rx);
 }
+
+#[test]
+fn restart_while_etcd_is_down_keeps_the_data_plane_and_recovers() {
+    let mut c = Cluster::start(ClusterOpts {
+        nodes: 2,
+        pods_per_node: 1,
+        ..ClusterOpts::default()
+    })
+    .unwrap();
+    let bg = BackgroundPing::start(
+        &c.nodes[0].pods[0].ns,
+        c.nodes[1].pods[0].ip,
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    c.etcd.stop().unwrap();
+    c.nodes[0].kill_daemon();
+    c.start_daemon(0).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let n = &c.nodes[0];
+    assert_eq!(n.http("/healthz").unwrap().0, 200);
+    let (code, body) = n.http("/readyz").unwrap();
+    assert_eq!(code, 503, "ready without etcd: {body}");
+    assert_eq!(n.overlay_routes().len(), 1, "the data plane must stay");
+    c.etcd.restart().unwrap();
+    c.wait_ready(0, Duration::from_secs(20)).unwrap();
+    let m = c.nodes[0].metrics();
+    assert_eq!(metric(&m, "twill_netlink_ops_total"), Some(0.0), "{m}");
+    let (tx, rx) = bg.finish().unwrap();
+    assert_eq!(tx, rx, "{} of {tx} pings lost", tx - rx);
+}

@@ -142,6 +142,18 @@ fn check_passes_after_add_and_names_what_is_missing() {
     let msg = out.json()["msg"].as_str().unwrap().to_string();
     assert!(msg.contains("interface eth0 not found"), "{msg}");
 
+    // A route removed (a third pod).
+    let c = node.pod("cc");
+    let rc = node.add(&c);
+    c.ns.ip(&["route", "del", "default"]).unwrap();
+    let out = node.check(&c, &rc);
+    let msg = out.json()["msg"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("route 0.0.0.0/0 via 10.244.3.1 missing"),
+        "{msg}"
+    );
+    node.del(&c);
+
     // No reservation: says so.
     node.del(&b);
     let out = node.check(&b, &rb);
@@ -198,6 +210,14 @@ fn del_is_idempotent() {
     assert!(node.reservations().is_empty());
     assert!(node.host_veths().is_empty());
     assert!(node.lock_is_free());
+    // A corrupt allocator state: DEL still removes the veth, then reports code 102.
+    let e = node.pod("de");
+    node.add(&e);
+    std::fs::write(node.state_file(), "{garbage").unwrap();
+    let out = node.call("DEL", &e, &node.conf("1.0.0"));
+    assert_eq!(out.error_code(), Some(102), "{}", out.stdout);
+    assert!(node.host_veths().is_empty());
+    assert!(!e.ns.has_link("eth0"));
 }
 
 #[test]
@@ -350,4 +370,28 @@ fn failed_add_undoes_its_work() {
     assert!(node.host_veths().is_empty(), "{:?}", node.host_veths());
     assert!(node.lock_is_free());
     assert!(node.stray_files().is_empty());
+}
+
+#[test]
+fn logs_go_to_the_log_file_never_to_stdout() {
+    let mut node = Node::new();
+    let log = node.dir.path().join("twill.log");
+    node.extra = json!({"logFile": log, "logLevel": "debug"});
+    let a = node.pod("lg");
+    let out = node.call("ADD", &a, &node.conf("1.0.0")).expect_ok("ADD");
+    // stdout is exactly the result; stderr is empty; the log file has the story.
+    assert_eq!(out.json()["cniVersion"], "1.0.0");
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("reserved") && text.contains(&a.id), "{text}");
+    node.del(&a);
+    // Without logFile, errors are logged on stderr.
+    node.extra = json!({});
+    let out = node.exec(&[("CNI_COMMAND", "ADD")], &node.conf("1.0.0"));
+    assert!(
+        out.stderr.contains("CNI_CONTAINERID is required"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.error_code(), Some(4));
 }

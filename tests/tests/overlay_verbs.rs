@@ -364,3 +364,67 @@ fn nft_table_is_idempotent() {
     nft.remove().unwrap();
     assert_eq!(nft.list().unwrap(), None);
 }
+
+#[tokio::test]
+async fn underlay_is_found_from_the_default_route() {
+    let e = env().await;
+    e.ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.77.254",
+        "dev",
+        "u0",
+    ])
+    .unwrap();
+    let nl = Netlink::open(&e.netns).unwrap();
+    let u = overlay::underlay::resolve(&nl, None, None).await.unwrap();
+    assert_eq!(u.name, "u0");
+    assert_eq!(u.index, e.underlay);
+    assert_eq!(u.mtu, 1500);
+    assert_eq!(u.ip, IpAddr::V4(Ipv4Addr::new(192, 168, 77, 1)));
+    assert_eq!(u.vxlan_mtu(), 1450);
+    // --iface and --public-ip win.
+    let pinned: IpAddr = "192.168.77.9".parse().unwrap();
+    let u = overlay::underlay::resolve(&nl, Some("u1"), Some(pinned))
+        .await
+        .unwrap();
+    assert_eq!(u.name, "u1");
+    assert_eq!(u.ip, pinned);
+    // A missing interface is an error that names it.
+    let err = overlay::underlay::resolve(&nl, Some("nope0"), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("nope0"), "{err}");
+}
+
+#[tokio::test]
+async fn a_full_event_buffer_reports_an_overrun() {
+    let e = env().await;
+    e.o.ensure_vxlan(&spec(e.underlay, 1450)).await.unwrap();
+    // The kernel's minimum receive buffer: a few events fill it.
+    let mut m = Monitor::open_with_rcvbuf(&e.netns, 1).unwrap();
+    // 500 routes written while this (current-thread) runtime is blocked, so nothing reads.
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("routes");
+    let mut text = String::new();
+    for i in 0..500u32 {
+        let net = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + (i << 8));
+        text.push_str(&format!(
+            "route add {net}/24 via {net} dev twill.1 onlink\n"
+        ));
+    }
+    std::fs::write(&batch, text).unwrap();
+    e.ns.ip(&["-batch", &batch.display().to_string()]).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, m.next())
+            .await
+            .expect("an overrun within 3 s")
+            .expect("monitor open");
+        if ev == MonitorEvent::Overrun {
+            break;
+        }
+    }
+}

@@ -79,14 +79,24 @@ impl Monitor {
 
     /// Subscribes inside `ns` (the socket is created on a short-lived thread in `ns`).
     pub fn open(ns: &NetNs) -> Result<Monitor> {
+        Self::open_with_rcvbuf(ns, RCVBUF)
+    }
+
+    /// [`Monitor::open`] with a given receive buffer (tests use a tiny one to provoke an
+    /// overrun).
+    pub fn open_with_rcvbuf(ns: &NetNs, rcvbuf: libc::c_int) -> Result<Monitor> {
         let rt = tokio::runtime::Handle::current();
         ns.run_in(move || {
             let _g = rt.enter();
-            Self::connect()
+            Self::connect_with(rcvbuf)
         })?
     }
 
     fn connect() -> Result<Monitor> {
+        Self::connect_with(RCVBUF)
+    }
+
+    fn connect_with(rcvbuf: libc::c_int) -> Result<Monitor> {
         let (mut conn, handle, rx) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Link,
             MulticastGroup::Neigh,
@@ -102,12 +112,12 @@ impl Monitor {
                 fd,
                 libc::SOL_SOCKET,
                 libc::SO_RCVBUFFORCE,
-                (&RCVBUF as *const libc::c_int).cast(),
+                (&rcvbuf as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
         if forced != 0 {
-            let _ = sock.set_rx_buf_sz(RCVBUF as usize);
+            let _ = sock.set_rx_buf_sz(rcvbuf as usize);
         }
         tokio::spawn(conn);
         Ok(Monitor {
