@@ -50,10 +50,32 @@ pub fn node_settings(vxlan: &str) -> Vec<(String, &'static str)> {
     ]
 }
 
-/// Applies [`node_settings`] in the caller's namespace.
+/// Applies [`node_settings`] in the caller's namespace. `ip_forward` is required: without
+/// it no pod traffic crosses the node, so a failure to set it is an error (unless it is
+/// already 1: in a pod /proc/sys is read-only, and the node may have set it itself). The
+/// per-device settings only help: a failure to write them (read-only /proc/sys) is logged
+/// and the node runs on with its own defaults.
 pub fn enable_forwarding(vxlan: &str) -> Result<()> {
     for (k, v) in node_settings(vxlan) {
-        write(&k, v)?;
+        let Err(e) = write(&k, v) else { continue };
+        if k == "net/ipv4/ip_forward" {
+            return Err(Error::Invalid(format!(
+                "net.ipv4.ip_forward must be 1 on the node and twilld cannot set it ({e}): \
+                 set it on the node (sysctl -w net.ipv4.ip_forward=1) or let twilld write /proc/sys"
+            )));
+        }
+        tracing::warn!(sysctl = %k, want = v, error = %e, "could not set a per-device sysctl; continuing");
+    }
+    // rp_filter's effective value is the higher of conf/all and conf/<dev>: 0 on the device
+    // does nothing while `all` is 1 or 2.
+    if let Ok(all) = read("net/ipv4/conf/all/rp_filter")
+        && all != "0"
+    {
+        tracing::warn!(
+            all_rp_filter = %all,
+            "net.ipv4.conf.all.rp_filter is not 0: reverse-path filtering stays on for {vxlan}; \
+             if cross-node pod traffic is dropped, see docs/troubleshooting.md (rp_filter)"
+        );
     }
     Ok(())
 }
