@@ -380,18 +380,9 @@ impl CniDataplane for RtnlCni {
     }
 
     async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| Error::netlink(format!("dump addresses of link {index}"), e))?;
+        let msgs = crate::netlink::link_addresses(&self.handle, index).await?;
         Ok(msgs
             .into_iter()
-            .filter(|m| m.header.index == index)
             .filter_map(|m| {
                 let len = m.header.prefix_len;
                 m.attributes.into_iter().find_map(|a| match a {

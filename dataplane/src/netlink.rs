@@ -1,6 +1,8 @@
 //! A netlink (rtnetlink) connection bound to one network namespace.
 
+use futures::TryStreamExt;
 use rtnetlink::Handle;
+use rtnetlink::packet_route::address::AddressMessage;
 
 use crate::{Error, NetNs, Result};
 
@@ -39,4 +41,21 @@ impl Netlink {
     pub fn handle(&self) -> &Handle {
         &self.handle
     }
+}
+
+/// The addresses of link `index`. The kernel ignores the dump's link filter unless the socket
+/// has strict checking on, so the messages are filtered here too.
+pub async fn link_addresses(handle: &Handle, index: u32) -> Result<Vec<AddressMessage>> {
+    let msgs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| Error::netlink(format!("dump addresses of link {index}"), e))?;
+    Ok(msgs
+        .into_iter()
+        .filter(|m| m.header.index == index)
+        .collect())
 }

@@ -315,24 +315,7 @@ impl Locked {
 /// with it (the runtime re-runs ADD, GC drops the stale entries); it costs a journal commit
 /// on every ADD and DEL.
 fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    crate::fsutil::replace_file(path, data, false)
 }
 
 /// The first and last IP (as numbers) that may be handed to pods: after the gateway (the

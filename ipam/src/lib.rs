@@ -3,6 +3,7 @@
 //! `etcd`) the etcd lease store. Nothing here touches the kernel.
 
 pub mod alloc;
+pub mod fsutil;
 pub mod lease;
 pub mod netconf;
 #[cfg(feature = "etcd")]

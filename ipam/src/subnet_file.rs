@@ -11,8 +11,6 @@
 //! `FLANNEL_SUBNET` is the node's gateway address with the subnet's prefix length (the first
 //! host address of the node subnet). Optional: `FLANNEL_IPV6_NETWORK`, `FLANNEL_IPV6_SUBNET`.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -259,34 +257,7 @@ pub fn gateway_of(subnet: IpNet) -> IpNet {
 
 /// Writes `data` to `path` crash-safe: temp file + fsync + rename + fsync of the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    crate::fsutil::replace_file(path, data, true)
 }
 
 #[cfg(test)]

@@ -752,20 +752,84 @@ impl BackgroundPing {
     }
 
     /// Stops the ping (SIGINT, so it prints its summary): (transmitted, received).
+    ///
+    /// The echo requests still in flight when SIGINT arrives (at most the last one or two,
+    /// sent within an RTT of the signal) are not counted as sent: they are not losses, and
+    /// under load their replies can take longer than the gap to the signal. Every earlier
+    /// request counts, and so does a tail of unanswered requests longer than that (a path
+    /// that broke at the end).
     pub fn finish(mut self) -> Result<(u32, u32)> {
-        // Let the last reply arrive.
+        // Let the last replies arrive.
         std::thread::sleep(Duration::from_millis(1200));
         self.child.signal(nix::sys::signal::Signal::SIGINT)?;
         self.child.wait_exit(Duration::from_secs(5));
         let text = std::fs::read_to_string(&self.out)?;
-        let line = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .with_context(|| format!("no ping summary in {text:?}"))?;
-        let nums: Vec<u32> = line
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|t| t.parse().ok())
-            .collect();
-        Ok((nums[0], nums[1]))
+        let (transmitted, received) = parse_ping_output(&text)?;
+        Ok((transmitted, received))
+    }
+}
+
+/// (transmitted, received) from iputils ping's output, not counting an unanswered tail of at
+/// most [`IN_FLIGHT_TAIL`] requests (see [`BackgroundPing::finish`]).
+pub fn parse_ping_output(text: &str) -> Result<(u32, u32)> {
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("no ping summary in {text:?}"))?;
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let transmitted = nums[0];
+    let seqs: std::collections::BTreeSet<u32> = text
+        .lines()
+        .filter(|l| l.contains(" bytes from "))
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    let received = seqs.len() as u32;
+    let missing: Vec<u32> = (1..=transmitted).filter(|q| !seqs.contains(q)).collect();
+    if !missing.is_empty() {
+        eprintln!("ping: unanswered icmp_seq {missing:?} of {transmitted}");
+    }
+    let last_answered = seqs.last().copied().unwrap_or(0);
+    let tail = transmitted.saturating_sub(last_answered);
+    let transmitted = if tail <= IN_FLIGHT_TAIL {
+        last_answered
+    } else {
+        transmitted
+    };
+    Ok((transmitted, received))
+}
+
+/// Unanswered echo requests at the very end of a background ping that count as in flight.
+const IN_FLIGHT_TAIL: u32 = 2;
+
+#[cfg(test)]
+mod ping_tests {
+    use super::parse_ping_output;
+
+    fn out(replies: &[u32], transmitted: u32) -> String {
+        let mut s = String::from("PING 10.0.0.2 (10.0.0.2) 56(84) bytes of data.\n");
+        for q in replies {
+            s += &format!("64 bytes from 10.0.0.2: icmp_seq={q} ttl=62 time=0.1 ms\n");
+        }
+        s += &format!(
+            "--- 10.0.0.2 ping statistics ---\n{transmitted} packets transmitted, {} received, 0% packet loss, time 1ms\n",
+            replies.len()
+        );
+        s
+    }
+
+    #[test]
+    fn in_flight_tail_is_not_a_loss_but_a_gap_or_a_broken_end_is() {
+        // The last request was in flight at SIGINT.
+        assert_eq!(parse_ping_output(&out(&[1, 2, 3, 4], 5)).unwrap(), (4, 4));
+        // A gap in the middle is a loss.
+        assert_eq!(parse_ping_output(&out(&[1, 2, 4, 5], 5)).unwrap(), (5, 4));
+        // A path that broke: many unanswered at the end, all count.
+        assert_eq!(parse_ping_output(&out(&[1, 2], 10)).unwrap(), (10, 2));
+        // Nothing answered at all.
+        assert_eq!(parse_ping_output(&out(&[], 10)).unwrap(), (10, 0));
     }
 }

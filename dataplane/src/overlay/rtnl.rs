@@ -57,19 +57,10 @@ impl RtnlOverlay {
     }
 
     async fn v4_addresses(&self, index: u32) -> Result<Vec<(Ipv4Net, AddressMessage)>> {
-        let msgs: Vec<AddressMessage> = self
-            .nl
-            .handle()
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| Error::netlink(format!("dump addresses of link {index}"), e))?;
+        let msgs = crate::netlink::link_addresses(self.nl.handle(), index).await?;
         let mut out = Vec::new();
         for m in msgs {
-            if m.header.index != index || m.header.family != AddressFamily::Inet {
+            if m.header.family != AddressFamily::Inet {
                 continue;
             }
             // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on p2p links.

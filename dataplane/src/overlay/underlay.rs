@@ -102,18 +102,11 @@ pub async fn resolve(
     let ip = match public_ip {
         Some(ip) => ip,
         None => {
-            let addrs: Vec<_> = h
-                .address()
-                .get()
-                .set_link_index_filter(index)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| Error::netlink(format!("dump addresses of {name}"), e))?;
+            let addrs = crate::netlink::link_addresses(h, index).await?;
             let pick = |fam: AddressFamily| {
                 addrs
                     .iter()
-                    .filter(|m| m.header.index == index && m.header.family == fam)
+                    .filter(|m| m.header.family == fam)
                     .find_map(|m| {
                         m.attributes.iter().find_map(|a| match a {
                             AddressAttribute::Local(ip) => Some(*ip),
