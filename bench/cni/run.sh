@@ -9,7 +9,10 @@ N="${1:-200}"
 ./scripts/setup.sh
 [ "$(id -u)" = 0 ] || { echo "bench: needs root" >&2; exit 1; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --locked -p twill-cni --bin twill >&2
+# The plugin as shipped (deploy/Dockerfile): statically linked, built for the host triple.
+HOST_TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
+RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build --release --locked -p twill-cni --bin twill --target "$HOST_TRIPLE" >&2
 cargo build --locked -p twill-tests --bin bench_cni >&2
 
 PREFIX="twb$$"
@@ -28,4 +31,4 @@ ip netns add "$NODE"
 ip -n "$NODE" link set lo up
 echo "bench: $(uname -r), $(nproc) cores, node netns $NODE" >&2
 nsenter --net="/var/run/netns/$NODE" -- "$CARGO_TARGET_DIR/debug/bench_cni" \
-  --twill "$CARGO_TARGET_DIR/release/twill" --work "$WORK" --iterations "$N" --prefix "$PREFIX"
+  --twill "$CARGO_TARGET_DIR/$HOST_TRIPLE/release/twill" --work "$WORK" --iterations "$N" --prefix "$PREFIX"
