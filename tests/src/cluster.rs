@@ -570,42 +570,81 @@ impl Cluster {
         Ok(i)
     }
 
-    /// Starts twilld of node `i` inside its namespace (stderr → its log file).
+    /// Starts node `i`'s twilld inside its namespace: the built binary, the harness's flags.
     pub fn start_daemon(&mut self, i: usize) -> Result<()> {
-        let net_conf = self.dir.path().join("net-conf.json");
+        self.start_daemon_with(i, &crate::bins::bin("twilld"), &[], &[])
+    }
+
+    /// twilld's flags for node `i` as the harness runs it, then `extra` (a flag in `extra`
+    /// replaces the harness's value of it: clap refuses a flag given twice).
+    pub fn daemon_args(&self, i: usize, extra: &[&str]) -> Vec<String> {
+        let node = &self.nodes[i];
+        let defaults = [
+            (
+                "--etcd-endpoints",
+                format!("http://127.0.0.1:{NODE_ETCD_PORT}"),
+            ),
+            ("--etcd-prefix", ETCD_PREFIX.to_string()),
+            ("--etcd-timeout", "2s".to_string()),
+            ("--node-name", node.name.clone()),
+            ("--subnet-file", node.subnet_file().display().to_string()),
+            ("--metrics-addr", METRICS.to_string()),
+            (
+                "--net-conf",
+                self.dir.path().join("net-conf.json").display().to_string(),
+            ),
+            (
+                "--resync-period",
+                format!("{}ms", self.opts.resync.as_millis()),
+            ),
+            ("--lease-ttl", format!("{}s", self.opts.lease_ttl.as_secs())),
+        ];
+        let mut args = Vec::new();
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.push(flag.to_string());
+                args.push(value);
+            }
+        }
+        args.extend(self.opts.extra_args.iter().cloned());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+
+    /// Starts node `i`'s twilld from `binary` with [`Cluster::daemon_args`] and `extra`,
+    /// behind `wrapper` (an argv prefix run inside the node namespace) if not empty, and
+    /// keeps it as the node's daemon; its stderr goes to the node's log.
+    pub fn start_daemon_with(
+        &mut self,
+        i: usize,
+        binary: &Path,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> Result<()> {
+        let args = self.daemon_args(i, extra);
         let node = &mut self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(node.log())?;
-        let mut cmd = node.ns.command(crate::bins::bin("twilld"));
-        cmd.args([
-            "--etcd-endpoints",
-            &format!("http://127.0.0.1:{NODE_ETCD_PORT}"),
-            "--etcd-prefix",
-            ETCD_PREFIX,
-            "--etcd-timeout",
-            "2s",
-            "--node-name",
-            &node.name,
-            "--subnet-file",
-            &node.subnet_file().display().to_string(),
-            "--metrics-addr",
-            METRICS,
-            "--net-conf",
-            &net_conf.display().to_string(),
-            "--resync-period",
-            &format!("{}ms", self.opts.resync.as_millis()),
-            "--lease-ttl",
-            &format!("{}s", self.opts.lease_ttl.as_secs()),
-        ])
-        .args(&self.opts.extra_args)
-        .env("TWILLD_LOG", "info,twill_netd=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+        let mut cmd = match wrapper.split_first() {
+            None => node.ns.command(binary),
+            Some((first, rest)) => {
+                let mut c = node.ns.command(first);
+                c.args(rest).arg(binary);
+                c
+            }
+        };
+        cmd.args(&args)
+            .env("TWILLD_LOG", "info,twill_netd=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         let child = cmd.spawn().context("spawn twilld")?;
-        node.daemon = Some(ChildGuard::new(child, format!("twilld {}", node.name)));
+        node.daemon = Some(ChildGuard::new(
+            child,
+            format!("twilld {} ({})", node.name, binary.display()),
+        ));
         Ok(())
     }
 

@@ -17,72 +17,16 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use twill_tests::cluster::{
-    BackgroundPing, ChildGuard, Cluster, ClusterOpts, ETCD_PREFIX, METRICS, NODE_ETCD_PORT, ping,
-};
+use twill_tests::cluster::{BackgroundPing, Cluster, ClusterOpts, ping};
 
 const PING_INTERVAL: Duration = Duration::from_millis(100);
 
-/// twilld's command line for node `i`, as the harness starts it, from `binary`, with
-/// `extra` flags, optionally behind `wrapper` (argv prefix run inside the node namespace).
-fn daemon_command(
-    c: &Cluster,
-    i: usize,
-    binary: &Path,
-    extra: &[&str],
-    wrapper: &[&str],
-) -> Command {
-    let node = &c.nodes[i];
-    let mut cmd = node.ns.command(if wrapper.is_empty() {
-        binary.as_os_str()
-    } else {
-        wrapper[0].as_ref()
-    });
-    if !wrapper.is_empty() {
-        cmd.args(&wrapper[1..]).arg(binary);
-    }
-    cmd.args([
-        "--etcd-endpoints",
-        &format!("http://127.0.0.1:{NODE_ETCD_PORT}"),
-        "--etcd-prefix",
-        ETCD_PREFIX,
-        "--etcd-timeout",
-        "2s",
-        "--node-name",
-        &node.name,
-        "--subnet-file",
-        &node.subnet_file().display().to_string(),
-        "--metrics-addr",
-        METRICS,
-        "--net-conf",
-        &c.dir.path().join("net-conf.json").display().to_string(),
-        "--lease-ttl",
-        &format!("{}s", c.opts.lease_ttl.as_secs()),
-    ])
-    .args(extra)
-    .env("TWILLD_LOG", "info,twill_netd=debug")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.log())
-            .unwrap(),
-    );
-    cmd
-}
-
-/// Starts node `i`'s twilld with [`daemon_command`] and keeps it as the node's daemon.
+/// Starts node `i`'s twilld from `binary` (see [`Cluster::start_daemon_with`]).
 fn start(c: &mut Cluster, i: usize, binary: &Path, extra: &[&str], wrapper: &[&str]) {
-    let child = daemon_command(c, i, binary, extra, wrapper)
-        .spawn()
+    c.start_daemon_with(i, binary, extra, wrapper)
         .expect("spawn twilld");
-    let what = format!("twilld {} ({})", c.nodes[i].name, binary.display());
-    c.nodes[i].daemon = Some(ChildGuard::new(child, what));
 }
 
 /// A "new release" of twilld: the built binary copied to a new file (the image of the new
