@@ -18,6 +18,10 @@ PKGS=(
   ca-certificates
   openssl              # test certificates for etcd mTLS
   pkg-config
+  podman               # podman_cni test: a real libcni client (podman 4.3, CNI backend, libcni 1.1.2)
+  runc                 # podman_cni: OCI runtime (crun refuses this host's cgroup v1/v2 hybrid)
+  conmon               # podman_cni: podman's container monitor
+  busybox-static       # podman_cni: the containers' rootfs (no image registry needed)
 )
 
 missing=()

@@ -5,3 +5,4 @@ pub mod bins;
 pub mod cluster;
 pub mod etcd;
 pub mod netns;
+pub mod podman;
