@@ -137,8 +137,8 @@ impl VxlanSpec {
     }
 }
 
-/// The VXLAN device as the kernel has it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The VXLAN device as the kernel has it. The default (index 0) stands for "none yet".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VxlanLink {
     pub index: u32,
     pub name: String,

@@ -86,16 +86,8 @@ impl RtnlOverlay {
     async fn to_vxlan_link(&self, m: &LinkMessage) -> Result<VxlanLink> {
         let mut l = VxlanLink {
             index: m.header.index,
-            name: String::new(),
-            vni: None,
-            port: None,
-            underlay_index: None,
-            local: None,
-            learning: None,
-            mtu: 0,
-            mac: Mac::default(),
             up: m.header.flags.contains(LinkFlags::Up),
-            addresses: Vec::new(),
+            ..VxlanLink::default()
         };
         let mut is_vxlan = false;
         for a in &m.attributes {

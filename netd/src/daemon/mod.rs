@@ -203,7 +203,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         shared: shared.clone(),
         cfg,
         spec,
-        link: placeholder_link(),
+        link: VxlanLink::default(),
         own: lease.subnet,
         actual: Programmed::default(),
         need_dump: true,
@@ -326,22 +326,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // gets the same subnet back.
     drop(holder);
     Ok(())
-}
-
-fn placeholder_link() -> VxlanLink {
-    VxlanLink {
-        index: 0,
-        name: String::new(),
-        vni: None,
-        port: None,
-        underlay_index: None,
-        local: None,
-        learning: None,
-        mtu: 0,
-        mac: Mac::default(),
-        up: false,
-        addresses: Vec::new(),
-    }
 }
 
 fn set_expiry(m: &Metrics, at: SystemTime) {
