@@ -156,6 +156,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let vni = cfg.backend.vni;
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni, port = cfg.backend.port, "network config");
+    // The peers' leases are listed (and then watched) by a task of their own from here on,
+    // while this node takes its lease and sets up its device and nftables.
+    let mut watch = store.watch();
 
     // The VTEP MAC: the existing device's (a restart keeps what peers have), else derived
     // from the node name (the same on every start, also after a reboot).
@@ -217,7 +220,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut monitor = Monitor::current().context("subscribe to netlink events")?;
     d.ensure_node().await?;
 
-    let mut watch = store.watch();
     tokio::select! {
         r = watch.wait_synced() => { r.ok_or_else(|| anyhow!("lease watch ended"))?; }
         _ = sigterm.recv() => return Ok(()),
