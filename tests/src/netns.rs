@@ -206,6 +206,22 @@ pub fn veth_between(a: &TestNetns, a_if: &str, b: &TestNetns, b_if: &str) -> Res
     Ok(())
 }
 
+/// One TCP connection from inside `ns` to `to`, read to EOF (5 s timeouts). The socket is
+/// created on a thread inside `ns` and stays there. Panics if `ns` cannot be entered, so
+/// that an `is_err()` check means "the connection failed", nothing else.
+pub fn tcp_fetch(ns: &twill_dataplane::NetNs, to: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::Read;
+    let timeout = std::time::Duration::from_secs(5);
+    ns.run_in(move || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&to, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        Ok(buf)
+    })
+    .unwrap_or_else(|e| panic!("enter {}: {e}", ns.path().display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

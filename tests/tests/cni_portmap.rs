@@ -5,8 +5,8 @@
 
 mod cni_common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use cni_common::Node;
 use serde_json::{Value, json};
 use twill_dataplane::NetNs;
 use twill_tests::bins::exec_plugin;
-use twill_tests::netns::{TestNetns, veth_between};
+use twill_tests::netns::{TestNetns, tcp_fetch, veth_between};
 
 /// The conflist of DESIGN.md, with this node's files.
 fn conflist(node: &Node) -> Value {
@@ -66,18 +66,6 @@ fn env<'a>(cmd: &'a str, id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)>
         ("CNI_IFNAME", "eth0"),
         ("CNI_PATH", "/usr/lib/cni"),
     ]
-}
-
-fn connect_from(ns: &NetNs, to: SocketAddr) -> std::io::Result<String> {
-    // The socket is created on a thread inside `ns` and stays there.
-    ns.run_in(move || -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
-        Ok(buf)
-    })
-    .expect("enter netns")
 }
 
 #[test]
@@ -137,7 +125,7 @@ fn portmap_chained_after_twill_reaches_the_pod() {
 
     // Client namespace -> node IP:hostPort (PREROUTING DNAT, forwarded over cni0).
     let client_ns = NetNs::open(client.path()).unwrap();
-    let got = connect_from(&client_ns, "192.168.50.1:8080".parse().unwrap()).unwrap();
+    let got = tcp_fetch(&client_ns, "192.168.50.1:8080".parse().unwrap()).unwrap();
     assert_eq!(got, "hello from the pod\n");
     let peer = rx.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(
@@ -147,7 +135,7 @@ fn portmap_chained_after_twill_reaches_the_pod() {
     );
     // The node itself -> its own IP:hostPort (OUTPUT DNAT).
     let node_ns = NetNs::open(node.ns.path()).unwrap();
-    let got = connect_from(&node_ns, "192.168.50.1:8080".parse().unwrap()).unwrap();
+    let got = tcp_fetch(&node_ns, "192.168.50.1:8080".parse().unwrap()).unwrap();
     assert_eq!(got, "hello from the pod\n");
 
     // DEL in reverse order, each with the cached result.
@@ -167,7 +155,7 @@ fn portmap_chained_after_twill_reaches_the_pod() {
     assert!(node.host_veths().is_empty());
     let nat = node.ns.run("iptables", &["-t", "nat", "-S"]).unwrap();
     assert!(!nat.contains("dport 8080"), "portmap rules left: {nat}");
-    assert!(connect_from(&client_ns, "192.168.50.1:8080".parse().unwrap()).is_err());
+    assert!(tcp_fetch(&client_ns, "192.168.50.1:8080".parse().unwrap()).is_err());
 }
 
 /// VERSION with the conflist on stdin answers in the list's cniVersion (what libcni asks

@@ -8,14 +8,13 @@
 //! Root required; podman, runc, conmon and busybox-static come from scripts/setup.sh.
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use twill_dataplane::NetNs;
 use twill_tests::bins::bin;
-use twill_tests::netns::{require_root, run_host};
+use twill_tests::netns::{require_root, run_host, tcp_fetch};
 use twill_tests::podman::{GATEWAY, NETWORK, POD_SUBNET, Podman};
 
 /// The links of the root namespace (read only).
@@ -43,19 +42,6 @@ fn assert_root_untouched(before: &BTreeSet<String>, when: &str) {
         new_veths.is_empty(),
         "{when}: new veths in the root namespace: {new_veths:?}"
     );
-}
-
-/// One TCP connection from `ns` to `to`, read to EOF.
-fn fetch(ns: &NetNs, to: SocketAddr) -> std::io::Result<String> {
-    // The socket is created on a thread inside `ns` and stays there.
-    ns.run_in(move || -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
-        Ok(buf)
-    })
-    .expect("enter node netns")
 }
 
 fn node_veths(pm: &Podman) -> Vec<String> {
@@ -174,7 +160,7 @@ fn podman_runs_containers_on_twill_through_libcni() {
     let to = SocketAddr::new(IpAddr::V4(GATEWAY), 8080);
     let deadline = Instant::now() + Duration::from_secs(10);
     let body = loop {
-        match fetch(&node_ns, to) {
+        match tcp_fetch(&node_ns, to) {
             Ok(s) if s.contains("twill-podman") => break s,
             r if Instant::now() > deadline => panic!("{to} via portmap: {r:?}"),
             _ => std::thread::sleep(Duration::from_millis(200)),
