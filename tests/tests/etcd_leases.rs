@@ -49,6 +49,18 @@ async fn no_event(w: &mut LeaseWatch, d: Duration) {
     }
 }
 
+/// Waits (10 s at most per event) until a fresh watch reports `subnet` removed; any other
+/// Removed event before it fails the test. Returns the watch, positioned after the event.
+async fn wait_removed(store: &LeaseStore, subnet: Ipv4Net) -> LeaseWatch {
+    let mut w = synced_watch(store).await;
+    loop {
+        if let LeaseEvent::Removed(l) = next_event(&mut w, Duration::from_secs(10)).await {
+            assert_eq!(l.subnet, subnet);
+            return w;
+        }
+    }
+}
+
 async fn synced_watch(store: &LeaseStore) -> LeaseWatch {
     let mut w = store.watch();
     tokio::time::timeout(Duration::from_secs(10), w.wait_synced())
@@ -131,13 +143,7 @@ async fn restart_gets_the_same_subnet_also_after_expiry() {
 
     // A restart after the lease expired: the node's previous subnet (from its subnet file)
     // is preferred when still free.
-    let mut w = synced_watch(&store).await;
-    loop {
-        if let LeaseEvent::Removed(l) = next_event(&mut w, Duration::from_secs(10)).await {
-            assert_eq!(l.subnet, first.subnet);
-            break;
-        }
-    }
+    wait_removed(&store, first.subnet).await;
     assert!(store.get(&first.subnet).await.unwrap().is_none());
     let back = store
         .acquire_with(&cfg, &a, Duration::from_secs(60), Some(first.subnet))
@@ -164,13 +170,7 @@ async fn reboot_past_ttl_without_hint_gets_the_home_subnet_back() {
             .await
             .unwrap();
     }
-    let mut w = synced_watch(&store).await;
-    loop {
-        if let LeaseEvent::Removed(l) = next_event(&mut w, Duration::from_secs(10)).await {
-            assert_eq!(l.subnet, first.subnet);
-            break;
-        }
-    }
+    wait_removed(&store, first.subnet).await;
     let back = store
         .acquire(&cfg, &a, Duration::from_secs(60))
         .await
@@ -419,13 +419,7 @@ async fn holder_rides_out_an_outage_and_recovers_the_subnet_after_expiry() {
 
     // A long outage: etcd expires the lease; back online, the holder takes the same subnet.
     proxy.cut();
-    let mut w = synced_watch(&store).await;
-    loop {
-        if let LeaseEvent::Removed(l) = next_event(&mut w, Duration::from_secs(10)).await {
-            assert_eq!(l.subnet, lease.subnet);
-            break;
-        }
-    }
+    let mut w = wait_removed(&store, lease.subnet).await;
     assert!(!h.state().healthy);
     proxy.restore();
     let deadline = Instant::now() + Duration::from_secs(20);
