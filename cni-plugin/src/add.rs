@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_json::Value;
 use twill_dataplane::NetNs;
-use twill_dataplane::cni::{CniDataplane, RtnlCni, bridge_mac, format_mac, pod_link};
+use twill_dataplane::cni::{CniDataplane, RtnlCni, VethSpec, bridge_mac, format_mac, random_mac};
 use twill_ipam::alloc::{Allocator, Request};
 use twill_ipam::subnet_file::SubnetFile;
 
@@ -16,7 +16,7 @@ use crate::config::NetConf;
 use crate::env::CniEnv;
 use crate::error::{CniError, Result, code};
 use crate::types::{CniResult, Interface, IpConfig, Route};
-use crate::{block_on, host_veth_name, read_subnet_file};
+use crate::{host_veth_name, read_subnet_file, runtime};
 
 /// Opens CNI_NETNS; a missing or wrong path is code 4 naming the variable and the path.
 pub(crate) fn open_netns(path: &str) -> Result<NetNs> {
@@ -88,16 +88,34 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         },
     )?;
     tracing::info!(container = cid, ifname, ip = %res.ip, new, "reserved");
-    // The crash-safe write (fsync + rename: most of an ADD's time) runs on its own thread, with
-    // the lock, while the kernel work goes on; success is reported only once it is durable.
-    let commit = std::thread::spawn(move || locked.commit());
-
-    let wired = block_on(wire(conf, &subnet, &ns, ifname, &host, res.ip, mtu)).and_then(|r| r);
+    // The crash-safe write (fsync + rename: the longest single step of an ADD) runs on a
+    // thread of its own, with the lock, while the kernel work goes on; success is reported
+    // only once the reservation is durable. Its answer comes back over a channel: waiting
+    // for the thread's exit would add the kernel's thread teardown to every ADD.
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = done_tx.send(locked.commit());
+    });
+    let rt = runtime()?;
+    // The pod's socket is opened by a thread that enters the pod netns and exits, while the
+    // node side is set up here; it is first needed once the veth exists.
+    let pod_open = RtnlCni::spawn_open(rt.handle().clone(), ns.path().to_path_buf());
+    let pod = move || {
+        pod_open.join().unwrap_or_else(|_| {
+            Err(twill_dataplane::Error::Invalid(
+                "netns thread panicked".into(),
+            ))
+        })
+    };
+    let wired = rt.block_on(async {
+        let node = RtnlCni::current()?;
+        wire_with(&node, pod, conf, &subnet, &ns, ifname, &host, res.ip, mtu).await
+    });
     tracing::debug!(ok = wired.is_ok(), "kernel work done");
-    let committed = commit.join().unwrap_or_else(|_| {
+    let committed = done_rx.recv().unwrap_or_else(|_| {
         Err(twill_ipam::alloc::AllocError::Io {
             path: alloc.state_path(),
-            source: std::io::Error::other("commit thread panicked"),
+            source: std::io::Error::other("commit thread died"),
         })
     });
     tracing::debug!(ok = committed.is_ok(), "reservation on disk");
@@ -105,10 +123,8 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         (Ok(w), Ok(())) => Ok(w),
         (Ok(_), Err(e)) => {
             // The pod is wired but its reservation is not on disk: take the wiring back.
-            match block_on(async { RtnlCni::current()?.delete_link(&host).await }) {
-                Ok(Ok(_)) => {}
-                Ok(Err(e2)) => tracing::error!("undo: delete {host}: {e2}"),
-                Err(e2) => tracing::error!("undo: delete {host}: {e2}"),
+            if let Err(e2) = rt.block_on(async { RtnlCni::current()?.delete_link(&host).await }) {
+                tracing::error!("undo: delete {host}: {e2}");
             }
             Err(e.into())
         }
@@ -208,33 +224,12 @@ pub(crate) fn pod_routes(conf: &NetConf, subnet: &SubnetFile) -> Vec<IpNet> {
 
 type Named = (String, String);
 
-/// The kernel part of ADD. Returns (bridge name, MAC), (host veth, MAC), pod MAC.
-async fn wire(
-    conf: &NetConf,
-    subnet: &SubnetFile,
-    ns: &NetNs,
-    ifname: &str,
-    host: &str,
-    ip: IpAddr,
-    mtu: u32,
-) -> Result<(Named, Named, String)> {
-    // The pod's socket is opened on a thread of its own while the node side is set up
-    // here; it is first needed after the veth exists.
-    let pod_open = RtnlCni::spawn_open(ns.path().to_path_buf());
-    let node = RtnlCni::current()?;
-    let pod = || {
-        pod_open.join().unwrap_or_else(|_| {
-            Err(twill_dataplane::Error::Invalid(
-                "netns thread panicked".into(),
-            ))
-        })
-    };
-    wire_with(&node, pod, conf, subnet, ns, ifname, host, ip, mtu).await
-}
-
-/// [`wire`] over any [`CniDataplane`]: `node` acts in the node namespace, `pod()` gives the
-/// one for the pod namespace (called once the veth exists). A failure after the veth exists
-/// deletes the host veth (the kernel removes the pod end with it).
+/// The kernel part of ADD, over any [`CniDataplane`]. Returns (bridge name, MAC), (host
+/// veth, MAC), pod MAC. `node` acts in the node namespace, `pod()` gives the
+/// one for the pod namespace (called once the veth exists). Three round trips to the kernel:
+/// the bridge, the node side of the pod (gateway, veth, hairpin, read back), the pod side
+/// (up, address, routes). A failure after the veth exists deletes the host veth (the kernel
+/// removes the pod end with it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
     node: &N,
@@ -249,15 +244,25 @@ pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
 ) -> Result<(Named, Named, String)> {
     let gw = subnet.gateway();
     let br = node
-        .ensure_bridge(&conf.bridge, subnet.subnet, bridge_mac(gw), mtu)
+        .ensure_bridge(&conf.bridge, bridge_mac(gw), mtu)
         .await?;
-    let created = match node.create_veth(host, &br, ns, ifname, mtu).await {
+    let spec = VethSpec {
+        host_name: host,
+        host_mac: random_mac(),
+        pod_ns: ns,
+        pod_ifname: ifname,
+        pod_mac: random_mac(),
+        mtu,
+        hairpin: conf.hairpin_mode,
+    };
+    let gw_net = IpNet::new(gw, subnet.subnet.prefix_len()).expect("prefix");
+    let attached = match node.attach_pod(&br, gw_net, &spec).await {
         Err(e) if e.errno() == Some(libc::EEXIST) => {
             // A leftover of an earlier ADD of the same (container, ifname): remove it (its
             // peer goes with it) and try once more.
             if node.delete_link(host).await? {
                 tracing::warn!(host, "removed a leftover host veth");
-                node.create_veth(host, &br, ns, ifname, mtu).await
+                node.attach_pod(&br, gw_net, &spec).await
             } else {
                 Err(e)
             }
@@ -266,78 +271,33 @@ pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
     };
     tracing::debug!("bridge ensured, veth created");
     let pod = pod();
-    created.map_err(|e| {
+    let attached = attached.map_err(|e| {
         let mut err = CniError::from(e);
         if err.details.contains("exists") {
             err.msg = format!("{}: is {ifname} already taken in the pod netns?", err.msg);
         }
         err
     })?;
-    let pod = match pod {
-        Ok(p) => p,
-        Err(e) => {
-            if let Err(e2) = node.delete_link(host).await {
-                tracing::error!("undo: delete {host}: {e2}");
-            }
-            return Err(e.into());
+    // From here on a failure deletes the host veth.
+    let configured = match pod {
+        Ok(pod) => {
+            let addr = IpNet::new(ip, subnet.subnet.prefix_len()).expect("prefix");
+            pod.configure_pod(attached.pod_index, addr, &pod_routes(conf, subnet), gw)
+                .await
         }
+        Err(e) => Err(e),
     };
-    // From here on a failure deletes the host veth. The host side and the pod side are
-    // independent: their requests go out concurrently.
-    let host_side = async {
-        let h = node
-            .link(host)
-            .await?
-            .ok_or_else(|| twill_dataplane::Error::LinkNotFound(host.to_string()))?;
-        if conf.hairpin_mode {
-            node.set_hairpin(h.index, true).await?;
+    if let Err(e) = configured {
+        if let Err(e2) = node.delete_link(host).await {
+            tracing::error!("undo: delete {host}: {e2}");
         }
-        Ok::<_, twill_dataplane::Error>(h)
-    };
-    let pod_side = async {
-        let pl = pod_link(&pod, ifname).await?;
-        let addr = IpNet::new(ip, subnet.subnet.prefix_len()).expect("prefix");
-        let (up, added) = tokio::join!(pod.set_up(pl.index), pod.add_address(pl.index, addr));
-        up?;
-        added?;
-        // Both need the link up and the connected route of the address.
-        let routes = pod_routes(conf, subnet);
-        let (r0, r1) = tokio::join!(
-            async {
-                match routes.first() {
-                    Some(d) => pod.add_route(pl.index, *d, gw).await,
-                    None => Ok(()),
-                }
-            },
-            async {
-                for d in routes.iter().skip(1) {
-                    pod.add_route(pl.index, *d, gw).await?;
-                }
-                Ok(())
-            }
-        );
-        r0?;
-        r1?;
-        Ok::<_, twill_dataplane::Error>(pl)
-    };
-    let (host_link, pod_link_res) = tokio::join!(host_side, pod_side);
-    let configured = match (host_link, pod_link_res) {
-        (Ok(h), Ok(p)) => Ok((h, p)),
-        (Err(e), _) | (_, Err(e)) => Err(e),
-    };
-    match configured {
-        Ok((host_link, pl)) => Ok((
-            (br.name.clone(), br.mac_string()),
-            (host_link.name.clone(), host_link.mac_string()),
-            format_mac(&pl.mac),
-        )),
-        Err(e) => {
-            if let Err(e2) = node.delete_link(host).await {
-                tracing::error!("undo: delete {host}: {e2}");
-            }
-            Err(e.into())
-        }
+        return Err(e.into());
     }
+    Ok((
+        (br.name.clone(), br.mac_string()),
+        (attached.host.name.clone(), attached.host.mac_string()),
+        format_mac(&spec.pod_mac),
+    ))
 }
 
 #[cfg(test)]
@@ -401,47 +361,32 @@ mod tests {
     #[test]
     fn wires_bridge_veth_pod_in_order() {
         let (f, p) = fakes();
-        let (br, host, _mac) = rt().block_on(run(&f, &p, false)).unwrap();
+        let (br, host, mac) = rt().block_on(run(&f, &p, false)).unwrap();
         assert_eq!(br, ("cni0".to_string(), "0a:58:0a:f4:03:01".to_string()));
         assert_eq!(host.0, "vethabc");
         assert_eq!(
             f.calls(),
             [
-                "ensure_bridge cni0 10.244.3.1/24 1450",
-                "create_veth vethabc eth0 1450",
-                "link vethabc",
-                "set_hairpin vethabc true"
+                "ensure_bridge cni0 1450",
+                "attach_pod cni0 10.244.3.1/24 vethabc eth0 1450 hairpin=true",
             ]
         );
-        let calls = p.calls();
-        assert_eq!(calls[0], "link eth0");
-        for c in [
-            "set_up eth0",
-            "add_address eth0 10.244.3.2/24",
-            "add_route 0.0.0.0/0 via 10.244.3.1",
-            "add_route 10.244.0.0/16 via 10.244.3.1",
-        ] {
-            assert!(calls.contains(&c.to_string()), "{c} not in {calls:?}");
-        }
-        let up = calls.iter().position(|c| c == "set_up eth0").unwrap();
-        let route = calls
-            .iter()
-            .position(|c| c.starts_with("add_route"))
-            .unwrap();
-        let addr = calls
-            .iter()
-            .position(|c| c.starts_with("add_address"))
-            .unwrap();
-        assert!(
-            up < route && addr < route,
-            "routes before link/address: {calls:?}"
+        assert_eq!(
+            p.calls(),
+            ["configure_pod eth0 10.244.3.2/24 via 10.244.3.1 routes 0.0.0.0/0,10.244.0.0/16"]
         );
+        // The MACs ADD reports are the ones it chose: locally administered unicast.
+        for m in [&host.1, &mac] {
+            let first = u8::from_str_radix(&m[..2], 16).unwrap();
+            assert_eq!(first & 0x03, 0x02, "{m}");
+        }
+        assert_ne!(host.1, mac);
     }
 
     #[test]
     fn a_failure_after_the_veth_deletes_it() {
         let (f, p) = fakes();
-        p.fail_next("add_route", libc::ENETUNREACH);
+        p.fail_next("configure_pod", libc::ENETUNREACH);
         let e = rt().block_on(run(&f, &p, false)).unwrap_err();
         assert_eq!(e.code, code::KERNEL);
         assert_eq!(f.calls().last().unwrap(), "delete_link vethabc");
@@ -462,9 +407,9 @@ mod tests {
         assert_eq!(
             calls[1..4],
             [
-                "create_veth vethabc eth0 1450".to_string(),
+                "attach_pod cni0 10.244.3.1/24 vethabc eth0 1450 hairpin=true".to_string(),
                 "delete_link vethabc".to_string(),
-                "create_veth vethabc eth0 1450".to_string()
+                "attach_pod cni0 10.244.3.1/24 vethabc eth0 1450 hairpin=true".to_string()
             ]
         );
     }

@@ -57,13 +57,17 @@ pub fn read_subnet_file(path: &Path) -> Result<SubnetFile> {
     })
 }
 
-/// Runs `f` on a current-thread tokio runtime with I/O enabled (netlink).
-pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A current-thread tokio runtime with I/O enabled (netlink).
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
-        .map_err(|e| CniError::new(code::IO, format!("start tokio runtime: {e}")))?;
-    Ok(rt.block_on(f))
+        .map_err(|e| CniError::new(code::IO, format!("start tokio runtime: {e}")))
+}
+
+/// Runs `f` on a [`runtime`].
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    Ok(runtime()?.block_on(f))
 }
 
 /// Fails with code 1 when `conf`'s version is older than `min`, the version that brought

@@ -8,16 +8,22 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
+};
 use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::{
-    Handle, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    AddressMessageBuilder, Handle, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
 };
 
 use crate::{Error, NetNs, Netlink, Result};
@@ -34,6 +40,8 @@ pub struct Link {
     pub controller: Option<u32>,
     /// The link kind ("veth", "bridge", ...), when the kernel reports one.
     pub kind: Option<String>,
+    /// IFLA_LINK: for a veth, the index of its peer in the peer's namespace.
+    pub peer: Option<u32>,
 }
 
 impl Link {
@@ -73,31 +81,75 @@ pub fn bridge_mac(gateway: IpAddr) -> [u8; 6] {
     [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
 
+/// A random MAC for a veth end: locally administered, unicast (what the kernel would pick,
+/// chosen here so that ADD knows it without asking the kernel).
+pub fn random_mac() -> [u8; 6] {
+    let mut m = [0u8; 6];
+    // SAFETY: the buffer is valid for its length; getrandom(2) fills at most that.
+    let n = unsafe { libc::getrandom(m.as_mut_ptr().cast(), m.len(), 0) };
+    if n != m.len() as isize {
+        // No entropy source (never seen on Linux ≥ 3.17): fall back to time and pid.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+            ^ ((std::process::id() as u128) << 64);
+        m.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    m[0] = (m[0] & 0xfe) | 0x02;
+    m
+}
+
+/// A pod's veth pair, as [`CniDataplane::attach_pod`] makes it.
+#[derive(Debug, Clone)]
+pub struct VethSpec<'a> {
+    /// The host end: its name and MAC; it becomes a port of the bridge, up.
+    pub host_name: &'a str,
+    pub host_mac: [u8; 6],
+    /// The pod end, created directly inside `pod_ns`, down.
+    pub pod_ns: &'a NetNs,
+    pub pod_ifname: &'a str,
+    pub pod_mac: [u8; 6],
+    /// Both ends.
+    pub mtu: u32,
+    /// Hairpin mode on the host end's bridge port.
+    pub hairpin: bool,
+}
+
+/// What [`CniDataplane::attach_pod`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedVeth {
+    /// The host end, as the kernel reports it.
+    pub host: Link,
+    /// The index of the pod end inside the pod namespace.
+    pub pod_index: u32,
+}
+
 /// The domain verbs of the CNI plugin, on one namespace.
 #[allow(async_fn_in_trait)]
 pub trait CniDataplane {
-    /// The bridge `name`, created (with `mac`, `mtu`, up) if missing, brought up if down,
-    /// with `gateway` (gateway/len) as an address.
-    async fn ensure_bridge(
+    /// The bridge `name`, created (with `mac`, `mtu`, up) if missing, brought up if down.
+    async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link>;
+    /// The node side of a pod, in one round trip to the kernel: `gateway` (gateway/len) on
+    /// `bridge` (already there is fine), the veth pair of `spec` (the pod end born inside the
+    /// pod namespace), hairpin on the new bridge port, and the host end read back. If the veth
+    /// was made but a later step failed, it is deleted before the error is returned. A
+    /// veth whose host name (or pod ifname) is taken fails with EEXIST.
+    async fn attach_pod(
         &self,
-        name: &str,
-        gateway: IpNet,
-        mac: [u8; 6],
-        mtu: u32,
-    ) -> Result<Link>;
-    /// A veth pair: `host_name` here, a port of `bridge`, up; its peer created directly
-    /// inside `pod_ns` as `pod_ifname`, still down (see [`Self::set_up`]). Both ends get
-    /// `mtu`. One request.
-    async fn create_veth(
-        &self,
-        host_name: &str,
         bridge: &Link,
-        pod_ns: &NetNs,
-        pod_ifname: &str,
-        mtu: u32,
+        gateway: IpNet,
+        spec: &VethSpec<'_>,
+    ) -> Result<AttachedVeth>;
+    /// The pod side, in one round trip: link `index` up, `addr` (ip/len) on it, and a route
+    /// to each of `routes` via `gateway` (replacing one that is there).
+    async fn configure_pod(
+        &self,
+        index: u32,
+        addr: IpNet,
+        routes: &[IpNet],
+        gateway: IpAddr,
     ) -> Result<()>;
-    /// Sets hairpin mode on the bridge port with index `index`.
-    async fn set_hairpin(&self, index: u32, on: bool) -> Result<()>;
     /// Brings the link with index `index` up.
     async fn set_up(&self, index: u32) -> Result<()>;
     /// The link called `name`, if any.
@@ -140,11 +192,13 @@ impl RtnlCni {
     }
 
     /// Starts opening a socket inside the namespace at `path` and returns at once: one
-    /// thread enters the namespace, creates the socket (registered with the caller's tokio
-    /// runtime) and exits, while the caller goes on with other work. Must be called inside
-    /// a tokio runtime, which must still run when the result is used.
-    pub fn spawn_open(path: PathBuf) -> std::thread::JoinHandle<Result<Self>> {
-        let rt = tokio::runtime::Handle::current();
+    /// thread enters the namespace, creates the socket (registered with the tokio runtime
+    /// `rt`) and exits, while the caller goes on with other work. `rt` must still run when
+    /// the result is used.
+    pub fn spawn_open(
+        rt: tokio::runtime::Handle,
+        path: PathBuf,
+    ) -> std::thread::JoinHandle<Result<Self>> {
         std::thread::spawn(move || {
             let ns = NetNs::open(&path)?;
             // setns moves only this thread, which exits right after creating the socket.
@@ -176,6 +230,7 @@ fn link_from(msg: LinkMessage) -> Link {
         up: msg.header.flags.contains(LinkFlags::Up),
         controller: None,
         kind: None,
+        peer: None,
     };
     for a in msg.attributes {
         match a {
@@ -183,6 +238,7 @@ fn link_from(msg: LinkMessage) -> Link {
             LinkAttribute::Address(m) => l.mac = m,
             LinkAttribute::Mtu(m) => l.mtu = Some(m),
             LinkAttribute::Controller(c) if c != 0 => l.controller = Some(c),
+            LinkAttribute::Link(p) if p != 0 => l.peer = Some(p),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let NlLinkInfo::Kind(k) = i {
@@ -233,14 +289,74 @@ fn route_from(msg: &RouteMessage) -> Option<Route> {
     Some(Route { dst, gateway, oif })
 }
 
-impl CniDataplane for RtnlCni {
-    async fn ensure_bridge(
+/// A main-table route to `dst` via `gateway` out of link `index`.
+fn route_msg(index: u32, dst: IpNet, gateway: IpAddr) -> Result<RouteMessage> {
+    Ok(match (dst, gateway) {
+        (IpNet::V4(d), IpAddr::V4(g)) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(d.network(), d.prefix_len())
+            .gateway(g)
+            .output_interface(index)
+            .build(),
+        (IpNet::V6(d), IpAddr::V6(g)) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(d.network(), d.prefix_len())
+            .gateway(g)
+            .output_interface(index)
+            .build(),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "route to {dst} via {gateway}: address families differ"
+            )));
+        }
+    })
+}
+
+impl RtnlCni {
+    /// Sends `reqs` (message, netlink flags) in this order without waiting in between, then
+    /// collects each one's answer: the messages it returned, or its error. The kernel handles
+    /// one socket's requests one after the other, in the order sent, so a request may rely
+    /// on the ones before it; the caller pays one round trip instead of one per request.
+    async fn pipeline(
         &self,
-        name: &str,
-        gateway: IpNet,
-        mac: [u8; 6],
-        mtu: u32,
-    ) -> Result<Link> {
+        reqs: Vec<(RouteNetlinkMessage, u16)>,
+    ) -> Vec<std::result::Result<Vec<RouteNetlinkMessage>, rtnetlink::Error>> {
+        let mut handle = self.handle.clone();
+        // Every request is queued before the first answer is awaited.
+        let streams: Vec<_> = reqs
+            .into_iter()
+            .map(|(msg, flags)| {
+                let mut req = NetlinkMessage::from(msg);
+                req.header.flags = flags;
+                handle.request(req)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(streams.len());
+        for s in streams {
+            out.push(match s {
+                Ok(mut s) => {
+                    let mut msgs = Vec::new();
+                    let mut res = Ok(());
+                    while let Some(m) = s.next().await {
+                        match m.payload {
+                            NetlinkPayload::Error(e) if e.code.is_some() => {
+                                res = Err(rtnetlink::Error::NetlinkError(e))
+                            }
+                            NetlinkPayload::InnerMessage(m) => msgs.push(m),
+                            _ => {}
+                        }
+                    }
+                    res.map(|()| msgs)
+                }
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+}
+
+const REQ_ACK: u16 = NLM_F_REQUEST | NLM_F_ACK;
+
+impl CniDataplane for RtnlCni {
+    async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link> {
         let h = self.handle();
         let br = match self.link(name).await? {
             Some(l) => l,
@@ -270,59 +386,170 @@ impl CniDataplane for RtnlCni {
         if !br.up {
             self.set_up(br.index).await?;
         }
-        // EEXIST: the gateway address is already there (the usual case after the first pod).
-        match self.add_address(br.index, gateway).await {
-            Err(e) if e.errno() == Some(libc::EEXIST) => {}
-            r => r?,
-        }
         Ok(br)
     }
 
-    async fn create_veth(
+    async fn attach_pod(
         &self,
-        host_name: &str,
         bridge: &Link,
-        pod_ns: &NetNs,
-        pod_ifname: &str,
-        mtu: u32,
-    ) -> Result<()> {
-        // One request: the peer is born inside the pod netns (IFLA_NET_NS_FD in the peer's
-        // message); the host end joins the bridge (IFLA_MASTER) and comes up.
-        // Kernel 6.18: IFF_UP in the peer's header fails the request with ENOTCONN, so the
-        // peer is brought up afterwards from inside the pod netns (`set_up`).
+        gateway: IpNet,
+        spec: &VethSpec<'_>,
+    ) -> Result<AttachedVeth> {
+        let host = spec.host_name;
+        let gw = AddressMessageBuilder::<std::net::Ipv4Addr>::new();
+        let gw = match gateway {
+            IpNet::V4(n) => gw
+                .index(bridge.index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+            IpNet::V6(n) => AddressMessageBuilder::<std::net::Ipv6Addr>::new()
+                .index(bridge.index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+        };
+        // The peer is born inside the pod netns (IFLA_NET_NS_FD in the peer's message); the
+        // host end joins the bridge (IFLA_MASTER) and comes up. Kernel 6.18: IFF_UP in the
+        // peer's header fails the request with ENOTCONN, so the pod end is brought up from
+        // inside the pod netns (`configure_pod`). One queue each way: a veth gets one per CPU
+        // by default, each with its sysfs objects to create and remove, and without XDP
+        // the queues are not used to spread the load.
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(pod_ifname)
-            .mtu(mtu)
-            .setns_by_fd(pod_ns.raw_fd())
+            .name(spec.pod_ifname)
+            .address(spec.pod_mac.to_vec())
+            .mtu(spec.mtu)
+            .setns_by_fd(spec.pod_ns.raw_fd())
+            .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+            .append_extra_attribute(LinkAttribute::NumRxQueues(1))
             .build();
-        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(host_name)
-            .mtu(mtu)
+        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host)
+            .address(spec.host_mac.to_vec())
+            .mtu(spec.mtu)
             .controller(bridge.index)
             .up()
+            .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+            .append_extra_attribute(LinkAttribute::NumRxQueues(1))
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
-        self.handle().link().add(msg).execute().await.map_err(|e| {
+        let mut reqs = vec![
+            (
+                RouteNetlinkMessage::NewAddress(gw),
+                REQ_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            ),
+            (
+                RouteNetlinkMessage::NewLink(veth),
+                REQ_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            ),
+        ];
+        if spec.hairpin {
+            // Bridge-port options are ignored in a create request (IFLA_INFO_SLAVE_DATA
+            // applies to an existing port only): a request of its own, by name.
+            let port = LinkBridgePort::new(0).name(host).hairpin(true).build();
+            reqs.push((RouteNetlinkMessage::NewLink(port), REQ_ACK));
+        }
+        let get = LinkUnspec::new_with_name(host).build();
+        reqs.push((RouteNetlinkMessage::GetLink(get), NLM_F_REQUEST));
+        let mut res = self.pipeline(reqs).await.into_iter();
+        let (addr, created) = (res.next(), res.next());
+        let created = created.expect("one answer per request").map_err(|e| {
             Error::netlink(
                 format!(
-                    "create veth {host_name} with peer {pod_ifname} in {}",
-                    pod_ns.path().display()
+                    "create veth {host} with peer {} in {}",
+                    spec.pod_ifname,
+                    spec.pod_ns.path().display()
                 ),
                 e,
             )
-        })
+        });
+        // The requests after a failed create acted on whatever else has the name: ignored.
+        created?;
+        let rest = (|| {
+            match addr.expect("one answer per request") {
+                // EEXIST: the gateway is there already (the usual case after the first pod).
+                Err(e) if !is_errno(&e, libc::EEXIST) => {
+                    return Err(Error::netlink(
+                        format!("add address {gateway} to bridge {}", bridge.name),
+                        e,
+                    ));
+                }
+                _ => {}
+            }
+            if spec.hairpin {
+                res.next()
+                    .expect("one answer per request")
+                    .map_err(|e| Error::netlink(format!("set hairpin on {host}"), e))?;
+            }
+            let got = res
+                .next()
+                .expect("one answer per request")
+                .map_err(|e| Error::netlink(format!("get link {host}"), e))?;
+            let link = got
+                .into_iter()
+                .find_map(|m| match m {
+                    RouteNetlinkMessage::NewLink(m) => Some(link_from(m)),
+                    _ => None,
+                })
+                .ok_or_else(|| Error::LinkNotFound(host.to_string()))?;
+            let pod_index = link.peer.ok_or_else(|| {
+                Error::Invalid(format!("veth {host}: the kernel reports no peer index"))
+            })?;
+            Ok(AttachedVeth {
+                host: link,
+                pod_index,
+            })
+        })();
+        if rest.is_err() {
+            // Take back the veth this call made (its peer goes with it).
+            if let Err(e2) = self.delete_link(host).await {
+                tracing::error!("undo: delete {host}: {e2}");
+            }
+        }
+        rest
     }
 
-    async fn set_hairpin(&self, index: u32, on: bool) -> Result<()> {
-        // Bridge-port options are ignored in a create request (IFLA_INFO_SLAVE_DATA only
-        // applies to an existing port), so hairpin is its own request.
-        let msg = LinkBridgePort::new(index).hairpin(on).build();
-        self.handle()
-            .link()
-            .set_port(msg)
-            .execute()
-            .await
-            .map_err(|e| Error::netlink(format!("set hairpin on link {index}"), e))
+    async fn configure_pod(
+        &self,
+        index: u32,
+        addr: IpNet,
+        routes: &[IpNet],
+        gateway: IpAddr,
+    ) -> Result<()> {
+        // In this order on one socket: the routes need the link up and the address's
+        // connected route, which the kernel has made by the time it reads them.
+        let up = LinkUnspec::new_with_index(index).up().build();
+        let a = match addr {
+            IpNet::V4(n) => AddressMessageBuilder::<std::net::Ipv4Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+            IpNet::V6(n) => AddressMessageBuilder::<std::net::Ipv6Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+        };
+        let mut reqs = vec![
+            (RouteNetlinkMessage::SetLink(up), REQ_ACK),
+            (
+                RouteNetlinkMessage::NewAddress(a),
+                REQ_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            ),
+        ];
+        for dst in routes {
+            reqs.push((
+                RouteNetlinkMessage::NewRoute(route_msg(index, *dst, gateway)?),
+                REQ_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            ));
+        }
+        let res = self.pipeline(reqs).await;
+        let what = |i: usize| match i {
+            0 => format!("set link {index} up"),
+            1 => format!("add address {addr} to link {index}"),
+            i => format!("add route {} via {gateway}", routes[i - 2]),
+        };
+        for (i, r) in res.into_iter().enumerate() {
+            r.map_err(|e| Error::netlink(what(i), e))?;
+        }
+        Ok(())
     }
 
     async fn set_up(&self, index: u32) -> Result<()> {
@@ -394,23 +621,7 @@ impl CniDataplane for RtnlCni {
     }
 
     async fn add_route(&self, index: u32, dst: IpNet, gateway: IpAddr) -> Result<()> {
-        let msg = match (dst, gateway) {
-            (IpNet::V4(d), IpAddr::V4(g)) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-                .destination_prefix(d.network(), d.prefix_len())
-                .gateway(g)
-                .output_interface(index)
-                .build(),
-            (IpNet::V6(d), IpAddr::V6(g)) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                .destination_prefix(d.network(), d.prefix_len())
-                .gateway(g)
-                .output_interface(index)
-                .build(),
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "route to {dst} via {gateway}: address families differ"
-                )));
-            }
-        };
+        let msg = route_msg(index, dst, gateway)?;
         self.handle()
             .route()
             .add(msg)
@@ -437,13 +648,6 @@ impl CniDataplane for RtnlCni {
     }
 }
 
-/// Convenience: the pod end of a veth, looked up by name in the pod namespace.
-pub async fn pod_link(pod: &impl CniDataplane, ifname: &str) -> Result<Link> {
-    pod.link(ifname)
-        .await?
-        .ok_or_else(|| Error::LinkNotFound(ifname.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,8 +671,8 @@ pub mod fake {
 
     use ipnet::IpNet;
 
-    use super::{CniDataplane, Link, Route};
-    use crate::{Error, NetNs, Result};
+    use super::{AttachedVeth, CniDataplane, Link, Route, VethSpec};
+    use crate::{Error, Result};
 
     /// One namespace's fake kernel. Clones share it (keep one to inspect after handing one
     /// to the code under test).
@@ -512,6 +716,7 @@ pub mod fake {
                 up: false,
                 controller: None,
                 kind: Some(kind.into()),
+                peer: None,
             };
             links.insert(name.into(), l.clone());
             l
@@ -544,17 +749,8 @@ pub mod fake {
     }
 
     impl CniDataplane for Recording {
-        async fn ensure_bridge(
-            &self,
-            name: &str,
-            gateway: IpNet,
-            mac: [u8; 6],
-            mtu: u32,
-        ) -> Result<Link> {
-            self.call(
-                "ensure_bridge",
-                format!("ensure_bridge {name} {gateway} {mtu}"),
-            )?;
+        async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link> {
+            self.call("ensure_bridge", format!("ensure_bridge {name} {mtu}"))?;
             if !self.has_link(name) {
                 let mut l = self.add_link(name, "bridge");
                 l.mac = mac.to_vec();
@@ -564,35 +760,72 @@ pub mod fake {
             Ok(self.inner.links.lock().unwrap()[name].clone())
         }
 
-        async fn create_veth(
+        async fn attach_pod(
             &self,
-            host_name: &str,
             bridge: &Link,
-            _pod_ns: &NetNs,
-            pod_ifname: &str,
-            mtu: u32,
-        ) -> Result<()> {
+            gateway: IpNet,
+            spec: &VethSpec<'_>,
+        ) -> Result<AttachedVeth> {
+            let host = spec.host_name;
             self.call(
-                "create_veth",
-                format!("create_veth {host_name} {pod_ifname} {mtu}"),
+                "attach_pod",
+                format!(
+                    "attach_pod {} {gateway} {host} {} {} hairpin={}",
+                    bridge.name, spec.pod_ifname, spec.mtu, spec.hairpin
+                ),
             )?;
-            if self.has_link(host_name) {
+            if self.has_link(host) {
                 return Err(Error::io(
-                    "fake create_veth",
+                    "fake attach_pod",
                     std::io::Error::from_raw_os_error(libc::EEXIST),
                 ));
             }
-            let mut h = self.add_link(host_name, "veth");
+            let mut h = self.add_link(host, "veth");
             h.up = true;
+            h.mac = spec.host_mac.to_vec();
             h.controller = Some(bridge.index);
-            self.inner.links.lock().unwrap().insert(host_name.into(), h);
-            // The pod end appears in the pod namespace's fake: the test adds it there.
-            Ok(())
+            // The pod end appears in the pod namespace's fake (the test adds it there, as
+            // that fake's first link: index 2).
+            h.peer = Some(2);
+            self.inner
+                .links
+                .lock()
+                .unwrap()
+                .insert(host.into(), h.clone());
+            Ok(AttachedVeth {
+                host: h,
+                pod_index: 2,
+            })
         }
 
-        async fn set_hairpin(&self, index: u32, on: bool) -> Result<()> {
+        async fn configure_pod(
+            &self,
+            index: u32,
+            addr: IpNet,
+            routes: &[IpNet],
+            gateway: IpAddr,
+        ) -> Result<()> {
             let n = self.by_index(index).unwrap_or_default();
-            self.call("set_hairpin", format!("set_hairpin {n} {on}"))
+            let r: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+            self.call(
+                "configure_pod",
+                format!(
+                    "configure_pod {n} {addr} via {gateway} routes {}",
+                    r.join(",")
+                ),
+            )?;
+            if let Some(l) = self.inner.links.lock().unwrap().get_mut(&n) {
+                l.up = true;
+            }
+            self.inner.addrs.lock().unwrap().push((index, addr));
+            for dst in routes {
+                self.inner.routes.lock().unwrap().push(Route {
+                    dst: *dst,
+                    gateway: Some(gateway),
+                    oif: Some(index),
+                });
+            }
+            Ok(())
         }
 
         async fn set_up(&self, index: u32) -> Result<()> {

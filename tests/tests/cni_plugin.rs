@@ -63,6 +63,20 @@ fn add_gives_pods_ips_that_ping_the_gateway_and_each_other() {
     );
     let br = node.ns.ip(&["-o", "addr", "show", "dev", "cni0"]).unwrap();
     assert!(br.contains("10.244.3.1/24"), "{br}");
+    // The MACs in the result are the kernel's; one queue each way on both ends.
+    let host_link = node.ns.ip(&["-d", "link", "show", "dev", host]).unwrap();
+    let pod_link = a.ns.ip(&["-d", "link", "show", "dev", "eth0"]).unwrap();
+    for (l, mac) in [
+        (&host_link, &ra["interfaces"][1]["mac"]),
+        (&pod_link, &ra["interfaces"][2]["mac"]),
+    ] {
+        let mac = mac.as_str().unwrap();
+        assert!(
+            l.contains(&format!("link/ether {mac} ")),
+            "{mac} not in {l}"
+        );
+        assert!(l.contains("numtxqueues 1 numrxqueues 1"), "{l}");
+    }
 
     // Packets: pod -> gateway, pod -> pod, both ways.
     a.ns.ping(GATEWAY.parse().unwrap(), 2, 5).unwrap();
