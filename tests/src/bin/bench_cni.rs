@@ -246,7 +246,7 @@ fn main() -> Result<()> {
             }
         }
         if i % BATCH == BATCH - 1 || i == n - 1 {
-            netns_batch(i + 1 - (i % BATCH), i + 1, "del", &["t", "r", "v"])?;
+            netns_batch(i - (i % BATCH), i + 1, "del", &["t", "r", "v"])?;
             std::thread::sleep(Duration::from_millis(500));
         }
     }
@@ -279,7 +279,7 @@ fn main() -> Result<()> {
         pvdel.push(exec(&ip, &["link", "del", &host], &[], "")?);
         exec(&twill, &[], &env_w("DEL"), &twill_conf)?;
         if i % BATCH == BATCH - 1 || i == n - 1 {
-            netns_batch(i + 1 - (i % BATCH), i + 1, "del", &["w"])?;
+            netns_batch(i - (i % BATCH), i + 1, "del", &["w"])?;
             std::thread::sleep(Duration::from_millis(500));
         }
     }
