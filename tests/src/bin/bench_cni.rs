@@ -13,7 +13,8 @@
 //! p50; peak RSS comes from wait4's rusage.
 //!
 //! Usage: bench_cni --twill <path> --work <dir> [--iterations 200] [--ref-dir /usr/lib/cni]
-//!        [--prefix twb<pid>]   (pod namespaces: <prefix>{t,r,v,w}<i>)
+//!        [--prefix twb<pid>] [--tmpfs-work <dir on tmpfs>]
+//!        (pod namespaces: <prefix>{t,r,v,w}<i>)
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -142,6 +143,7 @@ fn main() -> Result<()> {
         .unwrap_or(200);
     let ref_dir = PathBuf::from(arg(&args, "--ref-dir").unwrap_or("/usr/lib/cni".into()));
     let prefix = arg(&args, "--prefix").unwrap_or_else(|| format!("twb{}", std::process::id()));
+    let tmpfs = arg(&args, "--tmpfs-work").map(PathBuf::from);
 
     std::fs::create_dir_all(&work)?;
     let subnet_file = work.join("subnet.env");
@@ -153,6 +155,15 @@ fn main() -> Result<()> {
         "subnetFile": subnet_file, "dataDir": work.join("twill-data"),
         "bridge":"cni0","hairpinMode":true})
     .to_string();
+    // The same with the reservations on tmpfs, where fsync costs nothing: the second loop
+    // alternates the two, to show how much of an ADD is the disk making the reservation
+    // durable.
+    let twill_conf_tmpfs = tmpfs.as_ref().map(|t| {
+        json!({"cniVersion":"1.0.0","name":"twill","type":"twill",
+            "subnetFile": subnet_file, "dataDir": t.join("twill-data"),
+            "bridge":"cni0","hairpinMode":true})
+        .to_string()
+    });
     // Flannel's delegate config for the reference bridge plugin, same subnet and MTU.
     let ref_conf = json!({"cniVersion":"1.0.0","name":"refnet","type":"bridge",
         "bridge":"cni0","isGateway":true,"isDefaultGateway":true,"hairpinMode":true,
@@ -172,6 +183,8 @@ fn main() -> Result<()> {
     let mut r_del = Series::default();
     let mut vdel = Series::default();
     let mut pvdel = Series::default();
+    let mut w_add_disk = Series::default();
+    let mut w_add_tmpfs = Series::default();
     // Pod namespaces are made in batches of BATCH iterations before they are used (fresh:
     // each serves one call) and deleted after, then the kernel is given time to tear them
     // down: that runs asynchronously under the RTNL lock and would compete with the next
@@ -254,7 +267,8 @@ fn main() -> Result<()> {
     // Apart from the comparison above (so that its extra kernel work does not weigh on it):
     // `ip link del` of the host end of a veth as a pod has it (up, a bridge port with
     // hairpin, the pod end up with its address, routes and IPv6 link-local), made by an
-    // untimed twill ADD; an untimed DEL releases the IP.
+    // twill ADD; an untimed DEL releases the IP. With --tmpfs-work, the ADDs alternate between
+    // reservations on disk (as in the comparison) and on tmpfs.
     for i in 0..n {
         if i % BATCH == 0 {
             netns_batch(i, (i + BATCH).min(n), "add", &["w"])?;
@@ -270,14 +284,19 @@ fn main() -> Result<()> {
                 ("CNI_IFNAME", "eth0"),
             ]
         };
-        let added = exec(&twill, &[], &env_w("ADD"), &twill_conf)?;
+        let (conf_w, series) = match &twill_conf_tmpfs {
+            Some(c) if i % 2 == 1 => (c, &mut w_add_tmpfs),
+            _ => (&twill_conf, &mut w_add_disk),
+        };
+        let added = exec(&twill, &[], &env_w("ADD"), conf_w)?;
         let res: serde_json::Value = serde_json::from_str(&added.stdout)?;
+        series.push(added);
         let host = res["interfaces"][1]["name"]
             .as_str()
             .context("host veth in the ADD result")?
             .to_string();
         pvdel.push(exec(&ip, &["link", "del", &host], &[], "")?);
-        exec(&twill, &[], &env_w("DEL"), &twill_conf)?;
+        exec(&twill, &[], &env_w("DEL"), conf_w)?;
         if i % BATCH == BATCH - 1 || i == n - 1 {
             netns_batch(i - (i % BATCH), i + 1, "del", &["w"])?;
             std::thread::sleep(Duration::from_millis(500));
@@ -298,7 +317,12 @@ fn main() -> Result<()> {
         ("bridge+host-local DEL", &r_del),
         ("ip link del (bare veth)", &vdel),
         ("ip link del (pod veth)", &pvdel),
+        ("2nd loop: twill ADD, reservations on disk", &w_add_disk),
+        ("2nd loop: twill ADD, reservations on tmpfs", &w_add_tmpfs),
     ] {
+        if s.ms.is_empty() {
+            continue;
+        }
         println!(
             "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             s.pct(0.5),
@@ -327,6 +351,14 @@ fn main() -> Result<()> {
         "DEL p50 net: twill/ip-link-del of a pod's veth = {:.3}",
         ratio(net(&t_del, 0.5), net(&pvdel, 0.5))
     );
+    if !w_add_tmpfs.ms.is_empty() {
+        println!(
+            "ADD p50 net, 2nd loop: reservations on disk {:.2} ms, on tmpfs {:.2} ms (twill/reference with tmpfs: {:.3})",
+            net(&w_add_disk, 0.5),
+            net(&w_add_tmpfs, 0.5),
+            ratio(net(&w_add_tmpfs, 0.5), net(&r_add, 0.5))
+        );
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load average at the end: {}", load.trim());
     let size = std::fs::metadata(&twill)?.len();
