@@ -7,6 +7,25 @@ use cni_common::{GATEWAY, Node, result_ip};
 use serde_json::json;
 
 #[test]
+fn an_existing_bridge_takes_the_pod_mtu() {
+    // A bridge left with another MTU (an older FLANNEL_MTU, or made by another plugin). twill
+    // sets the bridge MTU only when it creates the bridge, as an attribute of the create
+    // request, which leaves the kernel's automatic bridge MTU on (the smallest of its
+    // ports): with pods of an old and a new MTU side by side the node never sends a pod more
+    // than its MTU.
+    let node = Node::new();
+    node.ns
+        .ip(&["link", "add", "cni0", "mtu", "1400", "type", "bridge"])
+        .unwrap();
+    let a = node.pod("pa");
+    node.add(&a);
+    let br = node.ns.ip(&["link", "show", "dev", "cni0"]).unwrap();
+    assert!(br.contains("mtu 1450") && br.contains("UP"), "{br}");
+    a.ns.ping(GATEWAY.parse().unwrap(), 1, 5).unwrap();
+    node.del(&a);
+}
+
+#[test]
 fn add_gives_pods_ips_that_ping_the_gateway_and_each_other() {
     let node = Node::new();
     let a = node.pod("pa");
