@@ -16,7 +16,7 @@ use crate::config::NetConf;
 use crate::env::CniEnv;
 use crate::error::{CniError, Result, code};
 use crate::types::{CniResult, Interface, IpConfig, Route};
-use crate::{host_veth_name, read_subnet_file, runtime};
+use crate::{host_veth_name, lock_allocator, read_subnet_file, runtime};
 
 /// Opens CNI_NETNS; a missing or wrong path is code 4 naming the variable and the path.
 pub(crate) fn open_netns(path: &str) -> Result<NetNs> {
@@ -74,7 +74,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     let host = host_veth_name(cid, ifname);
 
     let alloc = Allocator::new(&conf.data_dir, &conf.name);
-    let mut locked = alloc.lock()?;
+    let mut locked = lock_allocator(&alloc)?;
     let (res, new) = locked.reserve(
         subnet.node_subnet(),
         &Request {

@@ -8,7 +8,7 @@ use twill_ipam::alloc::Allocator;
 use crate::config::NetConf;
 use crate::env::CniEnv;
 use crate::error::Result;
-use crate::{block_on, host_veth_name};
+use crate::{block_on, host_veth_name, lock_allocator};
 
 pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
     let cid = env.container_id()?;
@@ -17,7 +17,7 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
     let alloc = Allocator::new(&conf.data_dir, &conf.name);
     // An unreadable allocator must not keep the pod's veth alive: it is removed anyway, and
     // the allocator's error is reported after that.
-    let (released, commit) = match alloc.lock() {
+    let (released, commit) = match lock_allocator(&alloc) {
         Ok(mut locked) => {
             let released = locked.release(cid, ifname);
             // The release is written (fsync + rename) on its own thread while the kernel

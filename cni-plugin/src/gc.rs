@@ -9,7 +9,7 @@ use twill_ipam::alloc::Allocator;
 
 use crate::config::NetConf;
 use crate::error::{CniError, Result, code};
-use crate::{block_on, host_veth_name, require_version};
+use crate::{block_on, host_veth_name, lock_allocator, require_version};
 
 pub fn gc(conf: &NetConf) -> Result<()> {
     require_version(conf, "GC", "1.1.0")?;
@@ -24,7 +24,7 @@ pub fn gc(conf: &NetConf) -> Result<()> {
         .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
         .collect();
     let alloc = Allocator::new(&conf.data_dir, &conf.name);
-    let mut locked = alloc.lock()?;
+    let mut locked = lock_allocator(&alloc)?;
     let gone =
         locked.release_unless(|r| valid.contains(&(r.container_id.as_str(), r.ifname.as_str())));
     // Host veths that are still someone's: the remaining reservations' and the valid

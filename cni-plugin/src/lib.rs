@@ -57,6 +57,23 @@ pub fn read_subnet_file(path: &Path) -> Result<SubnetFile> {
     })
 }
 
+/// Takes the allocator's lock; says in the log when that released the reservations of a
+/// previous boot (once per boot and network).
+pub(crate) fn lock_allocator(
+    alloc: &twill_ipam::alloc::Allocator,
+) -> std::result::Result<twill_ipam::alloc::Locked, twill_ipam::alloc::AllocError> {
+    let locked = alloc.lock()?;
+    let n = locked.released_for_reboot();
+    if n > 0 {
+        tracing::warn!(
+            released = n,
+            dir = %alloc.dir().display(),
+            "the node rebooted since the last reservation: released the previous boot's reservations"
+        );
+    }
+    Ok(locked)
+}
+
 /// A current-thread tokio runtime with I/O enabled (netlink).
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()

@@ -10,6 +10,13 @@
 //! Allocation is round-robin: the search starts after the last reserved IP, so an IP that
 //! was just freed is not handed out again at once. The network address, the gateway (first
 //! host) and the broadcast address (last) are never handed out.
+//!
+//! Reservations live as long as the boot they were made in: the state records the kernel's
+//! boot ID, and the first lock after a reboot releases every reservation of the previous
+//! boot (no pod network namespace survives a reboot, and a runtime whose own state was on
+//! tmpfs never sends their DELs, which is how host-local leaks IPs). They are kept as hints:
+//! the same (container ID, ifname) asking again, as Podman does for a container that
+//! restarts after a reboot, gets its IP back if it is still free.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -86,24 +93,50 @@ pub struct Request {
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct State {
+    /// The boot the reservations were made in (`/proc/sys/kernel/random/boot_id`). Absent
+    /// in a state written before twill recorded it: then nothing is released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_reserved: Option<IpAddr>,
     #[serde(default)]
     reservations: Vec<Reservation>,
+    /// The reservations of the previous boot, released at the first lock after the reboot:
+    /// hints that give the same (container ID, ifname) its IP back while it is free.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    previous_boot: Vec<Reservation>,
+}
+
+/// The kernel's ID of the running boot; `None` where it cannot be read (then reservations
+/// are never released for a reboot).
+pub fn current_boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// The allocator for one CNI network: a directory under the data dir.
 #[derive(Debug, Clone)]
 pub struct Allocator {
     dir: PathBuf,
+    boot_id: Option<String>,
 }
 
 impl Allocator {
-    /// `<data_dir>/<network>`. Nothing is created until [`Allocator::lock`].
+    /// `<data_dir>/<network>`, in the running boot. Nothing is created until
+    /// [`Allocator::lock`].
     pub fn new(data_dir: impl AsRef<Path>, network: &str) -> Self {
         Allocator {
             dir: data_dir.as_ref().join(network),
+            boot_id: current_boot_id(),
         }
+    }
+
+    /// The same allocator as seen from the boot `boot_id` (tests, tools).
+    pub fn with_boot_id(mut self, boot_id: impl Into<String>) -> Self {
+        self.boot_id = Some(boot_id.into());
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -136,7 +169,7 @@ impl Allocator {
             .map_err(io(&lock_path))?;
         file.lock().map_err(io(&lock_path))?;
         let state_path = self.state_path();
-        let state = match std::fs::read(&state_path) {
+        let mut state: State = match std::fs::read(&state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AllocError::Corrupt {
                 path: state_path.clone(),
                 reason: e.to_string(),
@@ -144,11 +177,23 @@ impl Allocator {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(io(&state_path)(e)),
         };
+        let mut released_for_reboot = 0;
+        if let (Some(then), Some(now)) = (&state.boot_id, &self.boot_id)
+            && then != now
+        {
+            // A reboot since the last write: every pod of that boot is gone.
+            released_for_reboot = state.reservations.len();
+            state.previous_boot = std::mem::take(&mut state.reservations);
+        }
+        // The boot ID goes in with the next write; a lock that changes nothing writes nothing.
+        let dirty = released_for_reboot > 0;
+        state.boot_id = self.boot_id.clone();
         Ok(Locked {
             _lock: file,
             state,
             state_path,
-            dirty: false,
+            dirty,
+            released_for_reboot,
         })
     }
 
@@ -165,11 +210,17 @@ pub struct Locked {
     state: State,
     state_path: PathBuf,
     dirty: bool,
+    released_for_reboot: usize,
 }
 
 impl Locked {
     pub fn reservations(&self) -> &[Reservation] {
         &self.state.reservations
+    }
+
+    /// How many reservations of a previous boot this lock released (0 but once per boot).
+    pub fn released_for_reboot(&self) -> usize {
+        self.released_for_reboot
     }
 
     pub fn get(&self, container_id: &str, ifname: &str) -> Option<&Reservation> {
@@ -239,9 +290,22 @@ impl Locked {
                         reserved: taken.len(),
                     });
                 }
+                // The IP this (container ID, ifname) had before a reboot, while it is free.
+                let hint = self
+                    .state
+                    .previous_boot
+                    .iter()
+                    .find(|r| r.is(&req.container_id, &req.ifname))
+                    .map(|r| r.ip)
+                    .filter(|ip| {
+                        subnet.contains(ip)
+                            && (first..=last).contains(&to_u128(*ip))
+                            && !taken.contains(ip)
+                    });
                 let size = last - first + 1;
-                let start = match self.state.last_reserved.map(to_u128) {
-                    Some(l) if (first..last).contains(&l) => l + 1,
+                let start = match (hint, self.state.last_reserved.map(to_u128)) {
+                    (Some(h), _) => to_u128(h),
+                    (None, Some(l)) if (first..last).contains(&l) => l + 1,
                     _ => first,
                 };
                 // At most |taken| + 1 candidates need a look before a free one shows up.
@@ -257,6 +321,9 @@ impl Locked {
         };
         self.state
             .reservations
+            .retain(|r| !r.is(&req.container_id, &req.ifname));
+        self.state
+            .previous_boot
             .retain(|r| !r.is(&req.container_id, &req.ifname));
         let r = Reservation {
             ip,
@@ -275,6 +342,13 @@ impl Locked {
 
     /// Releases the reservation of (container ID, ifname), if any.
     pub fn release(&mut self, container_id: &str, ifname: &str) -> Option<Reservation> {
+        let hints = self.state.previous_boot.len();
+        self.state
+            .previous_boot
+            .retain(|r| !r.is(container_id, ifname));
+        if self.state.previous_boot.len() != hints {
+            self.dirty = true;
+        }
         let i = self
             .state
             .reservations
@@ -290,7 +364,9 @@ impl Locked {
             .into_iter()
             .partition(|r| keep(r));
         self.state.reservations = kept;
-        if !gone.is_empty() {
+        let hints = self.state.previous_boot.len();
+        self.state.previous_boot.retain(|r| keep(r));
+        if !gone.is_empty() || self.state.previous_boot.len() != hints {
             self.dirty = true;
         }
         gone
@@ -357,6 +433,82 @@ mod tests {
         let (res, _) = l.reserve(subnet.parse().unwrap(), r)?;
         l.commit()?;
         Ok(res.ip)
+    }
+
+    #[test]
+    fn a_reboot_releases_the_previous_boots_reservations_and_keeps_them_as_hints() {
+        let dir = tempfile::tempdir().unwrap();
+        let boot1 = Allocator::new(dir.path(), "twill").with_boot_id("boot-1");
+        let net = "10.1.0.0/24";
+        for c in ["a", "b", "c"] {
+            reserve(&boot1, net, &req(c)).unwrap();
+        }
+        assert_eq!(boot1.list().unwrap().len(), 3);
+        // The same boot: nothing released.
+        let l = boot1.lock().unwrap();
+        assert_eq!(l.released_for_reboot(), 0);
+        drop(l);
+
+        // After a reboot: the first lock releases all three.
+        let boot2 = Allocator::new(dir.path(), "twill").with_boot_id("boot-2");
+        let mut l = boot2.lock().unwrap();
+        assert_eq!(l.released_for_reboot(), 3);
+        assert!(l.reservations().is_empty());
+        // A new container gets the next IP in turn (the hints' IPs are free, round-robin
+        // comes to them last);
+        let (d, _) = l.reserve(net.parse().unwrap(), &req("d")).unwrap();
+        assert_eq!(d.ip.to_string(), "10.1.0.5");
+        // "b" (a Podman container restarted after the reboot) gets its IP back.
+        let (b, new) = l.reserve(net.parse().unwrap(), &req("b")).unwrap();
+        assert!(new);
+        assert_eq!(b.ip.to_string(), "10.1.0.3");
+        // "a"'s DEL drops its hint; "c"'s hint is lost once its IP is taken.
+        assert!(l.release("a", "eth0").is_none());
+        let (e, _) = l
+            .reserve(
+                net.parse().unwrap(),
+                &Request {
+                    ip: Some("10.1.0.4".parse().unwrap()),
+                    ..req("e")
+                },
+            )
+            .unwrap();
+        assert_eq!(e.ip.to_string(), "10.1.0.4");
+        let (c, _) = l.reserve(net.parse().unwrap(), &req("c")).unwrap();
+        assert_eq!(c.ip.to_string(), "10.1.0.6");
+        l.commit().unwrap();
+
+        // Written down: the next lock in the same boot releases nothing.
+        let l = boot2.lock().unwrap();
+        assert_eq!(l.released_for_reboot(), 0);
+        assert_eq!(l.reservations().len(), 4);
+        let text = std::fs::read_to_string(boot2.state_path()).unwrap();
+        assert!(text.contains("\"bootId\": \"boot-2\""), "{text}");
+        assert!(!text.contains("previousBoot"), "{text}");
+    }
+
+    #[test]
+    fn a_state_without_boot_id_keeps_its_reservations() {
+        // Written by a twill that did not record the boot: nothing can be said about it.
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "twill").with_boot_id("boot-9");
+        std::fs::create_dir_all(a.dir()).unwrap();
+        std::fs::write(
+            a.state_path(),
+            r#"{"lastReserved":"10.1.0.2","reservations":[{"ip":"10.1.0.2","containerId":"x","ifname":"eth0"}]}"#,
+        )
+        .unwrap();
+        let l = a.lock().unwrap();
+        assert_eq!(l.released_for_reboot(), 0);
+        assert_eq!(l.reservations().len(), 1);
+        drop(l);
+        assert_eq!(
+            reserve(&a, "10.1.0.0/24", &req("y")).unwrap().to_string(),
+            "10.1.0.3"
+        );
+        let text = std::fs::read_to_string(a.state_path()).unwrap();
+        assert!(text.contains("boot-9"), "{text}");
+        assert_eq!(a.list().unwrap().len(), 2);
     }
 
     #[test]

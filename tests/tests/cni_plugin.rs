@@ -7,6 +7,40 @@ use cni_common::{GATEWAY, Node, result_ip};
 use serde_json::json;
 
 #[test]
+fn a_reboot_releases_the_previous_boots_reservations() {
+    // A state written in another boot (a node that rebooted), with a pod whose DEL never came.
+    let node = Node::new();
+    std::fs::create_dir_all(node.state_file().parent().unwrap()).unwrap();
+    std::fs::write(
+        node.state_file(),
+        json!({"bootId": "00000000-0000-0000-0000-000000000000",
+               "lastReserved": "10.244.3.2",
+               "reservations": [{"ip": "10.244.3.2", "containerId": "gone", "ifname": "eth0"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let a = node.pod("rb");
+    let out = node.call("ADD", &a, &node.conf("1.1.0")).expect_ok("ADD");
+    assert!(out.stderr.contains("rebooted"), "{}", out.stderr);
+    assert_eq!(result_ip(&out.json()).to_string(), "10.244.3.3");
+    let res = node.reservations();
+    assert_eq!(res.len(), 1, "{res:?}");
+    assert_eq!(res[0]["containerId"], a.id.as_str());
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(node.state_file()).unwrap()).unwrap();
+    assert_eq!(state["bootId"], boot.trim());
+    assert_eq!(state["previousBoot"][0]["containerId"], "gone");
+    // Only once: the next ADD in this boot releases nothing.
+    let b = node.pod("rb2");
+    let out = node.call("ADD", &b, &node.conf("1.1.0")).expect_ok("ADD");
+    assert!(!out.stderr.contains("rebooted"), "{}", out.stderr);
+    assert_eq!(node.reservations().len(), 2);
+    node.del(&a);
+    node.del(&b);
+}
+
+#[test]
 fn an_existing_bridge_takes_the_pod_mtu() {
     // A bridge left with another MTU (an older FLANNEL_MTU, or made by another plugin). twill
     // sets the bridge MTU only when it creates the bridge, as an attribute of the create
