@@ -16,7 +16,7 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
@@ -158,12 +158,8 @@ pub trait CniDataplane {
     async fn delete_link(&self, name: &str) -> Result<bool>;
     /// Every link that is a port of the bridge with index `bridge`.
     async fn bridge_ports(&self, bridge: u32) -> Result<Vec<Link>>;
-    /// Adds `addr` (ip/len) to the link with index `index`.
-    async fn add_address(&self, index: u32, addr: IpNet) -> Result<()>;
     /// The addresses on the link with index `index`.
     async fn addresses(&self, index: u32) -> Result<Vec<IpNet>>;
-    /// Adds (replaces) a route to `dst` via `gateway` out of link `index`.
-    async fn add_route(&self, index: u32, dst: IpNet, gateway: IpAddr) -> Result<()>;
     /// The main table's routes of the family of `family_of`.
     async fn routes(&self, family_of: IpAddr) -> Result<Vec<Route>>;
 }
@@ -289,6 +285,20 @@ fn route_from(msg: &RouteMessage) -> Option<Route> {
     Some(Route { dst, gateway, oif })
 }
 
+/// `addr` (ip/len) on link `index`.
+fn address_msg(index: u32, addr: IpNet) -> AddressMessage {
+    match addr {
+        IpNet::V4(n) => AddressMessageBuilder::<std::net::Ipv4Addr>::new()
+            .index(index)
+            .address(n.addr(), n.prefix_len())
+            .build(),
+        IpNet::V6(n) => AddressMessageBuilder::<std::net::Ipv6Addr>::new()
+            .index(index)
+            .address(n.addr(), n.prefix_len())
+            .build(),
+    }
+}
+
 /// A main-table route to `dst` via `gateway` out of link `index`.
 fn route_msg(index: u32, dst: IpNet, gateway: IpAddr) -> Result<RouteMessage> {
     Ok(match (dst, gateway) {
@@ -396,17 +406,7 @@ impl CniDataplane for RtnlCni {
         spec: &VethSpec<'_>,
     ) -> Result<AttachedVeth> {
         let host = spec.host_name;
-        let gw = AddressMessageBuilder::<std::net::Ipv4Addr>::new();
-        let gw = match gateway {
-            IpNet::V4(n) => gw
-                .index(bridge.index)
-                .address(n.addr(), n.prefix_len())
-                .build(),
-            IpNet::V6(n) => AddressMessageBuilder::<std::net::Ipv6Addr>::new()
-                .index(bridge.index)
-                .address(n.addr(), n.prefix_len())
-                .build(),
-        };
+        let gw = address_msg(bridge.index, gateway);
         // The peer is born inside the pod netns (IFLA_NET_NS_FD in the peer's message); the
         // host end joins the bridge (IFLA_MASTER) and comes up. Kernel 6.18: IFF_UP in the
         // peer's header fails the request with ENOTCONN, so the pod end is brought up from
@@ -517,16 +517,7 @@ impl CniDataplane for RtnlCni {
         // In this order on one socket: the routes need the link up and the address's
         // connected route, which the kernel has made by the time it reads them.
         let up = LinkUnspec::new_with_index(index).up().build();
-        let a = match addr {
-            IpNet::V4(n) => AddressMessageBuilder::<std::net::Ipv4Addr>::new()
-                .index(index)
-                .address(n.addr(), n.prefix_len())
-                .build(),
-            IpNet::V6(n) => AddressMessageBuilder::<std::net::Ipv6Addr>::new()
-                .index(index)
-                .address(n.addr(), n.prefix_len())
-                .build(),
-        };
+        let a = address_msg(index, addr);
         let mut reqs = vec![
             (RouteNetlinkMessage::SetLink(up), REQ_ACK),
             (
@@ -597,15 +588,6 @@ impl CniDataplane for RtnlCni {
             .collect())
     }
 
-    async fn add_address(&self, index: u32, addr: IpNet) -> Result<()> {
-        self.handle()
-            .address()
-            .add(index, addr.addr(), addr.prefix_len())
-            .execute()
-            .await
-            .map_err(|e| Error::netlink(format!("add address {addr} to link {index}"), e))
-    }
-
     async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
         let msgs = crate::netlink::link_addresses(&self.handle, index).await?;
         Ok(msgs
@@ -618,17 +600,6 @@ impl CniDataplane for RtnlCni {
                 })
             })
             .collect())
-    }
-
-    async fn add_route(&self, index: u32, dst: IpNet, gateway: IpAddr) -> Result<()> {
-        let msg = route_msg(index, dst, gateway)?;
-        self.handle()
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| Error::netlink(format!("add route {dst} via {gateway}"), e))
     }
 
     async fn routes(&self, family_of: IpAddr) -> Result<Vec<Route>> {
@@ -860,13 +831,6 @@ pub mod fake {
                 .collect())
         }
 
-        async fn add_address(&self, index: u32, addr: IpNet) -> Result<()> {
-            let n = self.by_index(index).unwrap_or_default();
-            self.call("add_address", format!("add_address {n} {addr}"))?;
-            self.inner.addrs.lock().unwrap().push((index, addr));
-            Ok(())
-        }
-
         async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
             self.call("addresses", format!("addresses {index}"))?;
             Ok(self
@@ -878,16 +842,6 @@ pub mod fake {
                 .filter(|(i, _)| *i == index)
                 .map(|(_, a)| *a)
                 .collect())
-        }
-
-        async fn add_route(&self, index: u32, dst: IpNet, gateway: IpAddr) -> Result<()> {
-            self.call("add_route", format!("add_route {dst} via {gateway}"))?;
-            self.inner.routes.lock().unwrap().push(Route {
-                dst,
-                gateway: Some(gateway),
-                oif: Some(index),
-            });
-            Ok(())
         }
 
         async fn routes(&self, _family_of: IpAddr) -> Result<Vec<Route>> {
