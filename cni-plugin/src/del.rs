@@ -2,13 +2,13 @@
 //! release the reservation. Idempotent: the netns may be gone, the interface missing, there
 //! may be no prevResult and nothing reserved; the IP is always released.
 
-use twill_dataplane::cni::{CniDataplane, RtnlCni};
+use twill_dataplane::unlink::remove_link;
 use twill_ipam::alloc::Allocator;
 
 use crate::config::NetConf;
 use crate::env::CniEnv;
 use crate::error::Result;
-use crate::{block_on, host_veth_name, lock_allocator};
+use crate::{host_veth_name, lock_allocator};
 
 pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
     let cid = env.container_id()?;
@@ -21,8 +21,13 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
         Ok(mut locked) => {
             let released = locked.release(cid, ifname);
             // The release is written (fsync + rename) on its own thread while the kernel
-            // removes the veth.
-            (released, Ok(std::thread::spawn(move || locked.commit())))
+            // removes the veth; the answer comes back over a channel (no wait for the
+            // thread's exit).
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            std::thread::spawn(move || {
+                let _ = tx.send(locked.commit());
+            });
+            (released, Ok(rx))
         }
         Err(e) => (None, Err(e)),
     };
@@ -30,27 +35,28 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
         .as_ref()
         .and_then(|r| r.host_veth.clone())
         .filter(|h| *h != host);
-    // Deleting one end is enough: the kernel's veth teardown takes both ends, so the pod
-    // netns is never entered. The request returns once the kernel's rcu_barrier() after
-    // unregistering the pair has run (netdev_run_todo): 15-35 ms here, most of any DEL.
-    let deleted = block_on(async {
-        let node = RtnlCni::current()?;
-        node.delete_link(&host).await?;
+    // Removing the host end is enough: the kernel takes the pod end with it, so the pod
+    // netns is never entered. The kernel's answer to a deletion comes only after its
+    // rcu_barrier() (netdev_run_todo: 15-35 ms here, most of a DEL), long after the pair is
+    // gone from both namespaces; `remove_link` returns when it is gone and leaves that wait
+    // to a child process.
+    let removed = (|| {
+        remove_link(&host)?;
         // A reservation written under another naming scheme: remove that veth too.
         if let Some(other) = &other {
-            node.delete_link(other).await?;
+            remove_link(other)?;
         }
         Ok::<_, twill_dataplane::Error>(())
-    });
-    let committed = commit.and_then(|c| {
-        c.join().unwrap_or_else(|_| {
+    })();
+    let committed = commit.and_then(|rx| {
+        rx.recv().unwrap_or_else(|_| {
             Err(twill_ipam::alloc::AllocError::Io {
                 path: alloc.state_path(),
-                source: std::io::Error::other("commit thread panicked"),
+                source: std::io::Error::other("commit thread died"),
             })
         })
     });
-    deleted??;
+    removed?;
     committed?;
     if let Some(r) = &released {
         tracing::info!(container = cid, ifname, ip = %r.ip, "released");

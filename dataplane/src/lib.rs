@@ -11,6 +11,7 @@ pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod overlay;
+pub mod unlink;
 
 pub use error::{Error, Result};
 pub use netlink::Netlink;

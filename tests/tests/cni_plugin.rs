@@ -239,6 +239,33 @@ fn check_passes_after_add_and_names_what_is_missing() {
 }
 
 #[test]
+fn del_then_add_again_in_the_same_netns() {
+    // As `podman network reload` does: DEL, then ADD of the same container, ifname and
+    // namespace at once. DEL returns once the pair is gone (the kernel's final teardown goes
+    // on in a child process), so the names are free for the new ADD.
+    let node = Node::new();
+    let a = node.pod("ra");
+    let b = node.pod("rb");
+    let rb = node.add(&b);
+    for round in 0..3 {
+        node.add(&a);
+        node.del(&a);
+        assert!(!a.ns.has_link("eth0"), "round {round}");
+        assert!(
+            node.host_veths().len() == 1,
+            "round {round}: {:?}",
+            node.host_veths()
+        );
+    }
+    node.add(&a);
+    a.ns.ping(result_ip(&rb), 1, 5).unwrap();
+    assert_eq!(node.reservations().len(), 2);
+    node.del(&a);
+    node.del(&b);
+    assert!(node.host_veths().is_empty(), "{:?}", node.host_veths());
+}
+
+#[test]
 fn del_is_idempotent() {
     let node = Node::new();
     // Twice.

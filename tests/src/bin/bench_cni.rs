@@ -191,6 +191,7 @@ fn main() -> Result<()> {
     // calls. (Every extra namespace mount also slows every exec on this kernel: hundreds of
     // them add milliseconds to the floor, so batches stay small.)
     const BATCH: usize = 10;
+    const SETTLE: Duration = Duration::from_millis(50);
     let netns_batch = |from: usize, to: usize, verb: &str, kinds: &[&str]| -> Result<()> {
         for i in from..to {
             for k in kinds {
@@ -257,6 +258,11 @@ fn main() -> Result<()> {
             } else {
                 r_del.push(exec(&bridge, &[], &env_r("DEL"), &ref_conf)?);
             }
+            // twill's DEL returns once the pair is gone and leaves the kernel's final
+            // teardown (an RCU barrier, up to ~35 ms) to a child process; wait that out
+            // after every DEL, so that no call is timed while it runs (a concurrent
+            // rcu_barrier() waits for the other one first).
+            std::thread::sleep(SETTLE);
         }
         if i % BATCH == BATCH - 1 || i == n - 1 {
             netns_batch(i - (i % BATCH), i + 1, "del", &["t", "r", "v"])?;
@@ -297,6 +303,7 @@ fn main() -> Result<()> {
             .to_string();
         pvdel.push(exec(&ip, &["link", "del", &host], &[], "")?);
         exec(&twill, &[], &env_w("DEL"), conf_w)?;
+        std::thread::sleep(SETTLE);
         if i % BATCH == BATCH - 1 || i == n - 1 {
             netns_batch(i - (i % BATCH), i + 1, "del", &["w"])?;
             std::thread::sleep(Duration::from_millis(500));
