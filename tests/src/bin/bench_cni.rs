@@ -8,7 +8,8 @@
 //! pause for the kernel's asynchronous namespace teardown. Per iteration: exec
 //! `/bin/true` (the floor), ADD with each plugin, `ip link del` of a fresh (down) veth pair
 //! whose peer is in a pod namespace (the kernel's own cost of removing a veth), DEL with each
-//! plugin. The order of the two plugins alternates. A second loop, after the comparison, times
+//! plugin. The order of the two plugins' ADDs alternates; the reference's DEL goes first (see
+//! `reap_orphans`). A second loop, after the comparison, times
 //! `ip link del` of a veth as a pod has it. p50/p95 are reported raw and net of the floor's
 //! p50; peak RSS comes from wait4's rusage.
 //!
@@ -191,7 +192,19 @@ fn main() -> Result<()> {
     // calls. (Every extra namespace mount also slows every exec on this kernel: hundreds of
     // them add milliseconds to the floor, so batches stay small.)
     const BATCH: usize = 10;
-    const SETTLE: Duration = Duration::from_millis(50);
+    // twill's DEL returns once the veth pair is gone and leaves the kernel's final teardown
+    // (an RCU barrier, 15-35 ms) to a child process, which outlives the plugin; as this
+    // process is a child subreaper, such orphans become its children. A concurrent
+    // rcu_barrier() waits for the other one first, so no deletion is timed while one runs:
+    // the reference's DEL goes before twill's in every iteration, and the orphans are reaped
+    // before the bare veth's deletion is timed.
+    // SAFETY: prctl on this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let reap_orphans = || {
+        // No exec of ours is outstanding here: every one was waited for by its pid.
+        // SAFETY: waitpid on our own (adopted) children.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } > 0 {}
+    };
     let netns_batch = |from: usize, to: usize, verb: &str, kinds: &[&str]| -> Result<()> {
         for i in from..to {
             for k in kinds {
@@ -244,6 +257,7 @@ fn main() -> Result<()> {
             }
         }
         // The kernel's floor for removing a veth whose peer is in a pod namespace.
+        reap_orphans();
         let veth = format!("twbv{i}");
         sh(
             "ip",
@@ -252,18 +266,8 @@ fn main() -> Result<()> {
             ],
         )?;
         vdel.push(exec(&ip, &["link", "del", &veth], &[], "")?);
-        for k in 0..2 {
-            if (k == 0) == twill_first {
-                t_del.push(exec(&twill, &[], &env_t("DEL"), &twill_conf)?);
-            } else {
-                r_del.push(exec(&bridge, &[], &env_r("DEL"), &ref_conf)?);
-            }
-            // twill's DEL returns once the pair is gone and leaves the kernel's final
-            // teardown (an RCU barrier, up to ~35 ms) to a child process; wait that out
-            // after every DEL, so that no call is timed while it runs (a concurrent
-            // rcu_barrier() waits for the other one first).
-            std::thread::sleep(SETTLE);
-        }
+        r_del.push(exec(&bridge, &[], &env_r("DEL"), &ref_conf)?);
+        t_del.push(exec(&twill, &[], &env_t("DEL"), &twill_conf)?);
         if i % BATCH == BATCH - 1 || i == n - 1 {
             netns_batch(i - (i % BATCH), i + 1, "del", &["t", "r", "v"])?;
             std::thread::sleep(Duration::from_millis(500));
@@ -303,7 +307,6 @@ fn main() -> Result<()> {
             .to_string();
         pvdel.push(exec(&ip, &["link", "del", &host], &[], "")?);
         exec(&twill, &[], &env_w("DEL"), conf_w)?;
-        std::thread::sleep(SETTLE);
         if i % BATCH == BATCH - 1 || i == n - 1 {
             netns_batch(i - (i % BATCH), i + 1, "del", &["w"])?;
             std::thread::sleep(Duration::from_millis(500));

@@ -161,14 +161,15 @@ impl Node {
         }
     }
 
-    /// Files other than state.json and lock left in the data dir (temp files).
+    /// Files other than state.json, its temp file (the previous version between two writes)
+    /// and lock left in the data dir.
     pub fn stray_files(&self) -> Vec<String> {
         let d = self.data_dir().join("twill");
         std::fs::read_dir(&d)
             .map(|it| {
                 it.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n != "state.json" && n != "lock")
+                    .filter(|n| !["state.json", ".state.json.next", "lock"].contains(&n.as_str()))
                     .collect()
             })
             .unwrap_or_default()
