@@ -5,7 +5,7 @@
 
 use twill_dataplane::NetNs;
 use twill_dataplane::unlink::remove_link;
-use twill_tests::netns::TestNetns;
+use twill_tests::netns::{TestNetns, veth_between};
 
 /// `remove_link(name)` run inside `ns` (a thread that enters it; the child it forks is born
 /// there too).
@@ -20,22 +20,9 @@ fn remove_in(ns: &TestNetns, name: &str) -> twill_dataplane::Result<bool> {
 fn pod_veth(node: &TestNetns, pod: &TestNetns) {
     node.ip(&["link", "add", "twubr", "type", "bridge"]).ok();
     node.ip(&["link", "set", "twubr", "up"]).unwrap();
-    node.ip(&[
-        "link",
-        "add",
-        "twu0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ])
-    .unwrap();
-    node.ip(&["link", "set", "twu0", "master", "twubr", "up"])
+    veth_between(node, "twu0", pod, "eth0").unwrap();
+    node.ip(&["link", "set", "twu0", "master", "twubr"])
         .unwrap();
-    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
     pod.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"])
         .unwrap();
 }
