@@ -88,14 +88,10 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         },
     )?;
     tracing::info!(container = cid, ifname, ip = %res.ip, new, "reserved");
-    // The crash-safe write (fsync + rename: the longest single step of an ADD) runs on a
+    // The crash-safe write (fsync + swap: the longest single step of an ADD) runs on a
     // thread of its own, with the lock, while the kernel work goes on; success is reported
-    // only once the reservation is durable. Its answer comes back over a channel: waiting
-    // for the thread's exit would add the kernel's thread teardown to every ADD.
-    let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        let _ = done_tx.send(locked.commit());
-    });
+    // only once the reservation is durable.
+    let pending = locked.commit_in_background();
     let rt = runtime()?;
     // The pod's socket is opened by a thread that enters the pod netns and exits, while the
     // node side is set up here; it is first needed once the veth exists.
@@ -112,12 +108,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         wire_with(&node, pod, conf, &subnet, &ns, ifname, &host, res.ip, mtu).await
     });
     tracing::debug!(ok = wired.is_ok(), "kernel work done");
-    let committed = done_rx.recv().unwrap_or_else(|_| {
-        Err(twill_ipam::alloc::AllocError::Io {
-            path: alloc.state_path(),
-            source: std::io::Error::other("commit thread died"),
-        })
-    });
+    let committed = pending.wait();
     tracing::debug!(ok = committed.is_ok(), "reservation on disk");
     let wired = match (wired, committed) {
         (Ok(w), Ok(())) => Ok(w),

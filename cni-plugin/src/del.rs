@@ -20,14 +20,8 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
     let (released, commit) = match lock_allocator(&alloc) {
         Ok(mut locked) => {
             let released = locked.release(cid, ifname);
-            // The release is written (fsync + rename) on its own thread while the kernel
-            // removes the veth; the answer comes back over a channel (no wait for the
-            // thread's exit).
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            std::thread::spawn(move || {
-                let _ = tx.send(locked.commit());
-            });
-            (released, Ok(rx))
+            // The release is written on its own thread while the veth is removed.
+            (released, Ok(locked.commit_in_background()))
         }
         Err(e) => (None, Err(e)),
     };
@@ -48,14 +42,7 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
         }
         Ok::<_, twill_dataplane::Error>(())
     })();
-    let committed = commit.and_then(|rx| {
-        rx.recv().unwrap_or_else(|_| {
-            Err(twill_ipam::alloc::AllocError::Io {
-                path: alloc.state_path(),
-                source: std::io::Error::other("commit thread died"),
-            })
-        })
-    });
+    let committed = commit.and_then(|pending| pending.wait());
     removed?;
     committed?;
     if let Some(r) = &released {

@@ -217,6 +217,26 @@ impl Allocator {
     }
 }
 
+/// A write of the state running on a thread of its own ([`Locked::commit_in_background`]).
+#[derive(Debug)]
+pub struct PendingCommit {
+    rx: std::sync::mpsc::Receiver<Result<(), AllocError>>,
+    path: PathBuf,
+}
+
+impl PendingCommit {
+    /// The write's result. Its answer comes over a channel: waiting for the thread's exit
+    /// would add the kernel's thread teardown (~0.1 ms) to the caller.
+    pub fn wait(self) -> Result<(), AllocError> {
+        self.rx.recv().unwrap_or_else(|_| {
+            Err(AllocError::Io {
+                path: self.path,
+                source: std::io::Error::other("the thread writing the state died"),
+            })
+        })
+    }
+}
+
 /// The allocator's state while its lock is held.
 #[derive(Debug)]
 pub struct Locked {
@@ -390,6 +410,17 @@ impl Locked {
             self.dirty = true;
         }
         gone
+    }
+
+    /// [`Locked::commit`] on a thread of its own, which holds the lock until the state is
+    /// written; returns at once, so the caller's other work overlaps the fsync.
+    pub fn commit_in_background(self) -> PendingCommit {
+        let path = self.state_path.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::spawn(move || {
+            let _ = tx.send(self.commit());
+        });
+        PendingCommit { rx, path }
     }
 
     /// Writes the state if it changed (crash-safe), then releases the lock.
