@@ -433,7 +433,17 @@ volume_path = "{volumes}"
             let mut dirs: Vec<_> = dirs.into_iter().collect();
             dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
             for d in dirs {
-                let _ = std::fs::remove_dir(&d);
+                // EBUSY while a process is still in it: podman's cleanup process runs the
+                // plugin's DEL in conmon's cgroup, and DEL's child that sits out the kernel's
+                // veth teardown lives up to ~35 ms more. Wait for such stragglers (1 s at most).
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+                while let Err(e) = std::fs::remove_dir(&d) {
+                    if e.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() > deadline
+                    {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
         }
     }
