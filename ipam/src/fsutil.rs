@@ -1,4 +1,5 @@
-//! Crash-safe file replacement, shared by the subnet file and the pod IP allocator.
+//! Crash-safe file replacement (temp file, fsync, rename), used for the subnet file. The pod
+//! IP allocator swaps its state with a reused temp file instead (`alloc::replace_file`).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

@@ -88,6 +88,22 @@ fn exec(program: &Path, args: &[&str], env: &[(&str, &str)], stdin: &str) -> Res
     })
 }
 
+/// The CNI environment of one call: `CNI_COMMAND`, container ID, netns, ifname `eth0`.
+fn cni_env<'a>(
+    cmd: &'static str,
+    id: &'a str,
+    netns: &'a str,
+    cni_path: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", cmd),
+        ("CNI_CONTAINERID", id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", cni_path),
+    ]
+}
+
 fn sh(program: &str, args: &[&str]) -> Result<()> {
     let st = Command::new(program)
         .args(args)
@@ -229,24 +245,8 @@ fn main() -> Result<()> {
         let nsr = format!("/var/run/netns/{pr}");
         let id_t = format!("bench-t-{i}");
         let id_r = format!("bench-r-{i}");
-        let env_t = |cmd: &'static str| {
-            vec![
-                ("CNI_COMMAND", cmd),
-                ("CNI_CONTAINERID", id_t.as_str()),
-                ("CNI_NETNS", nst.as_str()),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", cni_path.as_str()),
-            ]
-        };
-        let env_r = |cmd: &'static str| {
-            vec![
-                ("CNI_COMMAND", cmd),
-                ("CNI_CONTAINERID", id_r.as_str()),
-                ("CNI_NETNS", nsr.as_str()),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", cni_path.as_str()),
-            ]
-        };
+        let env_t = |cmd| cni_env(cmd, &id_t, &nst, &cni_path);
+        let env_r = |cmd| cni_env(cmd, &id_r, &nsr, &cni_path);
         floor.push(exec(&truebin, &[], &[], "")?);
         let twill_first = i % 2 == 0;
         for k in 0..2 {
@@ -286,14 +286,7 @@ fn main() -> Result<()> {
         }
         let nsw = format!("/var/run/netns/{prefix}w{i}");
         let id_w = format!("bench-w-{i}");
-        let env_w = |cmd: &'static str| {
-            vec![
-                ("CNI_COMMAND", cmd),
-                ("CNI_CONTAINERID", id_w.as_str()),
-                ("CNI_NETNS", nsw.as_str()),
-                ("CNI_IFNAME", "eth0"),
-            ]
-        };
+        let env_w = |cmd| cni_env(cmd, &id_w, &nsw, &cni_path);
         let (conf_w, series) = match &twill_conf_tmpfs {
             Some(c) if i % 2 == 1 => (c, &mut w_add_tmpfs),
             _ => (&twill_conf, &mut w_add_disk),
