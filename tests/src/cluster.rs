@@ -811,15 +811,7 @@ impl BackgroundPing {
 /// (transmitted, received) from iputils ping's output, not counting an unanswered tail of at
 /// most [`IN_FLIGHT_TAIL`] requests (see [`BackgroundPing::finish`]).
 pub fn parse_ping_output(text: &str) -> Result<(u32, u32)> {
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .with_context(|| format!("no ping summary in {text:?}"))?;
-    let nums: Vec<u32> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    let transmitted = nums[0];
+    let (transmitted, _) = ping_summary(text)?;
     let seqs: std::collections::BTreeSet<u32> = text
         .lines()
         .filter(|l| l.contains(" bytes from "))
@@ -839,6 +831,24 @@ pub fn parse_ping_output(text: &str) -> Result<(u32, u32)> {
         transmitted
     };
     Ok((transmitted, received))
+}
+
+/// (transmitted, received) from a ping's summary line, whichever ping printed it: iputils
+/// says "3 packets transmitted, 3 received", busybox "3 packets transmitted, 3 packets
+/// received". The first two numbers on the line are the counts in both.
+pub fn ping_summary(text: &str) -> Result<(u32, u32)> {
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("no ping summary in {text:?}"))?;
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    match nums[..] {
+        [transmitted, received, ..] => Ok((transmitted, received)),
+        _ => anyhow::bail!("no counts in ping summary {line:?}"),
+    }
 }
 
 /// Unanswered echo requests at the very end of a background ping that count as in flight.
@@ -870,5 +880,15 @@ mod ping_tests {
         assert_eq!(parse_ping_output(&out(&[1, 2], 10)).unwrap(), (10, 2));
         // Nothing answered at all.
         assert_eq!(parse_ping_output(&out(&[], 10)).unwrap(), (10, 0));
+    }
+
+    #[test]
+    fn summary_is_read_from_iputils_and_busybox_wording() {
+        use super::ping_summary;
+        let iputils = "3 packets transmitted, 2 received, 33% packet loss, time 2003ms\n";
+        let busybox = "3 packets transmitted, 2 packets received, 33% packet loss\n";
+        assert_eq!(ping_summary(iputils).unwrap(), (3, 2));
+        assert_eq!(ping_summary(busybox).unwrap(), (3, 2));
+        assert!(ping_summary("PING 10.0.0.2: 56 data bytes\n").is_err());
     }
 }
