@@ -27,6 +27,9 @@ pub enum Command {
     Run,
     /// Install the CNI plugin binary and conflist into place atomically (init container).
     InstallCni(InstallCniArgs),
+    /// Remove what install-cni installed: the conflist (only if it is twill's), then the
+    /// plugin binary. Run it once the node's pods are gone (their DEL needs the plugin).
+    UninstallCni(UninstallCniArgs),
 }
 
 /// Connection to etcd, shared by twilld (`TWILLD_*`) and twillctl (`TWILLCTL_*`).
@@ -131,4 +134,25 @@ pub struct InstallCniArgs {
         default_value = "10-twill.conflist"
     )]
     pub conf_name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UninstallCniArgs {
+    /// Directory of CNI binaries on the host.
+    #[arg(long, env = "TWILLD_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// Directory of CNI configs on the host.
+    #[arg(long, env = "TWILLD_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// File name of the installed conflist.
+    #[arg(
+        long,
+        env = "TWILLD_CNI_CONF_NAME",
+        default_value = "10-twill.conflist"
+    )]
+    pub conf_name: String,
+    /// Remove only the conflist and keep the plugin binary (pods still on the node can
+    /// then still be torn down by their runtime's DEL).
+    #[arg(long, env = "TWILLD_CNI_KEEP_PLUGIN", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub keep_plugin: bool,
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::cli::InstallCniArgs;
+use crate::cli::{InstallCniArgs, UninstallCniArgs};
 
 /// Mode of the installed plugin binary.
 pub const BIN_MODE: u32 = 0o755;
@@ -70,6 +70,94 @@ pub fn run(args: &InstallCniArgs) -> Result<()> {
     let outcome = install_file(&conf, &args.conf_dir, &args.conf_name, CONF_MODE)?;
     log_outcome(outcome, &conf_dest);
     Ok(())
+}
+
+/// What [`uninstall`] did with one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    Removed,
+    /// Nothing there (already uninstalled).
+    Absent,
+    /// Kept (`--keep-plugin`).
+    Kept,
+}
+
+/// Undoes [`run`]: the conflist first (so that no new pod is given to twill), then the
+/// plugin binary. Only twill's own files are removed: a conflist whose first plugin is not
+/// `twill` (another network provider's file under the same name) is refused, and nothing
+/// is removed. Missing files are fine: running it twice is harmless.
+pub fn uninstall(args: &UninstallCniArgs) -> Result<(Removed, Removed)> {
+    ensure!(
+        !args.conf_name.is_empty()
+            && !args.conf_name.contains('/')
+            && !args.conf_name.starts_with('.'),
+        "--conf-name {:?}: must be a plain file name",
+        args.conf_name
+    );
+    let conf = args.conf_dir.join(&args.conf_name);
+    let conf_outcome = match fs::symlink_metadata(&conf) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Removed::Absent,
+        Err(e) => return Err(e).with_context(|| format!("stat {}", conf.display())),
+        Ok(meta) => {
+            ensure!(
+                meta.file_type().is_file(),
+                "{} is not a regular file: not removed",
+                conf.display()
+            );
+            let bytes = fs::read(&conf).with_context(|| format!("read {}", conf.display()))?;
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let first = v["plugins"][0]["type"].as_str().unwrap_or_default();
+            ensure!(
+                first == PLUGIN_NAME,
+                "{}: plugins[0].type is {first:?}, not {PLUGIN_NAME:?}: not twill's conflist, \
+                 not removed (give --conf-name of twill's file)",
+                conf.display()
+            );
+            remove_synced(&conf, &args.conf_dir)?;
+            Removed::Removed
+        }
+    };
+    log_removed(conf_outcome, &conf);
+    let bin = args.bin_dir.join(PLUGIN_NAME);
+    let bin_outcome = if args.keep_plugin {
+        Removed::Kept
+    } else {
+        match fs::symlink_metadata(&bin) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Removed::Absent,
+            Err(e) => return Err(e).with_context(|| format!("stat {}", bin.display())),
+            Ok(meta) => {
+                ensure!(
+                    !meta.file_type().is_dir(),
+                    "{} is a directory: not removed",
+                    bin.display()
+                );
+                remove_synced(&bin, &args.bin_dir)?;
+                Removed::Removed
+            }
+        }
+    };
+    log_removed(bin_outcome, &bin);
+    Ok((conf_outcome, bin_outcome))
+}
+
+/// Unlinks `path` (a symlink itself, never its target) and fsyncs `dir`.
+fn remove_synced(path: &Path, dir: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync directory {}", dir.display()))
+}
+
+fn log_removed(outcome: Removed, path: &Path) {
+    match outcome {
+        Removed::Removed => tracing::info!(path = %path.display(), "removed"),
+        Removed::Absent => tracing::info!(path = %path.display(), "not there"),
+        Removed::Kept => tracing::info!(path = %path.display(), "kept (--keep-plugin)"),
+    }
 }
 
 fn log_outcome(outcome: Outcome, dest: &Path) {

@@ -384,6 +384,31 @@ fn status_needs_the_subnet_file() {
     );
 }
 
+/// STATUS reports not-ready only when no ADD can work: a full subnet is ready (the next ADD
+/// fails with code 11, try again later, and no running pod is evicted for it), and an
+/// allocator state that cannot be read is not (code 50).
+#[test]
+fn status_is_ready_with_a_full_subnet_but_not_with_an_unreadable_state() {
+    // A /30: network, gateway, one pod address, broadcast.
+    let node = Node::with_subnet(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/30\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let a = node.pod("fa");
+    node.add(&a);
+    let b = node.pod("fb");
+    assert_eq!(
+        node.call("ADD", &b, &node.conf("1.1.0")).error_code(),
+        Some(11),
+        "the subnet is full"
+    );
+    node.exec(&[("CNI_COMMAND", "STATUS")], &node.conf("1.1.0"))
+        .expect_ok("STATUS with a full subnet");
+    node.del(&a);
+    std::fs::write(node.state_file(), "{ torn").unwrap();
+    let out = node.exec(&[("CNI_COMMAND", "STATUS")], &node.conf("1.1.0"));
+    assert_eq!(out.error_code(), Some(50), "{}", out.stdout);
+}
+
 #[test]
 fn requested_ips_and_k8s_args_are_kept() {
     let node = Node::new();

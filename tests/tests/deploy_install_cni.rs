@@ -337,3 +337,93 @@ fn twilld_bin() -> Option<PathBuf> {
         .map(|d| d.join("twilld"))
         .find(|p| p.is_file())
 }
+
+fn uninstall_args(s: &Setup) -> twill_netd::cli::UninstallCniArgs {
+    twill_netd::cli::UninstallCniArgs {
+        bin_dir: s.args.bin_dir.clone(),
+        conf_dir: s.args.conf_dir.clone(),
+        conf_name: s.args.conf_name.clone(),
+        keep_plugin: false,
+    }
+}
+
+/// `uninstall-cni` removes exactly what `install-cni` put there (the conflist and the
+/// binary), leaves the other files of both directories alone, and a second run is a no-op.
+#[test]
+fn uninstall_removes_twills_files_and_only_those() {
+    use install_cni::Removed;
+    let s = Setup::new();
+    install_cni::run(&s.args).unwrap();
+    let other_conf = s.args.conf_dir.join("20-other.conflist");
+    let other_bin = s.args.bin_dir.join("portmap");
+    fs::write(&other_conf, "{}").unwrap();
+    fs::write(&other_bin, "x").unwrap();
+    let u = uninstall_args(&s);
+    assert_eq!(
+        install_cni::uninstall(&u).unwrap(),
+        (Removed::Removed, Removed::Removed)
+    );
+    assert!(!s.conf().exists() && !s.bin().exists());
+    assert_eq!(dir_names(&s.args.conf_dir), ["20-other.conflist"]);
+    assert_eq!(dir_names(&s.args.bin_dir), ["portmap"]);
+    assert_eq!(
+        install_cni::uninstall(&u).unwrap(),
+        (Removed::Absent, Removed::Absent)
+    );
+}
+
+/// A conflist under twill's name that is not twill's (its first plugin is another
+/// provider's) is refused with the file and the type named, and nothing is removed, not
+/// even the plugin binary. `--keep-plugin` keeps the binary for pods still on the node.
+#[test]
+fn uninstall_refuses_a_conflist_that_is_not_twills_and_can_keep_the_plugin() {
+    use install_cni::Removed;
+    let s = Setup::new();
+    install_cni::run(&s.args).unwrap();
+    let foreign = r#"{"cniVersion":"1.0.0","name":"cbr0","plugins":[{"type":"flannel"}]}"#;
+    fs::write(s.conf(), foreign).unwrap();
+    let err = format!(
+        "{:#}",
+        install_cni::uninstall(&uninstall_args(&s)).unwrap_err()
+    );
+    assert!(
+        err.contains("\"flannel\"") && err.contains("10-twill.conflist"),
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(s.conf()).unwrap(), foreign);
+    assert!(s.bin().exists());
+
+    install_cni::run(&s.args).unwrap();
+    let mut u = uninstall_args(&s);
+    u.keep_plugin = true;
+    assert_eq!(
+        install_cni::uninstall(&u).unwrap(),
+        (Removed::Removed, Removed::Kept)
+    );
+    assert!(!s.conf().exists());
+    assert_eq!(fs::read_to_string(s.bin()).unwrap(), PLUGIN);
+}
+
+/// The real binary: `twilld uninstall-cni` through the same env variables as install-cni.
+#[test]
+fn twilld_uninstall_cni_subcommand_through_env() {
+    let Some(twilld) = twilld_bin() else {
+        panic!("twilld binary not found: build it (cargo build --bins) or set TWILL_BIN_DIR");
+    };
+    let s = Setup::new();
+    install_cni::run(&s.args).unwrap();
+    let out = std::process::Command::new(&twilld)
+        .arg("uninstall-cni")
+        .env("TWILLD_CNI_BIN_DIR", &s.args.bin_dir)
+        .env("TWILLD_CNI_CONF_DIR", &s.args.conf_dir)
+        .env("TWILLD_CNI_CONF_NAME", &s.args.conf_name)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "uninstall-cni: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!s.conf().exists() && !s.bin().exists());
+}

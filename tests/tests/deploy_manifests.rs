@@ -115,8 +115,42 @@ fn parse(text: &str) -> Result<Manifest, String> {
     Ok(m)
 }
 
+fn secret_example_text() -> String {
+    let p = repo().join("deploy/twill-etcd-secret.example.yml");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+/// What a cluster gets: kube-twill.yml plus the Secret the operator creates (its shape is
+/// deploy/twill-etcd-secret.example.yml).
 fn manifest() -> Manifest {
-    parse(&manifest_text()).unwrap_or_else(|e| panic!("deploy/kube-twill.yml: {e}"))
+    let mut m = parse(&manifest_text()).unwrap_or_else(|e| panic!("deploy/kube-twill.yml: {e}"));
+    let s = parse(&secret_example_text())
+        .unwrap_or_else(|e| panic!("deploy/twill-etcd-secret.example.yml: {e}"));
+    assert!(
+        s.namespaces.is_empty()
+            && s.service_accounts.is_empty()
+            && s.config_maps.is_empty()
+            && s.daemon_sets.is_empty()
+            && s.rbac.is_empty(),
+        "the Secret example holds only the Secret"
+    );
+    m.secrets.extend(s.secrets);
+    m
+}
+
+/// Applying kube-twill.yml again (an upgrade) must never overwrite the real etcd
+/// certificates with placeholders: the manifest holds no Secret at all.
+#[test]
+fn reapplying_the_manifest_cannot_clobber_the_etcd_secret() {
+    let m = parse(&manifest_text()).unwrap();
+    assert!(
+        m.secrets.is_empty(),
+        "deploy/kube-twill.yml contains a Secret: re-applying it would overwrite the real one"
+    );
+    // The example Secret is the one the DaemonSet mounts (so the test can fail).
+    let s = parse(&secret_example_text()).unwrap();
+    assert_eq!(s.secrets.len(), 1);
+    assert_eq!(s.secrets[0].metadata.name.as_deref(), Some("twill-etcd"));
 }
 
 fn daemon_set(m: &Manifest) -> &DaemonSet {

@@ -1,4 +1,4 @@
-//! twilld: the twill node daemon (see twill_netd::daemon), and `twilld install-cni`.
+//! twilld: the twill node daemon (see twill_netd::daemon), `twilld install-cni` and `twilld uninstall-cni`.
 
 use std::io::IsTerminal;
 
@@ -32,6 +32,7 @@ fn main() -> Result<()> {
     init_logging(&cli.run.log_format);
     match cli.command {
         Some(Command::InstallCni(args)) => twill_netd::install_cni::run(&args),
+        Some(Command::UninstallCni(args)) => twill_netd::install_cni::uninstall(&args).map(|_| ()),
         Some(Command::Run) | None => {
             // One thread: netlink replies, etcd streams and HTTP are all I/O-bound; no
             // cross-thread wake-ups per netlink message, and a smaller RSS.
