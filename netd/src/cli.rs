@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
     #[arg(long, env = "TWILLD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
     pub metrics_addr: SocketAddr,
+    /// A second address that serves /metrics only, for a Prometheus on another host (e.g.
+    /// `0.0.0.0:9473` or the node's IP). Off by default: the probes stay on --metrics-addr.
+    #[arg(long, env = "TWILLD_METRICS_SCRAPE_ADDR")]
+    pub metrics_scrape_addr: Option<SocketAddr>,
     /// Period of the full resync: device, sysctls and nftables checked, a fresh netlink dump
     /// diffed against the leases (kept current by the etcd watch), drift repaired.
     #[arg(long, env = "TWILLD_RESYNC_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]

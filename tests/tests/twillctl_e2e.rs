@@ -306,3 +306,53 @@ fn twillctl_unreachable_etcd_and_usage_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `twillctl completion <shell>` needs no etcd, and bash really loads the script: `complete`
+/// then knows twillctl, and completing `twillctl le` offers `leases`.
+#[test]
+fn twillctl_completion_scripts_load_and_complete() {
+    let script_for = |shell: &str| {
+        let out = Command::new(bin("twillctl"))
+            .args(["completion", shell])
+            // An etcd that does not exist: completion must not try to reach it.
+            .env("TWILLCTL_ETCD_ENDPOINTS", "http://127.0.0.1:1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("twillctl.bash");
+    std::fs::write(&script, script_for("bash")).unwrap();
+    let probe = format!(
+        "source {}; complete -p twillctl >/dev/null || exit 3; \
+         COMP_WORDS=(twillctl le); COMP_CWORD=1; COMP_LINE='twillctl le'; COMP_POINT=11; \
+         _twillctl twillctl le twillctl; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display()
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "-c", &probe])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let offered = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        offered.lines().any(|l| l == "leases"),
+        "bash offered {offered:?}"
+    );
+    for shell in ["zsh", "fish"] {
+        let s = script_for(shell);
+        for sub in ["leases", "network", "status", "completion"] {
+            assert!(s.contains(sub), "{shell} script lacks {sub}");
+        }
+    }
+    let out = Command::new(bin("twillctl"))
+        .args(["completion", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}

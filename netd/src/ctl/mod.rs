@@ -65,6 +65,11 @@ pub enum Command {
     Network(network::NetworkCmd),
     /// This node's data plane: expected entries (etcd) against programmed ones (netlink).
     Status(status::StatusArgs),
+    /// Print a shell completion script: `source <(twillctl completion bash)`.
+    Completion {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// twilld's `EtcdArgs` with `TWILLCTL_*` environment variables, global.
@@ -167,6 +172,17 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Leases(cmd) => leases::run(&cli, cmd).await,
         Command::Network(cmd) => network::run(&cli, cmd).await,
         Command::Status(args) => status::run(&cli, args).await,
+        Command::Completion { shell } => {
+            // Needs no etcd: the script is generated from the command definition alone.
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "twillctl", &mut script);
+            // Into a buffer first: clap_complete panics on a write error (`| head`).
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
+        }
     }
 }
 

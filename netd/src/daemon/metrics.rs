@@ -15,6 +15,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 /// Every metric of twilld, cheap to clone (the metrics are shared handles).
@@ -135,6 +136,12 @@ impl Metrics {
             "1 when the lease is held and the data plane programmed",
             m.ready.clone(),
         );
+        // Encoded as twill_build_info{version=".."} 1.
+        reg.register(
+            "twill_build",
+            "The twilld build: its version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
         m
     }
 }
@@ -190,13 +197,26 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 
 /// Binds `addr` (fails now if it cannot) and serves the endpoints in a background task.
 pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(shared);
+    serve_app(addr, app).await
+}
+
+/// `--metrics-scrape-addr`: `/metrics` alone, for Prometheus on another host. The probes
+/// stay on `--metrics-addr` (loopback), so a reachable port exposes nothing but counters.
+pub async fn serve_scrape(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    serve_app(addr, app).await
+}
+
+async fn serve_app(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");

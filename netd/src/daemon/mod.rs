@@ -109,6 +109,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .await
         .with_context(|| format!("listen on --metrics-addr {}", args.metrics_addr))?;
     info!(node = %node, metrics = %bound, "twilld starting");
+    if let Some(addr) = args.metrics_scrape_addr {
+        let scrape = metrics::serve_scrape(addr, shared.clone())
+            .await
+            .with_context(|| format!("listen on --metrics-scrape-addr {addr}"))?;
+        info!(metrics = %scrape, "serving /metrics for scraping");
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
