@@ -8,6 +8,7 @@
 //! Exit codes: 0 ok, 1 error (etcd unreachable, ...), 2 usage, 3 not found,
 //! 4 refused (needs `--yes` / `--force`), 5 invalid network config.
 
+pub mod diag;
 pub mod leases;
 pub mod network;
 pub mod status;
@@ -65,6 +66,9 @@ pub enum Command {
     Network(network::NetworkCmd),
     /// This node's data plane: expected entries (etcd) against programmed ones (netlink).
     Status(status::StatusArgs),
+    /// Write a diagnostics bundle (tar.gz) of this node: status, metrics, the data plane,
+    /// the nftables table, IPAM state, subnet file, CNI configs, versions. No keys.
+    Diag(diag::DiagArgs),
     /// Print a shell completion script: `source <(twillctl completion bash)`.
     Completion {
         /// The shell to complete for.
@@ -172,6 +176,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Leases(cmd) => leases::run(&cli, cmd).await,
         Command::Network(cmd) => network::run(&cli, cmd).await,
         Command::Status(args) => status::run(&cli, args).await,
+        Command::Diag(args) => diag::run(&cli, args).await,
         Command::Completion { shell } => {
             // Needs no etcd: the script is generated from the command definition alone.
             let mut cmd = <Cli as clap::CommandFactory>::command();
