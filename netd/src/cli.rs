@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// `0.0.0.0:9473` or the node's IP). Off by default: the probes stay on --metrics-addr.
     #[arg(long, env = "TWILLD_METRICS_SCRAPE_ADDR")]
     pub metrics_scrape_addr: Option<SocketAddr>,
+    /// /healthz fails (503) once the main loop has not begun a cycle for this long: it
+    /// begins one at least every second when healthy, so only a wedged loop trips it.
+    #[arg(long, env = "TWILLD_LIVENESS_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub liveness_timeout: Duration,
     /// Period of the full resync: device, sysctls and nftables checked, a fresh netlink dump
     /// diffed against the leases (kept current by the etcd watch), drift repaired.
     #[arg(long, env = "TWILLD_RESYNC_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]

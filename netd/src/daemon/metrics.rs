@@ -1,5 +1,5 @@
 //! twilld's metrics (Prometheus text format via prometheus-client) and its HTTP endpoints:
-//! `/healthz` (the process runs its loop), `/readyz` (lease held and data plane programmed)
+//! `/healthz` (the main loop completes cycles), `/readyz` (lease held and data plane programmed)
 //! and `/metrics`.
 
 use std::net::SocketAddr;
@@ -151,17 +151,69 @@ pub struct Shared {
     pub registry: Registry,
     pub ready: AtomicBool,
     pub why_not_ready: std::sync::Mutex<String>,
+    /// When the main loop last began a cycle (ms since `started`; 0: not in the loop yet).
+    heartbeat_ms: AtomicU64,
+    started: std::time::Instant,
+    /// `/healthz` fails when the main loop has not begun a cycle for longer than this.
+    liveness_timeout: std::time::Duration,
 }
 
 impl Shared {
+    pub fn new(registry: Registry, liveness_timeout: std::time::Duration) -> Shared {
+        Shared {
+            registry,
+            ready: AtomicBool::new(false),
+            why_not_ready: std::sync::Mutex::new("starting".into()),
+            heartbeat_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+            liveness_timeout,
+        }
+    }
+
+    /// Called by the main loop at the start of every cycle (at least once a second: its
+    /// stats tick), so a loop wedged in one step stops calling it.
+    pub fn heartbeat(&self) {
+        let ms = self.started.elapsed().as_millis().max(1) as u64;
+        self.heartbeat_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// `Err(how long)` when the main loop has stalled beyond the liveness timeout. Before the
+    /// loop starts (waiting for etcd, the config or the lease: not wedged, just waiting)
+    /// twilld counts as live; readiness tells that it is not ready.
+    pub fn live(&self) -> Result<(), std::time::Duration> {
+        let beat = self.heartbeat_ms.load(Ordering::SeqCst);
+        if beat == 0 {
+            return Ok(());
+        }
+        let since = self
+            .started
+            .elapsed()
+            .saturating_sub(std::time::Duration::from_millis(beat));
+        if since > self.liveness_timeout {
+            Err(since)
+        } else {
+            Ok(())
+        }
+    }
+
     pub fn set_ready(&self, ready: bool, why: &str) {
         self.ready.store(ready, Ordering::SeqCst);
         *self.why_not_ready.lock().unwrap() = why.to_string();
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    match s.live() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(since) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "main loop stalled: no cycle for {:.1} s (--liveness-timeout {})\n",
+                since.as_secs_f64(),
+                humantime::format_duration(s.liveness_timeout)
+            ),
+        ),
+    }
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -100,11 +99,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let node = node_name(&args)?;
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let shared = Arc::new(Shared {
-        registry,
-        ready: AtomicBool::new(false),
-        why_not_ready: std::sync::Mutex::new("starting".into()),
-    });
+    let shared = Arc::new(Shared::new(registry, args.liveness_timeout));
     let bound = metrics::serve(args.metrics_addr, shared.clone())
         .await
         .with_context(|| format!("listen on --metrics-addr {}", args.metrics_addr))?;
@@ -249,6 +244,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut retry_at: Option<tokio::time::Instant> = None;
 
     loop {
+        shared.heartbeat();
         let retry = async {
             match retry_at {
                 Some(t) => tokio::time::sleep_until(t).await,
