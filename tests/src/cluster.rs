@@ -358,6 +358,10 @@ pub struct ClusterOpts {
     pub lease_ttl: Duration,
     /// Extra twilld arguments.
     pub extra_args: Vec<String>,
+    /// 0: one etcd on the host's loopback, reached through each node's proxy. n > 0: an
+    /// n-member etcd cluster on the underlay ([`crate::etcd_ha::EtcdHa`]), every member an
+    /// endpoint of every twilld.
+    pub etcd_members: usize,
 }
 
 impl Default for ClusterOpts {
@@ -368,6 +372,7 @@ impl Default for ClusterOpts {
             resync: Duration::from_secs(30),
             lease_ttl: Duration::from_secs(60),
             extra_args: Vec::new(),
+            etcd_members: 0,
         }
     }
 }
@@ -469,6 +474,8 @@ pub struct Cluster {
     pub prefix: String,
     // Field order = drop order: nodes (twilld, pods, namespaces) before the underlay, etcd last.
     pub nodes: Vec<Node>,
+    /// The etcd cluster of `opts.etcd_members` (on the underlay, so before it).
+    pub ha: Option<crate::etcd_ha::EtcdHa>,
     pub underlay: Ns,
     pub etcd: crate::etcd::EtcdServer,
     pub dir: tempfile::TempDir,
@@ -493,10 +500,21 @@ impl Cluster {
                 r#"{{"Network":"{NETWORK}","SubnetLen":24,"Backend":{{"Type":"vxlan","VNI":1}}}}"#
             ),
         )?;
+        let ha = match opts.etcd_members {
+            0 => None,
+            n => Some(crate::etcd_ha::EtcdHa::start(
+                &underlay,
+                "br0",
+                &prefix,
+                n,
+                Ipv4Addr::new(192, 168, 50, 201),
+            )?),
+        };
         let mut c = Cluster {
             opts: opts.clone(),
             prefix,
             nodes: Vec::new(),
+            ha,
             underlay,
             etcd,
             dir,
@@ -517,6 +535,14 @@ impl Cluster {
     }
 
     /// etcd options for the test's own clients (from the host namespace).
+    /// The etcd endpoints as a node (inside its namespace) reaches them.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        match &self.ha {
+            Some(ha) => ha.endpoints(),
+            None => vec![format!("http://127.0.0.1:{NODE_ETCD_PORT}")],
+        }
+    }
+
     pub fn etcd_options(&self) -> twill_ipam::store::EtcdOptions {
         self.etcd.options(ETCD_PREFIX)
     }
@@ -580,10 +606,7 @@ impl Cluster {
     pub fn daemon_args(&self, i: usize, extra: &[&str]) -> Vec<String> {
         let node = &self.nodes[i];
         let defaults = [
-            (
-                "--etcd-endpoints",
-                format!("http://127.0.0.1:{NODE_ETCD_PORT}"),
-            ),
+            ("--etcd-endpoints", self.etcd_endpoints().join(",")),
             ("--etcd-prefix", ETCD_PREFIX.to_string()),
             ("--etcd-timeout", "2s".to_string()),
             ("--node-name", node.name.clone()),

@@ -4,5 +4,6 @@
 pub mod bins;
 pub mod cluster;
 pub mod etcd;
+pub mod etcd_ha;
 pub mod netns;
 pub mod podman;
