@@ -9,6 +9,7 @@
 //! 4 refused (needs `--yes` / `--force`), 5 invalid network config.
 
 pub mod diag;
+pub mod doctor;
 pub mod leases;
 pub mod network;
 pub mod status;
@@ -66,6 +67,8 @@ pub enum Command {
     Network(network::NetworkCmd),
     /// This node's data plane: expected entries (etcd) against programmed ones (netlink).
     Status(status::StatusArgs),
+    /// Check this node for what most often breaks pod traffic; say what, why and the fix.
+    Doctor(doctor::DoctorArgs),
     /// Write a diagnostics bundle (tar.gz) of this node: status, metrics, the data plane,
     /// the nftables table, IPAM state, subnet file, CNI configs, versions. No keys.
     Diag(diag::DiagArgs),
@@ -177,6 +180,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Network(cmd) => network::run(&cli, cmd).await,
         Command::Status(args) => status::run(&cli, args).await,
         Command::Diag(args) => diag::run(&cli, args).await,
+        Command::Doctor(args) => doctor::run(&cli, args).await,
         Command::Completion { shell } => {
             // Needs no etcd: the script is generated from the command definition alone.
             let mut cmd = <Cli as clap::CommandFactory>::command();
