@@ -93,6 +93,29 @@ pub struct RunArgs {
     /// `0.0.0.0:9473` or the node's IP). Off by default: the probes stay on --metrics-addr.
     #[arg(long, env = "TWILLD_METRICS_SCRAPE_ADDR")]
     pub metrics_scrape_addr: Option<SocketAddr>,
+    /// UDP port of the peer-health probes, on this node's VTEP address (reached only
+    /// through the overlay).
+    #[arg(long, env = "TWILLD_HEALTH_PORT", default_value_t = 8475)]
+    pub health_port: u16,
+    /// Probe each peer once per this interval (stretched by --health-max-rate).
+    #[arg(long, env = "TWILLD_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+    /// A probe without an answer within this is lost; 3 lost in a row: unreachable.
+    #[arg(long, env = "TWILLD_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+    /// At most this many probes per second in total, whatever the node count.
+    #[arg(long, env = "TWILLD_HEALTH_MAX_RATE", default_value_t = 200)]
+    pub health_max_rate: u32,
+    /// Publish this node's health report to etcd this often (it expires after 3 times).
+    #[arg(long, env = "TWILLD_HEALTH_PUBLISH", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub health_publish: Duration,
+    /// The CNI plugin's data dir (its `dataDir`), for the pod IPs used in the report.
+    #[arg(
+        long,
+        env = "TWILLD_CNI_DATA_DIR",
+        default_value = "/var/lib/cni/twill"
+    )]
+    pub cni_data_dir: PathBuf,
     /// /healthz fails (503) once the main loop has not begun a cycle for this long: it
     /// begins one at least every second when healthy, so only a wedged loop trips it.
     #[arg(long, env = "TWILLD_LIVENESS_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]

@@ -612,6 +612,7 @@ impl Cluster {
             ("--node-name", node.name.clone()),
             ("--subnet-file", node.subnet_file().display().to_string()),
             ("--metrics-addr", METRICS.to_string()),
+            ("--cni-data-dir", node.dir.join("cni").display().to_string()),
             (
                 "--net-conf",
                 self.dir.path().join("net-conf.json").display().to_string(),

@@ -167,6 +167,9 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> Result<(), Failure> {
     };
     if let Some((leases, _)) = &leases {
         check_lease(&mut r, args, leases, vxlan.as_ref());
+        if let Some(own) = own_lease(args, leases, vxlan.as_ref()) {
+            check_peers(&mut r, cli, &own.attrs.node_name).await;
+        }
         if let Some(u) = &under {
             check_rp_filter(&mut r, leases, vxlan.as_ref(), u, nl.as_ref().ok()).await;
         }
@@ -524,6 +527,51 @@ async fn check_rp_filter(
                 "route the peers' public IPs via {} or set loose mode: `sysctl -w net.ipv4.conf.{}.rp_filter=2 net.ipv4.conf.all.rp_filter=2`",
                 under.name, under.name
             ),
+        );
+    }
+}
+
+/// The VXLAN path to each peer, from this node's own peer-health report in etcd.
+async fn check_peers(r: &mut Report, cli: &Cli, node: &str) {
+    let Ok(store) = LeaseStore::connect(cli.etcd.options()).await else {
+        return;
+    };
+    let reports = crate::daemon::health::read_reports(&store)
+        .await
+        .unwrap_or_default();
+    let Some(mine) = reports.iter().find(|x| x.node == node) else {
+        r.problem(
+            "vxlan-peers",
+            Level::Warn,
+            format!("no peer-health report of {node} in etcd"),
+            "twilld publishes one every --health-publish: without it nothing says whether the overlay works",
+            "check that twilld runs on this node and reaches etcd",
+        );
+        return;
+    };
+    let down: Vec<String> = mine
+        .unreachable()
+        .map(|p| {
+            let public = reports
+                .iter()
+                .find(|x| x.node == p.node)
+                .map(|x| x.public_ip.clone())
+                .unwrap_or_default();
+            format!("{} ({} {public})", p.node, p.subnet)
+        })
+        .collect();
+    if down.is_empty() {
+        r.ok(
+            "vxlan-peers",
+            format!("{} peer(s) answer through the overlay", mine.peers.len()),
+        );
+    } else {
+        r.problem(
+            "vxlan-peers",
+            Level::Fail,
+            format!("no answer through the overlay from {}", down.join(", ")),
+            "pods on this node cannot reach pods on those nodes; most often UDP 8472 (Backend.Port) is blocked between the nodes (a cloud security group, a host firewall)",
+            "allow UDP 8472 both ways between every pair of nodes (docs/install.md, firewall); `twillctl cluster status` shows which pairs fail",
         );
     }
 }

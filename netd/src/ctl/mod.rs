@@ -8,6 +8,7 @@
 //! Exit codes: 0 ok, 1 error (etcd unreachable, ...), 2 usage, 3 not found,
 //! 4 refused (needs `--yes` / `--force`), 5 invalid network config.
 
+pub mod cluster;
 pub mod diag;
 pub mod doctor;
 pub mod leases;
@@ -67,6 +68,10 @@ pub enum Command {
     Network(network::NetworkCmd),
     /// This node's data plane: expected entries (etcd) against programmed ones (netlink).
     Status(status::StatusArgs),
+    /// The whole cluster from etcd: every node's lease, readiness, version, pod IPs and
+    /// the peers it cannot reach.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Check this node for what most often breaks pod traffic; say what, why and the fix.
     Doctor(doctor::DoctorArgs),
     /// Write a diagnostics bundle (tar.gz) of this node: status, metrics, the data plane,
@@ -179,6 +184,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Leases(cmd) => leases::run(&cli, cmd).await,
         Command::Network(cmd) => network::run(&cli, cmd).await,
         Command::Status(args) => status::run(&cli, args).await,
+        Command::Cluster(cmd) => cluster::run(&cli, cmd).await,
         Command::Diag(args) => diag::run(&cli, args).await,
         Command::Doctor(args) => doctor::run(&cli, args).await,
         Command::Completion { shell } => {

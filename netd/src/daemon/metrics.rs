@@ -170,6 +170,17 @@ impl Shared {
         }
     }
 
+    /// (ready, why not) as /readyz answers.
+    pub fn readiness(&self) -> (bool, String) {
+        let ready = self.ready.load(Ordering::SeqCst);
+        let why = if ready {
+            String::new()
+        } else {
+            self.why_not_ready.lock().unwrap().clone()
+        };
+        (ready, why)
+    }
+
     /// Called by the main loop at the start of every cycle (at least once a second: its
     /// stats tick), so a loop wedged in one step stops calling it.
     pub fn heartbeat(&self) {

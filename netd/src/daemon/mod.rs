@@ -10,6 +10,7 @@
 //! periodic resync (fresh dump, repairs drift). Stopping (SIGTERM, SIGINT, kill -9) never
 //! tears the data plane down: the next start adopts it.
 
+pub mod health;
 pub mod metrics;
 pub mod reconcile;
 
@@ -75,6 +76,8 @@ enum Cause {
 }
 
 struct Daemon {
+    /// The peers for the health prober, updated by every reconcile.
+    health: tokio::sync::watch::Sender<health::Targets>,
     args: RunArgs,
     ov: RtnlOverlay,
     metrics: Metrics,
@@ -99,6 +102,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let node = node_name(&args)?;
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let health_metrics = health::HealthMetrics::register(&mut registry);
     let shared = Arc::new(Shared::new(registry, args.liveness_timeout));
     let bound = metrics::serve(args.metrics_addr, shared.clone())
         .await
@@ -200,7 +204,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         mac,
         address: lease.net_addr(),
     };
+    let (health_tx, health_rx) = tokio::sync::watch::channel(health::Targets::default());
     let mut d = Daemon {
+        health: health_tx,
         args: args.clone(),
         ov,
         metrics: metrics.clone(),
@@ -234,6 +240,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
         peers = d.metrics.peers.get(),
         entries = d.actual.len(),
         "data plane ready"
+    );
+    health::spawn(
+        health::HealthConfig {
+            port: args.health_port,
+            interval: args.health_interval,
+            timeout: args.health_timeout,
+            max_rate: args.health_max_rate,
+            publish: args.health_publish,
+        },
+        health_rx,
+        health_metrics,
+        store.clone(),
+        health::ReportContext {
+            node: node.clone(),
+            public_ip: under.ip.to_string(),
+            shared: shared.clone(),
+            cni_data_dir: args.cni_data_dir.clone(),
+        },
     );
 
     let mut resync = tokio::time::interval(args.resync_period);
@@ -543,6 +567,26 @@ impl Daemon {
         for s in &skipped {
             debug!(subnet = %s.subnet, reason = %s.reason, "lease skipped");
         }
+        let targets = health::Targets {
+            own: Some(self.own),
+            peers: peers
+                .iter()
+                .map(|p| health::Target {
+                    subnet: p.subnet,
+                    node: leases
+                        .get(&p.subnet)
+                        .map(|l| l.attrs.node_name.clone())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        };
+        self.health.send_if_modified(|t| {
+            let changed = *t != targets;
+            if changed {
+                *t = targets;
+            }
+            changed
+        });
         let want = desired(&peers);
         let ops = diff(&want, &self.actual);
         if !ops.is_empty() {

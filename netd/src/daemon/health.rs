@@ -1,0 +1,614 @@
+//! Peer health: every twilld probes every peer through the overlay and publishes what it
+//! sees, so that any node (and `twillctl cluster status`) can see the whole matrix.
+//!
+//! - **Probe.** A UDP datagram from this node's VTEP address (the lease's network address,
+//!   on `twill.<VNI>`) to the peer's VTEP address, port `--health-port`. It travels exactly
+//!   as pod traffic does: route → neighbour → FDB → VXLAN over the underlay, through the
+//!   peer's input filter. The peer's twilld answers on the same socket. A probe failure
+//!   never changes the data plane; it is only reported.
+//! - **Rate.** One probe per peer per `--health-interval`, spread evenly over the interval,
+//!   and never more than `--health-max-rate` probes per second in total: at large node
+//!   counts the interval stretches instead (5,000 peers at 200/s: one probe per peer every
+//!   25 s).
+//! - **Verdict.** A peer is unreachable after [`LOST_IN_A_ROW`] probes in a row without an
+//!   answer within `--health-timeout`; reachable again on the first answer.
+//! - **Published** to etcd as `<prefix>/health/<node name>` (JSON, [`NodeReport`]) every
+//!   `--health-publish` under an etcd lease of three times that, so a node that stops
+//!   publishing disappears instead of showing stale data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use twill_ipam::store::LeaseStore;
+use twill_ipam::store::etcd_client;
+
+use super::metrics::Shared;
+
+/// Probes lost in a row before a peer counts as unreachable.
+pub const LOST_IN_A_ROW: u32 = 3;
+const PROBE: &[u8; 4] = b"TWP1";
+const ANSWER: &[u8; 4] = b"TWA1";
+
+/// How often and how hard to probe.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub max_rate: u32,
+    pub publish: Duration,
+}
+
+impl HealthConfig {
+    /// The time between two probes (to any peer): the interval spread over the peers, but
+    /// never more than `max_rate` per second.
+    pub fn spacing(&self, peers: usize) -> Duration {
+        let even = self.interval / (peers.max(1) as u32);
+        let floor = Duration::from_secs(1) / self.max_rate.max(1);
+        even.max(floor)
+    }
+}
+
+/// One peer to probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub subnet: Ipv4Net,
+    pub node: String,
+}
+
+/// What the probe task needs from the main loop: this node's VTEP address and the peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Targets {
+    pub own: Option<Ipv4Net>,
+    pub peers: Vec<Target>,
+}
+
+/// One peer as this node sees it (also the JSON published to etcd).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerView {
+    pub subnet: String,
+    pub node: String,
+    pub reachable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Unix time of the last answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
+    /// Probes in a row without an answer.
+    pub lost_in_a_row: u32,
+}
+
+/// What a node publishes under `<prefix>/health/<node>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeReport {
+    pub node: String,
+    pub subnet: Option<String>,
+    pub public_ip: String,
+    pub version: String,
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Unix time of this report.
+    pub time: u64,
+    /// Pod IPs reserved in this node's subnet, and how many it has at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_used: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_capacity: Option<u64>,
+    pub peers: Vec<PeerView>,
+}
+
+impl NodeReport {
+    pub fn unreachable(&self) -> impl Iterator<Item = &PeerView> {
+        self.peers.iter().filter(|p| !p.reachable)
+    }
+}
+
+/// The etcd key prefix of the reports.
+pub fn health_prefix(prefix: &str) -> String {
+    format!("{}/health/", prefix.trim_end_matches('/'))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+/// The peer-health metrics.
+#[derive(Clone, Default)]
+pub struct HealthMetrics {
+    pub reachable: Family<PeerLabel, Gauge>,
+    pub rtt: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub unreachable: Gauge,
+    pub probes: Counter,
+    pub lost: Counter,
+}
+
+impl HealthMetrics {
+    pub fn register(reg: &mut Registry) -> HealthMetrics {
+        let m = HealthMetrics::default();
+        reg.register(
+            "twill_peer_reachable",
+            "1 when the peer answers probes through the overlay, 0 after 3 lost in a row",
+            m.reachable.clone(),
+        );
+        reg.register(
+            "twill_peer_rtt_seconds",
+            "Round-trip time of the last answered probe to the peer, through the overlay",
+            m.rtt.clone(),
+        );
+        reg.register(
+            "twill_peers_unreachable",
+            "Peers that do not answer probes through the overlay",
+            m.unreachable.clone(),
+        );
+        reg.register(
+            "twill_health_probes",
+            "Probes sent to peers",
+            m.probes.clone(),
+        );
+        reg.register(
+            "twill_health_probes_lost",
+            "Probes that got no answer within the timeout",
+            m.lost.clone(),
+        );
+        m
+    }
+}
+
+#[derive(Debug)]
+struct PeerState {
+    node: String,
+    reachable: bool,
+    rtt: Option<Duration>,
+    last_seen: Option<SystemTime>,
+    lost_in_a_row: u32,
+    /// (nonce, sent at) of the probe waiting for its answer.
+    pending: Option<(u64, Instant)>,
+}
+
+/// Everything the task keeps.
+struct Prober {
+    cfg: HealthConfig,
+    metrics: HealthMetrics,
+    peers: BTreeMap<Ipv4Net, PeerState>,
+    by_addr: HashMap<Ipv4Addr, Ipv4Net>,
+    next: usize,
+    nonce: u64,
+}
+
+impl Prober {
+    fn set_targets(&mut self, t: &Targets) {
+        let keep: BTreeMap<Ipv4Net, String> =
+            t.peers.iter().map(|p| (p.subnet, p.node.clone())).collect();
+        self.peers.retain(|s, _| keep.contains_key(s));
+        for (subnet, node) in keep {
+            let st = self.peers.entry(subnet).or_insert_with(|| PeerState {
+                node: node.clone(),
+                // Innocent until proven otherwise: a new peer is not reported unreachable
+                // before its first probes had a chance.
+                reachable: true,
+                rtt: None,
+                last_seen: None,
+                lost_in_a_row: 0,
+                pending: None,
+            });
+            st.node = node;
+        }
+        self.by_addr = self.peers.keys().map(|s| (s.network(), *s)).collect();
+        // Metrics of peers that left go too.
+        self.metrics.reachable.clear();
+        self.metrics.rtt.clear();
+        self.publish_metrics();
+    }
+
+    fn publish_metrics(&self) {
+        let mut down = 0;
+        for (s, p) in &self.peers {
+            let l = PeerLabel {
+                peer: s.to_string(),
+            };
+            self.metrics
+                .reachable
+                .get_or_create(&l)
+                .set(i64::from(p.reachable));
+            if let Some(rtt) = p.rtt {
+                self.metrics.rtt.get_or_create(&l).set(rtt.as_secs_f64());
+            }
+            if !p.reachable {
+                down += 1;
+            }
+        }
+        self.metrics.unreachable.set(down);
+    }
+
+    /// Times out the pending probe of `subnet` if it is older than the timeout.
+    fn expire(&mut self, now: Instant) {
+        let timeout = self.cfg.timeout;
+        let mut changed = false;
+        for (s, p) in self.peers.iter_mut() {
+            if let Some((_, at)) = p.pending
+                && now.duration_since(at) > timeout
+            {
+                p.pending = None;
+                p.lost_in_a_row += 1;
+                self.metrics.lost.inc();
+                if p.reachable && p.lost_in_a_row >= LOST_IN_A_ROW {
+                    p.reachable = false;
+                    warn!(peer = %s, node = %p.node, lost = p.lost_in_a_row, "peer unreachable through the overlay (probes lost)");
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.publish_metrics();
+        }
+    }
+
+    fn on_answer(&mut self, from: Ipv4Addr, nonce: u64, now: Instant) {
+        let Some(subnet) = self.by_addr.get(&from).copied() else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&subnet) else {
+            return;
+        };
+        let Some((want, at)) = p.pending else { return };
+        if want != nonce {
+            return;
+        }
+        p.pending = None;
+        p.rtt = Some(now.duration_since(at));
+        p.last_seen = Some(SystemTime::now());
+        p.lost_in_a_row = 0;
+        if !p.reachable {
+            p.reachable = true;
+            info!(peer = %subnet, node = %p.node, "peer reachable again through the overlay");
+        }
+        self.publish_metrics();
+    }
+
+    /// The next peer to probe (round robin) and a fresh nonce.
+    fn next_probe(&mut self, now: Instant) -> Option<(Ipv4Addr, u64)> {
+        if self.peers.is_empty() {
+            return None;
+        }
+        let i = self.next % self.peers.len();
+        self.next = self.next.wrapping_add(1);
+        let (subnet, p) = self.peers.iter_mut().nth(i)?;
+        if p.pending.is_some() {
+            return None; // still waiting for the last one
+        }
+        self.nonce = self.nonce.wrapping_add(1);
+        p.pending = Some((self.nonce, now));
+        self.metrics.probes.inc();
+        Some((subnet.network(), self.nonce))
+    }
+
+    fn views(&self) -> Vec<PeerView> {
+        self.peers
+            .iter()
+            .map(|(s, p)| PeerView {
+                subnet: s.to_string(),
+                node: p.node.clone(),
+                reachable: p.reachable,
+                rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                last_seen: p
+                    .last_seen
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+                lost_in_a_row: p.lost_in_a_row,
+            })
+            .collect()
+    }
+}
+
+/// What the report needs besides the probes.
+pub struct ReportContext {
+    pub node: String,
+    pub public_ip: String,
+    pub shared: Arc<Shared>,
+    /// The CNI plugin's data dir, for pod IPs used / capacity.
+    pub cni_data_dir: std::path::PathBuf,
+}
+
+/// Starts the prober/responder and the publisher; they run until the process exits.
+pub fn spawn(
+    cfg: HealthConfig,
+    mut targets: watch::Receiver<Targets>,
+    metrics: HealthMetrics,
+    store: LeaseStore,
+    ctx: ReportContext,
+) {
+    tokio::spawn(async move {
+        let mut prober = Prober {
+            cfg: cfg.clone(),
+            metrics,
+            peers: BTreeMap::new(),
+            by_addr: HashMap::new(),
+            next: 0,
+            nonce: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1),
+        };
+        let mut sock: Option<(Ipv4Addr, UdpSocket)> = None;
+        let mut publish = tokio::time::interval(cfg.publish);
+        publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut publisher = Publisher::new(store, cfg.publish * 3);
+        let mut buf = [0u8; 64];
+        loop {
+            let t = targets.borrow_and_update().clone();
+            prober.set_targets(&t);
+            // The socket lives on this node's VTEP address: reachable only through the
+            // overlay (and locally), never from the underlay directly.
+            let own = t.own.map(|n| n.network());
+            if own != sock.as_ref().map(|(a, _)| *a) {
+                sock = None;
+                if let Some(addr) = own {
+                    match UdpSocket::bind(SocketAddrV4::new(addr, cfg.port)).await {
+                        Ok(s) => sock = Some((addr, s)),
+                        Err(e) => warn!(%addr, port = cfg.port, error = %e, "health socket"),
+                    }
+                }
+            }
+            let spacing = cfg.spacing(prober.peers.len());
+            let mut tick = tokio::time::interval(spacing);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    r = targets.changed() => {
+                        if r.is_err() { return; }
+                        break;
+                    }
+                    _ = tick.tick() => {
+                        let now = Instant::now();
+                        prober.expire(now);
+                        if let Some((_, s)) = &sock
+                            && let Some((dst, nonce)) = prober.next_probe(now)
+                        {
+                            let mut msg = [0u8; 12];
+                            msg[..4].copy_from_slice(PROBE);
+                            msg[4..].copy_from_slice(&nonce.to_be_bytes());
+                            if let Err(e) = s.send_to(&msg, SocketAddrV4::new(dst, cfg.port)).await {
+                                debug!(%dst, error = %e, "probe not sent");
+                            }
+                        }
+                    }
+                    r = recv(&sock, &mut buf) => {
+                        let Some((n, from)) = r else { continue };
+                        let SocketAddr::V4(from) = from else { continue };
+                        if n != 12 { continue; }
+                        let nonce = u64::from_be_bytes(buf[4..12].try_into().unwrap_or_default());
+                        if &buf[..4] == PROBE {
+                            // Answer only peers' VTEP addresses: nothing else may use us as
+                            // a reflector.
+                            if prober.by_addr.contains_key(from.ip())
+                                && let Some((_, s)) = &sock
+                            {
+                                let mut msg = [0u8; 12];
+                                msg[..4].copy_from_slice(ANSWER);
+                                msg[4..].copy_from_slice(&nonce.to_be_bytes());
+                                let _ = s.send_to(&msg, from).await;
+                            }
+                        } else if &buf[..4] == ANSWER {
+                            prober.on_answer(*from.ip(), nonce, Instant::now());
+                        }
+                    }
+                    _ = publish.tick() => {
+                        let report = build_report(&ctx, &t, prober.views());
+                        publisher.put(&ctx.node, &report).await;
+                    }
+                }
+            }
+        }
+    });
+}
+
+async fn recv(sock: &Option<(Ipv4Addr, UdpSocket)>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    match sock {
+        Some((_, s)) => s.recv_from(buf).await.ok(),
+        None => futures::future::pending().await,
+    }
+}
+
+fn build_report(ctx: &ReportContext, t: &Targets, peers: Vec<PeerView>) -> NodeReport {
+    let (ready, reason) = ctx.shared.readiness();
+    let (pods_used, pods_capacity) = match t.own {
+        Some(own) => pod_usage(&ctx.cni_data_dir, own),
+        None => (None, None),
+    };
+    NodeReport {
+        node: ctx.node.clone(),
+        subnet: t.own.map(|s| s.to_string()),
+        public_ip: ctx.public_ip.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ready,
+        reason,
+        time: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        pods_used,
+        pods_capacity,
+        peers,
+    }
+}
+
+/// Reservations in `own` across the plugin's networks under `data_dir`, and the number of
+/// pod addresses `own` has (all but network, gateway and broadcast). Read without the
+/// allocator's lock: a count for a report, not a decision.
+pub fn pod_usage(data_dir: &std::path::Path, own: Ipv4Net) -> (Option<u64>, Option<u64>) {
+    let host_bits = 32 - u32::from(own.prefix_len());
+    let capacity = (1u64 << host_bits).saturating_sub(3);
+    let Ok(dirs) = std::fs::read_dir(data_dir) else {
+        return (Some(0), Some(capacity));
+    };
+    let mut used = 0;
+    for d in dirs.flatten() {
+        let name = d.file_name().to_string_lossy().into_owned();
+        if let Ok(list) = twill_ipam::alloc::Allocator::new(data_dir, &name).list() {
+            used += list
+                .iter()
+                .filter(|r| matches!(r.ip, std::net::IpAddr::V4(ip) if own.contains(&ip)))
+                .count() as u64;
+        }
+    }
+    (Some(used), Some(capacity))
+}
+
+/// Puts the report under an etcd lease of its own, kept alive by each put.
+struct Publisher {
+    store: LeaseStore,
+    ttl: Duration,
+    lease: Option<i64>,
+}
+
+impl Publisher {
+    fn new(store: LeaseStore, ttl: Duration) -> Self {
+        Publisher {
+            store,
+            ttl,
+            lease: None,
+        }
+    }
+
+    async fn put(&mut self, node: &str, report: &NodeReport) {
+        let key = format!("{}{node}", health_prefix(&self.store.options().prefix));
+        let Ok(value) = serde_json::to_string(report) else {
+            return;
+        };
+        let timeout = self.store.options().timeout;
+        let r = tokio::time::timeout(timeout, self.put_inner(&key, value)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "health report not published");
+                self.lease = None;
+            }
+            Err(_) => {
+                debug!("health report not published: etcd timeout");
+                self.lease = None;
+            }
+        }
+    }
+
+    async fn put_inner(&mut self, key: &str, value: String) -> Result<(), etcd_client::Error> {
+        let mut client = self.store.client().clone();
+        let lease = match self.lease {
+            Some(id) => {
+                let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                match stream.message().await? {
+                    Some(r) if r.ttl() > 0 => id,
+                    _ => client
+                        .lease_grant(self.ttl.as_secs() as i64, None)
+                        .await?
+                        .id(),
+                }
+            }
+            None => client
+                .lease_grant(self.ttl.as_secs() as i64, None)
+                .await?
+                .id(),
+        };
+        self.lease = Some(lease);
+        client
+            .put(
+                key,
+                value,
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Every node's report, from etcd.
+pub async fn read_reports(store: &LeaseStore) -> Result<Vec<NodeReport>, etcd_client::Error> {
+    let mut client = store.client().clone();
+    let prefix = health_prefix(&store.options().prefix);
+    let resp = client
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> HealthConfig {
+        HealthConfig {
+            port: 1,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            max_rate: 200,
+            publish: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn spacing_spreads_the_interval_and_caps_the_rate() {
+        let c = cfg();
+        assert_eq!(c.spacing(0), Duration::from_secs(2));
+        assert_eq!(c.spacing(4), Duration::from_millis(500));
+        // 5,000 peers: 200/s at most, so 5 ms apart and 25 s per round.
+        assert_eq!(c.spacing(5000), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn three_lost_probes_make_a_peer_unreachable_and_one_answer_reachable() {
+        let mut p = Prober {
+            cfg: cfg(),
+            metrics: HealthMetrics::default(),
+            peers: BTreeMap::new(),
+            by_addr: HashMap::new(),
+            next: 0,
+            nonce: 0,
+        };
+        let subnet: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+        p.set_targets(&Targets {
+            own: Some("10.244.1.0/24".parse().unwrap()),
+            peers: vec![Target {
+                subnet,
+                node: "b".into(),
+            }],
+        });
+        let t0 = Instant::now();
+        for k in 0..3 {
+            let at = t0 + Duration::from_secs(2 * k);
+            assert!(p.next_probe(at).is_some());
+            assert!(p.peers[&subnet].reachable, "after {k} lost");
+            p.expire(at + Duration::from_millis(1500));
+        }
+        assert!(!p.peers[&subnet].reachable);
+        assert_eq!(p.metrics.unreachable.get(), 1);
+        let at = t0 + Duration::from_secs(10);
+        let (dst, nonce) = p.next_probe(at).unwrap();
+        assert_eq!(dst, subnet.network());
+        // An answer from another address or with another nonce does not count.
+        p.on_answer("10.244.9.0".parse().unwrap(), nonce, at);
+        p.on_answer(dst, nonce + 1, at);
+        assert!(!p.peers[&subnet].reachable);
+        p.on_answer(dst, nonce, at + Duration::from_millis(3));
+        assert!(p.peers[&subnet].reachable);
+        assert_eq!(p.peers[&subnet].rtt, Some(Duration::from_millis(3)));
+        assert_eq!(p.metrics.unreachable.get(), 0);
+    }
+}
