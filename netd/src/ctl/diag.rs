@@ -397,7 +397,7 @@ fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// A plain HTTP/1.0 GET to twilld's local server: the status line and the body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
     let what = format!("GET http://{addr}{path}");
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("{what}: {e}"))?;

@@ -845,7 +845,9 @@ fn check_cni_config(r: &mut Report, args: &DoctorArgs) {
 
 fn check_versions(r: &mut Report, args: &DoctorArgs) {
     let mine = env!("CARGO_PKG_VERSION");
-    let metrics = http_get(args.metrics_addr, "/metrics");
+    let metrics = super::diag::http_get(args.metrics_addr, "/metrics")
+        .ok()
+        .map(|r| String::from_utf8_lossy(&r).into_owned());
     let theirs = metrics.as_deref().and_then(|m| {
         m.lines()
             .find(|l| l.starts_with("twill_build_info{"))
@@ -870,16 +872,6 @@ fn check_versions(r: &mut Report, args: &DoctorArgs) {
             "check the twilld pod (or `systemctl status twilld`); give --metrics-addr if it is not the default",
         ),
     }
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
 #[cfg(test)]
