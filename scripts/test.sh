@@ -11,6 +11,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 export CARGO_TERM_COLOR=never
+# One full build, not many small rebuilds: incremental caches would only take disk.
+export CARGO_INCREMENTAL=0
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
