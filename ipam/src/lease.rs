@@ -294,7 +294,10 @@ mod tests {
     fn parse_lease_says_what_is_wrong() {
         let ok = parse_lease("10.244.3.0-24", br#"{"PublicIP":"10.0.0.1"}"#, 5, 3, 4).unwrap();
         assert_eq!(ok.subnet, "10.244.3.0/24".parse::<Ipv4Net>().unwrap());
-        assert_eq!((ok.create_revision, ok.mod_revision, ok.etcd_lease), (3, 4, 5));
+        assert_eq!(
+            (ok.create_revision, ok.mod_revision, ok.etcd_lease),
+            (3, 4, 5)
+        );
         assert!(!ok.reserved);
         let k = parse_lease("10.244.3.0-024", b"{}", 0, 3, 4).unwrap_err();
         assert_eq!(k.kind, InvalidKind::Key);

@@ -443,10 +443,19 @@ mod tests {
     fn alias_key_never_touches_the_real_lease() {
         let mut known = HashMap::new();
         let mut invalid = BTreeMap::new();
-        let ev = apply_kv(&mut known, &mut invalid, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 5));
+        let ev = apply_kv(
+            &mut known,
+            &mut invalid,
+            "10.0.2.0-24",
+            put("10.0.2.0-24", GOOD, 5),
+        );
         assert!(matches!(&ev[..], [LeaseEvent::Added(_)]), "{ev:?}");
         let real = known.clone();
-        for alias in ["10.0.2.0-024", "10.0.2.0-00000000000000000024", "10.0.02.0-24"] {
+        for alias in [
+            "10.0.2.0-024",
+            "10.0.2.0-00000000000000000024",
+            "10.0.02.0-24",
+        ] {
             let ev = apply_kv(&mut known, &mut invalid, alias, put(alias, GOOD, 6));
             assert!(
                 matches!(&ev[..], [LeaseEvent::Invalid { key, entry: Some(i) }] if key == alias && i.kind == InvalidKind::Key),
@@ -471,17 +480,38 @@ mod tests {
     fn unreadable_value_is_reported_not_dropped() {
         let mut known = HashMap::new();
         let mut invalid = BTreeMap::new();
-        apply_kv(&mut known, &mut invalid, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 5));
-        let ev = apply_kv(&mut known, &mut invalid, "10.0.2.0-24", put("10.0.2.0-24", "{", 6));
+        apply_kv(
+            &mut known,
+            &mut invalid,
+            "10.0.2.0-24",
+            put("10.0.2.0-24", GOOD, 5),
+        );
+        let ev = apply_kv(
+            &mut known,
+            &mut invalid,
+            "10.0.2.0-24",
+            put("10.0.2.0-24", "{", 6),
+        );
         assert!(
             matches!(&ev[..], [LeaseEvent::Removed(_), LeaseEvent::Invalid { entry: Some(i), .. }] if i.kind == InvalidKind::Value),
             "{ev:?}"
         );
         assert!(known.is_empty());
         assert_eq!(invalid.len(), 1);
-        let ev = apply_kv(&mut known, &mut invalid, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 7));
+        let ev = apply_kv(
+            &mut known,
+            &mut invalid,
+            "10.0.2.0-24",
+            put("10.0.2.0-24", GOOD, 7),
+        );
         assert!(
-            matches!(&ev[..], [LeaseEvent::Invalid { entry: None, .. }, LeaseEvent::Added(_)]),
+            matches!(
+                &ev[..],
+                [
+                    LeaseEvent::Invalid { entry: None, .. },
+                    LeaseEvent::Added(_)
+                ]
+            ),
             "{ev:?}"
         );
         assert!(invalid.is_empty());
