@@ -56,9 +56,9 @@ fn status(n: &Node) -> serde_json::Value {
             .args([
                 "--etcd-endpoints",
                 "http://127.0.0.1:2379",
+                "status",
                 "--node-name",
                 &n.name,
-                "status",
                 "-o",
                 "json",
             ])
@@ -84,7 +84,7 @@ fn both_pods_ping(c: &Cluster) -> bool {
 }
 
 fn reconciles(n: &Node) -> f64 {
-    metric(&n.metrics(), "twill_reconciles").unwrap_or(0.0)
+    metric(&n.metrics(), "twill_reconciles_total").unwrap_or(0.0)
 }
 
 /// Waits until node `n` has reconciled at least twice more (a lease event or netlink event
