@@ -734,7 +734,7 @@ mod tests {
         let mut small = cfg();
         small.subnet_max = Ipv4Addr::new(10, 244, 200, 0);
         let v = Validation::new(&small, own(), val().own_public_ip, val().own_vtep_mac);
-        let (alone, _) = peers(&[good.clone()], [], &v);
+        let (alone, _) = peers(std::slice::from_ref(&good), [], &v);
         for (bad, reason) in cases {
             let (p, skipped) = peers(&[good.clone(), bad.clone()], [], &v);
             assert_eq!(p, alone, "{reason}: the good peer changed");
