@@ -132,6 +132,11 @@ pub struct Lease {
     pub expires: Option<SystemTime>,
     /// etcd revision of the key's last change.
     pub mod_revision: i64,
+    /// etcd revision at which the key was created: the age of the lease. Of two leases that
+    /// conflict (overlapping subnets, one VTEP MAC or PublicIP) the older one (lower create
+    /// revision) is used. For a lease returned by an acquire or a reserve, the revision of
+    /// that write.
+    pub create_revision: i64,
 }
 
 impl Lease {
@@ -162,6 +167,14 @@ pub enum LeaseEvent {
         new: Lease,
     },
     Removed(Lease),
+    /// A key-value under `<prefix>/subnets/` that is not a lease (bad key or value) was put
+    /// (`entry` is `Some`), or is gone or became a readable lease (`None`). Such a key never
+    /// touches the lease map: an alias key like `10.244.3.0-024` neither replaces nor removes
+    /// the lease of `10.244.3.0-24`.
+    Invalid {
+        key: String,
+        entry: Option<InvalidLease>,
+    },
     /// The watch has delivered the complete state as of `revision` (after the first list,
     /// and again after every re-list that followed a compaction). Between `Synced` events
     /// only incremental events arrive.
@@ -175,22 +188,76 @@ pub fn subnet_to_key(subnet: &Ipv4Net) -> String {
     format!("{}-{}", subnet.network(), subnet.prefix_len())
 }
 
-/// `10.244.3.0-24` -> `10.244.3.0/24`. The network must be canonical (no host bits).
+/// `10.244.3.0-24` -> `10.244.3.0/24`. Only the canonical key is accepted, the exact string
+/// that [`subnet_to_key`] gives: no host bits, no leading zeros in an octet or in the prefix
+/// length (`10.244.3.0-024` would otherwise be a second key for the same subnet, and a put
+/// or delete of that alias would replace or remove the real lease in a map keyed by subnet).
 pub fn key_to_subnet(key: &str) -> Result<Ipv4Net, LeaseError> {
     let bad = || LeaseError::Key {
         key: key.to_string(),
     };
     let (addr, len) = key.split_once('-').ok_or_else(bad)?;
     let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+    if len.is_empty() || len.len() > 2 || !len.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     let len: u8 = len.parse().map_err(|_| bad())?;
     let net = Ipv4Net::new(addr, len).map_err(|_| bad())?;
-    if net.trunc() != net {
+    if subnet_to_key(&net) != key {
         return Err(bad());
     }
     Ok(net)
+}
+
+/// What is wrong with a key-value under `<prefix>/subnets/` that is not a lease at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InvalidKind {
+    /// The key is not a canonical `<net>-<len>` ([`key_to_subnet`]).
+    Key,
+    /// The key is fine, the value is not lease JSON.
+    Value,
+}
+
+/// A key-value under `<prefix>/subnets/` that cannot be read as a lease. Kept (not dropped)
+/// so that the daemon and twillctl can report it as a rejected lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidLease {
+    /// The key name under `<prefix>/subnets/` (lossy UTF-8), e.g. `10.244.3.0-024`.
+    pub key: String,
+    pub kind: InvalidKind,
+    /// The parser's error, for people.
+    pub detail: String,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+}
+
+/// Reads one key-value under `<prefix>/subnets/` (`name` is the key without that prefix):
+/// a lease, or why it is none. `reserved`/`etcd_lease` come from the key's etcd lease id.
+pub fn parse_lease(
+    name: &str,
+    value: &[u8],
+    etcd_lease: i64,
+    create_revision: i64,
+    mod_revision: i64,
+) -> Result<Lease, InvalidLease> {
+    let invalid = |kind, e: LeaseError| InvalidLease {
+        key: name.to_string(),
+        kind,
+        detail: e.to_string(),
+        create_revision,
+        mod_revision,
+    };
+    let subnet = key_to_subnet(name).map_err(|e| invalid(InvalidKind::Key, e))?;
+    let attrs = LeaseAttrs::from_json(name, value).map_err(|e| invalid(InvalidKind::Value, e))?;
+    Ok(Lease {
+        subnet,
+        attrs,
+        reserved: etcd_lease == 0,
+        etcd_lease,
+        expires: None,
+        mod_revision,
+        create_revision,
+    })
 }
 
 #[cfg(test)]
@@ -209,10 +276,35 @@ mod tests {
             "10.244.3.1-24",
             "x-24",
             "10.244.3.0-+4",
+            "10.244.3.0-024",
+            "10.244.3.0-00000000000000000024",
+            "010.244.3.0-24",
+            "10.244.03.0-24",
+            "10.244.3.0-24 ",
+            " 10.244.3.0-24",
+            "10.244.3.0--24",
+            "10.244.3.0-24-",
             "",
         ] {
             assert!(key_to_subnet(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn parse_lease_says_what_is_wrong() {
+        let ok = parse_lease("10.244.3.0-24", br#"{"PublicIP":"10.0.0.1"}"#, 5, 3, 4).unwrap();
+        assert_eq!(ok.subnet, "10.244.3.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(
+            (ok.create_revision, ok.mod_revision, ok.etcd_lease),
+            (3, 4, 5)
+        );
+        assert!(!ok.reserved);
+        let k = parse_lease("10.244.3.0-024", b"{}", 0, 3, 4).unwrap_err();
+        assert_eq!(k.kind, InvalidKind::Key);
+        assert_eq!(k.key, "10.244.3.0-024");
+        let v = parse_lease("10.244.3.0-24", b"nope", 0, 3, 4).unwrap_err();
+        assert_eq!(v.kind, InvalidKind::Value);
+        assert!(v.detail.contains("10.244.3.0-24"), "{}", v.detail);
     }
 
     #[test]

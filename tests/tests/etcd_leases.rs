@@ -312,6 +312,7 @@ async fn compaction_while_disconnected_causes_a_relist_and_diff() {
             LeaseEvent::Removed(l) => removed.push(l.subnet),
             LeaseEvent::Added(l) => added.push(l.subnet),
             LeaseEvent::Changed { new, .. } => changed.push(new.subnet),
+            LeaseEvent::Invalid { key, .. } => panic!("unexpected invalid key {key}"),
             LeaseEvent::Synced { revision } => {
                 assert!(revision >= rev);
                 break;

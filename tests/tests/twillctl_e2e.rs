@@ -222,7 +222,8 @@ async fn twillctl_end_to_end() {
         .find(|l| l.starts_with("10.50.77.0/24"))
         .unwrap();
     assert!(
-        line.contains("node-r") && line.ends_with("reserved"),
+        // EXPIRES "reserved", then STATUS/REASON: a reservation not taken yet.
+        line.contains("node-r") && line.contains(" reserved ") && line.ends_with("not_taken"),
         "{line}"
     );
     let r = ctl.run(&[

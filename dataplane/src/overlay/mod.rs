@@ -96,7 +96,8 @@ impl FromStr for Mac {
         let mut parts = s.split(':');
         for o in out.iter_mut() {
             let p = parts.next().ok_or_else(bad)?;
-            if p.len() != 2 {
+            // from_str_radix alone takes a sign: "+a" would read as 0a.
+            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad());
             }
             *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
@@ -384,6 +385,8 @@ mod tests {
         assert!("0a:1b:2c:3d:4e".parse::<Mac>().is_err());
         assert!("0a:1b:2c:3d:4e:5f:00".parse::<Mac>().is_err());
         assert!("zz:1b:2c:3d:4e:5f".parse::<Mac>().is_err());
+        assert!("+a:+b:+c:dd:ee:ff".parse::<Mac>().is_err());
+        assert!("-a:0b:0c:dd:ee:ff".parse::<Mac>().is_err());
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use etcd_client;
 pub use holder::{HolderState, HolderStats, LeaseHolder};
 pub use watch::{LeaseWatch, WatchStats};
 
-use crate::lease::{Lease, LeaseAttrs, key_to_subnet, subnet_to_key};
+use crate::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, parse_lease, subnet_to_key};
 use crate::netconf::{ConfigError, NetConfig};
 
 /// Default key prefix (Flannel's is `/coreos.com/network`).
@@ -460,40 +460,42 @@ impl LeaseStore {
         Ok(())
     }
 
-    /// Parses one lease key-value; `None` (logged) when the key or value is unreadable.
-    fn parse_kv(&self, kv: &KeyValue) -> Option<Lease> {
+    /// Parses one lease key-value: the lease, or why it is none (`None` only for a key
+    /// outside `<prefix>/subnets/`).
+    fn parse_kv(&self, kv: &KeyValue) -> Option<Result<Lease, InvalidLease>> {
         let key = String::from_utf8_lossy(kv.key());
         let name = key.strip_prefix(&self.subnets_prefix())?;
-        let subnet = match key_to_subnet(name) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(key = %key, error = %e, "ignoring lease key");
-                return None;
-            }
-        };
-        let attrs = match LeaseAttrs::from_json(&key, kv.value()) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(key = %key, error = %e, "ignoring lease value");
-                return None;
-            }
-        };
-        Some(Lease {
-            subnet,
-            attrs,
-            reserved: kv.lease() == 0,
-            etcd_lease: kv.lease(),
-            expires: None,
-            mod_revision: kv.mod_revision(),
-        })
+        Some(parse_lease(
+            name,
+            kv.value(),
+            kv.lease(),
+            kv.create_revision(),
+            kv.mod_revision(),
+        ))
     }
 
-    /// All readable leases (sorted by subnet) and the revision they were read at.
+    /// All readable leases (sorted by subnet) and the revision they were read at. The
+    /// key-values that are not leases are left out: [`LeaseStore::list_all`] has them.
     pub async fn list(&self) -> Result<(Vec<Lease>, i64), StoreError> {
-        let (kvs, rev) = self.list_raw().await?;
-        let mut leases: Vec<Lease> = kvs.iter().filter_map(|k| self.parse_kv(k)).collect();
-        leases.sort_by_key(|l| l.subnet);
+        let (leases, _, rev) = self.list_all().await?;
         Ok((leases, rev))
+    }
+
+    /// All key-values under `<prefix>/subnets/`: the leases (sorted by subnet), the ones
+    /// that are not leases (bad key or value, sorted by key) and the revision.
+    pub async fn list_all(&self) -> Result<(Vec<Lease>, Vec<InvalidLease>, i64), StoreError> {
+        let (kvs, rev) = self.list_raw().await?;
+        let mut leases = Vec::new();
+        let mut invalid = Vec::new();
+        for r in kvs.iter().filter_map(|k| self.parse_kv(k)) {
+            match r {
+                Ok(l) => leases.push(l),
+                Err(i) => invalid.push(i),
+            }
+        }
+        leases.sort_by_key(|l| l.subnet);
+        invalid.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok((leases, invalid, rev))
     }
 
     async fn list_raw(&self) -> Result<(Vec<KeyValue>, i64), StoreError> {
@@ -528,7 +530,11 @@ impl LeaseStore {
     pub async fn get(&self, subnet: &Ipv4Net) -> Result<Option<Lease>, StoreError> {
         let key = self.lease_key(subnet);
         let resp = self.kv_get(&key, None).await?;
-        Ok(resp.kvs().first().and_then(|k| self.parse_kv(k)))
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|k| self.parse_kv(k))
+            .and_then(|r| r.ok()))
     }
 
     /// Deletes the lease of `subnet` (and revokes its etcd lease). False if there was none.
@@ -616,6 +622,7 @@ impl LeaseStore {
             etcd_lease: 0,
             expires: None,
             mod_revision: rev,
+            create_revision: rev,
         })
     }
 
@@ -794,6 +801,7 @@ impl LeaseStore {
                     expires: (!reserved)
                         .then(|| SystemTime::now() + Duration::from_secs(granted_ttl as u64)),
                     mod_revision: rev,
+                    create_revision: rev,
                 })
             }
             Err(e) => {

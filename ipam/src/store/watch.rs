@@ -5,6 +5,11 @@
 //! from R + 1. After a broken stream (etcd restart, network) it resumes from the last revision
 //! it delivered + 1, so nothing is lost or repeated; when etcd answers that this revision is
 //! compacted it re-lists and emits the diff. It retries with backoff forever.
+//!
+//! Key-values under the prefix that are not leases (a key that is not canonical, a value
+//! that is not lease JSON) are kept apart, keyed by their key, and reported with
+//! `LeaseEvent::Invalid`: they are rejected leases, never dropped silently, and they never
+//! change the lease map (an alias key cannot replace or delete the real lease).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{Backoff, LeaseStore, by_subnet};
-use crate::lease::{Lease, LeaseEvent, key_to_subnet};
+use crate::lease::{InvalidKind, InvalidLease, Lease, LeaseEvent, key_to_subnet, parse_lease};
 
 /// Counters of a [`LeaseWatch`] (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,6 +53,7 @@ struct Counters {
 pub struct LeaseWatch {
     rx: mpsc::Receiver<LeaseEvent>,
     state: BTreeMap<Ipv4Net, Lease>,
+    invalid: BTreeMap<String, InvalidLease>,
     synced: bool,
     revision: i64,
     counters: Arc<Counters>,
@@ -68,6 +74,7 @@ impl LeaseWatch {
         LeaseWatch {
             rx,
             state: BTreeMap::new(),
+            invalid: BTreeMap::new(),
             synced: false,
             revision: 0,
             counters,
@@ -90,6 +97,15 @@ impl LeaseWatch {
             LeaseEvent::Removed(l) => {
                 self.state.remove(&l.subnet);
             }
+            LeaseEvent::Invalid { key, entry } => match entry {
+                Some(i) => {
+                    self.revision = self.revision.max(i.mod_revision);
+                    self.invalid.insert(key.clone(), i.clone());
+                }
+                None => {
+                    self.invalid.remove(key);
+                }
+            },
             LeaseEvent::Synced { revision } => {
                 // A full state: after a re-list of a restored etcd the revision may go down.
                 self.synced = true;
@@ -110,6 +126,12 @@ impl LeaseWatch {
     /// The lease set as of the events returned so far by [`LeaseWatch::next`].
     pub fn state(&self) -> &BTreeMap<Ipv4Net, Lease> {
         &self.state
+    }
+
+    /// The key-values under `<prefix>/subnets/` that are not leases, by key name, as of the
+    /// events returned so far.
+    pub fn invalid(&self) -> &BTreeMap<String, InvalidLease> {
+        &self.invalid
     }
 
     /// Whether a `Synced` event has been returned (the state is complete).
@@ -160,25 +182,108 @@ fn diff(known: &HashMap<Ipv4Net, Lease>, new: &HashMap<Ipv4Net, Lease>) -> Vec<L
     out.into_iter().map(|(_, e)| e).collect()
 }
 
+/// Differences of the invalid key-values from `known` to `new`, ordered by key.
+fn diff_invalid(
+    known: &BTreeMap<String, InvalidLease>,
+    new: &BTreeMap<String, InvalidLease>,
+) -> Vec<LeaseEvent> {
+    let mut out = Vec::new();
+    for (k, old) in known {
+        match new.get(k) {
+            None => out.push((k.clone(), None)),
+            Some(i) if i != old => out.push((k.clone(), Some(i.clone()))),
+            Some(_) => {}
+        }
+    }
+    for (k, i) in new {
+        if !known.contains_key(k) {
+            out.push((k.clone(), Some(i.clone())));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.into_iter()
+        .map(|(key, entry)| LeaseEvent::Invalid { key, entry })
+        .collect()
+}
+
+/// The events of one put or delete of key `name` (under the prefix), applied to `known` and
+/// `invalid`. A non-canonical key only ever touches `invalid`.
+fn apply_kv(
+    known: &mut HashMap<Ipv4Net, Lease>,
+    invalid: &mut BTreeMap<String, InvalidLease>,
+    name: &str,
+    put: Option<Result<Lease, InvalidLease>>,
+) -> Vec<LeaseEvent> {
+    let mut out = Vec::new();
+    let subnet = key_to_subnet(name).ok();
+    let gone_invalid = |invalid: &mut BTreeMap<String, InvalidLease>, out: &mut Vec<LeaseEvent>| {
+        if invalid.remove(name).is_some() {
+            out.push(LeaseEvent::Invalid {
+                key: name.to_string(),
+                entry: None,
+            });
+        }
+    };
+    match put {
+        Some(Ok(l)) => {
+            gone_invalid(invalid, &mut out);
+            out.push(match known.insert(l.subnet, l.clone()) {
+                Some(old) => LeaseEvent::Changed { old, new: l },
+                None => LeaseEvent::Added(l),
+            });
+        }
+        Some(Err(i)) => {
+            // A canonical key whose value became unreadable: that lease is no longer usable.
+            if i.kind == InvalidKind::Value
+                && let Some(s) = subnet
+                && let Some(old) = known.remove(&s)
+            {
+                out.push(LeaseEvent::Removed(old));
+            }
+            invalid.insert(name.to_string(), i.clone());
+            out.push(LeaseEvent::Invalid {
+                key: name.to_string(),
+                entry: Some(i),
+            });
+        }
+        None => {
+            gone_invalid(invalid, &mut out);
+            if let Some(s) = subnet
+                && let Some(old) = known.remove(&s)
+            {
+                out.push(LeaseEvent::Removed(old));
+            }
+        }
+    }
+    out
+}
+
 async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Counters>) {
     let prefix = store.subnets_prefix();
     let mut known: HashMap<Ipv4Net, Lease> = HashMap::new();
+    let mut invalid: BTreeMap<String, InvalidLease> = BTreeMap::new();
     // The last revision whose events have all been delivered.
     let mut rev: i64 = 0;
     let mut need_list = true;
     let mut backoff = Backoff::new(Duration::from_secs(5));
     loop {
         if need_list {
-            match store.list().await {
-                Ok((leases, r)) => {
+            match store.list_all().await {
+                Ok((leases, bad, r)) => {
                     counters.lists.fetch_add(1, Ordering::Relaxed);
                     let new = by_subnet(leases);
-                    for ev in diff(&known, &new) {
+                    let new_invalid: BTreeMap<String, InvalidLease> =
+                        bad.into_iter().map(|i| (i.key.clone(), i)).collect();
+                    for ev in diff(&known, &new)
+                        .into_iter()
+                        .chain(diff_invalid(&invalid, &new_invalid))
+                    {
                         if tx.send(ev).await.is_err() {
                             return;
                         }
                     }
                     known = new;
+                    invalid = new_invalid;
                     rev = r;
                     need_list = false;
                     if tx.send(LeaseEvent::Synced { revision: r }).await.is_err() {
@@ -258,24 +363,20 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Coun
                         let Some(kv) = ev.kv() else { continue };
                         rev = rev.max(kv.mod_revision());
                         let key = String::from_utf8_lossy(kv.key());
-                        let Some(subnet) = key
-                            .strip_prefix(&prefix)
-                            .and_then(|n| key_to_subnet(n).ok())
-                        else {
+                        let Some(name) = key.strip_prefix(&prefix) else {
                             continue;
                         };
-                        let out = match ev.event_type() {
-                            EventType::Put => match store.parse_kv(kv) {
-                                Some(l) => match known.insert(subnet, l.clone()) {
-                                    Some(old) => Some(LeaseEvent::Changed { old, new: l }),
-                                    None => Some(LeaseEvent::Added(l)),
-                                },
-                                // An unreadable value: as if the lease were gone.
-                                None => known.remove(&subnet).map(LeaseEvent::Removed),
-                            },
-                            EventType::Delete => known.remove(&subnet).map(LeaseEvent::Removed),
+                        let put = match ev.event_type() {
+                            EventType::Put => Some(parse_lease(
+                                name,
+                                kv.value(),
+                                kv.lease(),
+                                kv.create_revision(),
+                                kv.mod_revision(),
+                            )),
+                            EventType::Delete => None,
                         };
-                        if let Some(out) = out {
+                        for out in apply_kv(&mut known, &mut invalid, name, put) {
                             counters.events.fetch_add(1, Ordering::Relaxed);
                             if tx.send(out).await.is_err() {
                                 return;
@@ -326,7 +427,119 @@ mod tests {
             etcd_lease: 7,
             expires: None,
             mod_revision: rev,
+            create_revision: rev,
         }
+    }
+
+    fn put(name: &str, value: &str, rev: i64) -> Option<Result<Lease, InvalidLease>> {
+        Some(parse_lease(name, value.as_bytes(), 7, rev, rev))
+    }
+
+    const GOOD: &str = r#"{"PublicIP":"10.0.0.2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}}"#;
+
+    /// An alias key of a real lease (`-024`) is an invalid entry of its own: putting it and
+    /// deleting it leave the real lease in the map exactly as it was.
+    #[test]
+    fn alias_key_never_touches_the_real_lease() {
+        let mut known = HashMap::new();
+        let mut invalid = BTreeMap::new();
+        let ev = apply_kv(
+            &mut known,
+            &mut invalid,
+            "10.0.2.0-24",
+            put("10.0.2.0-24", GOOD, 5),
+        );
+        assert!(matches!(&ev[..], [LeaseEvent::Added(_)]), "{ev:?}");
+        let real = known.clone();
+        for alias in [
+            "10.0.2.0-024",
+            "10.0.2.0-00000000000000000024",
+            "10.0.02.0-24",
+        ] {
+            let ev = apply_kv(&mut known, &mut invalid, alias, put(alias, GOOD, 6));
+            assert!(
+                matches!(&ev[..], [LeaseEvent::Invalid { key, entry: Some(i) }] if key == alias && i.kind == InvalidKind::Key),
+                "{ev:?}"
+            );
+            assert_eq!(known, real);
+            let ev = apply_kv(&mut known, &mut invalid, alias, None);
+            assert!(
+                matches!(&ev[..], [LeaseEvent::Invalid { key, entry: None }] if key == alias),
+                "{ev:?}"
+            );
+            assert_eq!(known, real);
+        }
+        assert!(invalid.is_empty());
+        // Deleting a key that was never there changes nothing.
+        assert!(apply_kv(&mut known, &mut invalid, "junk", None).is_empty());
+    }
+
+    /// A canonical key whose value is not lease JSON: the lease is removed and the key is
+    /// reported as invalid (kind Value); a good value again makes it a lease again.
+    #[test]
+    fn unreadable_value_is_reported_not_dropped() {
+        let mut known = HashMap::new();
+        let mut invalid = BTreeMap::new();
+        apply_kv(
+            &mut known,
+            &mut invalid,
+            "10.0.2.0-24",
+            put("10.0.2.0-24", GOOD, 5),
+        );
+        let ev = apply_kv(
+            &mut known,
+            &mut invalid,
+            "10.0.2.0-24",
+            put("10.0.2.0-24", "{", 6),
+        );
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Removed(_), LeaseEvent::Invalid { entry: Some(i), .. }] if i.kind == InvalidKind::Value),
+            "{ev:?}"
+        );
+        assert!(known.is_empty());
+        assert_eq!(invalid.len(), 1);
+        let ev = apply_kv(
+            &mut known,
+            &mut invalid,
+            "10.0.2.0-24",
+            put("10.0.2.0-24", GOOD, 7),
+        );
+        assert!(
+            matches!(
+                &ev[..],
+                [
+                    LeaseEvent::Invalid { entry: None, .. },
+                    LeaseEvent::Added(_)
+                ]
+            ),
+            "{ev:?}"
+        );
+        assert!(invalid.is_empty());
+    }
+
+    #[test]
+    fn diff_invalid_after_relist() {
+        let inv = |k: &str, rev: i64| InvalidLease {
+            key: k.into(),
+            kind: InvalidKind::Key,
+            detail: String::new(),
+            create_revision: rev,
+            mod_revision: rev,
+        };
+        let known: BTreeMap<_, _> = [("a", 1), ("b", 2)]
+            .into_iter()
+            .map(|(k, r)| (k.to_string(), inv(k, r)))
+            .collect();
+        let new: BTreeMap<_, _> = [("b", 3), ("c", 4)]
+            .into_iter()
+            .map(|(k, r)| (k.to_string(), inv(k, r)))
+            .collect();
+        let ev = diff_invalid(&known, &new);
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        assert!(matches!(&ev[0], LeaseEvent::Invalid { key, entry: None } if key == "a"));
+        assert!(matches!(&ev[1], LeaseEvent::Invalid { key, entry: Some(_) } if key == "b"));
+        assert!(matches!(&ev[2], LeaseEvent::Invalid { key, entry: Some(_) } if key == "c"));
+        assert!(diff_invalid(&new, &new).is_empty());
     }
 
     #[test]

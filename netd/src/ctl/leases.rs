@@ -6,13 +6,17 @@ use std::time::{Duration, SystemTime};
 use clap::Subcommand;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
-use twill_ipam::lease::{Lease, LeaseAttrs, key_to_subnet};
+use twill_ipam::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, subnet_to_key};
+
+use crate::daemon::reconcile::{Skipped, Validation, peers};
 
 use super::{Cli, EXIT_NOT_FOUND, EXIT_REFUSED, Failure, Output, connect, print_json, print_table};
 
 #[derive(Debug, Subcommand)]
 pub enum LeasesCmd {
-    /// All leases: subnet, node, public IP, VTEP MAC, expiry or "reserved".
+    /// All leases: subnet, node, public IP, VTEP MAC, expiry or "reserved", and whether
+    /// the lease passes twilld's validation (STATUS, REASON). Keys under the prefix that are
+    /// not leases at all are listed too, as rejected.
     List,
     /// One lease, by subnet (10.244.3.0/24 or 10.244.3.0-24) or by node name.
     Show {
@@ -111,18 +115,103 @@ fn row(l: &Lease) -> Vec<String> {
 }
 
 const HEADER: [&str; 5] = ["SUBNET", "NODE", "PUBLIC-IP", "VTEP-MAC", "EXPIRES"];
+const LIST_HEADER: [&str; 7] = [
+    "SUBNET",
+    "NODE",
+    "PUBLIC-IP",
+    "VTEP-MAC",
+    "EXPIRES",
+    "STATUS",
+    "REASON",
+];
+
+/// The cluster-wide verdict of twilld's validation (no node's own subnet, public IP or
+/// MAC: what every node rejects), by key. Empty when there is no network config.
+fn verdicts(
+    cfg: Option<&twill_ipam::netconf::NetConfig>,
+    leases: &[Lease],
+    invalid: &[InvalidLease],
+) -> Option<std::collections::HashMap<String, Skipped>> {
+    let cfg = cfg?;
+    let v = Validation::new(cfg, None, None, None);
+    let (_, skipped) = peers(leases, invalid, &v);
+    Some(skipped.into_iter().map(|s| (s.key.clone(), s)).collect())
+}
+
+/// `accepted` / `reason` / `detail` of one key (JSON), `null`s without a network config.
+fn verdict_json(v: Option<&std::collections::HashMap<String, Skipped>>, key: &str) -> Value {
+    match v.map(|m| m.get(key)) {
+        None => json!({"accepted": null, "reason": null, "detail": null}),
+        Some(None) => json!({"accepted": true, "reason": null, "detail": null}),
+        Some(Some(s)) => json!({
+            "accepted": !s.reason.is_rejection(),
+            "reason": s.reason,
+            "detail": s.detail,
+        }),
+    }
+}
+
+/// STATUS and REASON cells of one key.
+fn verdict_cells(v: Option<&std::collections::HashMap<String, Skipped>>, key: &str) -> [String; 2] {
+    match v.map(|m| m.get(key)) {
+        None => ["-".into(), "-".into()],
+        Some(None) => ["accepted".into(), "-".into()],
+        Some(Some(s)) if !s.reason.is_rejection() => ["pending".into(), s.reason.to_string()],
+        Some(Some(s)) => ["REJECTED".into(), s.reason.to_string()],
+    }
+}
 
 pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
     let store = connect(&cli.etcd).await?;
     match cmd {
         LeasesCmd::List => {
-            let (leases, rev) = store.list_with_ttl().await?;
+            let (mut leases, invalid, rev) = store.list_all().await?;
+            for l in leases.iter_mut().filter(|l| !l.reserved) {
+                l.expires = store.expires(l.etcd_lease).await?;
+            }
+            // Without a readable network config the leases are still listed (STATUS "-").
+            let cfg = store.get_config().await.ok().flatten();
+            let v = verdicts(cfg.as_ref(), &leases, &invalid);
             match cli.output {
                 Output::Json => print_json(&json!({
                     "revision": rev,
-                    "leases": leases.iter().map(lease_json).collect::<Vec<_>>(),
+                    "leases": leases.iter().map(|l| {
+                        let mut j = lease_json(l);
+                        if let (Value::Object(o), Value::Object(x)) =
+                            (&mut j, verdict_json(v.as_ref(), &subnet_to_key(&l.subnet)))
+                        {
+                            o.extend(x);
+                        }
+                        j
+                    }).collect::<Vec<_>>(),
+                    // Keys under <prefix>/subnets/ that are not leases (bad key or value).
+                    "invalid": invalid.iter().map(|i| {
+                        let mut j = json!({"key": i.key, "mod_revision": i.mod_revision});
+                        if let (Value::Object(o), Value::Object(x)) =
+                            (&mut j, verdict_json(v.as_ref(), &i.key))
+                        {
+                            o.extend(x);
+                        }
+                        j
+                    }).collect::<Vec<_>>(),
                 })),
-                Output::Table => print_table(&HEADER, &leases.iter().map(row).collect::<Vec<_>>()),
+                Output::Table => {
+                    let mut rows: Vec<Vec<String>> = leases
+                        .iter()
+                        .map(|l| {
+                            let mut r = row(l);
+                            r.extend(verdict_cells(v.as_ref(), &subnet_to_key(&l.subnet)));
+                            r
+                        })
+                        .collect();
+                    for i in &invalid {
+                        let mut r = vec![i.key.clone()];
+                        r.extend(std::iter::repeat_n("-".to_string(), 4));
+                        r.extend(verdict_cells(v.as_ref(), &i.key));
+                        rows.push(r);
+                    }
+                    print_table(&LIST_HEADER, &rows)
+                }
             }
             Ok(())
         }

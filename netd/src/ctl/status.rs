@@ -3,13 +3,15 @@
 //! network namespace). This node's subnet is the lease whose network address is on
 //! `twill.<VNI>` (or `--node-name`'s lease when the device is missing).
 
+use std::net::IpAddr;
+
 use clap::Args;
 use serde_json::json;
 use twill_dataplane::Netlink;
 use twill_dataplane::overlay::{Overlay, Programmed, RtnlOverlay};
 
 use super::{Cli, EXIT_ERROR, EXIT_NOT_FOUND, Failure, Output, connect, print_json, print_table};
-use crate::daemon::reconcile::{desired, peers, status};
+use crate::daemon::reconcile::{Skipped, Validation, desired, peers, status};
 
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
@@ -23,7 +25,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
     let store = connect(&cli.etcd).await?;
     let cfg = store.require_config().await?;
     let vni = cfg.backend.vni;
-    let (leases, revision) = store.list().await?;
+    let (leases, invalid, revision) = store.list_all().await?;
     let nl = Netlink::current()
         .map_err(|e| Failure::new(EXIT_ERROR, format!("open netlink socket: {e}")))?;
     let ov = RtnlOverlay::new(nl);
@@ -53,7 +55,20 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
             ),
         ));
     };
-    let (peer_list, skipped) = peers(&leases, Some(own.subnet), vni);
+    // The same validation as twilld's, against this node's subnet, public IP and VTEP MAC.
+    let own_mac = match &link {
+        Some(l) if !l.mac.is_zero() => Some(l.mac),
+        _ => own.attrs.vtep_mac().parse().ok(),
+    };
+    let v = Validation::new(
+        &cfg,
+        Some(own.subnet),
+        Some(IpAddr::V4(own.attrs.public_ip)).filter(|ip| !ip.is_unspecified()),
+        own_mac,
+    );
+    let (peer_list, skipped) = peers(&leases, &invalid, &v);
+    let (rejected, pending): (Vec<&Skipped>, Vec<&Skipped>) =
+        skipped.iter().partition(|s| s.reason.is_rejection());
     let want = desired(&peer_list);
     let actual = match &link {
         Some(l) => ov
@@ -77,9 +92,8 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                     "subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(),
                     "vtep_mac": p.vtep_mac.to_string(),
                 })).collect::<Vec<_>>(),
-                "skipped": skipped.iter().map(|s| json!({
-                    "subnet": s.subnet.to_string(), "reason": s.reason,
-                })).collect::<Vec<_>>(),
+                "rejected": rejected.iter().map(|s| skipped_json(s)).collect::<Vec<_>>(),
+                "pending": pending.iter().map(|s| skipped_json(s)).collect::<Vec<_>>(),
                 "expected": report.expected,
                 "programmed": report.programmed,
                 "missing": report.missing,
@@ -112,8 +126,18 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                 report.missing.len(),
                 report.stale.len()
             );
-            for s in &skipped {
-                println!("skipped lease {}: {}", s.subnet, s.reason);
+            for s in &pending {
+                println!("lease {} not taken yet: {}", s.key, s.detail);
+            }
+            if !rejected.is_empty() {
+                println!();
+                println!("REJECTED ({})", rejected.len());
+                let rows: Vec<Vec<String>> = rejected
+                    .iter()
+                    .map(|s| vec![s.key.clone(), s.reason.to_string(), s.detail.clone()])
+                    .collect();
+                print_table(&["KEY", "REASON", "DETAIL"], &rows);
+                println!();
             }
             if !report.missing.is_empty() || !report.stale.is_empty() {
                 let mut rows = Vec::new();
@@ -131,4 +155,14 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// One entry of the `rejected` / `pending` arrays (docs/leases.md).
+fn skipped_json(s: &Skipped) -> serde_json::Value {
+    json!({
+        "key": s.key,
+        "subnet": s.subnet.map(|n| n.to_string()),
+        "reason": s.reason,
+        "detail": s.detail,
+    })
 }

@@ -13,6 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub netlink_overruns: Counter,
     pub vxlan_recreated: Counter,
     pub ready: Gauge,
+    /// Leases rejected now, by `reason` label (see [`Metrics::set_rejected`]).
+    pub leases_rejected: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -59,6 +62,7 @@ impl Metrics {
             netlink_overruns: Counter::default(),
             vxlan_recreated: Counter::default(),
             ready: Gauge::default(),
+            leases_rejected: Family::default(),
         };
         reg.register(
             "twill_peers",
@@ -142,7 +146,22 @@ impl Metrics {
             "The twilld build: its version",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        reg.register(
+            "twill_leases_rejected",
+            "Keys under <prefix>/subnets/ rejected by the lease validation now, by reason",
+            m.leases_rejected.clone(),
+        );
         m
+    }
+
+    /// Sets `twill_leases_rejected{reason}` to the number of leases rejected now for each
+    /// reason (every reason is set, zeros included, so a fixed lease brings its count down).
+    pub fn set_rejected<'a>(&self, counts: impl IntoIterator<Item = (&'a str, usize)>) {
+        for (reason, n) in counts {
+            self.leases_rejected
+                .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+                .set(n as i64);
+        }
     }
 }
 

@@ -14,7 +14,6 @@ pub mod health;
 pub mod metrics;
 pub mod reconcile;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,14 +32,14 @@ use twill_dataplane::overlay::{
     self, EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, RtnlOverlay,
     VxlanLink, VxlanSpec, sysctl, underlay,
 };
-use twill_ipam::lease::{Lease, LeaseAttrs};
+use twill_ipam::lease::LeaseAttrs;
 use twill_ipam::netconf::NetConfig;
 use twill_ipam::store::{EtcdOptions, LeaseHolder, LeaseStore, LeaseWatch};
 use twill_ipam::subnet_file::SubnetFile;
 
 use crate::cli::{EtcdArgs, RunArgs};
 use metrics::{Metrics, Shared};
-use reconcile::{desired, diff, peers_of_map};
+use reconcile::{RejectLog, Validation, desired, diff, peers_of_map, rejected_counts};
 
 /// Netlink requests in flight when applying many ops.
 const PARALLEL_OPS: usize = 64;
@@ -95,6 +94,8 @@ struct Daemon {
     last_renewals: u64,
     last_losses: u64,
     last_etcd_errors: u64,
+    /// Rejected leases already logged (each is logged once).
+    reject_log: RejectLog,
 }
 
 /// Runs twilld until SIGTERM/SIGINT. Never removes the data plane.
@@ -222,6 +223,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         last_renewals: 0,
         last_losses: 0,
         last_etcd_errors: 0,
+        reject_log: RejectLog::default(),
     };
     // Subscribe before the first dump so that no change between the two is missed.
     let mut monitor = Monitor::current().context("subscribe to netlink events")?;
@@ -232,7 +234,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     }
-    d.reconcile(watch.state(), Cause::Start).await;
+    d.reconcile(&watch, Cause::Start).await;
     d.write_subnet_file()?;
     d.programmed_once = true;
     d.update_ready(&holder);
@@ -283,7 +285,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 while let Some(Some(ev)) = watch.next().now_or_never() {
                     debug!(?ev, "lease event");
                 }
-                d.reconcile(watch.state(), Cause::Leases).await;
+                d.reconcile(&watch, Cause::Leases).await;
             }
             ev = monitor.next() => {
                 let Some(ev) = ev else { bail!("netlink monitor socket closed") };
@@ -299,7 +301,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                         continue;
                     }
-                    d.reconcile(watch.state(), Cause::Netlink).await;
+                    d.reconcile(&watch, Cause::Netlink).await;
                 }
             }
             _ = resync.tick() => {
@@ -307,7 +309,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Err(e) = d.ensure_node().await {
                     warn!(error = %format!("{e:#}"), "resync: node setup failed");
                 }
-                d.reconcile(watch.state(), Cause::Resync).await;
+                d.reconcile(&watch, Cause::Resync).await;
             }
             _ = retry => {
                 retry_at = None;
@@ -317,7 +319,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                     continue;
                 }
-                d.reconcile(watch.state(), Cause::Resync).await;
+                d.reconcile(&watch, Cause::Resync).await;
             }
             r = holder_rx.changed() => {
                 if r.is_err() { bail!("lease holder stopped") }
@@ -333,7 +335,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         warn!(error = %format!("{e:#}"), "moving to the new subnet failed; retrying");
                         retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                     }
-                    d.reconcile(watch.state(), Cause::Leases).await;
+                    d.reconcile(&watch, Cause::Leases).await;
                     if let Err(e) = d.write_subnet_file() { error!(error = %format!("{e:#}"), "subnet file"); }
                 }
                 if let Some(l) = &st.lease && let Some(exp) = l.expires { set_expiry(&d.metrics, exp); }
@@ -549,7 +551,7 @@ impl Daemon {
     }
 
     /// Diff the leases against the programmed entries and apply the ops.
-    async fn reconcile(&mut self, leases: &BTreeMap<Ipv4Net, Lease>, cause: Cause) {
+    async fn reconcile(&mut self, watch: &LeaseWatch, cause: Cause) {
         let t0 = Instant::now();
         if self.need_dump {
             match self.ov.dump(self.link.index).await {
@@ -563,9 +565,15 @@ impl Daemon {
                 }
             }
         }
-        let (peers, skipped) = peers_of_map(leases, Some(self.own), self.spec.vni);
-        for s in &skipped {
-            debug!(subnet = %s.subnet, reason = %s.reason, "lease skipped");
+        let v = Validation::new(
+            &self.cfg,
+            Some(self.own),
+            Some(self.spec.local),
+            Some(self.spec.mac),
+        );
+        let (peers, skipped) = peers_of_map(watch.state(), watch.invalid(), &v);
+        for s in self.reject_log.new_rejections(&skipped) {
+            warn!(key = %s.key, reason = %s.reason, detail = %s.detail, "lease rejected");
         }
         let targets = health::Targets {
             own: Some(self.own),
@@ -573,7 +581,8 @@ impl Daemon {
                 .iter()
                 .map(|p| health::Target {
                     subnet: p.subnet,
-                    node: leases
+                    node: watch
+                        .state()
                         .get(&p.subnet)
                         .map(|l| l.attrs.node_name.clone())
                         .unwrap_or_default(),
@@ -587,6 +596,11 @@ impl Daemon {
             }
             changed
         });
+        self.metrics.set_rejected(
+            rejected_counts(&skipped)
+                .into_iter()
+                .map(|(r, n)| (r.as_str(), n)),
+        );
         let want = desired(&peers);
         let ops = diff(&want, &self.actual);
         if !ops.is_empty() {

@@ -3,11 +3,12 @@
 //! entries (from a netlink dump kept current by netlink events), then applies the ops.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use twill_dataplane::overlay::{Fdb, Mac, Neigh, Op, Programmed, Route};
-use twill_ipam::lease::Lease;
+use twill_ipam::lease::{InvalidKind, InvalidLease, Lease, subnet_to_key};
+use twill_ipam::netconf::NetConfig;
 
 /// A peer node as the data plane needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -40,88 +41,388 @@ impl Peer {
     }
 }
 
-/// A lease that gives no peer, and why (for logs and `twillctl status`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Skipped {
-    pub subnet: Ipv4Net,
-    pub reason: String,
+/// Why a lease gives no peer: a stable machine label (metrics, `-o json`, docs/leases.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The subnet is not inside `Network`.
+    OutsideNetwork,
+    /// The subnet's prefix length is not `SubnetLen`.
+    WrongPrefix,
+    /// The subnet is not within `SubnetMin`..`SubnetMax`.
+    OutsideRange,
+    /// The subnet overlaps this node's own subnet.
+    OverlapsOwn,
+    /// The subnet overlaps an older accepted lease.
+    OverlapsLease,
+    /// PublicIP is not a unicast address a peer can have (loopback, link-local, multicast,
+    /// broadcast, 0/8, 240/4, or inside `Network`).
+    BadPublicIp,
+    /// PublicIP is this node's own.
+    OwnPublicIp,
+    /// PublicIP is already used by an older accepted lease.
+    DuplicatePublicIp,
+    /// VtepMAC does not parse, is zero, or is a multicast/broadcast MAC.
+    BadVtepMac,
+    /// VtepMAC is already used by this node or an older accepted lease.
+    DuplicateVtepMac,
+    /// BackendType is not the network's `Backend.Type`.
+    WrongBackend,
+    /// BackendData.VNI is not the network's VNI.
+    WrongVni,
+    /// The key is not a canonical `<net>-<len>` (e.g. `10.244.3.0-024`).
+    BadKey,
+    /// The value is not lease JSON.
+    BadValue,
+    /// A reservation whose node has not taken it yet (no PublicIP or VtepMAC): not an error,
+    /// not counted as rejected.
+    NotTaken,
 }
 
-/// The peers of the node whose own subnet is `own`: every other routable VXLAN lease of
-/// the same VNI. Leases that cannot be used are returned in the second list.
+impl Reason {
+    /// Every reason that is a rejection (each is a label value of `twill_leases_rejected`).
+    pub const REJECTIONS: [Reason; 14] = [
+        Reason::OutsideNetwork,
+        Reason::WrongPrefix,
+        Reason::OutsideRange,
+        Reason::OverlapsOwn,
+        Reason::OverlapsLease,
+        Reason::BadPublicIp,
+        Reason::OwnPublicIp,
+        Reason::DuplicatePublicIp,
+        Reason::BadVtepMac,
+        Reason::DuplicateVtepMac,
+        Reason::WrongBackend,
+        Reason::WrongVni,
+        Reason::BadKey,
+        Reason::BadValue,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::OutsideNetwork => "outside_network",
+            Reason::WrongPrefix => "wrong_prefix",
+            Reason::OutsideRange => "outside_range",
+            Reason::OverlapsOwn => "overlaps_own",
+            Reason::OverlapsLease => "overlaps_lease",
+            Reason::BadPublicIp => "bad_public_ip",
+            Reason::OwnPublicIp => "own_public_ip",
+            Reason::DuplicatePublicIp => "duplicate_public_ip",
+            Reason::BadVtepMac => "bad_vtep_mac",
+            Reason::DuplicateVtepMac => "duplicate_vtep_mac",
+            Reason::WrongBackend => "wrong_backend",
+            Reason::WrongVni => "wrong_vni",
+            Reason::BadKey => "bad_key",
+            Reason::BadValue => "bad_value",
+            Reason::NotTaken => "not_taken",
+        }
+    }
+
+    /// False only for [`Reason::NotTaken`].
+    pub fn is_rejection(&self) -> bool {
+        *self != Reason::NotTaken
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A key under `<prefix>/subnets/` that gives no peer, and why (for logs, the metric and
+/// `twillctl status`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// The key name under `<prefix>/subnets/`, as written (e.g. `10.244.3.0-024`).
+    pub key: String,
+    /// The subnet, when the key is canonical.
+    pub subnet: Option<Ipv4Net>,
+    pub reason: Reason,
+    /// For people: what exactly is wrong, with the value.
+    pub detail: String,
+}
+
+/// What a lease is checked against: the network config and this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Validation {
+    pub network: Ipv4Net,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv4Addr,
+    pub subnet_max: Ipv4Addr,
+    /// `Backend.Type` ("vxlan").
+    pub backend_type: String,
+    pub vni: u32,
+    /// This node's subnet (its own lease gives no peer; others may not overlap it).
+    pub own_subnet: Option<Ipv4Net>,
+    /// This node's public IP (no peer may claim it).
+    pub own_public_ip: Option<IpAddr>,
+    /// This node's VTEP MAC (no peer may claim it).
+    pub own_vtep_mac: Option<Mac>,
+}
+
+impl Validation {
+    pub fn new(
+        cfg: &NetConfig,
+        own_subnet: Option<Ipv4Net>,
+        own_public_ip: Option<IpAddr>,
+        own_vtep_mac: Option<Mac>,
+    ) -> Self {
+        Validation {
+            network: cfg.network,
+            subnet_len: cfg.subnet_len,
+            subnet_min: cfg.subnet_min,
+            subnet_max: cfg.subnet_max,
+            backend_type: cfg.backend.kind.clone(),
+            vni: cfg.backend.vni,
+            own_subnet,
+            own_public_ip,
+            own_vtep_mac,
+        }
+    }
+}
+
+/// Whether `ip` can be a peer's underlay address: unicast and not a special range.
+fn public_ip_problem(ip: Ipv4Addr, network: Ipv4Net) -> Option<&'static str> {
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip.is_broadcast() {
+        Some("broadcast")
+    } else if ip.octets()[0] == 0 {
+        Some("in 0.0.0.0/8 (this network)")
+    } else if ip.octets()[0] >= 240 {
+        Some("in 240.0.0.0/4 (reserved)")
+    } else if network.contains(&ip) {
+        Some("inside the cluster Network")
+    } else {
+        None
+    }
+}
+
+/// The checks of one lease on its own (not against the other leases): a peer, or why not.
+fn check(l: &Lease, v: &Validation) -> Result<Peer, (Reason, String)> {
+    let s = l.subnet;
+    if !v.network.contains(&s) {
+        return Err((
+            Reason::OutsideNetwork,
+            format!("subnet {s} is not inside Network {}", v.network),
+        ));
+    }
+    if let Some(own) = v.own_subnet
+        && (own.contains(&s) || s.contains(&own))
+    {
+        return Err((
+            Reason::OverlapsOwn,
+            format!("subnet {s} overlaps this node's subnet {own}"),
+        ));
+    }
+    if s.prefix_len() != v.subnet_len {
+        return Err((
+            Reason::WrongPrefix,
+            format!("subnet {s} is not a /{} (SubnetLen)", v.subnet_len),
+        ));
+    }
+    if s.network() < v.subnet_min || s.network() > v.subnet_max {
+        return Err((
+            Reason::OutsideRange,
+            format!(
+                "subnet {s} is not within SubnetMin {} .. SubnetMax {}",
+                v.subnet_min, v.subnet_max
+            ),
+        ));
+    }
+    let a = &l.attrs;
+    if !a.is_routable() {
+        return Err((
+            Reason::NotTaken,
+            "no PublicIP or VtepMAC yet (a reservation its node has not taken)".into(),
+        ));
+    }
+    if a.backend_type != v.backend_type {
+        return Err((
+            Reason::WrongBackend,
+            format!(
+                "BackendType {:?} is not the network's {:?}",
+                a.backend_type, v.backend_type
+            ),
+        ));
+    }
+    if a.vni() != v.vni {
+        return Err((
+            Reason::WrongVni,
+            format!("VNI {} is not the network's VNI {}", a.vni(), v.vni),
+        ));
+    }
+    if let Some(why) = public_ip_problem(a.public_ip, v.network) {
+        return Err((
+            Reason::BadPublicIp,
+            format!("PublicIP {} is {why}", a.public_ip),
+        ));
+    }
+    let public_ip = IpAddr::V4(a.public_ip);
+    if v.own_public_ip == Some(public_ip) {
+        return Err((
+            Reason::OwnPublicIp,
+            format!("PublicIP {public_ip} is this node's own"),
+        ));
+    }
+    let mac: Mac = a.vtep_mac().parse().map_err(|_| {
+        (
+            Reason::BadVtepMac,
+            format!("VtepMAC {:?} is not aa:bb:cc:dd:ee:ff", a.vtep_mac()),
+        )
+    })?;
+    if mac.is_zero() {
+        return Err((Reason::BadVtepMac, format!("VtepMAC {mac} is zero")));
+    }
+    if mac.0[0] & 1 != 0 {
+        return Err((
+            Reason::BadVtepMac,
+            format!("VtepMAC {mac} is a multicast/broadcast MAC"),
+        ));
+    }
+    Ok(Peer {
+        subnet: s,
+        public_ip,
+        vtep_mac: mac,
+    })
+}
+
+/// The peers of this node: every lease that passes all the checks of docs/leases.md
+/// ("Validation"). Each other key (bad lease, key-value that is not a lease, reservation not
+/// taken yet) is returned in the second list with its reason. This node's own lease is in
+/// neither.
+///
+/// Conflicts (overlapping subnets, a shared PublicIP or VtepMAC) are decided by age: leases
+/// are taken oldest first (etcd create revision, then key), so the older one wins, the same
+/// on every node and whatever the order of the input.
 pub fn peers<'a>(
     leases: impl IntoIterator<Item = &'a Lease>,
-    own: Option<Ipv4Net>,
-    vni: u32,
+    invalid: impl IntoIterator<Item = &'a InvalidLease>,
+    v: &Validation,
 ) -> (Vec<Peer>, Vec<Skipped>) {
+    let mut ordered: Vec<(i64, String, &Lease)> = leases
+        .into_iter()
+        .map(|l| (l.create_revision, subnet_to_key(&l.subnet), l))
+        .collect();
+    ordered.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+
     let mut peers = Vec::new();
     let mut skipped = Vec::new();
-    for l in leases {
-        if Some(l.subnet) == own {
+    // Accepted subnets by network address, for the overlap check.
+    let mut taken: BTreeMap<Ipv4Addr, (Ipv4Net, String)> = BTreeMap::new();
+    let mut ips: HashMap<IpAddr, String> = HashMap::new();
+    let mut macs: HashMap<Mac, String> = HashMap::new();
+    if let Some(m) = v.own_vtep_mac {
+        macs.insert(m, "this node".to_string());
+    }
+    for (_, key, l) in ordered {
+        if Some(l.subnet) == v.own_subnet {
             continue;
         }
-        let skip = |reason: String| Skipped {
-            subnet: l.subnet,
-            reason,
-        };
-        let a = &l.attrs;
-        if !a.backend_type.is_empty() && a.backend_type != "vxlan" {
-            skipped.push(skip(format!(
-                "backend type {:?} is not vxlan",
-                a.backend_type
-            )));
-            continue;
-        }
-        if !a.is_routable() {
-            skipped.push(skip("no public IP or VTEP MAC yet (reservation)".into()));
-            continue;
-        }
-        if a.vni() != 0 && a.vni() != vni {
-            skipped.push(skip(format!(
-                "VNI {} is not this node's VNI {vni}",
-                a.vni()
-            )));
-            continue;
-        }
-        let mac: Mac = match a.vtep_mac().parse() {
-            Ok(m) => m,
-            Err(e) => {
-                skipped.push(skip(e.to_string()));
-                continue;
+        let peer = check(l, v).and_then(|p| {
+            // The nearest accepted subnet at or below this one, and the first above it:
+            // any overlap is with one of them.
+            let below = taken.range(..=p.subnet.network()).next_back();
+            let above = taken.range(p.subnet.network()..).next();
+            for (_, (other, other_key)) in below.into_iter().chain(above) {
+                if other.contains(&p.subnet) || p.subnet.contains(other) {
+                    return Err((
+                        Reason::OverlapsLease,
+                        format!("subnet {} overlaps the older lease {other_key}", p.subnet),
+                    ));
+                }
             }
-        };
-        peers.push(Peer {
-            subnet: l.subnet,
-            public_ip: IpAddr::V4(a.public_ip),
-            vtep_mac: mac,
+            if let Some(k) = ips.get(&p.public_ip) {
+                return Err((
+                    Reason::DuplicatePublicIp,
+                    format!("PublicIP {} is already used by {k}", p.public_ip),
+                ));
+            }
+            if let Some(k) = macs.get(&p.vtep_mac) {
+                return Err((
+                    Reason::DuplicateVtepMac,
+                    format!("VtepMAC {} is already used by {k}", p.vtep_mac),
+                ));
+            }
+            Ok(p)
+        });
+        match peer {
+            Ok(p) => {
+                taken.insert(p.subnet.network(), (p.subnet, key.clone()));
+                ips.insert(p.public_ip, key.clone());
+                macs.insert(p.vtep_mac, key);
+                peers.push(p);
+            }
+            Err((reason, detail)) => skipped.push(Skipped {
+                key,
+                subnet: Some(l.subnet),
+                reason,
+                detail,
+            }),
+        }
+    }
+    for i in invalid {
+        skipped.push(Skipped {
+            key: i.key.clone(),
+            subnet: None,
+            reason: match i.kind {
+                InvalidKind::Key => Reason::BadKey,
+                InvalidKind::Value => Reason::BadValue,
+            },
+            detail: i.detail.clone(),
         });
     }
-    // Two leases with one VTEP MAC would fight over one FDB entry: keep the first subnet.
-    let mut seen: HashMap<Mac, Ipv4Net> = HashMap::new();
     peers.sort();
-    peers.retain(|p| match seen.get(&p.vtep_mac) {
-        Some(first) => {
-            skipped.push(Skipped {
-                subnet: p.subnet,
-                reason: format!("VTEP MAC {} already used by {first}", p.vtep_mac),
-            });
-            false
-        }
-        None => {
-            seen.insert(p.vtep_mac, p.subnet);
-            true
-        }
-    });
+    skipped.sort_by(|a, b| a.key.cmp(&b.key));
     (peers, skipped)
 }
 
-/// [`peers`] over the watch's lease map.
+/// Remembers which (key, reason) pairs were already reported, so that a rejected lease is
+/// logged once (when it appears, or when its reason changes), not on every reconcile.
+#[derive(Debug, Default)]
+pub struct RejectLog {
+    seen: HashSet<(String, Reason)>,
+}
+
+impl RejectLog {
+    /// The rejections of `skipped` not reported before; forgets the ones that are gone (so a
+    /// lease that comes back is reported again).
+    pub fn new_rejections<'a>(&mut self, skipped: &'a [Skipped]) -> Vec<&'a Skipped> {
+        let now: HashSet<(String, Reason)> = skipped
+            .iter()
+            .filter(|s| s.reason.is_rejection())
+            .map(|s| (s.key.clone(), s.reason))
+            .collect();
+        let fresh = skipped
+            .iter()
+            .filter(|s| s.reason.is_rejection() && !self.seen.contains(&(s.key.clone(), s.reason)))
+            .collect();
+        self.seen = now;
+        fresh
+    }
+}
+
+/// The number of rejected leases per reason (every rejection reason, zeros included).
+pub fn rejected_counts(skipped: &[Skipped]) -> BTreeMap<Reason, usize> {
+    let mut m: BTreeMap<Reason, usize> = Reason::REJECTIONS.iter().map(|r| (*r, 0)).collect();
+    for s in skipped.iter().filter(|s| s.reason.is_rejection()) {
+        *m.entry(s.reason).or_default() += 1;
+    }
+    m
+}
+
+/// [`peers`] over the watch's maps.
 pub fn peers_of_map(
     leases: &BTreeMap<Ipv4Net, Lease>,
-    own: Option<Ipv4Net>,
-    vni: u32,
+    invalid: &BTreeMap<String, InvalidLease>,
+    v: &Validation,
 ) -> (Vec<Peer>, Vec<Skipped>) {
-    peers(leases.values(), own, vni)
+    peers(leases.values(), invalid.values(), v)
 }
 
 /// The entries that `peers` need: one neighbour, FDB entry and route each.
@@ -245,7 +546,29 @@ mod tests {
             etcd_lease: 1,
             expires: None,
             mod_revision: 1,
+            create_revision: i64::from(n),
         }
+    }
+
+    fn cfg() -> NetConfig {
+        NetConfig::from_json(
+            r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}"#,
+        )
+        .unwrap()
+    }
+
+    /// This node: 10.244.1.0/24 (lease(1, "a")), public IP 192.168.0.1.
+    fn val() -> Validation {
+        Validation::new(
+            &cfg(),
+            own(),
+            Some(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1))),
+            Some(Mac::derive("a")),
+        )
+    }
+
+    fn pv(ls: &[Lease]) -> (Vec<Peer>, Vec<Skipped>) {
+        peers(ls, [], &val())
     }
 
     fn own() -> Option<Ipv4Net> {
@@ -255,7 +578,7 @@ mod tests {
     #[test]
     fn own_lease_gives_no_entries() {
         let ls = [lease(1, "a"), lease(2, "b"), lease(3, "c")];
-        let (p, skipped) = peers(&ls, own(), 1);
+        let (p, skipped) = pv(&ls);
         assert_eq!(p.len(), 2);
         assert!(skipped.is_empty());
         assert!(p.iter().all(|p| p.subnet != own().unwrap()));
@@ -279,24 +602,278 @@ mod tests {
         let mut dup = lease(8, "h");
         dup.attrs.backend_data.vtep_mac = lease(2, "b").attrs.backend_data.vtep_mac.clone();
         let ls = [lease(2, "b"), reservation, other_vni, bad_mac, host_gw, dup];
-        let (p, skipped) = peers(&ls, own(), 1);
+        let (p, skipped) = pv(&ls);
         assert_eq!(p.len(), 1);
         assert_eq!(skipped.len(), 5, "{skipped:?}");
+    }
+
+    /// One bad lease of each class next to a good one: each is rejected with its reason
+    /// and the good peer is still there, unchanged.
+    #[test]
+    fn every_rule_rejects_with_its_reason() {
+        let with = |n: u8, f: &dyn Fn(&mut Lease)| {
+            let mut l = lease(n, &format!("bad{n}"));
+            f(&mut l);
+            l
+        };
+        let good = lease(2, "b");
+        let cases: Vec<(Lease, Reason)> = vec![
+            (
+                with(10, &|l| l.subnet = "10.99.0.0/24".parse().unwrap()),
+                Reason::OutsideNetwork,
+            ),
+            (
+                with(11, &|l| l.subnet = "0.0.0.0/0".parse().unwrap()),
+                Reason::OutsideNetwork,
+            ),
+            (
+                with(12, &|l| l.subnet = "192.168.0.0/24".parse().unwrap()),
+                Reason::OutsideNetwork,
+            ),
+            (
+                with(13, &|l| l.subnet = "10.244.1.128/25".parse().unwrap()),
+                Reason::OverlapsOwn,
+            ),
+            (
+                with(14, &|l| l.subnet = "10.244.0.0/16".parse().unwrap()),
+                Reason::OverlapsOwn,
+            ),
+            (
+                with(15, &|l| l.subnet = "10.244.14.0/23".parse().unwrap()),
+                Reason::WrongPrefix,
+            ),
+            (
+                with(16, &|l| l.subnet = "10.244.16.7/32".parse().unwrap()),
+                Reason::WrongPrefix,
+            ),
+            (
+                with(17, &|l| l.subnet = "10.244.0.0/24".parse().unwrap()),
+                Reason::OutsideRange,
+            ),
+            (
+                with(18, &|l| l.attrs.public_ip = Ipv4Addr::new(127, 0, 0, 1)),
+                Reason::BadPublicIp,
+            ),
+            (
+                with(19, &|l| l.attrs.public_ip = Ipv4Addr::new(224, 0, 0, 5)),
+                Reason::BadPublicIp,
+            ),
+            (
+                with(20, &|l| l.attrs.public_ip = Ipv4Addr::new(169, 254, 1, 1)),
+                Reason::BadPublicIp,
+            ),
+            (
+                with(21, &|l| l.attrs.public_ip = Ipv4Addr::BROADCAST),
+                Reason::BadPublicIp,
+            ),
+            (
+                with(22, &|l| l.attrs.public_ip = Ipv4Addr::new(10, 244, 2, 5)),
+                Reason::BadPublicIp,
+            ),
+            (
+                with(23, &|l| l.attrs.public_ip = Ipv4Addr::new(192, 168, 0, 1)),
+                Reason::OwnPublicIp,
+            ),
+            (
+                with(24, &|l| l.attrs.public_ip = Ipv4Addr::new(192, 168, 0, 2)),
+                Reason::DuplicatePublicIp,
+            ),
+            (
+                with(25, &|l| {
+                    l.attrs.backend_data.vtep_mac = "00:00:00:00:00:00".into()
+                }),
+                Reason::BadVtepMac,
+            ),
+            (
+                with(26, &|l| {
+                    l.attrs.backend_data.vtep_mac = "01:00:5e:00:00:01".into()
+                }),
+                Reason::BadVtepMac,
+            ),
+            (
+                with(27, &|l| {
+                    l.attrs.backend_data.vtep_mac = "ff:ff:ff:ff:ff:ff".into()
+                }),
+                Reason::BadVtepMac,
+            ),
+            (
+                with(28, &|l| {
+                    l.attrs.backend_data.vtep_mac = "+a:+b:+c:dd:ee:ff".into()
+                }),
+                Reason::BadVtepMac,
+            ),
+            (
+                with(29, &|l| {
+                    l.attrs.backend_data.vtep_mac = Mac::derive("b").to_string()
+                }),
+                Reason::DuplicateVtepMac,
+            ),
+            (
+                with(30, &|l| {
+                    l.attrs.backend_data.vtep_mac = Mac::derive("a").to_string()
+                }),
+                Reason::DuplicateVtepMac,
+            ),
+            (
+                with(31, &|l| l.attrs.backend_data.vni = 2),
+                Reason::WrongVni,
+            ),
+            (
+                with(32, &|l| l.attrs.backend_data.vni = 0),
+                Reason::WrongVni,
+            ),
+            (
+                with(33, &|l| l.attrs.backend_type = "host-gw".into()),
+                Reason::WrongBackend,
+            ),
+            (
+                with(34, &|l| l.attrs.backend_type = String::new()),
+                Reason::WrongBackend,
+            ),
+        ];
+        let mut small = cfg();
+        small.subnet_max = Ipv4Addr::new(10, 244, 200, 0);
+        let v = Validation::new(&small, own(), val().own_public_ip, val().own_vtep_mac);
+        let (alone, _) = peers(std::slice::from_ref(&good), [], &v);
+        for (bad, reason) in cases {
+            let (p, skipped) = peers(&[good.clone(), bad.clone()], [], &v);
+            assert_eq!(p, alone, "{reason}: the good peer changed");
+            assert_eq!(skipped.len(), 1, "{reason}: {skipped:?}");
+            assert_eq!(skipped[0].reason, reason, "{bad:?}: {}", skipped[0].detail);
+            assert_eq!(skipped[0].key, subnet_to_key(&bad.subnet));
+            assert!(!skipped[0].detail.is_empty());
+        }
+        // Above SubnetMax.
+        let high = lease(201, "hi");
+        let (_, skipped) = peers(&[good, high], [], &v);
+        assert_eq!(skipped[0].reason, Reason::OutsideRange);
+    }
+
+    /// Key-values that are not leases are listed with bad_key / bad_value.
+    #[test]
+    fn invalid_key_values_are_listed() {
+        let inv = |k: &str, kind| InvalidLease {
+            key: k.into(),
+            kind,
+            detail: "x".into(),
+            create_revision: 1,
+            mod_revision: 1,
+        };
+        let bad = [
+            inv("10.244.2.0-024", InvalidKind::Key),
+            inv("10.244.9.0-24", InvalidKind::Value),
+        ];
+        let (p, skipped) = peers(&[lease(2, "b")], &bad, &val());
+        assert_eq!(p.len(), 1);
+        let reasons: Vec<_> = skipped.iter().map(|s| (s.key.as_str(), s.reason)).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("10.244.2.0-024", Reason::BadKey),
+                ("10.244.9.0-24", Reason::BadValue)
+            ]
+        );
+        assert_eq!(rejected_counts(&skipped)[&Reason::BadKey], 1);
+        assert_eq!(rejected_counts(&skipped)[&Reason::WrongVni], 0);
+    }
+
+    /// Conflicts: the older lease (lower create revision) wins whatever the input order; on
+    /// equal revisions the lower key wins.
+    #[test]
+    fn older_lease_wins_whatever_the_order() {
+        let mut old = lease(5, "old");
+        old.create_revision = 10;
+        let mut young_mac = lease(3, "young");
+        young_mac.create_revision = 20;
+        young_mac.attrs.backend_data.vtep_mac = old.attrs.backend_data.vtep_mac.clone();
+        let mut young_ip = lease(4, "young2");
+        young_ip.create_revision = 30;
+        young_ip.attrs.public_ip = old.attrs.public_ip;
+        let mut tie_a = lease(7, "tie-a");
+        tie_a.create_revision = 40;
+        let mut tie_b = lease(8, "tie-b");
+        tie_b.create_revision = 40;
+        tie_b.attrs.public_ip = tie_a.attrs.public_ip;
+        let all = [old, young_mac, young_ip, tie_a, tie_b, lease(9, "c")];
+        let first = pv(&all);
+        let subnets: Vec<String> = first.0.iter().map(|p| p.subnet.to_string()).collect();
+        assert_eq!(subnets, ["10.244.5.0/24", "10.244.7.0/24", "10.244.9.0/24"]);
+        let reasons: Vec<_> = first.1.iter().map(|s| (s.key.as_str(), s.reason)).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("10.244.3.0-24", Reason::DuplicateVtepMac),
+                ("10.244.4.0-24", Reason::DuplicatePublicIp),
+                ("10.244.8.0-24", Reason::DuplicatePublicIp),
+            ]
+        );
+        // Every rotation and the reverse give exactly the same result.
+        for k in 0..all.len() {
+            let mut v = all.to_vec();
+            v.rotate_left(k);
+            assert_eq!(pv(&v), first, "rotation {k}");
+            v.reverse();
+            assert_eq!(pv(&v), first, "reversed rotation {k}");
+        }
+    }
+
+    /// Overlapping accepted subnets (possible only with a SubnetLen that changed): the
+    /// older one wins.
+    #[test]
+    fn overlapping_leases_older_wins() {
+        let mut v = val();
+        v.subnet_len = 24;
+        let mut a = lease(2, "b");
+        a.create_revision = 5;
+        let mut b = lease(3, "c");
+        b.subnet = "10.244.2.0/24".parse().unwrap();
+        b.create_revision = 3;
+        // Same subnet twice cannot come from etcd (one key), but peers() must still not
+        // give two peers for it.
+        let (p, skipped) = peers(&[a.clone(), b.clone()], [], &v);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].public_ip, IpAddr::V4(b.attrs.public_ip));
+        assert_eq!(skipped[0].reason, Reason::OverlapsLease);
+    }
+
+    #[test]
+    fn rejections_are_logged_once() {
+        let mut bad = lease(3, "c");
+        bad.attrs.backend_data.vni = 9;
+        let (_, skipped) = pv(&[lease(2, "b"), bad.clone()]);
+        let mut log = RejectLog::default();
+        assert_eq!(log.new_rejections(&skipped).len(), 1);
+        assert!(log.new_rejections(&skipped).is_empty());
+        // A different reason for the same key is new.
+        bad.attrs.backend_data.vni = 1;
+        bad.attrs.backend_type = "udp".into();
+        let (_, skipped2) = pv(&[lease(2, "b"), bad]);
+        assert_eq!(log.new_rejections(&skipped2).len(), 1);
+        // Gone, then back: reported again.
+        assert!(log.new_rejections(&[]).is_empty());
+        assert_eq!(log.new_rejections(&skipped2).len(), 1);
+        // A reservation not taken yet is not a rejection.
+        let mut r = lease(4, "d");
+        r.attrs.public_ip = Ipv4Addr::UNSPECIFIED;
+        let (_, s) = pv(&[r]);
+        assert_eq!(s[0].reason, Reason::NotTaken);
+        assert!(log.new_rejections(&s).is_empty());
+        assert!(rejected_counts(&s).values().all(|n| *n == 0));
     }
 
     #[test]
     fn diff_of_equal_states_is_empty() {
         let ls = [lease(2, "b"), lease(3, "c")];
-        let d = desired(&peers(&ls, own(), 1).0);
+        let d = desired(&pv(&ls).0);
         assert!(diff(&d, &d).is_empty());
     }
 
     #[test]
     fn diff_adds_missing_and_deletes_stale() {
         let ls = [lease(2, "b"), lease(3, "c")];
-        let d = desired(&peers(&ls, own(), 1).0);
+        let d = desired(&pv(&ls).0);
         let stale_ls = [lease(9, "z")];
-        let mut actual = desired(&peers(&stale_ls, own(), 1).0);
+        let mut actual = desired(&pv(&stale_ls).0);
         // One of the desired entries is there already.
         let route2 = *d.routes.iter().next().unwrap();
         actual.routes.insert(route2);
@@ -323,8 +900,8 @@ mod tests {
         l.attrs.public_ip = Ipv4Addr::new(192, 168, 0, 99);
         l.attrs.backend_data.vtep_mac = Mac::derive("b-new").to_string();
         let after = [l];
-        let actual = desired(&peers(&before, own(), 1).0);
-        let d = desired(&peers(&after, own(), 1).0);
+        let actual = desired(&pv(&before).0);
+        let d = desired(&pv(&after).0);
         let ops = diff(&d, &actual);
         // Neighbour and FDB replaced, the old FDB entry (old MAC) deleted, route untouched.
         assert!(ops.iter().any(|o| matches!(o, Op::ReplaceNeigh(_))));
@@ -339,7 +916,7 @@ mod tests {
 
     #[test]
     fn route_with_wrong_next_hop_is_replaced() {
-        let d = desired(&peers(&[lease(2, "b")], own(), 1).0);
+        let d = desired(&pv(&[lease(2, "b")]).0);
         let mut actual = d.clone();
         let r = *actual.routes.iter().next().unwrap();
         actual.routes.clear();
@@ -354,9 +931,9 @@ mod tests {
     async fn applying_the_diff_converges_and_a_second_pass_does_nothing() {
         let fake = FakeOverlay::new();
         let ls: Vec<Lease> = (2..50).map(|n| lease(n, &format!("n{n}"))).collect();
-        let d = desired(&peers(&ls, own(), 1).0);
+        let d = desired(&pv(&ls).0);
         // Left by an earlier run: a peer that no longer has a lease.
-        fake.set_programmed(desired(&peers(&[lease(99, "gone")], own(), 1).0));
+        fake.set_programmed(desired(&pv(&[lease(99, "gone")]).0));
         let ops = diff(&d, &fake.dump(0).await.unwrap());
         assert!(apply_ops(&fake, 0, &ops, 8).await.is_empty());
         assert_eq!(fake.programmed(), d);
@@ -367,7 +944,7 @@ mod tests {
         // Deletes come after replaces: the stale route goes before its neighbour.
         let calls = {
             let f2 = FakeOverlay::new();
-            f2.set_programmed(desired(&peers(&[lease(99, "gone")], own(), 1).0));
+            f2.set_programmed(desired(&pv(&[lease(99, "gone")]).0));
             let ops = diff(&Programmed::default(), &f2.programmed());
             apply_ops(&f2, 0, &ops, 1).await;
             f2.writes()
@@ -377,8 +954,8 @@ mod tests {
 
     #[test]
     fn status_splits_missing_and_stale() {
-        let d = desired(&peers(&[lease(2, "b")], own(), 1).0);
-        let actual = desired(&peers(&[lease(3, "c")], own(), 1).0);
+        let d = desired(&pv(&[lease(2, "b")]).0);
+        let actual = desired(&pv(&[lease(3, "c")]).0);
         let s = status(&d, &actual);
         assert_eq!(s.missing.len(), 3);
         assert_eq!(s.stale.len(), 3);
