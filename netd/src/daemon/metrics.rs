@@ -36,6 +36,9 @@ pub struct Metrics {
     pub netlink_overruns: Counter,
     pub vxlan_recreated: Counter,
     pub ready: Gauge,
+    pub route_conflicts: Gauge,
+    pub vxlan_dropped: Counter,
+    pub nft_errors: Counter,
 }
 
 impl Metrics {
@@ -58,6 +61,9 @@ impl Metrics {
             netlink_overruns: Counter::default(),
             vxlan_recreated: Counter::default(),
             ready: Gauge::default(),
+            route_conflicts: Gauge::default(),
+            vxlan_dropped: Counter::default(),
+            nft_errors: Counter::default(),
         };
         reg.register(
             "twill_peers",
@@ -134,6 +140,21 @@ impl Metrics {
             "twill_ready",
             "1 when the lease is held and the data plane programmed",
             m.ready.clone(),
+        );
+        reg.register(
+            "twill_route_conflicts",
+            "Peer routes not programmed: the main table has a route for the subnet that is not twill's",
+            m.route_conflicts.clone(),
+        );
+        reg.register(
+            "twill_vxlan_dropped_packets",
+            "VXLAN packets dropped on input: the source is not an accepted peer (read at each resync)",
+            m.vxlan_dropped.clone(),
+        );
+        reg.register(
+            "twill_nft_errors",
+            "nft runs that failed or timed out",
+            m.nft_errors.clone(),
         );
         m
     }
