@@ -634,10 +634,13 @@ impl Daemon {
         }
         let mut ops = diff(&want, &self.actual);
         // Never write a route over someone else's (connected, default, cni0, host route).
-        let mut conflicts = BTreeSet::new();
+        let mut conflicts: BTreeMap<Ipv4Net, String> = BTreeMap::new();
         ops.retain(|op| match op {
             Op::ReplaceRoute(r) if self.actual.foreign_routes.contains(&r.dst) => {
-                conflicts.insert(r.dst);
+                conflicts.insert(
+                    r.dst,
+                    "the last dump has a route for it that is not twill's".into(),
+                );
                 false
             }
             _ => true,
@@ -653,11 +656,8 @@ impl Daemon {
             }
             let mut errors = 0u64;
             for (op, e) in &failed {
-                if let (Op::ReplaceRoute(r), twill_dataplane::Error::Conflict(_)) = (op, e) {
-                    conflicts.insert(r.dst);
-                    if !self.conflicts.contains(&r.dst) {
-                        warn!(%op, error = %e, "peer route not programmed");
-                    }
+                if let (Op::ReplaceRoute(r), twill_dataplane::Error::Conflict(why)) = (op, e) {
+                    conflicts.insert(r.dst, why.clone());
                     continue;
                 }
                 route_delete_failed |= matches!(op, Op::DeleteRoute(_));
@@ -687,10 +687,12 @@ impl Daemon {
                 debug!(%op, "applied");
             }
         }
-        for dst in conflicts.difference(&self.conflicts) {
-            warn!(subnet = %dst, "the main table has a route for this peer subnet that is not twill's: twill's route is not programmed (logged once)");
+        for (dst, why) in &conflicts {
+            if !self.conflicts.contains(dst) {
+                warn!(subnet = %dst, reason = %why, "peer route not programmed: the main table routes this subnet elsewhere and twill never replaces a route it did not make (logged once)");
+            }
         }
-        self.conflicts = conflicts;
+        self.conflicts = conflicts.into_keys().collect();
         self.metrics
             .route_conflicts
             .set(self.conflicts.len() as i64);
