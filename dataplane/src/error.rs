@@ -27,6 +27,9 @@ pub enum Error {
     Invalid(String),
     #[error("nftables: {0}")]
     Nft(String),
+    /// An entry that twill would write is held by someone else: left alone.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

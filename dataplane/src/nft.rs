@@ -1,13 +1,21 @@
 //! twill's own nftables table, `table ip twill`: masquerade for pod traffic leaving the
-//! cluster network, never NAT inside it, and forward-accept for the cluster network.
+//! cluster network, never NAT inside it, forward-accept for the cluster network, and an
+//! input filter that drops VXLAN (UDP to the VXLAN port) from any source that is not in the
+//! set `peers` of the accepted peers' public IPs, counting the drops in `vxlan_dropped`.
 //!
-//! Idempotent: the table is listed first and left alone when it already reads exactly as
-//! rendered; otherwise it is replaced in one atomic `nft -f -` transaction (create-if-absent,
-//! delete, create), so there is never a moment without the rules.
+//! Idempotent: the table is listed first (stateless and terse: without counter values and
+//! set elements) and left alone when it already reads exactly as rendered; otherwise it is
+//! replaced in one atomic `nft -f -` transaction (create-if-absent, delete, create, the set's
+//! members), so there is never a moment without the rules or without the members.
+//! The set itself changes by element ([`Nft::add_peers`], [`Nft::set_peers`]), never by
+//! rewriting the table. Every `nft` run is bounded by a timeout (the child is killed).
 
-use std::io::Write;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 
@@ -15,6 +23,12 @@ use crate::{Error, Result};
 
 /// The table's name (family `ip`).
 pub const TABLE: &str = "twill";
+/// The set of the accepted peers' public IPs: VXLAN from anyone else is dropped.
+pub const PEER_SET: &str = "peers";
+/// The named counter of dropped VXLAN packets.
+pub const DROP_COUNTER: &str = "vxlan_dropped";
+/// How long one `nft` run may take before it is killed.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the table must say.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +39,8 @@ pub struct NftConfig {
     pub node_subnet: Ipv4Net,
     /// Masquerade traffic leaving the cluster network (`--ip-masq`).
     pub masquerade: bool,
+    /// The VXLAN UDP port: accepted only from the members of [`PEER_SET`].
+    pub vxlan_port: u16,
 }
 
 /// Whether [`Nft::ensure`] had to write.
@@ -34,14 +50,29 @@ pub enum NftOutcome {
     Applied,
 }
 
-/// The table exactly as `nft list table ip twill` prints it (tabs, blank line between
-/// chains), so that a listing can be compared with it as text.
+/// The table exactly as `nft -s -t list table ip twill` prints it (tabs, blank line between
+/// objects; no counter values, no set elements), so that a listing can be compared with it
+/// as text.
 pub fn render(cfg: &NftConfig) -> String {
     let n = cfg.network.trunc();
     let s = cfg.node_subnet.trunc();
     let mut t = String::new();
     t.push_str(&format!("table ip {TABLE} {{\n"));
     t.push_str("\tcomment \"managed by twilld\"\n");
+    // nft lists named counters first, then sets, then chains.
+    t.push_str(&format!("\tcounter {DROP_COUNTER} {{\n\t}}\n\n"));
+    t.push_str(&format!(
+        "\tset {PEER_SET} {{\n\t\ttype ipv4_addr\n\t}}\n\n"
+    ));
+    // VXLAN only from member nodes: one set lookup per packet to the VXLAN port, nothing
+    // for any other packet (the dport test comes first).
+    t.push_str("\tchain input {\n");
+    t.push_str("\t\ttype filter hook input priority filter; policy accept;\n");
+    t.push_str(&format!(
+        "\t\tudp dport {} ip saddr != @{PEER_SET} counter name \"{DROP_COUNTER}\" drop\n",
+        cfg.vxlan_port
+    ));
+    t.push_str("\t}\n\n");
     t.push_str("\tchain postrouting {\n");
     t.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
     if cfg.masquerade {
@@ -68,23 +99,46 @@ pub fn render(cfg: &NftConfig) -> String {
     t
 }
 
+/// `{ a, b, c }` for an nft element list.
+fn elements(ips: &BTreeSet<Ipv4Addr>) -> String {
+    let v: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+    format!("{{ {} }}", v.join(", "))
+}
+
 /// Runs `nft`, in the caller's namespace or (for tests) inside the namespace at a path.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Nft {
     netns: Option<PathBuf>,
+    timeout: Duration,
+}
+
+impl Default for Nft {
+    fn default() -> Self {
+        Nft {
+            netns: None,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
 }
 
 impl Nft {
     /// `nft` in the caller's own network namespace.
     pub fn new() -> Self {
-        Nft { netns: None }
+        Self::default()
     }
 
     /// `nft` inside the namespace bound at `path` (through `nsenter --net=`).
     pub fn in_netns(path: impl AsRef<Path>) -> Self {
         Nft {
             netns: Some(path.as_ref().to_path_buf()),
+            ..Self::default()
         }
+    }
+
+    /// The same, with another bound on each run.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     fn command(&self) -> Command {
@@ -112,27 +166,86 @@ impl Nft {
         let mut child = c
             .spawn()
             .map_err(|e| Error::Nft(format!("{what}: spawn: {e}")))?;
-        if let Some(s) = stdin {
-            let mut i = child.stdin.take().expect("piped stdin");
-            i.write_all(s.as_bytes())
-                .map_err(|e| Error::Nft(format!("{what}: write ruleset: {e}")))?;
+        // Threads feed stdin and drain the pipes, so that a full pipe cannot stall the
+        // child (or us) past the deadline.
+        let writer = match (stdin, child.stdin.take()) {
+            (Some(s), Some(mut i)) => {
+                let s = s.to_string();
+                Some(std::thread::spawn(move || i.write_all(s.as_bytes())))
+            }
+            _ => None,
+        };
+        let drain = |p: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = p {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out_t = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let err_t = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let deadline = Instant::now() + self.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Nft(format!(
+                        "{what}: no answer within {:?}: killed",
+                        self.timeout
+                    )));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Nft(format!("{what}: wait: {e}")));
+                }
+            }
+        };
+        let stdout = out_t.join().unwrap_or_default();
+        let stderr = err_t.join().unwrap_or_default();
+        if let Some(w) = writer
+            && let Ok(Err(e)) = w.join()
+            && status.success()
+        {
+            return Err(Error::Nft(format!("{what}: write ruleset: {e}")));
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| Error::Nft(format!("{what}: wait: {e}")))?;
-        if !out.status.success() {
+        if !status.success() {
             return Err(Error::Nft(format!(
-                "{what}: {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                "{what}: {status}: {}",
+                String::from_utf8_lossy(&stderr).trim()
             )));
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
     }
 
-    /// The table as listed by nft, `None` if it does not exist.
+    /// The table as listed by nft without state and set elements (the form of
+    /// [`render`]), `None` if it does not exist.
     pub fn list(&self) -> Result<Option<String>> {
-        match self.run(&["list", "table", "ip", TABLE], None) {
+        self.list_with(&["-s", "-t", "list", "table", "ip", TABLE])
+    }
+
+    /// The full listing (counter values, set elements), `None` if there is no table.
+    pub fn list_full(&self) -> Result<Option<String>> {
+        self.list_with(&["list", "table", "ip", TABLE])
+    }
+
+    fn list_with(&self, args: &[&str]) -> Result<Option<String>> {
+        match self.run(args, None) {
             Ok(s) => Ok(Some(s)),
             // nft says "No such file or directory" for a missing table.
             Err(Error::Nft(m)) if m.contains("No such file or directory") => Ok(None),
@@ -140,17 +253,64 @@ impl Nft {
         }
     }
 
-    /// Makes the table read as [`render`]`(cfg)`: nothing is written when it already does.
-    pub fn ensure(&self, cfg: &NftConfig) -> Result<NftOutcome> {
+    /// Makes the table read as [`render`]`(cfg)`: nothing is written when it already does
+    /// (the set's members are then left as they are). A rewrite fills the set with
+    /// `members` in the same transaction, so that no member is dropped meanwhile.
+    pub fn ensure(&self, cfg: &NftConfig, members: &BTreeSet<Ipv4Addr>) -> Result<NftOutcome> {
         let want = render(cfg);
         if self.list()?.as_deref() == Some(want.as_str()) {
             return Ok(NftOutcome::Unchanged);
         }
         // One transaction: `table` creates it if absent so that `delete` cannot fail, then
-        // the new table; nft applies all of it or nothing.
-        let tx = format!("table ip {TABLE} {{ }}\ndelete table ip {TABLE}\n{want}");
+        // the new table and its members; nft applies all of it or nothing.
+        let mut tx = format!("table ip {TABLE} {{ }}\ndelete table ip {TABLE}\n{want}");
+        if !members.is_empty() {
+            tx.push_str(&format!(
+                "add element ip {TABLE} {PEER_SET} {}\n",
+                elements(members)
+            ));
+        }
         self.run(&["-f", "-"], Some(&tx))?;
         Ok(NftOutcome::Applied)
+    }
+
+    /// Adds `ips` to the peer set (members already there stay; nothing else changes).
+    pub fn add_peers(&self, ips: &BTreeSet<Ipv4Addr>) -> Result<()> {
+        if ips.is_empty() {
+            return Ok(());
+        }
+        let tx = format!("add element ip {TABLE} {PEER_SET} {}\n", elements(ips));
+        self.run(&["-f", "-"], Some(&tx)).map(|_| ())
+    }
+
+    /// Makes the peer set exactly `ips`, in one transaction (flush and add are applied
+    /// together: a member that stays is never missing).
+    pub fn set_peers(&self, ips: &BTreeSet<Ipv4Addr>) -> Result<()> {
+        let mut tx = format!("flush set ip {TABLE} {PEER_SET}\n");
+        if !ips.is_empty() {
+            tx.push_str(&format!(
+                "add element ip {TABLE} {PEER_SET} {}\n",
+                elements(ips)
+            ));
+        }
+        self.run(&["-f", "-"], Some(&tx)).map(|_| ())
+    }
+
+    /// The members of the peer set.
+    pub fn peers(&self) -> Result<BTreeSet<Ipv4Addr>> {
+        let out = self.run(&["list", "set", "ip", TABLE, PEER_SET], None)?;
+        Ok(parse_elements(&out))
+    }
+
+    /// The packets dropped by the VXLAN input filter since the table was written.
+    pub fn dropped_packets(&self) -> Result<u64> {
+        let out = self.run(&["list", "counter", "ip", TABLE, DROP_COUNTER], None)?;
+        parse_packets(&out).ok_or_else(|| {
+            Error::Nft(format!(
+                "counter {DROP_COUNTER}: no packet count in {:?}",
+                out.trim()
+            ))
+        })
     }
 
     /// Deletes the table if it exists.
@@ -160,9 +320,60 @@ impl Nft {
     }
 }
 
+/// The IPv4 addresses of `elements = { ... }` in a set listing.
+fn parse_elements(listing: &str) -> BTreeSet<Ipv4Addr> {
+    let Some(i) = listing.find("elements = {") else {
+        return BTreeSet::new();
+    };
+    let rest = &listing[i + "elements = {".len()..];
+    let body = &rest[..rest.find('}').unwrap_or(rest.len())];
+    body.split(|c: char| c == ',' || c.is_whitespace())
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+/// `N` of `packets N bytes M` in a counter listing.
+fn parse_packets(listing: &str) -> Option<u64> {
+    let mut words = listing.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "packets" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vxlan_filter_drops_only_the_vxlan_port_from_non_members() {
+        let t = render(&NftConfig {
+            network: "10.244.0.0/16".parse().unwrap(),
+            node_subnet: "10.244.3.0/24".parse().unwrap(),
+            masquerade: false,
+            vxlan_port: 8472,
+        });
+        assert!(t.contains("hook input priority filter; policy accept;"));
+        assert!(
+            t.contains("udp dport 8472 ip saddr != @peers counter name \"vxlan_dropped\" drop"),
+            "{t}"
+        );
+        assert_eq!(t.matches(" drop\n").count(), 1, "{t}");
+    }
+
+    #[test]
+    fn listings_parse() {
+        let set = "table ip twill {\n\tset peers {\n\t\ttype ipv4_addr\n\t\telements = { 192.168.0.2, 192.168.0.3,\n\t\t\t     10.1.2.3 }\n\t}\n}\n";
+        let got = parse_elements(set);
+        assert_eq!(got.len(), 3);
+        assert!(got.contains(&Ipv4Addr::new(10, 1, 2, 3)));
+        assert!(parse_elements("set peers {\n\ttype ipv4_addr\n}").is_empty());
+        let c = "table ip twill {\n\tcounter vxlan_dropped {\n\t\tpackets 12 bytes 1480\n\t}\n}\n";
+        assert_eq!(parse_packets(c), Some(12));
+        assert_eq!(parse_packets("nothing"), None);
+    }
 
     #[test]
     fn render_never_nats_inside_the_network() {
@@ -170,6 +381,7 @@ mod tests {
             network: "10.244.0.0/16".parse().unwrap(),
             node_subnet: "10.244.3.0/24".parse().unwrap(),
             masquerade: true,
+            vxlan_port: 8472,
         });
         let ret = t
             .find("ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return")
@@ -188,6 +400,7 @@ mod tests {
             network: "10.244.0.0/16".parse().unwrap(),
             node_subnet: "10.244.3.0/24".parse().unwrap(),
             masquerade: false,
+            vxlan_port: 8472,
         });
         assert!(!t.contains("masquerade"));
         assert!(t.contains("chain forward"));

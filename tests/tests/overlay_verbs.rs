@@ -171,7 +171,7 @@ async fn peer_entries_replace_dump_delete() {
     );
     let routes = e.ns.ip(&["route", "show", "dev", "twill.1"]).unwrap();
     assert!(
-        routes.contains("10.244.2.0/24 via 10.244.2.0 proto static onlink"),
+        routes.contains("10.244.2.0/24 via 10.244.2.0 proto 116 onlink"),
         "{routes}"
     );
 
@@ -199,7 +199,8 @@ async fn peer_entries_replace_dump_delete() {
     }
     assert!(e.o.dump(l.index).await.unwrap().is_empty());
 
-    // A route added by hand (proto boot, another via) is seen and can be deleted.
+    // A route added by hand (proto boot) is not twill's: not in the dump, and a delete of
+    // the same dst and device leaves it (the kernel matches twill's protocol).
     e.ns.ip(&[
         "route",
         "add",
@@ -212,13 +213,74 @@ async fn peer_entries_replace_dump_delete() {
     ])
     .unwrap();
     let p = e.o.dump(l.index).await.unwrap();
-    let stale = Route {
+    let by_hand = Route {
         dst: "10.244.9.0/24".parse().unwrap(),
         via: "10.244.9.0".parse().unwrap(),
     };
-    assert_eq!(p.routes, [stale].into());
-    e.o.delete_route(l.index, &stale).await.unwrap();
+    assert!(p.routes.is_empty(), "{p:?}");
+    e.o.delete_route(l.index, &by_hand).await.unwrap();
+    let routes = e.ns.ip(&["route", "show", "10.244.9.0/24"]).unwrap();
+    assert!(routes.contains("dev twill.1"), "{routes}");
+    // On twill's own device a route of another protocol (an older twilld's) is taken over
+    // by a replace, and is twill's from then on.
+    e.o.replace_route(l.index, &by_hand).await.unwrap();
+    assert_eq!(e.o.dump(l.index).await.unwrap().routes, [by_hand].into());
+    e.o.delete_route(l.index, &by_hand).await.unwrap();
     assert!(e.o.dump(l.index).await.unwrap().routes.is_empty());
+}
+
+/// Proves that twill writes over no route it did not make: a peer route whose dst is held
+/// by the underlay's connected route, the default route or a host route on another device
+/// is refused as a conflict, those routes survive twill's replaces and deletes, and they
+/// show up in the dump as foreign (so the daemon skips them before any write). Positive
+/// control: twill's own route for a free subnet is written, marked and deleted.
+#[tokio::test]
+async fn foreign_routes_are_never_replaced_or_deleted() {
+    let e = env().await;
+    let (l, _) = e.o.ensure_vxlan(&spec(e.underlay, 1450)).await.unwrap();
+    e.ns.ip(&["route", "add", "default", "via", "192.168.77.254"])
+        .unwrap();
+    // A host route for a subnet that a lease claims, on the underlay.
+    e.ns.ip(&["route", "add", "10.244.5.0/24", "via", "192.168.77.253"])
+        .unwrap();
+    let before = e.ns.ip(&["route", "show"]).unwrap();
+    let claims = ["10.244.5.0/24", "192.168.77.0/24", "0.0.0.0/0"];
+    for dst in claims {
+        let net: ipnet::Ipv4Net = dst.parse().unwrap();
+        // A lease's net address is the next hop; any address will do for the test.
+        let r = Route {
+            dst: net,
+            via: Ipv4Addr::new(10, 244, 200, 0),
+        };
+        let err = e.o.replace_route(l.index, &r).await.unwrap_err();
+        assert!(
+            matches!(err, twill_dataplane::Error::Conflict(_)),
+            "{dst}: {err}"
+        );
+        e.o.delete_route(l.index, &r).await.unwrap();
+    }
+    let p = e.o.dump(l.index).await.unwrap();
+    assert!(p.routes.is_empty(), "{p:?}");
+    for dst in claims {
+        assert!(
+            p.foreign_routes.contains(&dst.parse().unwrap()),
+            "{dst} not reported as foreign: {:?}",
+            p.foreign_routes
+        );
+    }
+    assert_eq!(e.ns.ip(&["route", "show"]).unwrap(), before);
+
+    // Positive control: a free subnet is twill's, marked with its protocol.
+    let (_, _, r2) = peer(2);
+    e.o.replace_route(l.index, &r2).await.unwrap();
+    let shown = e.ns.ip(&["route", "show", "proto", "116"]).unwrap();
+    assert!(
+        shown.contains("10.244.2.0/24 via 10.244.2.0 dev twill.1"),
+        "{shown}"
+    );
+    assert_eq!(e.o.dump(l.index).await.unwrap().routes, [r2].into());
+    e.o.delete_route(l.index, &r2).await.unwrap();
+    assert_eq!(e.ns.ip(&["route", "show"]).unwrap(), before);
 }
 
 #[tokio::test]
@@ -343,24 +405,47 @@ fn nft_table_is_idempotent() {
         network: "10.244.0.0/16".parse().unwrap(),
         node_subnet: "10.244.3.0/24".parse().unwrap(),
         masquerade: true,
+        vxlan_port: 8472,
     };
+    let none = std::collections::BTreeSet::new();
+    let members: std::collections::BTreeSet<Ipv4Addr> = [
+        Ipv4Addr::new(192, 168, 77, 2),
+        Ipv4Addr::new(192, 168, 77, 3),
+    ]
+    .into();
     assert_eq!(nft.list().unwrap(), None);
-    assert_eq!(nft.ensure(&cfg).unwrap(), NftOutcome::Applied);
+    assert_eq!(nft.ensure(&cfg, &none).unwrap(), NftOutcome::Applied);
     assert_eq!(nft.list().unwrap().as_deref(), Some(render(&cfg).as_str()));
-    assert_eq!(nft.ensure(&cfg).unwrap(), NftOutcome::Unchanged);
-    // Drift (a rule deleted by hand) is repaired.
+    assert_eq!(nft.ensure(&cfg, &none).unwrap(), NftOutcome::Unchanged);
+    // The peer set changes by element, and the table is not rewritten for it.
+    nft.add_peers(&members).unwrap();
+    nft.add_peers(&members).unwrap();
+    assert_eq!(nft.peers().unwrap(), members);
+    assert_eq!(nft.ensure(&cfg, &none).unwrap(), NftOutcome::Unchanged);
+    assert_eq!(nft.peers().unwrap(), members);
+    let one: std::collections::BTreeSet<Ipv4Addr> = [Ipv4Addr::new(192, 168, 77, 3)].into();
+    nft.set_peers(&one).unwrap();
+    assert_eq!(nft.peers().unwrap(), one);
+    assert_eq!(nft.dropped_packets().unwrap(), 0);
+    // Drift (a rule deleted by hand) is repaired; the rewrite carries the members given.
     ns.exec("nft", &["flush", "chain", "ip", "twill", "forward"])
         .unwrap();
-    assert_eq!(nft.ensure(&cfg).unwrap(), NftOutcome::Applied);
-    assert_eq!(nft.ensure(&cfg).unwrap(), NftOutcome::Unchanged);
+    assert_eq!(nft.ensure(&cfg, &members).unwrap(), NftOutcome::Applied);
+    assert_eq!(nft.peers().unwrap(), members);
+    assert_eq!(nft.ensure(&cfg, &none).unwrap(), NftOutcome::Unchanged);
     // A changed config replaces the table atomically.
     let cfg2 = NftConfig {
         masquerade: false,
         ..cfg
     };
-    assert_eq!(nft.ensure(&cfg2).unwrap(), NftOutcome::Applied);
+    assert_eq!(nft.ensure(&cfg2, &none).unwrap(), NftOutcome::Applied);
     let l = nft.list().unwrap().unwrap();
     assert!(!l.contains("masquerade"), "{l}");
+    // A hung nft is killed at the deadline.
+    let t0 = std::time::Instant::now();
+    let slow = Nft::in_netns(ns.path()).with_timeout(Duration::from_millis(1));
+    let _ = slow.list();
+    assert!(t0.elapsed() < Duration::from_secs(5));
     nft.remove().unwrap();
     assert_eq!(nft.list().unwrap(), None);
 }

@@ -30,6 +30,12 @@ pub const VXLAN_OVERHEAD_V4: u32 = 50;
 /// VXLAN over IPv6: outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD_V6: u32 = 70;
 
+/// The route protocol number (`ip route ... proto 116`) that marks twill's routes: a dump
+/// counts only routes with it as twill's, and twilld never replaces or deletes a route
+/// without it. Not in iproute2's rt_protos nor used by bird, FRR/zebra, babel, keepalived,
+/// dhcpcd, networkd (which use 0-18, 42, 99, 186-192).
+pub const TWILL_ROUTE_PROTOCOL: u8 = 0x74;
+
 /// The device name of a VNI: `twill.<VNI>`.
 pub fn vxlan_name(vni: u32) -> String {
     format!("twill.{vni}")
@@ -226,15 +232,29 @@ pub struct Route {
 }
 
 /// Everything programmed on the VXLAN device (only the kinds of entries twill manages:
-/// permanent neighbours, FDB entries with a destination, main-table routes).
+/// permanent neighbours, FDB entries with a destination, main-table routes of twill's own
+/// protocol [`TWILL_ROUTE_PROTOCOL`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Programmed {
     pub neighs: BTreeSet<Neigh>,
     pub fdbs: BTreeSet<Fdb>,
     pub routes: BTreeSet<Route>,
+    /// Destinations of main-table routes that are not twill's (other protocol, other
+    /// device): a peer route for one of these is a conflict, never written. Not counted
+    /// in [`Programmed::len`].
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub foreign_routes: BTreeSet<Ipv4Net>,
 }
 
 impl Programmed {
+    /// Only twill's own entries.
+    pub fn owned(&self) -> Programmed {
+        Programmed {
+            foreign_routes: BTreeSet::new(),
+            ..self.clone()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.neighs.len() + self.fdbs.len() + self.routes.len()
     }

@@ -18,9 +18,13 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
-use super::{EnsureOutcome, Fdb, Mac, Neigh, Overlay, Programmed, Route, VxlanLink, VxlanSpec};
+use super::{
+    EnsureOutcome, Fdb, Mac, Neigh, Overlay, Programmed, Route, TWILL_ROUTE_PROTOCOL, VxlanLink,
+    VxlanSpec,
+};
 use crate::{Error, Netlink, Result};
 
+const EEXIST: i32 = libc::EEXIST;
 const ENODEV: i32 = libc::ENODEV;
 const ENOENT: i32 = libc::ENOENT;
 const ESRCH: i32 = libc::ESRCH;
@@ -304,8 +308,47 @@ pub(crate) fn parse_fdb(m: &NeighbourMessage, link: u32) -> Option<Fdb> {
     Some(Fdb { mac, dst: dst? })
 }
 
-/// The IPv4 main-table unicast route in `m` if its output device is `link`.
+/// The IPv4 main-table unicast route in `m` if it is twill's (protocol
+/// [`TWILL_ROUTE_PROTOCOL`]) and its output device is `link`.
 pub(crate) fn parse_route(m: &RouteMessage, link: u32) -> Option<Route> {
+    if m.header.protocol != RouteProtocol::Other(TWILL_ROUTE_PROTOCOL) {
+        return None;
+    }
+    parse_main_route(m, link)
+}
+
+/// The destination of an IPv4 main-table unicast route in `m` that is not twill's: a
+/// route of someone else (kernel, boot, dhcp, a routing daemon) whatever its device.
+pub(crate) fn parse_foreign_dst(m: &RouteMessage) -> Option<Ipv4Net> {
+    if m.header.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTOCOL)
+        || m.header.address_family != AddressFamily::Inet
+    {
+        return None;
+    }
+    let mut table = u32::from(m.header.table);
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    Ipv4Net::new(dst, m.header.destination_prefix_length).ok()
+}
+
+/// The output device of a route message.
+fn route_oif(m: &RouteMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn parse_main_route(m: &RouteMessage, link: u32) -> Option<Route> {
     if m.header.address_family != AddressFamily::Inet || m.header.kind != RouteType::Unicast {
         return None;
     }
@@ -341,6 +384,8 @@ fn route_msg(link: u32, r: &Route) -> RouteMessage {
         .output_interface(link)
         // onlink: the gateway (the peer's net address) is on no subnet of the device.
         .onlink()
+        // twill's mark: a dump tells its routes from everyone else's by this alone.
+        .protocol(RouteProtocol::Other(TWILL_ROUTE_PROTOCOL))
         .build()
 }
 
@@ -401,6 +446,10 @@ impl Overlay for RtnlOverlay {
         for m in self.route_dump().await? {
             if let Some(r) = parse_route(&m, link) {
                 p.routes.insert(r);
+            } else if let Some(dst) = parse_foreign_dst(&m)
+                && route_oif(&m) != Some(link)
+            {
+                p.foreign_routes.insert(dst);
             }
         }
         Ok(p)
@@ -464,6 +513,42 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn replace_route(&self, link: u32, r: &Route) -> Result<()> {
+        // Create-only first: NLM_F_REPLACE would take over any route with this dst and
+        // metric (connected, default, a host route), whoever made it.
+        let what = format!("replace route {} via {}", r.dst, r.via);
+        let e = match self
+            .nl
+            .handle()
+            .route()
+            .add(route_msg(link, r))
+            .execute()
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) => Error::netlink(what.clone(), e),
+        };
+        if e.errno() != Some(EEXIST) {
+            return Err(e);
+        }
+        // Replace only a route that is twill's, or that is on twill's own device (an older
+        // twilld's route, with another protocol): anything else is a conflict.
+        let owner = self.route_dump().await?.into_iter().find(|m| {
+            m.header.address_family == AddressFamily::Inet
+                && parse_foreign_dst(m).or_else(|| parse_main_route(m, link).map(|x| x.dst))
+                    == Some(r.dst)
+        });
+        if let Some(m) = owner
+            && m.header.protocol != RouteProtocol::Other(TWILL_ROUTE_PROTOCOL)
+            && route_oif(&m) != Some(link)
+        {
+            return Err(Error::Conflict(format!(
+                "route {}: the main table has a route of protocol {} on device index {}: \
+                 not twill's, left alone",
+                r.dst,
+                m.header.protocol,
+                route_oif(&m).map_or("none".into(), |i| i.to_string())
+            )));
+        }
         self.nl
             .handle()
             .route()
@@ -471,14 +556,12 @@ impl Overlay for RtnlOverlay {
             .replace()
             .execute()
             .await
-            .map_err(|e| Error::netlink(format!("replace route {} via {}", r.dst, r.via), e))
+            .map_err(|e| Error::netlink(what, e))
     }
 
     async fn delete_route(&self, link: u32, r: &Route) -> Result<()> {
         let mut m = route_msg(link, r);
-        // Delete whatever protocol added it (0 = any) at any scope (NOWHERE = any): a
-        // stale route may come from `ip route add` (proto boot) or an earlier twilld.
-        m.header.protocol = RouteProtocol::Unspec;
+        // The kernel deletes only a route with this protocol (twill's) and oif; NOWHERE = any scope.
         m.header.scope = RouteScope::NoWhere;
         m.attributes
             .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));

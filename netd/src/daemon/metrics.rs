@@ -40,6 +40,9 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Leases rejected now, by `reason` label (see [`Metrics::set_rejected`]).
     pub leases_rejected: Family<Vec<(String, String)>, Gauge>,
+    pub route_conflicts: Gauge,
+    pub vxlan_dropped: Counter,
+    pub nft_errors: Counter,
 }
 
 impl Metrics {
@@ -63,6 +66,9 @@ impl Metrics {
             vxlan_recreated: Counter::default(),
             ready: Gauge::default(),
             leases_rejected: Family::default(),
+            route_conflicts: Gauge::default(),
+            vxlan_dropped: Counter::default(),
+            nft_errors: Counter::default(),
         };
         reg.register(
             "twill_peers",
@@ -150,6 +156,21 @@ impl Metrics {
             "twill_leases_rejected",
             "Keys under <prefix>/subnets/ rejected by the lease validation now, by reason",
             m.leases_rejected.clone(),
+        );
+        reg.register(
+            "twill_route_conflicts",
+            "Peer routes not programmed: the main table has a route for the subnet that is not twill's",
+            m.route_conflicts.clone(),
+        );
+        reg.register(
+            "twill_vxlan_dropped_packets",
+            "VXLAN packets dropped on input: the source is not an accepted peer (read at each resync)",
+            m.vxlan_dropped.clone(),
+        );
+        reg.register(
+            "twill_nft_errors",
+            "nft runs that failed or timed out",
+            m.nft_errors.clone(),
         );
         m
     }

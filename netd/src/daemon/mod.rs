@@ -14,7 +14,8 @@ pub mod health;
 pub mod metrics;
 pub mod reconcile;
 
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -91,6 +92,12 @@ struct Daemon {
     need_dump: bool,
     programmed_once: bool,
     nft: Nft,
+    /// The members of nft's peer set as last written; `None`: not known (rewrite it).
+    nft_members: Option<BTreeSet<Ipv4Addr>>,
+    /// Peer subnets whose route is not programmed: someone else's route holds the dst.
+    conflicts: BTreeSet<Ipv4Net>,
+    /// The drop counter as last read (it restarts at 0 when the table is rewritten).
+    last_vxlan_dropped: u64,
     last_renewals: u64,
     last_losses: u64,
     last_etcd_errors: u64,
@@ -220,6 +227,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         need_dump: true,
         programmed_once: false,
         nft: Nft::new(),
+        nft_members: None,
+        conflicts: BTreeSet::new(),
+        last_vxlan_dropped: 0,
         last_renewals: 0,
         last_losses: 0,
         last_etcd_errors: 0,
@@ -310,6 +320,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     warn!(error = %format!("{e:#}"), "resync: node setup failed");
                 }
                 d.reconcile(&watch, Cause::Resync).await;
+                d.read_vxlan_drops().await;
             }
             _ = retry => {
                 retry_at = None;
@@ -485,16 +496,73 @@ impl Daemon {
             network: self.cfg.network,
             node_subnet: self.own,
             masquerade: self.args.ip_masq,
+            vxlan_port: self.cfg.backend.port,
         };
         let nft = self.nft.clone();
-        let out = tokio::task::spawn_blocking(move || nft.ensure(&nft_cfg))
+        // A rewrite keeps the members known so far (none before the first reconcile).
+        let members = self.nft_members.clone().unwrap_or_default();
+        let out = tokio::task::spawn_blocking(move || nft.ensure(&nft_cfg, &members))
             .await
-            .context("nft task")?
-            .context("nftables")?;
+            .context("nft task")?;
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                self.metrics.nft_errors.inc();
+                self.nft_members = None;
+                return Err(e).context("nftables");
+            }
+        };
         if out == NftOutcome::Applied {
             info!(table = "ip twill", "nftables table written");
+            if self.nft_members.is_none() {
+                self.nft_members = Some(BTreeSet::new());
+            }
+            self.last_vxlan_dropped = 0;
         }
         Ok(())
+    }
+
+    /// Runs a blocking nft call off the runtime; a failure is logged, counted and makes the
+    /// peer set unknown (rewritten in full by the next reconcile).
+    async fn nft_call<T: Send + 'static>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&Nft) -> twill_dataplane::Result<T> + Send + 'static,
+    ) -> Option<T> {
+        let nft = self.nft.clone();
+        match tokio::task::spawn_blocking(move || f(&nft)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.metrics.nft_errors.inc();
+                self.nft_members = None;
+                warn!(error = %e, "{what} failed; will retry");
+                None
+            }
+            Err(e) => {
+                self.metrics.nft_errors.inc();
+                self.nft_members = None;
+                warn!(error = %e, "{what}: nft task failed; will retry");
+                None
+            }
+        }
+    }
+
+    /// Adds the drops counted by nft since the last read to the drop metric.
+    async fn read_vxlan_drops(&mut self) {
+        let Some(n) = self
+            .nft_call("read the VXLAN drop counter", |n| n.dropped_packets())
+            .await
+        else {
+            return;
+        };
+        // The counter restarts at 0 with the table.
+        let delta = if n >= self.last_vxlan_dropped {
+            n - self.last_vxlan_dropped
+        } else {
+            n
+        };
+        self.metrics.vxlan_dropped.inc_by(delta);
+        self.last_vxlan_dropped = n;
     }
 
     fn need_link_check(&self) -> bool {
@@ -602,7 +670,43 @@ impl Daemon {
                 .map(|(r, n)| (r.as_str(), n)),
         );
         let want = desired(&peers);
-        let ops = diff(&want, &self.actual);
+        let want_ips: BTreeSet<Ipv4Addr> = peers
+            .iter()
+            .filter_map(|p| match p.public_ip {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        // A joining peer is accepted (its IP in nft's peer set) before its entries exist.
+        let joining: BTreeSet<Ipv4Addr> = match &self.nft_members {
+            Some(m) => want_ips.difference(m).copied().collect(),
+            None => want_ips.clone(),
+        };
+        if !joining.is_empty() {
+            let ips = joining.clone();
+            if self
+                .nft_call("add peers to the VXLAN filter", move |n| n.add_peers(&ips))
+                .await
+                .is_some()
+                && let Some(m) = &mut self.nft_members
+            {
+                m.extend(joining);
+            }
+        }
+        let mut ops = diff(&want, &self.actual);
+        // Never write a route over someone else's (connected, default, cni0, host route).
+        let mut conflicts: BTreeMap<Ipv4Net, String> = BTreeMap::new();
+        ops.retain(|op| match op {
+            Op::ReplaceRoute(r) if self.actual.foreign_routes.contains(&r.dst) => {
+                conflicts.insert(
+                    r.dst,
+                    "the last dump has a route for it that is not twill's".into(),
+                );
+                false
+            }
+            _ => true,
+        });
+        let mut route_delete_failed = false;
         if !ops.is_empty() {
             let failed = overlay::apply_ops(&self.ov, self.link.index, &ops, PARALLEL_OPS).await;
             let failed_ops: Vec<Op> = failed.iter().map(|(o, _)| *o).collect();
@@ -611,12 +715,19 @@ impl Daemon {
                     op.apply_to(&mut self.actual);
                 }
             }
+            let mut errors = 0u64;
             for (op, e) in &failed {
+                if let (Op::ReplaceRoute(r), twill_dataplane::Error::Conflict(why)) = (op, e) {
+                    conflicts.insert(r.dst, why.clone());
+                    continue;
+                }
+                route_delete_failed |= matches!(op, Op::DeleteRoute(_));
+                errors += 1;
                 warn!(%op, error = %e, "netlink write failed; will retry");
             }
-            if !failed.is_empty() {
+            if errors > 0 {
                 self.need_dump = true;
-                self.metrics.op_errors.inc_by(failed.len() as u64);
+                self.metrics.op_errors.inc_by(errors);
             }
             let applied = (ops.len() - failed.len()) as u64;
             self.metrics.ops_applied.inc_by(applied);
@@ -635,6 +746,29 @@ impl Daemon {
             }
             for op in ops.iter().take(20) {
                 debug!(%op, "applied");
+            }
+        }
+        for (dst, why) in &conflicts {
+            if !self.conflicts.contains(dst) {
+                warn!(subnet = %dst, reason = %why, "peer route not programmed: the main table routes this subnet elsewhere and twill never replaces a route it did not make (logged once)");
+            }
+        }
+        self.conflicts = conflicts.into_keys().collect();
+        self.metrics
+            .route_conflicts
+            .set(self.conflicts.len() as i64);
+        // A leaving peer is dropped from the set after its route went; flush and add in one
+        // transaction, so that the members that stay are never missing.
+        if !route_delete_failed && self.nft_members.as_ref() != Some(&want_ips) {
+            let ips = want_ips.clone();
+            if self
+                .nft_call("update the VXLAN filter's peers", move |n| {
+                    n.set_peers(&ips)
+                })
+                .await
+                .is_some()
+            {
+                self.nft_members = Some(want_ips);
             }
         }
         self.metrics.peers.set(peers.len() as i64);
