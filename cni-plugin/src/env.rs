@@ -152,14 +152,24 @@ impl CniEnv {
     }
 }
 
-/// Checks a Linux interface name; `what` names the field in the error.
+/// Checks a Linux interface name; `what` names the field in the error. The kernel's
+/// `dev_valid_name` rules (1 to 15 bytes, not `.` or `..`, no `/`, `:` or whitespace), and
+/// stricter: ASCII only, no NUL and no `%` (the kernel reads a `%d` in a new link's name as
+/// "pick a number", so the link made would not have the name asked for). One validator for
+/// `CNI_IFNAME` and the `bridge` key.
 pub fn validate_ifname(what: &str, n: &str) -> Result<()> {
-    let reason = if n.len() > 15 {
+    let reason = if n.is_empty() {
+        Some("empty")
+    } else if n.len() > 15 {
         Some("longer than 15 bytes")
-    } else if n.is_empty() || n == "." || n == ".." {
+    } else if n == "." || n == ".." {
         Some("not a valid interface name")
-    } else if n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
-        Some("contains '/', ':' or whitespace")
+    } else if !n.is_ascii() {
+        Some("contains a non-ASCII character")
+    } else if n.bytes().any(|c| {
+        c == b'/' || c == b':' || c == b'%' || c == 0 || c.is_ascii_whitespace() || c < 0x20 || c == 0x7f
+    }) {
+        Some("contains '/', ':', '%', NUL, whitespace or a control character")
     } else {
         None
     };
@@ -208,6 +218,16 @@ mod tests {
             "{e}"
         );
         assert!(env("a", "a/b").ifname().is_err());
+        for bad in [
+            "", ".", "..", "a:b", "a b", "a\tb", "a\0b", "eth%d", "ethé", "a\nb", "0123456789abcdef",
+        ] {
+            let e = validate_ifname("CNI_IFNAME", bad).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{bad:?}");
+            assert!(e.msg.contains("CNI_IFNAME"), "{e}");
+        }
+        for good in ["eth0", "net1", "a", "0123456789abcde", "veth-x_y.z"] {
+            validate_ifname("CNI_IFNAME", good).unwrap();
+        }
         assert_eq!(
             CniEnv::default().ifname().unwrap_err().msg,
             "CNI_IFNAME is required"

@@ -42,6 +42,8 @@ pub struct Link {
     pub kind: Option<String>,
     /// IFLA_LINK: for a veth, the index of its peer in the peer's namespace.
     pub peer: Option<u32>,
+    /// IFLA_IFALIAS: twill tags the host veths it makes with [`veth_alias`].
+    pub alias: Option<String>,
 }
 
 impl Link {
@@ -100,12 +102,30 @@ pub fn random_mac() -> [u8; 6] {
     m
 }
 
+/// The marker that starts the alias (IFLA_IFALIAS) of every host veth twill makes.
+pub const VETH_ALIAS_PREFIX: &str = "twill:";
+
+/// The alias twill gives the host veth of (container ID, ifname): `twill:<id>/<ifname>`.
+/// Neither part can hold a `/` (both are validated by the plugin), so it parses back
+/// unambiguously ([`parse_veth_alias`]).
+pub fn veth_alias(container_id: &str, ifname: &str) -> String {
+    format!("{VETH_ALIAS_PREFIX}{container_id}/{ifname}")
+}
+
+/// (container ID, ifname) of an alias that [`veth_alias`] made; `None` for anything else.
+pub fn parse_veth_alias(alias: &str) -> Option<(&str, &str)> {
+    let (cid, ifname) = alias.strip_prefix(VETH_ALIAS_PREFIX)?.split_once('/')?;
+    (!cid.is_empty() && !ifname.is_empty() && !ifname.contains('/')).then_some((cid, ifname))
+}
+
 /// A pod's veth pair, as [`CniDataplane::attach_pod`] makes it.
 #[derive(Debug, Clone)]
 pub struct VethSpec<'a> {
     /// The host end: its name and MAC; it becomes a port of the bridge, up.
     pub host_name: &'a str,
     pub host_mac: [u8; 6],
+    /// The host end's alias (IFLA_IFALIAS), [`veth_alias`]: what proves it twill's later.
+    pub host_alias: &'a str,
     /// The pod end, created directly inside `pod_ns`, down.
     pub pod_ns: &'a NetNs,
     pub pod_ifname: &'a str,
@@ -187,16 +207,17 @@ impl RtnlCni {
         Ok(Self::new(Netlink::current()?))
     }
 
-    /// Starts opening a socket inside the namespace at `path` and returns at once: one
+    /// Starts opening a socket inside the namespace `ns` and returns at once: one
     /// thread enters the namespace, creates the socket (registered with the tokio runtime
     /// `rt`) and exits, while the caller goes on with other work. `rt` must still run when
-    /// the result is used.
+    /// the result is used. `ns` is the caller's descriptor (duplicated), never the path
+    /// opened again: what was checked is what is entered.
     pub fn spawn_open(
         rt: tokio::runtime::Handle,
-        path: PathBuf,
+        ns: NetNs,
     ) -> std::thread::JoinHandle<Result<Self>> {
         std::thread::spawn(move || {
-            let ns = NetNs::open(&path)?;
+            let path: PathBuf = ns.path().to_path_buf();
             // setns moves only this thread, which exits right after creating the socket.
             nix::sched::setns(ns.fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                 Error::Netns {
@@ -217,7 +238,7 @@ impl RtnlCni {
     }
 }
 
-fn link_from(msg: LinkMessage) -> Link {
+pub(crate) fn link_from(msg: LinkMessage) -> Link {
     let mut l = Link {
         index: msg.header.index,
         name: String::new(),
@@ -227,6 +248,7 @@ fn link_from(msg: LinkMessage) -> Link {
         controller: None,
         kind: None,
         peer: None,
+        alias: None,
     };
     for a in msg.attributes {
         match a {
@@ -235,6 +257,7 @@ fn link_from(msg: LinkMessage) -> Link {
             LinkAttribute::Mtu(m) => l.mtu = Some(m),
             LinkAttribute::Controller(c) if c != 0 => l.controller = Some(c),
             LinkAttribute::Link(p) if p != 0 => l.peer = Some(p),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => l.alias = Some(a),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let NlLinkInfo::Kind(k) = i {
@@ -387,10 +410,11 @@ impl CniDataplane for RtnlCni {
                     .ok_or_else(|| Error::LinkNotFound(name.to_string()))?
             }
         };
-        if br.kind.as_deref().is_some_and(|k| k != "bridge") {
+        if br.kind.as_deref() != Some("bridge") {
+            // lo, a physical NIC (no kind), a veth, a vxlan: never made a bridge's job.
             return Err(Error::Invalid(format!(
-                "bridge {name}: a link of that name exists but is a {}",
-                br.kind.as_deref().unwrap_or("?")
+                "a link {name:?} exists and is not a bridge (kind: {})",
+                br.kind.as_deref().unwrap_or("none, a device such as lo or a NIC")
             )));
         }
         if !br.up {
@@ -441,6 +465,12 @@ impl CniDataplane for RtnlCni {
                 REQ_ACK | NLM_F_CREATE | NLM_F_EXCL,
             ),
         ];
+        // IFLA_IFALIAS is ignored in a create request too (the kernel applies it in
+        // do_setlink only): a request of its own, right behind the create.
+        let alias = LinkUnspec::new_with_name(host)
+            .append_extra_attribute(LinkAttribute::IfAlias(spec.host_alias.to_string()))
+            .build();
+        reqs.push((RouteNetlinkMessage::SetLink(alias), REQ_ACK));
         if spec.hairpin {
             // Bridge-port options are ignored in a create request (IFLA_INFO_SLAVE_DATA
             // applies to an existing port only): a request of its own, by name.
@@ -474,6 +504,9 @@ impl CniDataplane for RtnlCni {
                 }
                 _ => {}
             }
+            res.next()
+                .expect("one answer per request")
+                .map_err(|e| Error::netlink(format!("set alias of {host}"), e))?;
             if spec.hairpin {
                 res.next()
                     .expect("one answer per request")
@@ -688,9 +721,18 @@ pub mod fake {
                 controller: None,
                 kind: Some(kind.into()),
                 peer: None,
+                alias: None,
             };
             links.insert(name.into(), l.clone());
             l
+        }
+
+        /// Sets a link's alias (and bridge), as if another program had.
+        pub fn set_link(&self, name: &str, alias: Option<&str>, controller: Option<u32>) {
+            if let Some(l) = self.inner.links.lock().unwrap().get_mut(name) {
+                l.alias = alias.map(str::to_string);
+                l.controller = controller;
+            }
         }
 
         pub fn has_link(&self, name: &str) -> bool {
@@ -755,6 +797,7 @@ pub mod fake {
             h.up = true;
             h.mac = spec.host_mac.to_vec();
             h.controller = Some(bridge.index);
+            h.alias = Some(spec.host_alias.to_string());
             // The pod end appears in the pod namespace's fake (the test adds it there, as
             // that fake's first link: index 2).
             h.peer = Some(2);
