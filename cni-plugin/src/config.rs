@@ -56,7 +56,9 @@ pub fn parse_ip_with_prefix(s: &str) -> std::result::Result<(IpAddr, Option<u8>)
         Some((a, p)) => (a, Some(p)),
         None => (s, None),
     };
-    let ip: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+    let ip: IpAddr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IP address"))?;
     let prefix = match p {
         None => None,
         Some(p) => {
@@ -352,7 +354,10 @@ mod tests {
             );
             let e = parse_conf(c.as_bytes()).unwrap_err();
             assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
-            assert!(e.msg.contains("runtimeConfig.ips") && e.msg.contains(bad), "{e}");
+            assert!(
+                e.msg.contains("runtimeConfig.ips") && e.msg.contains(bad),
+                "{e}"
+            );
         }
         let e = parse_conf(
             br#"{"cniVersion":"1.0.0","name":"n","dns":{"nameservers":["10.96.0.10","dns.example"]}}"#,
@@ -363,7 +368,7 @@ mod tests {
             e.msg.contains("dns.nameservers[1]") && e.msg.contains("dns.example"),
             "{e}"
         );
-        for bad in ["eth0%d", "lo\u0000", "br\u00e9", "a b"] {
+        for bad in ["eth0%d", "lo\\u0000", "br\\u00e9", "a b"] {
             let c = format!(r#"{{"cniVersion":"1.0.0","name":"n","bridge":"{bad}"}}"#);
             let e = parse_conf(c.as_bytes()).unwrap_err();
             assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
@@ -394,11 +399,23 @@ mod tests {
         );
         assert!(validate_conflist(br#"{"cniVersion":"1.0.0","name":"t","plugins":[]}"#).is_err());
         assert!(validate_conflist(br#"{"cniVersion":"1.0.0","name":"t","plugins":[{}]}"#).is_err());
-        for bad in ["", ".", "..", "/bin/sh", "../../bin/sh", "a\\\\b", "sub/dir"] {
-            let c = format!(r#"{{"cniVersion":"1.0.0","name":"t","plugins":[{{"type":"{bad}"}}]}}"#);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "/bin/sh",
+            "../../bin/sh",
+            "a\\\\b",
+            "sub/dir",
+        ] {
+            let c =
+                format!(r#"{{"cniVersion":"1.0.0","name":"t","plugins":[{{"type":"{bad}"}}]}}"#);
             let e = validate_conflist(c.as_bytes()).unwrap_err();
             assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
-            assert!(e.msg.contains("plugins[0]") && e.msg.contains("type"), "{e}");
+            assert!(
+                e.msg.contains("plugins[0]") && e.msg.contains("type"),
+                "{e}"
+            );
         }
     }
 

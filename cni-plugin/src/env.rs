@@ -90,6 +90,10 @@ impl CniArgs {
     }
 }
 
+/// The longest CNI_CONTAINERID: the host veth's alias `twill:<id>/<ifname>` must fit the
+/// kernel's 255 bytes (IFALIASZ - 1) with a 15-byte ifname.
+pub const MAX_CONTAINER_ID: usize = 255 - 6 - 1 - 15;
+
 /// The environment of one invocation.
 #[derive(Debug, Clone, Default)]
 pub struct CniEnv {
@@ -130,6 +134,14 @@ impl CniEnv {
             )
             .with_details("allowed: letters, digits, and _ . - after the first character"));
         }
+        if id.len() > MAX_CONTAINER_ID {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_CONTAINERID={id:?}: longer than {MAX_CONTAINER_ID} bytes (the host veth's alias must hold it)"
+                ),
+            ));
+        }
         Ok(id)
     }
 
@@ -167,7 +179,13 @@ pub fn validate_ifname(what: &str, n: &str) -> Result<()> {
     } else if !n.is_ascii() {
         Some("contains a non-ASCII character")
     } else if n.bytes().any(|c| {
-        c == b'/' || c == b':' || c == b'%' || c == 0 || c.is_ascii_whitespace() || c < 0x20 || c == 0x7f
+        c == b'/'
+            || c == b':'
+            || c == b'%'
+            || c == 0
+            || c.is_ascii_whitespace()
+            || c < 0x20
+            || c == 0x7f
     }) {
         Some("contains '/', ':', '%', NUL, whitespace or a control character")
     } else {
@@ -219,7 +237,17 @@ mod tests {
         );
         assert!(env("a", "a/b").ifname().is_err());
         for bad in [
-            "", ".", "..", "a:b", "a b", "a\tb", "a\0b", "eth%d", "ethé", "a\nb", "0123456789abcdef",
+            "",
+            ".",
+            "..",
+            "a:b",
+            "a b",
+            "a\tb",
+            "a\0b",
+            "eth%d",
+            "ethé",
+            "a\nb",
+            "0123456789abcdef",
         ] {
             let e = validate_ifname("CNI_IFNAME", bad).unwrap_err();
             assert_eq!(e.code, code::INVALID_ENV, "{bad:?}");

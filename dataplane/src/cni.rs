@@ -414,7 +414,9 @@ impl CniDataplane for RtnlCni {
             // lo, a physical NIC (no kind), a veth, a vxlan: never made a bridge's job.
             return Err(Error::Invalid(format!(
                 "a link {name:?} exists and is not a bridge (kind: {})",
-                br.kind.as_deref().unwrap_or("none, a device such as lo or a NIC")
+                br.kind
+                    .as_deref()
+                    .unwrap_or("none, a device such as lo or a NIC")
             )));
         }
         if !br.up {
@@ -764,6 +766,13 @@ pub mod fake {
     impl CniDataplane for Recording {
         async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link> {
             self.call("ensure_bridge", format!("ensure_bridge {name} {mtu}"))?;
+            if let Some(l) = self.inner.links.lock().unwrap().get(name)
+                && l.kind.as_deref() != Some("bridge")
+            {
+                return Err(Error::Invalid(format!(
+                    "a link {name:?} exists and is not a bridge"
+                )));
+            }
             if !self.has_link(name) {
                 let mut l = self.add_link(name, "bridge");
                 l.mac = mac.to_vec();

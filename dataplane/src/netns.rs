@@ -77,7 +77,10 @@ impl NetNs {
     /// A second handle on the same namespace (a duplicated descriptor, not a new open).
     pub fn try_clone(&self) -> Result<Self> {
         Ok(NetNs {
-            file: self.file.try_clone().map_err(|e| Error::io("dup netns fd", e))?,
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| Error::io("dup netns fd", e))?,
             path: self.path.clone(),
         })
     }

@@ -71,7 +71,7 @@ fn index_of(name: &str) -> Result<Option<u32>> {
 }
 
 /// Link `name` in the caller's namespace, `None` if there is none.
-fn get_link(name: &str) -> Result<Option<Link>> {
+pub fn get_link(name: &str) -> Result<Option<Link>> {
     let sock = Socket::new(NETLINK_ROUTE).map_err(io("open netlink socket"))?;
     sock.connect(&SocketAddr::new(0, 0))
         .map_err(io("connect netlink socket"))?;

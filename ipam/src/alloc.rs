@@ -770,7 +770,10 @@ mod tests {
             .iter()
             .map(|c| reserve(&a, "10.4.0.0/29", &gw(c)).unwrap().to_string())
             .collect();
-        assert_eq!(got, ["10.4.0.1", "10.4.0.3", "10.4.0.4", "10.4.0.5", "10.4.0.6"]);
+        assert_eq!(
+            got,
+            ["10.4.0.1", "10.4.0.3", "10.4.0.4", "10.4.0.5", "10.4.0.6"]
+        );
         let e = reserve(&a, "10.4.0.0/29", &gw("f")).unwrap_err();
         assert!(matches!(e, AllocError::Full { reserved: 5, .. }), "{e}");
         let e = reserve(

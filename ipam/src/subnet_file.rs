@@ -126,9 +126,7 @@ impl SubnetFile {
             .read_to_end(&mut buf)
             .map_err(io)?;
         if buf.len() as u64 > MAX_SUBNET_FILE {
-            return Err(not_a_file(format!(
-                "larger than {MAX_SUBNET_FILE} bytes"
-            )));
+            return Err(not_a_file(format!("larger than {MAX_SUBNET_FILE} bytes")));
         }
         let text = String::from_utf8(buf).map_err(|_| {
             io(std::io::Error::new(
@@ -427,7 +425,10 @@ mod tests {
                 &format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={sub}\nFLANNEL_MTU=1450\n"),
             )
         };
-        assert_eq!(f("10.244.3.2/24").unwrap().gateway().to_string(), "10.244.3.2");
+        assert_eq!(
+            f("10.244.3.2/24").unwrap().gateway().to_string(),
+            "10.244.3.2"
+        );
         for bad in ["10.244.3.0/24", "10.244.3.255/24"] {
             let e = f(bad).unwrap_err().to_string();
             assert!(e.contains("FLANNEL_SUBNET") && e.contains(bad), "{e}");
@@ -456,7 +457,10 @@ mod tests {
         std::fs::write(&real, FLANNEL).unwrap();
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        assert_eq!(SubnetFile::read(&link).unwrap().gateway().to_string(), "10.244.3.1");
+        assert_eq!(
+            SubnetFile::read(&link).unwrap().gateway().to_string(),
+            "10.244.3.1"
+        );
     }
 
     fn nix_mkfifo(p: &Path) {
