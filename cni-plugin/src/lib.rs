@@ -196,6 +196,28 @@ pub fn open_log_file(p: &Path) -> Result<std::fs::File> {
     if !meta.file_type().is_file() {
         return Err(bad("not a regular file".into()));
     }
+    // procfs and sysfs report their files as regular (/proc/self/mem, /sys/...): writing
+    // log lines there is never meant. Refused by the file system the descriptor is on.
+    let fs = nix::sys::statfs::fstatfs(&f).map_err(|e| bad(format!("fstatfs: {e}")))?;
+    let t = fs.filesystem_type();
+    use nix::sys::statfs as sf;
+    if [
+        sf::PROC_SUPER_MAGIC,
+        sf::SYSFS_MAGIC,
+        sf::DEBUGFS_MAGIC,
+        sf::TRACEFS_MAGIC,
+        sf::SECURITYFS_MAGIC,
+        sf::CGROUP_SUPER_MAGIC,
+        sf::CGROUP2_SUPER_MAGIC,
+        sf::BPF_FS_MAGIC,
+    ]
+    .contains(&t)
+    {
+        return Err(bad(format!(
+            "on a kernel file system (magic {:#x}), not a log file",
+            t.0
+        )));
+    }
     Ok(f)
 }
 
