@@ -304,9 +304,10 @@ pub(crate) fn leftover_is_ours(l: &Link, names: &Names<'_>, bridge: u32) -> bool
 
 /// The kernel part of ADD, over any [`CniDataplane`]. Returns (bridge name, MAC), (host
 /// veth, MAC), pod MAC. `node` acts in the node namespace, `pod()` gives the
-/// one for the pod namespace (called once the veth exists). Three round trips to the kernel:
-/// the bridge, the node side of the pod (gateway, veth, hairpin, read back), the pod side
-/// (up, address, routes). A failure after the veth exists deletes the host veth (the kernel
+/// one for the pod namespace (called once the veth exists). Four round trips to the kernel:
+/// the bridge, the node side of the pod (gateway, veth, read back; then alias and hairpin),
+/// the pod side (up, address, routes). A host veth name that is taken is replaced only if
+/// [`leftover_is_ours`]; otherwise code 111 and nothing is touched. A failure after the veth exists deletes the host veth (the kernel
 /// removes the pod end with it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(

@@ -4,7 +4,8 @@
 //! deleted only when it proves itself twill's: its alias names the released (container,
 //! ifname), or, for a veth made before aliases, the released reservation names it and it is
 //! an untagged veth port of the bridge. An orphan port (no reservation) is deleted only when
-//! its alias is twill's and names no valid attachment and no reservation.
+//! its alias is twill's, names no valid attachment and no reservation, and its name is
+//! the one twill gives that attachment's veth.
 
 use std::collections::HashSet;
 
@@ -89,16 +90,20 @@ pub fn gc(conf: &NetConf) -> Result<()> {
                     continue;
                 }
                 // Only a port that proves itself twill's, and stale: its alias names a
-                // (container, ifname) that is neither valid nor reserved.
+                // (container, ifname) that is neither valid nor reserved, and its name is
+                // the one twill gives that (container, ifname)'s veth.
                 match port.alias.as_deref().and_then(parse_veth_alias) {
                     Some((c, i))
-                        if !valid.contains(&(c, i))
+                        if port.name == host_veth_name(c, i)
+                            && !valid.contains(&(c, i))
                             && !reserved.contains(&(c.to_string(), i.to_string())) =>
                     {
                         tracing::info!(veth = %port.name, container = c, ifname = i, "gc: removing stale host veth");
                         node.delete_link(&port.name).await?;
                     }
                     Some(_) => {}
+                    None if port.alias.is_none() => tracing::warn!(veth = %port.name,
+                        "gc: an untagged veth port of the bridge that no reservation names: left alone"),
                     None => tracing::warn!(veth = %port.name, alias = ?port.alias,
                         "gc: a veth port of the bridge that twill cannot prove its own: left alone"),
                 }

@@ -188,6 +188,8 @@ pub fn open_log_file(p: &Path) -> Result<std::fs::File> {
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
                 bad("is a symlink (not followed)".into())
+            } else if e.raw_os_error() == Some(libc::ENXIO) {
+                bad("not a regular file (a FIFO or socket without a reader)".into())
             } else {
                 bad(format!("open: {e}"))
             }

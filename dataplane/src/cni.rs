@@ -150,11 +150,12 @@ pub struct AttachedVeth {
 pub trait CniDataplane {
     /// The bridge `name`, created (with `mac`, `mtu`, up) if missing, brought up if down.
     async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link>;
-    /// The node side of a pod, in one round trip to the kernel: `gateway` (gateway/len) on
+    /// The node side of a pod, in two round trips to the kernel: `gateway` (gateway/len) on
     /// `bridge` (already there is fine), the veth pair of `spec` (the pod end born inside the
-    /// pod namespace), hairpin on the new bridge port, and the host end read back. If the veth
-    /// was made but a later step failed, it is deleted before the error is returned. A
-    /// veth whose host name (or pod ifname) is taken fails with EEXIST.
+    /// pod namespace) and the host end read back; then, by the new link's index, its alias
+    /// and hairpin on its bridge port. If the veth was made but a later step failed, it is
+    /// deleted before the error is returned. A veth whose host name (or pod ifname) is taken
+    /// fails with EEXIST, and nothing is done to the link that has the name.
     async fn attach_pod(
         &self,
         bridge: &Link,
@@ -467,18 +468,10 @@ impl CniDataplane for RtnlCni {
                 REQ_ACK | NLM_F_CREATE | NLM_F_EXCL,
             ),
         ];
-        // IFLA_IFALIAS is ignored in a create request too (the kernel applies it in
-        // do_setlink only): a request of its own, right behind the create.
-        let alias = LinkUnspec::new_with_name(host)
-            .append_extra_attribute(LinkAttribute::IfAlias(spec.host_alias.to_string()))
-            .build();
-        reqs.push((RouteNetlinkMessage::SetLink(alias), REQ_ACK));
-        if spec.hairpin {
-            // Bridge-port options are ignored in a create request (IFLA_INFO_SLAVE_DATA
-            // applies to an existing port only): a request of its own, by name.
-            let port = LinkBridgePort::new(0).name(host).hairpin(true).build();
-            reqs.push((RouteNetlinkMessage::NewLink(port), REQ_ACK));
-        }
+        // What belongs to the new link but cannot be in its create request (the alias, the
+        // hairpin) follows once the create has succeeded, by the new link's index: a request
+        // by name queued behind a create that fails with EEXIST would act on whatever else
+        // has the name (another container's veth), so none is sent in this batch.
         let get = LinkUnspec::new_with_name(host).build();
         reqs.push((RouteNetlinkMessage::GetLink(get), NLM_F_REQUEST));
         let mut res = self.pipeline(reqs).await.into_iter();
@@ -493,9 +486,9 @@ impl CniDataplane for RtnlCni {
                 e,
             )
         });
-        // The requests after a failed create acted on whatever else has the name: ignored.
+        // The read-back after a failed create saw whatever else has the name: ignored.
         created?;
-        let rest = (|| {
+        let read_back = (|| {
             match addr.expect("one answer per request") {
                 // EEXIST: the gateway is there already (the usual case after the first pod).
                 Err(e) if !is_errno(&e, libc::EEXIST) => {
@@ -506,33 +499,52 @@ impl CniDataplane for RtnlCni {
                 }
                 _ => {}
             }
-            res.next()
-                .expect("one answer per request")
-                .map_err(|e| Error::netlink(format!("set alias of {host}"), e))?;
-            if spec.hairpin {
-                res.next()
-                    .expect("one answer per request")
-                    .map_err(|e| Error::netlink(format!("set hairpin on {host}"), e))?;
-            }
             let got = res
                 .next()
                 .expect("one answer per request")
                 .map_err(|e| Error::netlink(format!("get link {host}"), e))?;
-            let link = got
-                .into_iter()
+            got.into_iter()
                 .find_map(|m| match m {
                     RouteNetlinkMessage::NewLink(m) => Some(link_from(m)),
                     _ => None,
                 })
-                .ok_or_else(|| Error::LinkNotFound(host.to_string()))?;
-            let pod_index = link.peer.ok_or_else(|| {
-                Error::Invalid(format!("veth {host}: the kernel reports no peer index"))
-            })?;
-            Ok(AttachedVeth {
-                host: link,
-                pod_index,
-            })
+                .ok_or_else(|| Error::LinkNotFound(host.to_string()))
         })();
+        let rest = match read_back {
+            Err(e) => Err(e),
+            Ok(mut link) => {
+                // IFLA_IFALIAS is ignored in a create request (the kernel applies it in
+                // do_setlink only); bridge-port options too (IFLA_INFO_SLAVE_DATA applies to
+                // an existing port only).
+                let alias = LinkUnspec::new_with_index(link.index)
+                    .append_extra_attribute(LinkAttribute::IfAlias(spec.host_alias.to_string()))
+                    .build();
+                let mut reqs = vec![(RouteNetlinkMessage::SetLink(alias), REQ_ACK)];
+                if spec.hairpin {
+                    let port = LinkBridgePort::new(link.index).hairpin(true).build();
+                    reqs.push((RouteNetlinkMessage::NewLink(port), REQ_ACK));
+                }
+                let mut res = self.pipeline(reqs).await.into_iter();
+                (|| {
+                    res.next()
+                        .expect("one answer per request")
+                        .map_err(|e| Error::netlink(format!("set alias of {host}"), e))?;
+                    if spec.hairpin {
+                        res.next()
+                            .expect("one answer per request")
+                            .map_err(|e| Error::netlink(format!("set hairpin on {host}"), e))?;
+                    }
+                    link.alias = Some(spec.host_alias.to_string());
+                    let pod_index = link.peer.ok_or_else(|| {
+                        Error::Invalid(format!("veth {host}: the kernel reports no peer index"))
+                    })?;
+                    Ok(AttachedVeth {
+                        host: link,
+                        pod_index,
+                    })
+                })()
+            }
+        };
         if rest.is_err() {
             // Take back the veth this call made (its peer goes with it).
             if let Err(e2) = self.delete_link(host).await {
