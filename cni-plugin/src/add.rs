@@ -87,7 +87,22 @@ fn requested_ip(conf: &NetConf, env: &CniEnv, subnet: &SubnetFile) -> Result<Opt
             }
             (r.ip, "runtimeConfig.ips:", r.text.clone())
         }
-        (None, Some(ip)) => (ip, "CNI_ARGS IP", ip.to_string()),
+        (None, Some(ip)) => {
+            let text = match env.args.ip_prefix {
+                Some(p) => format!("{ip}/{p}"),
+                None => ip.to_string(),
+            };
+            if let Some(p) = env.args.ip_prefix
+                && p != net.prefix_len()
+            {
+                return Err(bad(
+                    "CNI_ARGS IP",
+                    &text,
+                    format!("prefix length /{p} is not the node subnet's ({net})"),
+                ));
+            }
+            (ip, "CNI_ARGS IP", text)
+        }
         (None, None) => return Ok(None),
     };
     let kind = match ip {

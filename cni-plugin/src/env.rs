@@ -43,6 +43,8 @@ pub struct CniArgs {
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
     pub ip: Option<IpAddr>,
+    /// The prefix length given with `IP=` (ADD requires the node subnet's).
+    pub ip_prefix: Option<u8>,
 }
 
 impl CniArgs {
@@ -69,13 +71,12 @@ impl CniArgs {
                 "K8S_POD_NAMESPACE" => args.pod_namespace = Some(v.to_string()),
                 "K8S_POD_NAME" => args.pod_name = Some(v.to_string()),
                 "IP" => {
-                    let ip = v.split('/').next().unwrap_or(v);
-                    args.ip = Some(ip.parse().map_err(|_| {
-                        CniError::new(
-                            code::INVALID_ENV,
-                            format!("CNI_ARGS: IP={v:?} is not an IP address"),
-                        )
-                    })?)
+                    // Strict, as runtimeConfig.ips: `addr` or `addr/prefix`, nothing else.
+                    let (ip, prefix) = crate::config::parse_ip_with_prefix(v).map_err(|e| {
+                        CniError::new(code::INVALID_ENV, format!("CNI_ARGS: IP={v:?}: {e}"))
+                    })?;
+                    args.ip = Some(ip);
+                    args.ip_prefix = prefix;
                 }
                 _ if ignore_unknown => {}
                 _ => {
@@ -217,6 +218,12 @@ mod tests {
         assert_eq!(e.code, code::UNSUPPORTED_FIELD);
         assert!(e.msg.contains("FOO"));
         assert_eq!(CniArgs::parse("junk").unwrap_err().code, code::INVALID_ENV);
+        let e = CniArgs::parse("IP=10.1.0.9/garbage").unwrap_err();
+        assert!(e.msg.contains("IP=\"10.1.0.9/garbage\""), "{e}");
+        assert_eq!(
+            CniArgs::parse("IP=10.1.0.9/24").unwrap().ip_prefix,
+            Some(24)
+        );
         assert_eq!(CniArgs::parse("").unwrap(), CniArgs::default());
     }
 

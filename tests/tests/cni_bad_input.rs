@@ -371,6 +371,20 @@ fn bad_inputs_fail_cleanly_with_the_right_code() {
             fragment: "10.244.3.1 is not usable".into(),
         },
         Case {
+            name: "CNI_ARGS IP with a garbage prefix",
+            env: with("CNI_ARGS", "IP=10.244.3.9/garbage"),
+            conf: good.clone(),
+            code: 4,
+            fragment: "CNI_ARGS: IP=\"10.244.3.9/garbage\"".into(),
+        },
+        Case {
+            name: "CNI_ARGS IP 255.255.255.255",
+            env: with("CNI_ARGS", "IP=255.255.255.255"),
+            conf: good.clone(),
+            code: 7,
+            fragment: "CNI_ARGS IP \"255.255.255.255\": the broadcast address".into(),
+        },
+        Case {
             name: "dns.nameservers entry that is not an IP",
             env: base("ADD"),
             conf: conf_with("dns", json!({"nameservers": ["10.96.0.10", "ns.example"]})),
