@@ -76,7 +76,7 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
         // A reservation written under another naming scheme: that veth too.
         names.extend(other.clone());
         for name in &names {
-            if let Removal::Kept(l) = remove_link_if(name, &owned)? {
+            if let Removal::Kept(l) = remove_link_if(name, owned)? {
                 tracing::warn!(veth = %name, alias = ?l.alias, kind = ?l.kind, expected = %alias,
                     "a link has this container's host veth name but is not its veth: left alone");
             }
