@@ -8,7 +8,10 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_json::Value;
 use twill_dataplane::NetNs;
-use twill_dataplane::cni::{CniDataplane, RtnlCni, VethSpec, bridge_mac, format_mac, random_mac};
+use twill_dataplane::cni::{
+    CniDataplane, Link, RtnlCni, VethSpec, bridge_mac, format_mac, parse_veth_alias, random_mac,
+    veth_alias,
+};
 use twill_ipam::alloc::{Allocator, Request};
 use twill_ipam::subnet_file::SubnetFile;
 
@@ -18,39 +21,106 @@ use crate::error::{CniError, Result, code};
 use crate::types::{CniResult, Interface, IpConfig, Route};
 use crate::{host_veth_name, lock_allocator, read_subnet_file, runtime};
 
-/// Opens CNI_NETNS; a missing or wrong path is code 4 naming the variable and the path.
+/// Opens CNI_NETNS; a missing path, one that is not a network namespace (checked on the
+/// descriptor that is then used: nsfs, and NS_GET_NSTYPE says CLONE_NEWNET), or the
+/// plugin's own network namespace (the node's: wiring a "pod" there would put the pod end
+/// of the veth, its address and its routes on the host) is code 4 naming the variable and
+/// the path.
 pub(crate) fn open_netns(path: &str) -> Result<NetNs> {
-    NetNs::open(path)
-        .map_err(|e| CniError::new(code::INVALID_ENV, format!("CNI_NETNS={path:?}: {e}")))
+    let ns = NetNs::open(path)
+        .map_err(|e| CniError::new(code::INVALID_ENV, format!("CNI_NETNS={path:?}: {e}")))?;
+    let own = ns
+        .is_own()
+        .map_err(|e| CniError::new(code::INVALID_ENV, format!("CNI_NETNS={path:?}: {e}")))?;
+    if own {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS={path:?}: is the plugin's own (the node's) network namespace"),
+        )
+        .with_details("a pod needs a network namespace of its own"));
+    }
+    Ok(ns)
+}
+
+/// Decodes `prevResult`; one that does not decode is code 7 naming the key (it is not
+/// passed on: a chained result twill cannot read is one it cannot extend correctly).
+pub(crate) fn decode_prev_result(v: &Value) -> Result<CniResult> {
+    CniResult::from_value(v)
+        .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("config key prevResult: {e}")))
 }
 
 /// The IP the runtime asks for: `runtimeConfig.ips` first, then CNI_ARGS `IP=`. At most one
-/// per family; one outside the node subnet is code 7 naming the field and the value (the
-/// allocator rejects the subnet's network, gateway and broadcast addresses).
+/// per family; a prefix length other than the node subnet's, an unspecified, broadcast or
+/// multicast address, or one outside the node subnet is code 7 naming the field and the
+/// value (the allocator refuses the subnet's network, gateway and broadcast addresses).
 fn requested_ip(conf: &NetConf, env: &CniEnv, subnet: &SubnetFile) -> Result<Option<IpAddr>> {
     let net = subnet.node_subnet();
     let v4 = net.addr().is_ipv4();
-    let fam: Vec<IpAddr> = conf
+    let fam: Vec<_> = conf
         .runtime_ips
         .iter()
-        .copied()
-        .filter(|ip| ip.is_ipv4() == v4)
+        .filter(|r| r.ip.is_ipv4() == v4)
         .collect();
     if fam.len() > 1 {
+        let all: Vec<&str> = fam.iter().map(|r| r.text.as_str()).collect();
         return Err(CniError::new(
             code::INVALID_CONFIG,
-            format!("runtimeConfig.ips: {fam:?}: at most one IP per family"),
+            format!("runtimeConfig.ips: {all:?}: at most one IP per family"),
         ));
     }
-    let (ip, field) = match (fam.first(), env.args.ip) {
-        (Some(ip), _) => (*ip, "runtimeConfig.ips:"),
-        (None, Some(ip)) => (ip, "CNI_ARGS IP"),
+    let bad = |field: &str, text: &str, why: String| {
+        CniError::new(code::INVALID_CONFIG, format!("{field} {text:?}: {why}"))
+    };
+    let (ip, field, text) = match (fam.first(), env.args.ip) {
+        (Some(r), _) => {
+            if let Some(p) = r.prefix
+                && p != net.prefix_len()
+            {
+                return Err(bad(
+                    "runtimeConfig.ips:",
+                    &r.text,
+                    format!(
+                        "prefix length /{p} is not the node subnet's ({net}); give /{} or none",
+                        net.prefix_len()
+                    ),
+                ));
+            }
+            (r.ip, "runtimeConfig.ips:", r.text.clone())
+        }
+        (None, Some(ip)) => {
+            let text = match env.args.ip_prefix {
+                Some(p) => format!("{ip}/{p}"),
+                None => ip.to_string(),
+            };
+            if let Some(p) = env.args.ip_prefix
+                && p != net.prefix_len()
+            {
+                return Err(bad(
+                    "CNI_ARGS IP",
+                    &text,
+                    format!("prefix length /{p} is not the node subnet's ({net})"),
+                ));
+            }
+            (ip, "CNI_ARGS IP", text)
+        }
         (None, None) => return Ok(None),
     };
+    let kind = match ip {
+        IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(a) if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(a) if a.is_multicast() => Some("a multicast address"),
+        a if a.is_unspecified() => Some("the unspecified address"),
+        a if a.is_loopback() => Some("a loopback address"),
+        _ => None,
+    };
+    if let Some(k) = kind {
+        return Err(bad(field, &text, format!("{k} cannot be a pod's IP")));
+    }
     if !net.contains(&ip) {
-        return Err(CniError::new(
-            code::INVALID_CONFIG,
-            format!("{field} {ip} is outside the node subnet {net}"),
+        return Err(bad(
+            field,
+            &text,
+            format!("{ip} is outside the node subnet {net}"),
         ));
     }
     Ok(Some(ip))
@@ -60,13 +130,11 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     let cid = env.container_id()?;
     let ifname = env.ifname()?;
     let netns_path = env.netns()?;
-    let prev = match &conf.prev_result {
-        Some(v) => Some(
-            CniResult::from_value(v)
-                .map_err(|e| CniError::new(code::DECODE, format!("prevResult: {e}")))?,
-        ),
-        None => None,
-    };
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .map(decode_prev_result)
+        .transpose()?;
     let subnet = read_subnet_file(&conf.subnet_file)?;
     let mtu = conf.mtu.unwrap_or(subnet.mtu);
     let requested = requested_ip(conf, env, &subnet)?;
@@ -85,6 +153,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
             pod_namespace: env.args.pod_namespace.clone(),
             pod_name: env.args.pod_name.clone(),
             ip: requested,
+            gateway: Some(subnet.gateway()),
         },
     )?;
     tracing::info!(container = cid, ifname, ip = %res.ip, new, "reserved");
@@ -95,7 +164,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     let rt = runtime()?;
     // The pod's socket is opened by a thread that enters the pod netns and exits, while the
     // node side is set up here; it is first needed once the veth exists.
-    let pod_open = RtnlCni::spawn_open(rt.handle().clone(), ns.path().to_path_buf());
+    let pod_open = RtnlCni::spawn_open(rt.handle().clone(), ns.try_clone()?);
     let pod = move || {
         pod_open.join().unwrap_or_else(|_| {
             Err(twill_dataplane::Error::Invalid(
@@ -105,7 +174,14 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     };
     let wired = rt.block_on(async {
         let node = RtnlCni::current()?;
-        wire_with(&node, pod, conf, &subnet, &ns, ifname, &host, res.ip, mtu).await
+        let alias = veth_alias(cid, ifname);
+        let names = Names {
+            ifname,
+            host: &host,
+            alias: &alias,
+            reclaim_untagged: !new,
+        };
+        wire_with(&node, pod, conf, &subnet, &ns, &names, res.ip, mtu).await
     });
     tracing::debug!(ok = wired.is_ok(), "kernel work done");
     let committed = pending.wait();
@@ -215,11 +291,38 @@ pub(crate) fn pod_routes(conf: &NetConf, subnet: &SubnetFile) -> Vec<IpNet> {
 
 type Named = (String, String);
 
+/// The names ADD works with, and whether an untagged leftover may be reclaimed.
+pub(crate) struct Names<'a> {
+    /// CNI_IFNAME, the pod end.
+    pub ifname: &'a str,
+    /// The host veth's name ([`crate::host_veth_name`]) and alias ([`veth_alias`]).
+    pub host: &'a str,
+    pub alias: &'a str,
+    /// The (container ID, ifname) held a reservation before this ADD: a leftover host veth
+    /// without an alias (made by a twill before aliases) that is a port of the bridge is its.
+    pub reclaim_untagged: bool,
+}
+
+/// Whether the existing link `l` is the host veth twill made for `names` (so ADD may
+/// replace it): a veth whose alias is exactly [`veth_alias`] of this (container, ifname), or,
+/// from a twill before aliases, an untagged veth on `bridge` when the container already held
+/// a reservation naming it.
+pub(crate) fn leftover_is_ours(l: &Link, names: &Names<'_>, bridge: u32) -> bool {
+    if l.kind.as_deref() != Some("veth") {
+        return false;
+    }
+    match &l.alias {
+        Some(a) => a == names.alias,
+        None => names.reclaim_untagged && l.controller == Some(bridge),
+    }
+}
+
 /// The kernel part of ADD, over any [`CniDataplane`]. Returns (bridge name, MAC), (host
 /// veth, MAC), pod MAC. `node` acts in the node namespace, `pod()` gives the
-/// one for the pod namespace (called once the veth exists). Three round trips to the kernel:
-/// the bridge, the node side of the pod (gateway, veth, hairpin, read back), the pod side
-/// (up, address, routes). A failure after the veth exists deletes the host veth (the kernel
+/// one for the pod namespace (called once the veth exists). Four round trips to the kernel:
+/// the bridge, the node side of the pod (gateway, veth, read back; then alias and hairpin),
+/// the pod side (up, address, routes). A host veth name that is taken is replaced only if
+/// [`leftover_is_ours`]; otherwise code 111 and nothing is touched. A failure after the veth exists deletes the host veth (the kernel
 /// removes the pod end with it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
@@ -228,18 +331,28 @@ pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
     conf: &NetConf,
     subnet: &SubnetFile,
     ns: &NetNs,
-    ifname: &str,
-    host: &str,
+    names: &Names<'_>,
     ip: IpAddr,
     mtu: u32,
 ) -> Result<(Named, Named, String)> {
+    let (ifname, host) = (names.ifname, names.host);
     let gw = subnet.gateway();
     let br = node
         .ensure_bridge(&conf.bridge, bridge_mac(gw), mtu)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The only refusal of ensure_bridge: the name is taken by a link that is not a
+            // bridge (eth0, lo). Nothing was changed.
+            twill_dataplane::Error::Invalid(m) => CniError::new(
+                code::INVALID_CONFIG,
+                format!("config key bridge={:?}: {m}", conf.bridge),
+            ),
+            e => e.into(),
+        })?;
     let spec = VethSpec {
         host_name: host,
         host_mac: random_mac(),
+        host_alias: names.alias,
         pod_ns: ns,
         pod_ifname: ifname,
         pod_mac: random_mac(),
@@ -248,16 +361,36 @@ pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
     };
     let gw_net = IpNet::new(gw, subnet.subnet.prefix_len()).expect("prefix");
     let attached = match node.attach_pod(&br, gw_net, &spec).await {
-        Err(e) if e.errno() == Some(libc::EEXIST) => {
+        Err(e) if e.errno() == Some(libc::EEXIST) => match node.link(host).await? {
             // A leftover of an earlier ADD of the same (container, ifname): remove it (its
             // peer goes with it) and try once more.
-            if node.delete_link(host).await? {
-                tracing::warn!(host, "removed a leftover host veth");
+            Some(l) if leftover_is_ours(&l, names, br.index) => {
+                if node.delete_link(host).await? {
+                    tracing::warn!(host, "removed a leftover host veth");
+                }
                 node.attach_pod(&br, gw_net, &spec).await
-            } else {
-                Err(e)
             }
-        }
+            // Someone else's link has the name: never deleted. The pod end was not made
+            // either (the request failed as a whole).
+            Some(l) => {
+                let whose = match l.alias.as_deref().and_then(parse_veth_alias) {
+                    Some((c, i)) => format!("twill's veth of container {c} ifname {i}"),
+                    None => format!(
+                        "a {} with alias {:?}",
+                        l.kind.as_deref().unwrap_or("link"),
+                        l.alias.as_deref().unwrap_or("")
+                    ),
+                };
+                return Err(CniError::new(
+                    code::LINK_NOT_OURS,
+                    format!(
+                        "host veth name {host} is taken by {whose}, not by this container's veth: left alone"
+                    ),
+                )
+                .with_details(format!("expected alias {:?}", names.alias)));
+            }
+            None => Err(e),
+        },
         r => r,
     };
     tracing::debug!("bridge ensured, veth created");
@@ -335,8 +468,12 @@ mod tests {
             &conf(),
             &subnet(),
             &ns,
-            "eth0",
-            "vethabc",
+            &Names {
+                ifname: "eth0",
+                host: "vethabc",
+                alias: "twill:c1/eth0",
+                reclaim_untagged: false,
+            },
             "10.244.3.2".parse().unwrap(),
             1450,
         )
@@ -393,16 +530,71 @@ mod tests {
     fn a_leftover_host_veth_is_replaced() {
         let (f, p) = fakes();
         f.add_link("vethabc", "veth");
+        f.set_link("vethabc", Some("twill:c1/eth0"), None);
         rt().block_on(run(&f, &p, false)).unwrap();
         let calls = f.calls();
         assert_eq!(
-            calls[1..4],
+            calls[1..5],
             [
                 "attach_pod cni0 10.244.3.1/24 vethabc eth0 1450 hairpin=true".to_string(),
+                "link vethabc".to_string(),
                 "delete_link vethabc".to_string(),
                 "attach_pod cni0 10.244.3.1/24 vethabc eth0 1450 hairpin=true".to_string()
             ]
         );
+    }
+
+    /// A link with the chosen name that is not this container's veth (another container's
+    /// alias, no alias, not a veth) is never deleted; ADD fails naming it.
+    #[test]
+    fn a_link_that_is_not_ours_is_left_alone() {
+        for (alias, kind) in [
+            (Some("twill:other/eth0"), "veth"),
+            (Some("someone else's"), "veth"),
+            (None, "veth"),
+            (Some("twill:c1/eth0"), "dummy"),
+        ] {
+            let (f, p) = fakes();
+            f.add_link("vethabc", kind);
+            f.set_link("vethabc", alias, None);
+            let e = rt().block_on(run(&f, &p, false)).unwrap_err();
+            assert_eq!(e.code, code::LINK_NOT_OURS, "{alias:?} {kind}: {e}");
+            assert!(e.msg.contains("vethabc"), "{e}");
+            assert!(f.has_link("vethabc"), "{alias:?} {kind}");
+            assert!(!f.calls().iter().any(|c| c.starts_with("delete_link")));
+            assert!(p.calls().is_empty());
+        }
+    }
+
+    #[test]
+    fn an_untagged_leftover_is_ours_only_with_a_reservation_and_on_the_bridge() {
+        let mut l = Recording::new().add_link("vethabc", "veth");
+        let mut names = Names {
+            ifname: "eth0",
+            host: "vethabc",
+            alias: "twill:c1/eth0",
+            reclaim_untagged: true,
+        };
+        l.controller = Some(7);
+        assert!(leftover_is_ours(&l, &names, 7));
+        assert!(!leftover_is_ours(&l, &names, 8));
+        names.reclaim_untagged = false;
+        assert!(!leftover_is_ours(&l, &names, 7));
+        l.alias = Some("twill:c1/eth0".into());
+        assert!(leftover_is_ours(&l, &names, 1));
+    }
+
+    /// `bridge` naming an existing link that is not a bridge: code 7 naming the key and the
+    /// value, and nothing else is done (no veth, nothing in the pod).
+    #[test]
+    fn a_bridge_name_taken_by_another_kind_is_code_7() {
+        let (f, p) = fakes();
+        f.add_link("cni0", "dummy");
+        let e = rt().block_on(run(&f, &p, false)).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG, "{e}");
+        assert!(e.msg.contains("bridge=\"cni0\""), "{e}");
+        assert_eq!(f.calls(), ["ensure_bridge cni0 1450"]);
+        assert!(p.calls().is_empty());
     }
 
     #[test]

@@ -5,11 +5,10 @@
 use twill_dataplane::cni::{CniDataplane, RtnlCni, format_mac};
 use twill_ipam::alloc::Allocator;
 
-use crate::add::open_netns;
+use crate::add::{decode_prev_result, open_netns};
 use crate::config::NetConf;
 use crate::env::CniEnv;
 use crate::error::{CniError, Result, code};
-use crate::types::CniResult;
 use crate::{block_on, host_veth_name, read_subnet_file, require_version};
 
 fn failed(msg: String) -> CniError {
@@ -25,8 +24,7 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<()> {
         .prev_result
         .as_ref()
         .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
-    let prev = CniResult::from_value(prev)
-        .map_err(|e| CniError::new(code::DECODE, format!("prevResult: {e}")))?;
+    let prev = decode_prev_result(prev)?;
     read_subnet_file(&conf.subnet_file)?;
 
     let res = Allocator::new(&conf.data_dir, &conf.name)

@@ -39,6 +39,41 @@ pub struct Attachment {
     pub ifname: String,
 }
 
+/// One `runtimeConfig.ips` entry: `addr` or `addr/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeIp {
+    pub ip: IpAddr,
+    pub prefix: Option<u8>,
+    /// The entry as the runtime wrote it, for error messages.
+    pub text: String,
+}
+
+/// Parses `addr` or `addr/prefix` strictly: the address as std parses it, the prefix one to
+/// three decimal digits within the family's maximum; nothing else (no sign, no spaces, no
+/// trailing text).
+pub fn parse_ip_with_prefix(s: &str) -> std::result::Result<(IpAddr, Option<u8>), String> {
+    let (a, p) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let ip: IpAddr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IP address"))?;
+    let prefix = match p {
+        None => None,
+        Some(p) => {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let n = (!p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse::<u8>().ok())
+                .flatten()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("prefix length {p:?} is not a number from 0 to {max}"))?;
+            Some(n)
+        }
+    };
+    Ok((ip, prefix))
+}
+
 /// The parsed configuration of the `twill` plugin.
 #[derive(Debug, Clone)]
 pub struct NetConf {
@@ -55,8 +90,9 @@ pub struct NetConf {
     pub dns: Dns,
     pub log_file: Option<PathBuf>,
     pub log_level: Option<String>,
-    /// `runtimeConfig.ips`: IPs the runtime asks for (prefix lengths are ignored).
-    pub runtime_ips: Vec<IpAddr>,
+    /// `runtimeConfig.ips`: IPs the runtime asks for, each with its prefix length if one
+    /// was given (ADD requires it to equal the node subnet's), and the entry as written.
+    pub runtime_ips: Vec<RuntimeIp>,
     pub prev_result: Option<Value>,
     /// GC: `cni.dev/valid-attachments` (or `cni.dev/attachments`).
     pub valid_attachments: Option<Vec<Attachment>>,
@@ -143,14 +179,24 @@ pub fn parse_conf(bytes: &[u8]) -> Result<NetConf> {
             })?
             .unwrap_or_default();
         for s in ips {
-            let ip = s.split('/').next().unwrap_or(&s);
-            runtime_ips.push(
-                ip.parse().map_err(|_| {
-                    invalid(format!("runtimeConfig.ips: {s:?} is not an IP address"))
-                })?,
-            );
+            let (ip, prefix) = parse_ip_with_prefix(&s)
+                .map_err(|e| invalid(format!("runtimeConfig.ips: {s:?}: {e}")))?;
+            runtime_ips.push(RuntimeIp {
+                ip,
+                prefix,
+                text: s,
+            });
         }
     }
+    let dns: Dns = field(&obj, "dns")?.unwrap_or_default();
+    for (i, ns) in dns.nameservers.iter().enumerate() {
+        if ns.parse::<IpAddr>().is_err() {
+            return Err(invalid(format!(
+                "config key dns.nameservers[{i}]={ns:?}: not an IP address"
+            )));
+        }
+    }
+    let log_file: Option<PathBuf> = field(&obj, "logFile")?;
     let valid_attachments = match field(&obj, "cni.dev/valid-attachments")? {
         Some(v) => Some(v),
         None => field(&obj, "cni.dev/attachments")?,
@@ -165,8 +211,8 @@ pub fn parse_conf(bytes: &[u8]) -> Result<NetConf> {
         hairpin_mode: field(&obj, "hairpinMode")?.unwrap_or(true),
         is_default_gateway: field(&obj, "isDefaultGateway")?.unwrap_or(true),
         data_dir: field(&obj, "dataDir")?.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
-        dns: field(&obj, "dns")?.unwrap_or_default(),
-        log_file: field(&obj, "logFile")?,
+        dns,
+        log_file,
         log_level: field(&obj, "logLevel")?,
         runtime_ips,
         prev_result: obj.get("prevResult").filter(|v| !v.is_null()).cloned(),
@@ -211,6 +257,13 @@ pub fn validate_conflist(bytes: &[u8]) -> Result<ConfList> {
     for (i, mut p) in plugins.into_iter().enumerate() {
         let ty: String = field(&p, "type")?
             .ok_or_else(|| invalid(format!("plugins[{i}]: key type is required")))?;
+        // libcni (since 0.8.1, CVE-2021-20206) refuses a type that is not a bare file
+        // name: it is looked up in CNI_PATH, and a path would run any binary.
+        if ty.is_empty() || ty == "." || ty == ".." || ty.contains('/') || ty.contains('\\') {
+            return Err(invalid(format!(
+                "plugins[{i}]: key type={ty:?}: not a plugin name (empty, . or .., or contains / or \\)"
+            )));
+        }
         p.insert("cniVersion".into(), Value::String(cni_version.clone()));
         p.insert("name".into(), Value::String(name.clone()));
         let v = Value::Object(p);
@@ -259,7 +312,8 @@ mod tests {
         assert_eq!(c.mtu, Some(1400));
         assert!(!c.hairpin_mode && !c.is_default_gateway);
         assert_eq!(c.dns.nameservers, vec!["10.96.0.10".to_string()]);
-        assert_eq!(c.runtime_ips[0].to_string(), "10.244.3.9");
+        assert_eq!(c.runtime_ips[0].ip.to_string(), "10.244.3.9");
+        assert_eq!(c.runtime_ips[0].prefix, Some(24));
         assert_eq!(c.valid_attachments.unwrap()[0].container_id, "c1");
     }
 
@@ -285,6 +339,41 @@ mod tests {
             e.msg.contains("runtimeConfig.ips") && e.msg.contains("\"x\""),
             "{e}"
         );
+        for bad in [
+            "10.244.3.9/garbage",
+            "10.244.3.9/",
+            "10.244.3.9/33",
+            "10.244.3.9/+24",
+            "10.244.3.9/24/1",
+            "10.244.3.9/ 24",
+            "10.244.3.9 ",
+            "fd00::1/129",
+        ] {
+            let c = format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","runtimeConfig":{{"ips":["{bad}"]}}}}"#
+            );
+            let e = parse_conf(c.as_bytes()).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
+            assert!(
+                e.msg.contains("runtimeConfig.ips") && e.msg.contains(bad),
+                "{e}"
+            );
+        }
+        let e = parse_conf(
+            br#"{"cniVersion":"1.0.0","name":"n","dns":{"nameservers":["10.96.0.10","dns.example"]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(
+            e.msg.contains("dns.nameservers[1]") && e.msg.contains("dns.example"),
+            "{e}"
+        );
+        for bad in ["eth0%d", "lo\\u0000", "br\\u00e9", "a b"] {
+            let c = format!(r#"{{"cniVersion":"1.0.0","name":"n","bridge":"{bad}"}}"#);
+            let e = parse_conf(c.as_bytes()).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
+            assert!(e.msg.contains("bridge"), "{e}");
+        }
         let e = parse_conf(br#"{"cniVersion":"1.0.0"}"#).unwrap_err();
         assert!(e.msg.contains("name"), "{e}");
     }
@@ -310,6 +399,24 @@ mod tests {
         );
         assert!(validate_conflist(br#"{"cniVersion":"1.0.0","name":"t","plugins":[]}"#).is_err());
         assert!(validate_conflist(br#"{"cniVersion":"1.0.0","name":"t","plugins":[{}]}"#).is_err());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "/bin/sh",
+            "../../bin/sh",
+            "a\\\\b",
+            "sub/dir",
+        ] {
+            let c =
+                format!(r#"{{"cniVersion":"1.0.0","name":"t","plugins":[{{"type":"{bad}"}}]}}"#);
+            let e = validate_conflist(c.as_bytes()).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
+            assert!(
+                e.msg.contains("plugins[0]") && e.msg.contains("type"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct CniArgs {
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
     pub ip: Option<IpAddr>,
+    /// The prefix length given with `IP=` (ADD requires the node subnet's).
+    pub ip_prefix: Option<u8>,
 }
 
 impl CniArgs {
@@ -69,13 +71,12 @@ impl CniArgs {
                 "K8S_POD_NAMESPACE" => args.pod_namespace = Some(v.to_string()),
                 "K8S_POD_NAME" => args.pod_name = Some(v.to_string()),
                 "IP" => {
-                    let ip = v.split('/').next().unwrap_or(v);
-                    args.ip = Some(ip.parse().map_err(|_| {
-                        CniError::new(
-                            code::INVALID_ENV,
-                            format!("CNI_ARGS: IP={v:?} is not an IP address"),
-                        )
-                    })?)
+                    // Strict, as runtimeConfig.ips: `addr` or `addr/prefix`, nothing else.
+                    let (ip, prefix) = crate::config::parse_ip_with_prefix(v).map_err(|e| {
+                        CniError::new(code::INVALID_ENV, format!("CNI_ARGS: IP={v:?}: {e}"))
+                    })?;
+                    args.ip = Some(ip);
+                    args.ip_prefix = prefix;
                 }
                 _ if ignore_unknown => {}
                 _ => {
@@ -89,6 +90,10 @@ impl CniArgs {
         Ok(args)
     }
 }
+
+/// The longest CNI_CONTAINERID: the host veth's alias `twill:<id>/<ifname>` must fit the
+/// kernel's 255 bytes (IFALIASZ - 1) with a 15-byte ifname.
+pub const MAX_CONTAINER_ID: usize = 255 - 6 - 1 - 15;
 
 /// The environment of one invocation.
 #[derive(Debug, Clone, Default)]
@@ -130,6 +135,14 @@ impl CniEnv {
             )
             .with_details("allowed: letters, digits, and _ . - after the first character"));
         }
+        if id.len() > MAX_CONTAINER_ID {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_CONTAINERID={id:?}: longer than {MAX_CONTAINER_ID} bytes (the host veth's alias must hold it)"
+                ),
+            ));
+        }
         Ok(id)
     }
 
@@ -152,14 +165,30 @@ impl CniEnv {
     }
 }
 
-/// Checks a Linux interface name; `what` names the field in the error.
+/// Checks a Linux interface name; `what` names the field in the error. The kernel's
+/// `dev_valid_name` rules (1 to 15 bytes, not `.` or `..`, no `/`, `:` or whitespace), and
+/// stricter: ASCII only, no NUL and no `%` (the kernel reads a `%d` in a new link's name as
+/// "pick a number", so the link made would not have the name asked for). One validator for
+/// `CNI_IFNAME` and the `bridge` key.
 pub fn validate_ifname(what: &str, n: &str) -> Result<()> {
-    let reason = if n.len() > 15 {
+    let reason = if n.is_empty() {
+        Some("empty")
+    } else if n.len() > 15 {
         Some("longer than 15 bytes")
-    } else if n.is_empty() || n == "." || n == ".." {
+    } else if n == "." || n == ".." {
         Some("not a valid interface name")
-    } else if n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
-        Some("contains '/', ':' or whitespace")
+    } else if !n.is_ascii() {
+        Some("contains a non-ASCII character")
+    } else if n.bytes().any(|c| {
+        c == b'/'
+            || c == b':'
+            || c == b'%'
+            || c == 0
+            || c.is_ascii_whitespace()
+            || c < 0x20
+            || c == 0x7f
+    }) {
+        Some("contains '/', ':', '%', NUL, whitespace or a control character")
     } else {
         None
     };
@@ -189,6 +218,12 @@ mod tests {
         assert_eq!(e.code, code::UNSUPPORTED_FIELD);
         assert!(e.msg.contains("FOO"));
         assert_eq!(CniArgs::parse("junk").unwrap_err().code, code::INVALID_ENV);
+        let e = CniArgs::parse("IP=10.1.0.9/garbage").unwrap_err();
+        assert!(e.msg.contains("IP=\"10.1.0.9/garbage\""), "{e}");
+        assert_eq!(
+            CniArgs::parse("IP=10.1.0.9/24").unwrap().ip_prefix,
+            Some(24)
+        );
         assert_eq!(CniArgs::parse("").unwrap(), CniArgs::default());
     }
 
@@ -208,6 +243,26 @@ mod tests {
             "{e}"
         );
         assert!(env("a", "a/b").ifname().is_err());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a:b",
+            "a b",
+            "a\tb",
+            "a\0b",
+            "eth%d",
+            "ethé",
+            "a\nb",
+            "0123456789abcdef",
+        ] {
+            let e = validate_ifname("CNI_IFNAME", bad).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{bad:?}");
+            assert!(e.msg.contains("CNI_IFNAME"), "{e}");
+        }
+        for good in ["eth0", "net1", "a", "0123456789abcde", "veth-x_y.z"] {
+            validate_ifname("CNI_IFNAME", good).unwrap();
+        }
         assert_eq!(
             CniEnv::default().ifname().unwrap_err().msg,
             "CNI_IFNAME is required"

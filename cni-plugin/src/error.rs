@@ -29,6 +29,9 @@ pub mod code {
     pub const STATE_CORRUPT: u32 = 102;
     /// twill: the kernel refused a netlink request.
     pub const KERNEL: u32 = 110;
+    /// twill: the host veth name ADD would use is taken by a link that is not this
+    /// container's twill veth (left alone).
+    pub const LINK_NOT_OURS: u32 = 111;
     /// twill: CHECK found the pod's network not as ADD left it.
     pub const CHECK_FAILED: u32 = 120;
 }

@@ -42,7 +42,8 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
 }
 
 /// Reads the subnet file named by the config. Missing: code 11 (try again: twilld has not
-/// written it yet); unreadable: code 5; garbage: code 7.
+/// written it yet); unreadable: code 5; garbage, or not a regular file (a FIFO, a device:
+/// refused without blocking), or larger than 64 KiB: code 7.
 pub fn read_subnet_file(path: &Path) -> Result<SubnetFile> {
     SubnetFile::read(path).map_err(|e| {
         let c = match &e {
@@ -52,7 +53,7 @@ pub fn read_subnet_file(path: &Path) -> Result<SubnetFile> {
             SubnetFileError::Io { .. } => code::IO,
             _ => code::INVALID_CONFIG,
         };
-        CniError::new(c, e.to_string())
+        CniError::new(c, format!("config key subnetFile: {e}"))
             .with_details("the subnet file is written by twilld once the node has its subnet")
     })
 }
@@ -153,7 +154,7 @@ fn dispatch(get: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Optio
         return Ok(Some(version::version(stdin)));
     }
     let conf = config::parse_conf(stdin)?;
-    init_logging(&conf);
+    init_logging(&conf)?;
     let env = CniEnv::from_fn(get)?;
     tracing::debug!(?cmd, container = ?env.container_id, ifname = ?env.ifname, "invoked");
     match cmd {
@@ -166,9 +167,66 @@ fn dispatch(get: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Optio
     }
 }
 
+/// Opens `logFile` for appending: created with mode 0600 if missing; a symlink (O_NOFOLLOW)
+/// or anything but a regular file (checked on the open descriptor: `/proc/self/mem`, a
+/// FIFO, a device; the open itself does not block) is refused, code 7 naming the key and
+/// the path.
+pub fn open_log_file(p: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bad = |why: String| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("config key logFile={:?}: {why}", p.display()),
+        )
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                bad("is a symlink (not followed)".into())
+            } else if e.raw_os_error() == Some(libc::ENXIO) {
+                bad("not a regular file (a FIFO or socket without a reader)".into())
+            } else {
+                bad(format!("open: {e}"))
+            }
+        })?;
+    let meta = f.metadata().map_err(|e| bad(format!("fstat: {e}")))?;
+    if !meta.file_type().is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    // procfs and sysfs report their files as regular (/proc/self/mem, /sys/...): writing
+    // log lines there is never meant. Refused by the file system the descriptor is on.
+    let fs = nix::sys::statfs::fstatfs(&f).map_err(|e| bad(format!("fstatfs: {e}")))?;
+    let t = fs.filesystem_type();
+    use nix::sys::statfs as sf;
+    if [
+        sf::PROC_SUPER_MAGIC,
+        sf::SYSFS_MAGIC,
+        sf::DEBUGFS_MAGIC,
+        sf::TRACEFS_MAGIC,
+        sf::SECURITYFS_MAGIC,
+        sf::CGROUP_SUPER_MAGIC,
+        sf::CGROUP2_SUPER_MAGIC,
+        sf::BPF_FS_MAGIC,
+    ]
+    .contains(&t)
+    {
+        return Err(bad(format!(
+            "on a kernel file system (magic {:#x}), not a log file",
+            t.0
+        )));
+    }
+    Ok(f)
+}
+
 /// Logs go to stderr, or to `logFile` (appended) when the config names one; never stdout.
-/// Level: `logLevel` (error, warn, info, debug, trace), default warn.
-fn init_logging(conf: &NetConf) {
+/// Level: `logLevel` (error, warn, info, debug, trace), default warn. A `logFile` that
+/// [`open_log_file`] refuses fails the invocation.
+fn init_logging(conf: &NetConf) -> Result<()> {
     let level = conf
         .log_level
         .as_deref()
@@ -178,17 +236,12 @@ fn init_logging(conf: &NetConf) {
         .with_max_level(level)
         .with_ansi(false)
         .with_target(false);
-    let file = conf.log_file.as_ref().and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
+    let file = conf.log_file.as_deref().map(open_log_file).transpose()?;
     let _ = match file {
         Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
         None => builder.with_writer(std::io::stderr).try_init(),
     };
+    Ok(())
 }
 
 /// The binary's entry point: reads stdin and the environment, prints the result or the

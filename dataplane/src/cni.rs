@@ -42,6 +42,8 @@ pub struct Link {
     pub kind: Option<String>,
     /// IFLA_LINK: for a veth, the index of its peer in the peer's namespace.
     pub peer: Option<u32>,
+    /// IFLA_IFALIAS: twill tags the host veths it makes with [`veth_alias`].
+    pub alias: Option<String>,
 }
 
 impl Link {
@@ -100,12 +102,30 @@ pub fn random_mac() -> [u8; 6] {
     m
 }
 
+/// The marker that starts the alias (IFLA_IFALIAS) of every host veth twill makes.
+pub const VETH_ALIAS_PREFIX: &str = "twill:";
+
+/// The alias twill gives the host veth of (container ID, ifname): `twill:<id>/<ifname>`.
+/// Neither part can hold a `/` (both are validated by the plugin), so it parses back
+/// unambiguously ([`parse_veth_alias`]).
+pub fn veth_alias(container_id: &str, ifname: &str) -> String {
+    format!("{VETH_ALIAS_PREFIX}{container_id}/{ifname}")
+}
+
+/// (container ID, ifname) of an alias that [`veth_alias`] made; `None` for anything else.
+pub fn parse_veth_alias(alias: &str) -> Option<(&str, &str)> {
+    let (cid, ifname) = alias.strip_prefix(VETH_ALIAS_PREFIX)?.split_once('/')?;
+    (!cid.is_empty() && !ifname.is_empty() && !ifname.contains('/')).then_some((cid, ifname))
+}
+
 /// A pod's veth pair, as [`CniDataplane::attach_pod`] makes it.
 #[derive(Debug, Clone)]
 pub struct VethSpec<'a> {
     /// The host end: its name and MAC; it becomes a port of the bridge, up.
     pub host_name: &'a str,
     pub host_mac: [u8; 6],
+    /// The host end's alias (IFLA_IFALIAS), [`veth_alias`]: what proves it twill's later.
+    pub host_alias: &'a str,
     /// The pod end, created directly inside `pod_ns`, down.
     pub pod_ns: &'a NetNs,
     pub pod_ifname: &'a str,
@@ -130,11 +150,12 @@ pub struct AttachedVeth {
 pub trait CniDataplane {
     /// The bridge `name`, created (with `mac`, `mtu`, up) if missing, brought up if down.
     async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link>;
-    /// The node side of a pod, in one round trip to the kernel: `gateway` (gateway/len) on
+    /// The node side of a pod, in two round trips to the kernel: `gateway` (gateway/len) on
     /// `bridge` (already there is fine), the veth pair of `spec` (the pod end born inside the
-    /// pod namespace), hairpin on the new bridge port, and the host end read back. If the veth
-    /// was made but a later step failed, it is deleted before the error is returned. A
-    /// veth whose host name (or pod ifname) is taken fails with EEXIST.
+    /// pod namespace) and the host end read back; then, by the new link's index, its alias
+    /// and hairpin on its bridge port. If the veth was made but a later step failed, it is
+    /// deleted before the error is returned. A veth whose host name (or pod ifname) is taken
+    /// fails with EEXIST, and nothing is done to the link that has the name.
     async fn attach_pod(
         &self,
         bridge: &Link,
@@ -187,16 +208,17 @@ impl RtnlCni {
         Ok(Self::new(Netlink::current()?))
     }
 
-    /// Starts opening a socket inside the namespace at `path` and returns at once: one
+    /// Starts opening a socket inside the namespace `ns` and returns at once: one
     /// thread enters the namespace, creates the socket (registered with the tokio runtime
     /// `rt`) and exits, while the caller goes on with other work. `rt` must still run when
-    /// the result is used.
+    /// the result is used. `ns` is the caller's descriptor (duplicated), never the path
+    /// opened again: what was checked is what is entered.
     pub fn spawn_open(
         rt: tokio::runtime::Handle,
-        path: PathBuf,
+        ns: NetNs,
     ) -> std::thread::JoinHandle<Result<Self>> {
         std::thread::spawn(move || {
-            let ns = NetNs::open(&path)?;
+            let path: PathBuf = ns.path().to_path_buf();
             // setns moves only this thread, which exits right after creating the socket.
             nix::sched::setns(ns.fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                 Error::Netns {
@@ -217,7 +239,7 @@ impl RtnlCni {
     }
 }
 
-fn link_from(msg: LinkMessage) -> Link {
+pub(crate) fn link_from(msg: LinkMessage) -> Link {
     let mut l = Link {
         index: msg.header.index,
         name: String::new(),
@@ -227,6 +249,7 @@ fn link_from(msg: LinkMessage) -> Link {
         controller: None,
         kind: None,
         peer: None,
+        alias: None,
     };
     for a in msg.attributes {
         match a {
@@ -235,6 +258,7 @@ fn link_from(msg: LinkMessage) -> Link {
             LinkAttribute::Mtu(m) => l.mtu = Some(m),
             LinkAttribute::Controller(c) if c != 0 => l.controller = Some(c),
             LinkAttribute::Link(p) if p != 0 => l.peer = Some(p),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => l.alias = Some(a),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let NlLinkInfo::Kind(k) = i {
@@ -387,10 +411,13 @@ impl CniDataplane for RtnlCni {
                     .ok_or_else(|| Error::LinkNotFound(name.to_string()))?
             }
         };
-        if br.kind.as_deref().is_some_and(|k| k != "bridge") {
+        if br.kind.as_deref() != Some("bridge") {
+            // lo, a physical NIC (no kind), a veth, a vxlan: never made a bridge's job.
             return Err(Error::Invalid(format!(
-                "bridge {name}: a link of that name exists but is a {}",
-                br.kind.as_deref().unwrap_or("?")
+                "a link {name:?} exists and is not a bridge (kind: {})",
+                br.kind
+                    .as_deref()
+                    .unwrap_or("none, a device such as lo or a NIC")
             )));
         }
         if !br.up {
@@ -441,12 +468,10 @@ impl CniDataplane for RtnlCni {
                 REQ_ACK | NLM_F_CREATE | NLM_F_EXCL,
             ),
         ];
-        if spec.hairpin {
-            // Bridge-port options are ignored in a create request (IFLA_INFO_SLAVE_DATA
-            // applies to an existing port only): a request of its own, by name.
-            let port = LinkBridgePort::new(0).name(host).hairpin(true).build();
-            reqs.push((RouteNetlinkMessage::NewLink(port), REQ_ACK));
-        }
+        // What belongs to the new link but cannot be in its create request (the alias, the
+        // hairpin) follows once the create has succeeded, by the new link's index: a request
+        // by name queued behind a create that fails with EEXIST would act on whatever else
+        // has the name (another container's veth), so none is sent in this batch.
         let get = LinkUnspec::new_with_name(host).build();
         reqs.push((RouteNetlinkMessage::GetLink(get), NLM_F_REQUEST));
         let mut res = self.pipeline(reqs).await.into_iter();
@@ -461,9 +486,9 @@ impl CniDataplane for RtnlCni {
                 e,
             )
         });
-        // The requests after a failed create acted on whatever else has the name: ignored.
+        // The read-back after a failed create saw whatever else has the name: ignored.
         created?;
-        let rest = (|| {
+        let read_back = (|| {
             match addr.expect("one answer per request") {
                 // EEXIST: the gateway is there already (the usual case after the first pod).
                 Err(e) if !is_errno(&e, libc::EEXIST) => {
@@ -474,30 +499,52 @@ impl CniDataplane for RtnlCni {
                 }
                 _ => {}
             }
-            if spec.hairpin {
-                res.next()
-                    .expect("one answer per request")
-                    .map_err(|e| Error::netlink(format!("set hairpin on {host}"), e))?;
-            }
             let got = res
                 .next()
                 .expect("one answer per request")
                 .map_err(|e| Error::netlink(format!("get link {host}"), e))?;
-            let link = got
-                .into_iter()
+            got.into_iter()
                 .find_map(|m| match m {
                     RouteNetlinkMessage::NewLink(m) => Some(link_from(m)),
                     _ => None,
                 })
-                .ok_or_else(|| Error::LinkNotFound(host.to_string()))?;
-            let pod_index = link.peer.ok_or_else(|| {
-                Error::Invalid(format!("veth {host}: the kernel reports no peer index"))
-            })?;
-            Ok(AttachedVeth {
-                host: link,
-                pod_index,
-            })
+                .ok_or_else(|| Error::LinkNotFound(host.to_string()))
         })();
+        let rest = match read_back {
+            Err(e) => Err(e),
+            Ok(mut link) => {
+                // IFLA_IFALIAS is ignored in a create request (the kernel applies it in
+                // do_setlink only); bridge-port options too (IFLA_INFO_SLAVE_DATA applies to
+                // an existing port only).
+                let alias = LinkUnspec::new_with_index(link.index)
+                    .append_extra_attribute(LinkAttribute::IfAlias(spec.host_alias.to_string()))
+                    .build();
+                let mut reqs = vec![(RouteNetlinkMessage::SetLink(alias), REQ_ACK)];
+                if spec.hairpin {
+                    let port = LinkBridgePort::new(link.index).hairpin(true).build();
+                    reqs.push((RouteNetlinkMessage::NewLink(port), REQ_ACK));
+                }
+                let mut res = self.pipeline(reqs).await.into_iter();
+                (|| {
+                    res.next()
+                        .expect("one answer per request")
+                        .map_err(|e| Error::netlink(format!("set alias of {host}"), e))?;
+                    if spec.hairpin {
+                        res.next()
+                            .expect("one answer per request")
+                            .map_err(|e| Error::netlink(format!("set hairpin on {host}"), e))?;
+                    }
+                    link.alias = Some(spec.host_alias.to_string());
+                    let pod_index = link.peer.ok_or_else(|| {
+                        Error::Invalid(format!("veth {host}: the kernel reports no peer index"))
+                    })?;
+                    Ok(AttachedVeth {
+                        host: link,
+                        pod_index,
+                    })
+                })()
+            }
+        };
         if rest.is_err() {
             // Take back the veth this call made (its peer goes with it).
             if let Err(e2) = self.delete_link(host).await {
@@ -688,9 +735,18 @@ pub mod fake {
                 controller: None,
                 kind: Some(kind.into()),
                 peer: None,
+                alias: None,
             };
             links.insert(name.into(), l.clone());
             l
+        }
+
+        /// Sets a link's alias (and bridge), as if another program had.
+        pub fn set_link(&self, name: &str, alias: Option<&str>, controller: Option<u32>) {
+            if let Some(l) = self.inner.links.lock().unwrap().get_mut(name) {
+                l.alias = alias.map(str::to_string);
+                l.controller = controller;
+            }
         }
 
         pub fn has_link(&self, name: &str) -> bool {
@@ -722,6 +778,13 @@ pub mod fake {
     impl CniDataplane for Recording {
         async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link> {
             self.call("ensure_bridge", format!("ensure_bridge {name} {mtu}"))?;
+            if let Some(l) = self.inner.links.lock().unwrap().get(name)
+                && l.kind.as_deref() != Some("bridge")
+            {
+                return Err(Error::Invalid(format!(
+                    "a link {name:?} exists and is not a bridge"
+                )));
+            }
             if !self.has_link(name) {
                 let mut l = self.add_link(name, "bridge");
                 l.mac = mac.to_vec();
@@ -755,6 +818,7 @@ pub mod fake {
             h.up = true;
             h.mac = spec.host_mac.to_vec();
             h.controller = Some(bridge.index);
+            h.alias = Some(spec.host_alias.to_string());
             // The pod end appears in the pod namespace's fake (the test adds it there, as
             // that fake's first link: index 2).
             h.peer = Some(2);

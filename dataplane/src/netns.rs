@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
+/// `NS_GET_NSTYPE` (linux/nsfs.h: `_IO(0xb7, 0x3)`): the CLONE_NEW* type of a namespace fd.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
 /// An open handle to a network namespace. Holding it keeps the namespace alive.
 #[derive(Debug)]
 pub struct NetNs {
@@ -36,7 +39,50 @@ impl NetNs {
                 source: std::io::Error::other("not a network namespace (not on nsfs)"),
             });
         }
+        // nsfs holds every kind of namespace (/proc/self/ns/mnt is on it too): ask the
+        // kernel which kind this descriptor is, the one that setns and IFLA_NET_NS_FD use.
+        // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor.
+        let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+        if kind < 0 {
+            return Err(Error::Netns {
+                path,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        if kind != libc::CLONE_NEWNET {
+            return Err(Error::Netns {
+                path,
+                source: std::io::Error::other(format!(
+                    "not a network namespace (a namespace of type {kind:#x})"
+                )),
+            });
+        }
         Ok(NetNs { file, path })
+    }
+
+    /// Whether this is the network namespace the calling process runs in (compared by
+    /// device and inode of the open descriptor and of `/proc/self/ns/net`).
+    pub fn is_own(&self) -> Result<bool> {
+        let mine = nix::sys::stat::fstat(&self.file).map_err(|e| Error::Netns {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        let own = nix::sys::stat::stat("/proc/self/ns/net").map_err(|e| Error::Netns {
+            path: "/proc/self/ns/net".into(),
+            source: e.into(),
+        })?;
+        Ok(mine.st_dev == own.st_dev && mine.st_ino == own.st_ino)
+    }
+
+    /// A second handle on the same namespace (a duplicated descriptor, not a new open).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(NetNs {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| Error::io("dup netns fd", e))?,
+            path: self.path.clone(),
+        })
     }
 
     /// The namespace of the calling thread.

@@ -21,6 +21,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::sys::constants::NETLINK_ROUTE;
 use rtnetlink::sys::{Socket, SocketAddr};
 
+use crate::cni::{Link, link_from};
 use crate::{Error, Result};
 
 /// RTMGRP_LINK: the link notifications of the socket's namespace.
@@ -66,6 +67,11 @@ fn decode(mut buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
 
 /// The index of link `name` in the caller's namespace, `None` if there is none.
 fn index_of(name: &str) -> Result<Option<u32>> {
+    Ok(get_link(name)?.map(|l| l.index))
+}
+
+/// Link `name` in the caller's namespace, `None` if there is none.
+pub fn get_link(name: &str) -> Result<Option<Link>> {
     let sock = Socket::new(NETLINK_ROUTE).map_err(io("open netlink socket"))?;
     sock.connect(&SocketAddr::new(0, 0))
         .map_err(io("connect netlink socket"))?;
@@ -80,7 +86,7 @@ fn index_of(name: &str) -> Result<Option<u32>> {
     for m in decode(&buf[..n]) {
         match m.payload {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                return Ok(Some(l.header.index));
+                return Ok(Some(link_from(l)));
             }
             NetlinkPayload::Error(e) => match e.code {
                 Some(c) if -c.get() == libc::ENODEV => return Ok(None),
@@ -167,6 +173,24 @@ fn child_result(status: i32, name: &str) -> Result<bool> {
 /// kernel's final teardown is left to a child process (see the module doc). Meant for
 /// short-lived processes: a child that outlives the caller is reaped by init.
 pub fn remove_link(name: &str) -> Result<bool> {
+    Ok(matches!(remove_link_if(name, |_| true)?, Removal::Removed))
+}
+
+/// What [`remove_link_if`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// The link was there, `owned` accepted it, and it is gone.
+    Removed,
+    /// There was no link of that name.
+    Absent,
+    /// The link is there and `owned` refused it: it was left alone.
+    Kept(Link),
+}
+
+/// [`remove_link`], but only when `owned` accepts the link as the kernel reports it (kind,
+/// alias, bridge). The request deletes by the index that was checked, so a link that took
+/// the name after the check is not the one deleted.
+pub fn remove_link_if(name: &str, owned: impl FnOnce(&Link) -> bool) -> Result<Removal> {
     // Subscribed before the request exists, so the notification cannot be missed.
     let mut mon = Socket::new(NETLINK_ROUTE).map_err(io("open netlink socket"))?;
     mon.bind(&SocketAddr::new(0, RTMGRP_LINK))
@@ -174,9 +198,13 @@ pub fn remove_link(name: &str) -> Result<bool> {
     let _ = mon.set_rx_buf_sz(1 << 20);
     mon.set_non_blocking(true)
         .map_err(io("subscribe to link notifications"))?;
-    let Some(index) = index_of(name)? else {
-        return Ok(false);
+    let Some(link) = get_link(name)? else {
+        return Ok(Removal::Absent);
     };
+    if !owned(&link) {
+        return Ok(Removal::Kept(link));
+    }
+    let index = link.index;
     let mut del = LinkMessage::default();
     del.header.index = index;
     let req = encode(RouteNetlinkMessage::DelLink(del), NLM_F_REQUEST | NLM_F_ACK);
@@ -200,7 +228,11 @@ pub fn remove_link(name: &str) -> Result<bool> {
         // SAFETY: closing the pidfd this function opened.
         unsafe { libc::close(pidfd) };
     }
-    result
+    Ok(if result? {
+        Removal::Removed
+    } else {
+        Removal::Absent
+    })
 }
 
 /// Waits until the kernel announces the deletion of link `index` (RTM_DELLINK of family

@@ -89,6 +89,9 @@ pub struct Request {
     pub pod_name: Option<String>,
     /// A specific IP (runtimeConfig.ips, CNI_ARGS IP=); otherwise the next free one.
     pub ip: Option<IpAddr>,
+    /// The subnet's gateway (the bridge's address, from the subnet file), never handed
+    /// out; `None`: the first host address.
+    pub gateway: Option<IpAddr>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -289,20 +292,24 @@ impl Locked {
         }
         let subnet = subnet.trunc();
         let (first, last) = host_range(subnet);
-        let taken: HashSet<IpAddr> = self
+        let gateway = req.gateway.unwrap_or_else(|| from_u128(subnet, first));
+        let mut taken: HashSet<IpAddr> = self
             .state
             .reservations
             .iter()
             .filter(|r| !r.is(&req.container_id, &req.ifname))
             .map(|r| r.ip)
             .collect();
+        let reserved = taken.len();
+        // The gateway is skipped as if it were reserved, wherever it is in the subnet.
+        taken.insert(gateway);
         let ip = match req.ip {
             Some(ip) => {
                 let reason = if !subnet.contains(&ip) {
                     Some("outside the subnet")
                 } else if ip == subnet.network() {
                     Some("the network address")
-                } else if to_u128(ip) == first - 1 {
+                } else if ip == gateway {
                     Some("the gateway")
                 } else if to_u128(ip) > last {
                     Some("the broadcast address")
@@ -325,10 +332,7 @@ impl Locked {
             }
             None => {
                 if first > last {
-                    return Err(AllocError::Full {
-                        subnet,
-                        reserved: taken.len(),
-                    });
+                    return Err(AllocError::Full { subnet, reserved });
                 }
                 // The IP this (container ID, ifname) had before a reboot, while it is free.
                 let hint = self
@@ -353,10 +357,7 @@ impl Locked {
                 (0..tries)
                     .map(|i| from_u128(subnet, first + (start - first + i) % size))
                     .find(|ip| !taken.contains(ip))
-                    .ok_or(AllocError::Full {
-                        subnet,
-                        reserved: taken.len(),
-                    })?
+                    .ok_or(AllocError::Full { subnet, reserved })?
             }
         };
         self.state
@@ -505,12 +506,12 @@ fn written_before_this_boot(path: &Path) -> bool {
     matches!((mtime, btime), (Some(m), Some(b)) if m < b)
 }
 
-/// The first and last IP (as numbers) that may be handed to pods: after the gateway (the
-/// first host), before the broadcast address (the last address).
+/// The first and last host IP (as numbers): after the network address, before the
+/// broadcast address (the last address). The gateway, one of them, is skipped separately.
 fn host_range(subnet: IpNet) -> (u128, u128) {
     let net = to_u128(subnet.network());
     let bcast = to_u128(subnet.broadcast());
-    (net + 2, bcast.saturating_sub(1))
+    (net + 1, bcast.saturating_sub(1))
 }
 
 fn to_u128(ip: IpAddr) -> u128 {
@@ -753,6 +754,39 @@ mod tests {
             reserve(&a, "10.2.0.0/24", &req("z")).unwrap().to_string(),
             "10.2.0.78"
         );
+    }
+
+    /// The gateway of the subnet file is skipped wherever it is (FLANNEL_SUBNET=10.4.0.2/29
+    /// puts the bridge on .2): never handed out, never reservable; .1 is an ordinary host.
+    #[test]
+    fn the_actual_gateway_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "n");
+        let gw = |cid: &str| Request {
+            gateway: Some("10.4.0.2".parse().unwrap()),
+            ..req(cid)
+        };
+        let got: Vec<String> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|c| reserve(&a, "10.4.0.0/29", &gw(c)).unwrap().to_string())
+            .collect();
+        assert_eq!(
+            got,
+            ["10.4.0.1", "10.4.0.3", "10.4.0.4", "10.4.0.5", "10.4.0.6"]
+        );
+        let e = reserve(&a, "10.4.0.0/29", &gw("f")).unwrap_err();
+        assert!(matches!(e, AllocError::Full { reserved: 5, .. }), "{e}");
+        let e = reserve(
+            &a,
+            "10.4.0.0/29",
+            &Request {
+                ip: Some("10.4.0.2".parse().unwrap()),
+                ..gw("g")
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("gateway") && e.contains("10.4.0.2"), "{e}");
     }
 
     #[test]

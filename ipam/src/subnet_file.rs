@@ -41,7 +41,14 @@ pub enum SubnetFileError {
     },
     #[error("subnet file {path}: missing key {key}")]
     Missing { path: PathBuf, key: &'static str },
+    /// Not something the plugin may read: not a regular file, or larger than
+    /// [`MAX_SUBNET_FILE`].
+    #[error("subnet file {path}: {reason}")]
+    NotAFile { path: PathBuf, reason: String },
 }
+
+/// The largest subnet file read (a real one is about 120 bytes).
+pub const MAX_SUBNET_FILE: u64 = 64 * 1024;
 
 /// The contents of the subnet file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,12 +92,47 @@ impl SubnetFile {
         self.subnet.addr()
     }
 
-    /// Reads and parses the file at `path`.
+    /// Reads and parses the file at `path`. Only a regular file is read (a FIFO, a device,
+    /// a directory is refused without blocking: the open is non-blocking and the type is
+    /// checked on the open descriptor), and at most [`MAX_SUBNET_FILE`] bytes of it. A
+    /// symlink is followed (installs point the path at Flannel's file, or mount it from a
+    /// ConfigMap, whose files are symlinks); what it leads to must be a regular file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self, SubnetFileError> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| SubnetFileError::Io {
+        let io = |source| SubnetFileError::Io {
             path: path.to_path_buf(),
             source,
+        };
+        let not_a_file = |reason: String| SubnetFileError::NotAFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io)?;
+        let meta = f.metadata().map_err(io)?;
+        if !meta.file_type().is_file() {
+            return Err(not_a_file(format!(
+                "not a regular file (a {})",
+                file_kind(&meta.file_type())
+            )));
+        }
+        let mut buf = Vec::new();
+        f.take(MAX_SUBNET_FILE + 1)
+            .read_to_end(&mut buf)
+            .map_err(io)?;
+        if buf.len() as u64 > MAX_SUBNET_FILE {
+            return Err(not_a_file(format!("larger than {MAX_SUBNET_FILE} bytes")));
+        }
+        let text = String::from_utf8(buf).map_err(|_| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not UTF-8 text",
+            ))
         })?;
         Self::parse(path, &text)
     }
@@ -201,8 +243,32 @@ impl SubnetFile {
                 reason: "the node subnet has no room for pods".into(),
             });
         }
+        // The address in FLANNEL_SUBNET is the bridge's, the pods' gateway: any host of
+        // the subnet (the allocator skips it), never the network or broadcast address.
+        let check_gateway = |key: &'static str, s: IpNet| {
+            let reason = if s.addr() == s.network() {
+                Some("the gateway (the address) is the subnet's network address")
+            } else if s.addr().is_ipv4() && s.addr() == s.broadcast() {
+                Some("the gateway (the address) is the subnet's broadcast address")
+            } else {
+                None
+            };
+            match reason {
+                Some(r) => Err(SubnetFileError::Value {
+                    path: path.to_path_buf(),
+                    key,
+                    value: s.to_string(),
+                    reason: r.into(),
+                }),
+                None => Ok(()),
+            }
+        };
+        check_gateway("FLANNEL_SUBNET", subnet)?;
         if let (Some(n), Some(s)) = (ipv6_network, ipv6_subnet) {
             check("FLANNEL_IPV6_SUBNET", s, n)?;
+        }
+        if let Some(s) = ipv6_subnet {
+            check_gateway("FLANNEL_IPV6_SUBNET", s)?;
         }
         Ok(SubnetFile {
             network,
@@ -242,6 +308,26 @@ impl SubnetFile {
             path: path.to_path_buf(),
             source,
         })
+    }
+}
+
+/// What a file type is, for an error message.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_symlink() {
+        "symlink"
+    } else {
+        "special file"
     }
 }
 
@@ -329,5 +415,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/twill/subnet.env"), "{e}");
+    }
+
+    #[test]
+    fn gateway_may_be_any_host_but_not_network_or_broadcast() {
+        let f = |sub: &str| {
+            SubnetFile::parse(
+                "/p",
+                &format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={sub}\nFLANNEL_MTU=1450\n"),
+            )
+        };
+        assert_eq!(
+            f("10.244.3.2/24").unwrap().gateway().to_string(),
+            "10.244.3.2"
+        );
+        for bad in ["10.244.3.0/24", "10.244.3.255/24"] {
+            let e = f(bad).unwrap_err().to_string();
+            assert!(e.contains("FLANNEL_SUBNET") && e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn only_a_bounded_regular_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // A FIFO with no writer: a blocking open would hang here forever.
+        let fifo = dir.path().join("fifo");
+        nix_mkfifo(&fifo);
+        let e = SubnetFile::read(&fifo).unwrap_err();
+        assert!(matches!(e, SubnetFileError::NotAFile { .. }), "{e}");
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        let e = SubnetFile::read(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+        let big = dir.path().join("big");
+        let mut text = FLANNEL.to_string();
+        text.push_str(&"#".repeat(MAX_SUBNET_FILE as usize));
+        std::fs::write(&big, text).unwrap();
+        let e = SubnetFile::read(&big).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        // A symlink to a regular file is read (positive control).
+        let real = dir.path().join("real");
+        std::fs::write(&real, FLANNEL).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(
+            SubnetFile::read(&link).unwrap().gateway().to_string(),
+            "10.244.3.1"
+        );
+    }
+
+    fn nix_mkfifo(p: &Path) {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     }
 }
