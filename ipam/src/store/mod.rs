@@ -27,7 +27,7 @@ use rand::Rng;
 
 /// The etcd client crate, for callers that need raw access (tests, tools).
 pub use etcd_client;
-pub use holder::{HolderState, HolderStats, LeaseHolder};
+pub use holder::{EXPIRY_MARGIN, HolderState, HolderStats, LeaseHolder, RETRY_CAP};
 pub use watch::{LeaseWatch, WatchStats};
 
 use crate::lease::{Lease, LeaseAttrs, key_to_subnet, subnet_to_key};

@@ -1,0 +1,118 @@
+//! A node keeps its subnet through etcd outages and against a second node of the same name
+//! (issue 14), against a real etcd started per test by the harness.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use twill_ipam::lease::LeaseAttrs;
+use twill_ipam::netconf::NetConfig;
+use twill_ipam::store::{LeaseHolder, LeaseStore};
+use twill_tests::etcd::{EtcdServer, TcpProxy};
+
+const PREFIX: &str = "/twill/network";
+const NET16: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+fn attrs(node: &str, n: u32) -> LeaseAttrs {
+    LeaseAttrs::vxlan(
+        node,
+        Ipv4Addr::from(0xc0a8_0000 + n),
+        1,
+        &format!("aa:bb:cc:00:{:02x}:{:02x}", (n >> 8) & 0xff, n & 0xff),
+    )
+}
+
+async fn setup(etcd: &EtcdServer) -> (LeaseStore, NetConfig) {
+    let store = LeaseStore::connect(etcd.options(PREFIX)).await.unwrap();
+    let cfg = NetConfig::from_json(NET16).unwrap();
+    store.put_config(&cfg, false).await.unwrap();
+    (store, cfg)
+}
+
+/// A store that reaches etcd through `proxy` only, with short request timeouts.
+async fn store_via(etcd: &EtcdServer, proxy: &TcpProxy) -> LeaseStore {
+    let mut o = etcd.options(PREFIX);
+    o.endpoints = vec![proxy.endpoint()];
+    o.timeout = Duration::from_millis(500);
+    LeaseStore::new(o).await.unwrap()
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `within`.
+async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+async fn acquired(h: &mut LeaseHolder) -> twill_ipam::lease::Lease {
+    tokio::time::timeout(Duration::from_secs(10), h.acquired())
+        .await
+        .expect("acquired in time")
+}
+
+/// Proves that renewal after an outage happens within seconds, before etcd's expiry, with
+/// the same etcd lease: etcd stays up (its lease clock runs), the node is cut off from it
+/// for 26 s of a 30 s TTL (many retry intervals), then reconnected. Before the fix the
+/// retries backed off up to TTL/3 (10 s) and the last one was clamped to a local deadline
+/// later than etcd's expiry, so the first try after the reconnection came too late: the
+/// lease was lost and re-acquired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_after_an_outage_happens_within_seconds_with_the_same_etcd_lease() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd).await;
+    let proxy = TcpProxy::start(etcd.client_port()).await.unwrap();
+    let via = store_via(&etcd, &proxy).await;
+    let ttl = Duration::from_secs(30);
+    let mut h = via.hold(cfg, attrs("node-a", 1), ttl);
+    let lease = acquired(&mut h).await;
+
+    // Cut right after a renewal: etcd's expiry is then ~30 s away.
+    let r0 = h.stats().renewals;
+    wait_until(Duration::from_secs(15), "first renewal", || {
+        h.stats().renewals > r0
+    })
+    .await;
+    proxy.cut();
+    let cut_at = Instant::now();
+    let renewals = h.stats().renewals;
+    tokio::time::sleep(Duration::from_secs(26).saturating_sub(cut_at.elapsed())).await;
+    assert_eq!(h.stats().renewals, renewals, "nothing got through the cut");
+    assert!(
+        h.stats().errors >= 3,
+        "several retries failed: {:?}",
+        h.stats()
+    );
+    proxy.restore();
+
+    // Renewed within seconds (≤ RETRY_CAP + jitter + one request timeout), before expiry.
+    let took = wait_until(Duration::from_secs(4), "renewal after the outage", || {
+        h.stats().renewals > renewals
+    })
+    .await;
+    eprintln!("renewed {took:?} after the reconnection");
+    let st = h.stats();
+    assert_eq!(st.losses, 0, "{st:?}");
+    assert_eq!(st.acquisitions, 1, "{st:?}");
+    let s = h.state();
+    assert!(s.held && s.healthy, "{s:?}");
+    let now = s.lease.unwrap();
+    assert_eq!(now.subnet, lease.subnet);
+    assert_eq!(now.etcd_lease, lease.etcd_lease, "the same etcd lease");
+    // etcd agrees: the key is bound to that lease, which has most of its TTL again.
+    let k = store
+        .get(&lease.subnet)
+        .await
+        .unwrap()
+        .expect("key still there");
+    assert_eq!(k.etcd_lease, lease.etcd_lease);
+    let left = store
+        .expires(lease.etcd_lease)
+        .await
+        .unwrap()
+        .expect("lease alive")
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(left > Duration::from_secs(20), "TTL left {left:?}");
+}
