@@ -116,3 +116,105 @@ async fn renewal_after_an_outage_happens_within_seconds_with_the_same_etcd_lease
         .unwrap_or_default();
     assert!(left > Duration::from_secs(20), "TTL left {left:?}");
 }
+
+/// Proves that a second node with the name of a live node (another PublicIP: a cloned VM, a
+/// hostname default) does not take its lease over, and fails with a message naming the
+/// other node's IP; that the same name from the same PublicIP (a restart) does take it over
+/// (positive control); and that once the other lease has expired, the second node acquires.
+/// Before the fix the second node took the key over, and the two took it from each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_node_name_from_another_public_ip_does_not_take_the_lease_over() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd).await;
+    let first = store
+        .acquire(&cfg, &attrs("node-dup", 1), Duration::from_secs(4))
+        .await
+        .unwrap();
+    // The clone: same name, another PublicIP.
+    let e = store
+        .acquire(&cfg, &attrs("node-dup", 2), Duration::from_secs(4))
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, twill_ipam::store::StoreError::DuplicateName { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("192.168.0.1") && msg.contains("node-dup"),
+        "{msg}"
+    );
+    assert!(msg.contains(&first.subnet.to_string()), "{msg}");
+    let k = store.get(&first.subnet).await.unwrap().unwrap();
+    assert_eq!(
+        k.attrs.public_ip,
+        Ipv4Addr::new(192, 168, 0, 1),
+        "untouched"
+    );
+    assert_eq!(k.etcd_lease, first.etcd_lease);
+    let (all, _) = store.list().await.unwrap();
+    assert_eq!(all.len(), 1, "the clone took no other subnet either");
+
+    // Positive control: the same name from the same PublicIP (a restart) takes it over.
+    let again = store
+        .acquire(&cfg, &attrs("node-dup", 1), Duration::from_secs(4))
+        .await
+        .unwrap();
+    assert_eq!(again.subnet, first.subnet);
+    assert_ne!(again.etcd_lease, first.etcd_lease);
+
+    // A holder for the clone keeps failing, says why, and acquires once the first node's
+    // lease has expired (nobody renews it).
+    let h = store.hold(cfg.clone(), attrs("node-dup", 2), Duration::from_secs(4));
+    wait_until(Duration::from_secs(5), "the clone's error", || {
+        h.state()
+            .last_error
+            .is_some_and(|e| e.contains("already used by the node at 192.168.0.1"))
+    })
+    .await;
+    assert!(!h.state().held);
+    let mut h = h;
+    let got = tokio::time::timeout(Duration::from_secs(15), h.acquired())
+        .await
+        .expect("acquired after the other lease expired");
+    assert_eq!(got.attrs.public_ip, Ipv4Addr::new(192, 168, 0, 2));
+    let k = store.get(&got.subnet).await.unwrap().unwrap();
+    assert_eq!(k.attrs.public_ip, Ipv4Addr::new(192, 168, 0, 2));
+}
+
+/// Proves that a reservation taken by one node is not taken by a second node of that name
+/// from another PublicIP (both would share one pod subnet), and that reserving it again
+/// (the documented way to move it) lets the second node take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_node_name_does_not_share_a_reservation() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd).await;
+    let subnet: ipnet::Ipv4Net = "10.244.7.0/24".parse().unwrap();
+    let mut r = LeaseAttrs::vxlan("node-r", Ipv4Addr::UNSPECIFIED, 0, "");
+    r.backend_type.clear();
+    store.reserve(subnet, &r).await.unwrap();
+    let a = store
+        .acquire(&cfg, &attrs("node-r", 1), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(a.reserved && a.subnet == subnet);
+    let e = store
+        .acquire(&cfg, &attrs("node-r", 2), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("192.168.0.1") && e.to_string().contains("reserve"),
+        "{e}"
+    );
+    // The operator reserves it again (the node at .1 is gone): the other node takes it.
+    store.reserve(subnet, &r).await.unwrap();
+    let b = store
+        .acquire(&cfg, &attrs("node-r", 2), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(b.subnet, subnet);
+    assert_eq!(
+        store.get(&subnet).await.unwrap().unwrap().attrs.public_ip,
+        Ipv4Addr::new(192, 168, 0, 2)
+    );
+}

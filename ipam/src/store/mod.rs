@@ -125,9 +125,52 @@ pub enum StoreError {
     Conflict { key: String, holder: String },
     #[error("gave up on {what} after {attempts} attempts: every attempt collided")]
     Contention { what: &'static str, attempts: u32 },
+    /// Another node (another PublicIP) holds a live lease, or a reservation it has taken,
+    /// under this node's name: taking it over would make the two nodes take the key from each
+    /// other forever (cloned VMs, hostnames). Allowed only when the PublicIP matches or the
+    /// other lease has expired.
+    #[error(
+        "node name {node:?} is already used by the node at {other_ip}: it holds subnet {subnet}{} (this node is {our_ip}); give this node a unique --node-name, {fix}",
+        if *reserved { " (a reservation)" } else { " with a live lease" }
+    )]
+    DuplicateName {
+        node: String,
+        subnet: Ipv4Net,
+        other_ip: Ipv4Addr,
+        our_ip: Ipv4Addr,
+        reserved: bool,
+        fix: String,
+    },
 }
 
 impl StoreError {
+    /// A node name held by another node: see [`StoreError::DuplicateName`].
+    fn duplicate_name(
+        node: &str,
+        subnet: Ipv4Net,
+        other: Ipv4Addr,
+        ours: Ipv4Addr,
+        reserved: bool,
+    ) -> Self {
+        let fix = if reserved {
+            format!(
+                "or, if {other} is gone, reserve the subnet again (`twillctl leases reserve {subnet} --node {node}`) so that the next node of that name takes it"
+            )
+        } else {
+            format!(
+                "or, if {other} is gone, wait for its lease to expire or release it (`twillctl leases release {subnet}`)"
+            )
+        };
+        StoreError::DuplicateName {
+            node: node.to_string(),
+            subnet,
+            other_ip: other,
+            our_ip: ours,
+            reserved,
+            fix,
+        }
+    }
+
     /// True for errors that a retry may cure (etcd unreachable, timeouts, collisions).
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -632,6 +675,10 @@ impl LeaseStore {
     /// Takes a subnet for `attrs.node_name`:
     /// 1. a key that already names this node (still alive after a restart, or reserved) is
     ///    taken over: bound to a fresh etcd lease, or kept without TTL if it is a reservation;
+    ///    but only when its PublicIP is this node's (or 0.0.0.0, a reservation not taken yet):
+    ///    a key of this name from another PublicIP is another, live node with the same name,
+    ///    and the result is [`StoreError::DuplicateName`] (retried by the holder: once that
+    ///    lease expires, this node acquires);
     /// 2. else `prefer` (e.g. the subnet from the node's subnet file, or the one just lost) if
     ///    it is free and valid;
     /// 3. else a random free subnet, created only if absent (one txn); on collision the txn's
@@ -672,6 +719,7 @@ impl LeaseStore {
             for attempt in 1..=MAX_ATTEMPTS {
                 let mut taken: HashSet<Ipv4Net> = HashSet::with_capacity(kvs.len());
                 let mut own: Vec<(Ipv4Net, &KeyValue)> = Vec::new();
+                let mut duplicate: Option<(Ipv4Net, Ipv4Addr, bool)> = None;
                 for k in &kvs {
                     let key = String::from_utf8_lossy(k.key());
                     let Some(name) = key.strip_prefix(&prefix) else {
@@ -681,12 +729,33 @@ impl LeaseStore {
                         continue;
                     };
                     taken.insert(subnet);
-                    if cfg.is_valid_subnet(&subnet)
-                        && LeaseAttrs::from_json(&key, k.value())
-                            .is_ok_and(|a| a.node_name == attrs.node_name)
-                    {
-                        own.push((subnet, k));
+                    if !cfg.is_valid_subnet(&subnet) {
+                        continue;
                     }
+                    let Ok(a) = LeaseAttrs::from_json(&key, k.value()) else {
+                        continue;
+                    };
+                    if a.node_name != attrs.node_name {
+                        continue;
+                    }
+                    // Our name from another PublicIP: a TTL key exists only while its etcd
+                    // lease lives, so that node is alive; a reservation it took is its own.
+                    if a.public_ip != attrs.public_ip && !a.public_ip.is_unspecified() {
+                        duplicate.get_or_insert((subnet, a.public_ip, k.lease() == 0));
+                        continue;
+                    }
+                    own.push((subnet, k));
+                }
+                if own.is_empty()
+                    && let Some((subnet, other, reserved)) = duplicate
+                {
+                    return Err(StoreError::duplicate_name(
+                        &attrs.node_name,
+                        subnet,
+                        other,
+                        attrs.public_ip,
+                        reserved,
+                    ));
                 }
                 // 1. Our own key (sticky), the preferred one first.
                 own.sort_by_key(|(s, _)| (Some(*s) != prefer, *s));
