@@ -218,3 +218,84 @@ async fn a_duplicate_node_name_does_not_share_a_reservation() {
         Ipv4Addr::new(192, 168, 0, 2)
     );
 }
+
+/// Proves the grace period: a subnet whose lease just expired (its node cut off, nobody
+/// renewing) is not handed to another node while its grace key lives, even when that node
+/// asks for it; the node that held it gets it back; and without a grace period (positive
+/// control) the other node takes it. An explicit release frees it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_whose_lease_just_expired_is_kept_for_its_node_for_the_grace_period() {
+    let etcd = EtcdServer::start().unwrap();
+    let (plain, cfg) = setup(&etcd).await;
+    let store = plain.clone().with_grace(Duration::from_secs(60));
+    let ttl = Duration::from_secs(2);
+    let a = store.acquire(&cfg, &attrs("node-a", 1), ttl).await.unwrap();
+    // Nobody renews: the lease expires, the grace key stays.
+    wait_until_async(Duration::from_secs(10), "lease expired", || async {
+        plain.get(&a.subnet).await.unwrap().is_none()
+    })
+    .await;
+    let b = store
+        .acquire_with(&cfg, &attrs("node-b", 2), ttl, Some(a.subnet))
+        .await
+        .unwrap();
+    assert_ne!(b.subnet, a.subnet, "in node-a's grace period");
+    // node-a comes back: its subnet again.
+    let a2 = store
+        .acquire_with(&cfg, &attrs("node-a", 1), ttl, Some(a.subnet))
+        .await
+        .unwrap();
+    assert_eq!(a2.subnet, a.subnet);
+    // An explicit release ends the grace period at once.
+    assert!(plain.release(a.subnet).await.unwrap());
+    let c = store
+        .acquire_with(&cfg, &attrs("node-c", 3), ttl, Some(a.subnet))
+        .await
+        .unwrap();
+    assert_eq!(c.subnet, a.subnet, "released: no grace period");
+
+    // Positive control: no grace key written (store without grace): taken at once.
+    let d = plain.acquire(&cfg, &attrs("node-d", 4), ttl).await.unwrap();
+    wait_until_async(Duration::from_secs(10), "lease expired", || async {
+        plain.get(&d.subnet).await.unwrap().is_none()
+    })
+    .await;
+    let e = store
+        .acquire_with(&cfg, &attrs("node-e", 5), ttl, Some(d.subnet))
+        .await
+        .unwrap();
+    assert_eq!(e.subnet, d.subnet);
+}
+
+/// Proves that the holder renews the grace key with the lease: after several TTLs of a
+/// held lease, the grace key still exists and names the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_renews_the_grace_key_with_the_lease() {
+    let etcd = EtcdServer::start().unwrap();
+    let (plain, cfg) = setup(&etcd).await;
+    let store = plain.clone().with_grace(Duration::from_secs(2));
+    let mut h = store.hold(cfg, attrs("node-a", 1), Duration::from_secs(3));
+    let l = acquired(&mut h).await;
+    let key = store.grace_key(&l.subnet);
+    let mut client = plain.client().clone();
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        let r = client.get(key.clone(), None).await.unwrap();
+        assert_eq!(r.kvs().len(), 1, "grace key renewed (ttl 3 s + 2 s)");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(h.stats().renewals >= 3, "{:?}", h.stats());
+}
+
+/// Polls the async `cond` every 50 ms until it holds; panics with `what` after `within`.
+async fn wait_until_async<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -316,6 +316,9 @@ impl Task {
                                 }
                             });
                             tracing::debug!(subnet = %lease.subnet, ttl_left, "renewed the lease");
+                            if !self.store.grace().is_zero() {
+                                self.store.renew_grace(&lease.subnet, &lease.attrs.node_name).await;
+                            }
                         }
                         Ok(_) => return Lost::Expired,
                         Err(e) => {
