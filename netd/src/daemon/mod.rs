@@ -128,7 +128,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let store = LeaseStore::new(etcd_options(&args.etcd))
         .await
-        .context("etcd client")?;
+        .context("etcd client")?
+        .with_grace(args.lease_grace);
     let cfg = tokio::select! {
         c = net_config(&store, args.net_conf.as_deref(), &metrics) => c?,
         _ = sigterm.recv() => return Ok(()),
