@@ -64,10 +64,12 @@ pub(crate) fn lock_allocator(
     alloc: &twill_ipam::alloc::Allocator,
 ) -> std::result::Result<twill_ipam::alloc::Locked, twill_ipam::alloc::AllocError> {
     let locked = alloc.lock()?;
-    if locked.torn_from_previous_boot() {
+    if let Some(r) = locked.recovered() {
         tracing::warn!(
             dir = %alloc.dir().display(),
-            "the state file did not parse and was written before this boot (torn by a power cut?): started over"
+            from = %r.from.display(),
+            reason = %r.reason,
+            "the state file was not the newest good version (torn by a power cut?): recovered it from its copy"
         );
     }
     let n = locked.released_for_reboot();

@@ -97,6 +97,10 @@ pub struct Request {
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct State {
+    /// Incremented by every write: of two good copies (`state.json` and `.state.json.next`)
+    /// the higher one is the newer. Absent (0) in a state written before twill counted.
+    #[serde(default)]
+    generation: u64,
     /// The boot the reservations were made in (`/proc/sys/kernel/random/boot_id`). Absent
     /// in a state written before twill recorded it: then nothing is released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -173,26 +177,7 @@ impl Allocator {
             .map_err(io(&lock_path))?;
         file.lock().map_err(io(&lock_path))?;
         let state_path = self.state_path();
-        let mut torn_from_previous_boot = false;
-        let mut state: State = match std::fs::read(&state_path) {
-            Ok(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(s) => s,
-                // A state torn by a power cut (see `replace_file`): from a previous boot it
-                // holds no live reservation, and starting empty loses nothing.
-                Err(_) if written_before_this_boot(&state_path) => {
-                    torn_from_previous_boot = true;
-                    State::default()
-                }
-                Err(e) => {
-                    return Err(AllocError::Corrupt {
-                        path: state_path.clone(),
-                        reason: e.to_string(),
-                    });
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(io(&state_path)(e)),
-        };
+        let (mut state, recovered) = read_newest_good(&state_path)?;
         let mut released_for_reboot = 0;
         if let (Some(then), Some(now)) = (&state.boot_id, &self.boot_id)
             && then != now
@@ -202,7 +187,9 @@ impl Allocator {
             state.previous_boot = std::mem::take(&mut state.reservations);
         }
         // The boot ID goes in with the next write; a lock that changes nothing writes nothing.
-        let dirty = released_for_reboot > 0 || torn_from_previous_boot;
+        // A state recovered from the previous copy is written back at once (into
+        // `state.json`, keeping the copy it came from: see `Locked::commit`).
+        let dirty = released_for_reboot > 0 || recovered.is_some();
         state.boot_id = self.boot_id.clone();
         Ok(Locked {
             _lock: file,
@@ -210,7 +197,7 @@ impl Allocator {
             state_path,
             dirty,
             released_for_reboot,
-            torn_from_previous_boot,
+            recovered,
         })
     }
 
@@ -248,7 +235,16 @@ pub struct Locked {
     state_path: PathBuf,
     dirty: bool,
     released_for_reboot: usize,
-    torn_from_previous_boot: bool,
+    recovered: Option<Recovered>,
+}
+
+/// Why the state was read from `.state.json.next` rather than `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The path the state was read from (`.state.json.next`).
+    pub from: PathBuf,
+    /// What was wrong with `state.json` (it did not parse, or it was older).
+    pub reason: String,
 }
 
 impl Locked {
@@ -261,9 +257,10 @@ impl Locked {
         self.released_for_reboot
     }
 
-    /// Whether the state file did not parse and, written before this boot, was started over.
-    pub fn torn_from_previous_boot(&self) -> bool {
-        self.torn_from_previous_boot
+    /// Set when `state.json` did not parse (torn by a power cut, damaged) or was older than
+    /// its copy `.state.json.next`, and the state was read from that copy.
+    pub fn recovered(&self) -> Option<&Recovered> {
+        self.recovered.as_ref()
     }
 
     pub fn get(&self, container_id: &str, ifname: &str) -> Option<&Reservation> {
@@ -425,12 +422,20 @@ impl Locked {
     }
 
     /// Writes the state if it changed (crash-safe), then releases the lock.
-    pub fn commit(self) -> Result<(), AllocError> {
+    pub fn commit(mut self) -> Result<(), AllocError> {
         if !self.dirty {
             return Ok(());
         }
+        self.state.generation += 1;
         let bytes = serde_json::to_vec_pretty(&self.state).expect("state serializes");
-        replace_file(&self.state_path, &bytes).map_err(|source| AllocError::Io {
+        let res = if self.recovered.is_some() {
+            // The state came from the copy: write `state.json` in place and leave the copy
+            // alone, so a crash during this write still finds that good copy.
+            write_in_place(&self.state_path, &bytes)
+        } else {
+            replace_file(&self.state_path, &bytes)
+        };
+        res.map_err(|source| AllocError::Io {
             path: self.state_path.clone(),
             source,
         })
@@ -439,20 +444,19 @@ impl Locked {
 
 /// Replaces the state file at `path` with `data`, crash-safe: the new version is written
 /// into the temp file `.state.json.next` beside it, fsynced, and then swapped with
-/// `state.json` in one atomic rename (`renameat2(RENAME_EXCHANGE)`). The temp file is the
-/// previous version's: no inode is created or freed per write, which halves the cost of a
-/// write on ext4 (measured: 227 vs 470 µs p50 for temp + fsync + rename-over). A crash before
-/// the swap leaves `state.json` as it was; one during a write whose previous swap had not
-/// reached the disk yet can tear the file, but only across a reboot, and a state file from a
-/// previous boot holds no live reservation (see [`Allocator::lock`]). Where the file system
-/// cannot exchange, and for the first write, a plain rename.
+/// `state.json` in one atomic rename (`renameat2(RENAME_EXCHANGE)`), and the directory is
+/// fsynced. The temp file is the previous version's: no inode is created or freed per write.
+/// At every instant one of the two files is a complete, fsynced version: `state.json` while
+/// the copy is being written, both after the swap. [`Allocator::lock`] reads the newest one
+/// that parses (by generation), without looking at any clock. Where the file system cannot
+/// exchange, and for the first write, a plain rename.
 fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::FileExt;
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("state path has no file name"))?;
-    let next = path.with_file_name(format!(".{}.next", name.to_string_lossy()));
+    if path.file_name().is_none() {
+        return Err(std::io::Error::other("state path has no file name"));
+    }
+    let next = next_path(path);
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -474,36 +478,103 @@ fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
             libc::RENAME_EXCHANGE,
         )
     };
-    if r == 0 {
-        return Ok(());
-    }
-    match std::io::Error::last_os_error() {
-        // No state file yet, or a file system without RENAME_EXCHANGE.
-        e if matches!(
-            e.raw_os_error(),
-            Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-        ) =>
-        {
-            std::fs::rename(&next, path)
+    if r != 0 {
+        match std::io::Error::last_os_error() {
+            // No state file yet, or a file system without RENAME_EXCHANGE.
+            e if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            ) =>
+            {
+                std::fs::rename(&next, path)?
+            }
+            e => return Err(e),
         }
-        e => Err(e),
+    }
+    // The swap is on disk before the commit returns: `state.json` is then the version just
+    // written, and `.state.json.next` the previous good one.
+    sync_dir(path)
+}
+
+/// `.state.json.next` beside the state file `path`.
+fn next_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.next"))
+}
+
+/// One copy of the state: `None` if the file does not exist, `Some(Err(reason))` if it does
+/// not parse.
+fn read_copy(path: &Path) -> Result<Option<Result<State, String>>, AllocError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice::<State>(&bytes).map_err(|e| e.to_string()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AllocError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
-/// Whether the file at `path` was last written before the running boot began (its mtime is
-/// older than the kernel's boot time, `btime` in /proc/stat).
-fn written_before_this_boot(path: &Path) -> bool {
-    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("btime "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    });
-    let mtime = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs());
-    matches!((mtime, btime), (Some(m), Some(b)) if m < b)
+/// The newest good copy of the state: `state.json`, or its copy `.state.json.next` when
+/// `state.json` does not parse or the copy has a higher generation (a write that reached
+/// the disk but whose swap did not: its reservations may be in use, so they are kept).
+/// No clock is involved. A missing `state.json` is an empty state (the documented reset
+/// deletes it); it is an error only when no copy parses.
+fn read_newest_good(path: &Path) -> Result<(State, Option<Recovered>), AllocError> {
+    let next = next_path(path);
+    let main = match read_copy(path)? {
+        None => return Ok((State::default(), None)),
+        Some(m) => m,
+    };
+    let copy = read_copy(&next)?;
+    match (main, copy) {
+        (Ok(m), Some(Ok(c))) if c.generation > m.generation => {
+            let reason = format!(
+                "state.json has generation {}, its copy {}",
+                m.generation, c.generation
+            );
+            Ok((c, Some(Recovered { from: next, reason })))
+        }
+        (Ok(m), _) => Ok((m, None)),
+        (Err(reason), Some(Ok(c))) => Ok((c, Some(Recovered { from: next, reason }))),
+        (Err(reason), copy) => Err(AllocError::Corrupt {
+            path: path.to_path_buf(),
+            reason: match copy {
+                None => format!("{reason} (and there is no copy {})", next.display()),
+                Some(Err(r)) => format!("{reason} (and its copy {} neither: {r})", next.display()),
+                Some(Ok(_)) => unreachable!("matched above"),
+            },
+        }),
+    }
+}
+
+/// Fsyncs the directory holding `path`, so that a rename in it survives a power cut.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// Overwrites `path` in place with `data` and fsyncs it (used right after a recovery from
+/// the copy, which must stay intact until this write is on disk).
+fn write_in_place(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    f.write_all_at(data, 0)?;
+    f.set_len(data.len() as u64)?;
+    f.sync_all()?;
+    sync_dir(path)
 }
 
 /// The first and last host IP (as numbers): after the network address, before the
@@ -616,31 +687,88 @@ mod tests {
         assert_eq!(std::fs::read(&next).unwrap(), b"version two");
     }
 
+    /// Proves that a torn or garbage `state.json` beside a good previous copy does not block
+    /// an ADD and keeps the copy's reservations, whatever the file times say (no clock is
+    /// involved: the mtime is set far in the future, as after a clock that ran ahead). Before
+    /// the fix the same files gave `Corrupt`.
     #[test]
-    fn a_torn_state_from_a_previous_boot_starts_over_and_one_from_this_boot_is_an_error() {
+    fn a_torn_state_with_a_good_copy_recovers_the_copy_and_keeps_its_reservations() {
         let dir = tempfile::tempdir().unwrap();
         let a = Allocator::new(dir.path(), "twill");
-        std::fs::create_dir_all(a.dir()).unwrap();
-        std::fs::write(a.state_path(), b"{\"reservations\": [{\"ip\": \"10.1").unwrap();
-        // Written in this boot: nothing can be said about it.
-        assert!(matches!(a.lock(), Err(AllocError::Corrupt { .. })));
-        // Written before this boot (a power cut tore it): started over.
-        let f = std::fs::File::options()
-            .write(true)
-            .open(a.state_path())
+        let net = "10.1.0.0/24";
+        for c in ["a", "b"] {
+            reserve(&a, net, &req(c)).unwrap();
+        }
+        // After the second write the copy holds the first version (reservation "a" only);
+        // one more write makes the copy hold both.
+        reserve(&a, net, &req("c")).unwrap();
+        let good_copy = std::fs::read(next_path(&a.state_path())).unwrap();
+        assert!(String::from_utf8_lossy(&good_copy).contains("\"b\""));
+        for garbage in [
+            &b"{\"reservations\": [{\"ip\": \"10.1"[..],
+            &b"\0\0\0\0\0\0\0\0"[..],
+            &b""[..],
+        ] {
+            std::fs::write(next_path(&a.state_path()), &good_copy).unwrap();
+            std::fs::write(a.state_path(), garbage).unwrap();
+            let f = File::options().write(true).open(a.state_path()).unwrap();
+            f.set_modified(
+                std::time::SystemTime::now() + std::time::Duration::from_secs(86400 * 365),
+            )
             .unwrap();
-        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000))
-            .unwrap();
-        drop(f);
-        let mut l = a.lock().unwrap();
-        assert!(l.torn_from_previous_boot());
-        assert!(l.reservations().is_empty());
-        l.reserve("10.1.0.0/24".parse().unwrap(), &req("a"))
-            .unwrap();
-        l.commit().unwrap();
+            drop(f);
+            let mut l = a.lock().unwrap();
+            let rec = l.recovered().expect("recovered from the copy").clone();
+            assert_eq!(rec.from, next_path(&a.state_path()));
+            let ids: Vec<&str> = l
+                .reservations()
+                .iter()
+                .map(|r| r.container_id.as_str())
+                .collect();
+            assert_eq!(ids, ["a", "b"], "the copy's reservations are kept");
+            // An ADD works and does not hand out a kept IP.
+            let (r, _) = l.reserve(net.parse().unwrap(), &req("d")).unwrap();
+            assert_eq!(r.ip.to_string(), "10.1.0.4");
+            l.commit().unwrap();
+            // The recovery wrote state.json in place and left the copy as it was.
+            assert_eq!(
+                std::fs::read(next_path(&a.state_path())).unwrap(),
+                good_copy
+            );
+            let l = a.lock().unwrap();
+            assert!(l.recovered().is_none());
+            assert_eq!(l.reservations().len(), 3);
+            drop(l);
+            let mut l = a.lock().unwrap();
+            l.release("d", "eth0");
+            l.commit().unwrap();
+        }
+    }
+
+    /// Proves that the newer of two good copies wins: a copy written and fsynced whose swap
+    /// did not happen (crash between the two) holds reservations that may be in use.
+    #[test]
+    fn a_newer_good_copy_wins_over_an_older_state_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "twill");
+        let net = "10.1.0.0/24";
+        reserve(&a, net, &req("a")).unwrap();
+        reserve(&a, net, &req("b")).unwrap();
+        // Swap the two files back: state.json is now the older version (generation 1).
+        let (p, n) = (a.state_path(), next_path(&a.state_path()));
+        let (new, old) = (std::fs::read(&p).unwrap(), std::fs::read(&n).unwrap());
+        std::fs::write(&p, &old).unwrap();
+        std::fs::write(&n, &new).unwrap();
         let l = a.lock().unwrap();
-        assert!(!l.torn_from_previous_boot());
-        assert_eq!(l.reservations().len(), 1);
+        assert!(l.recovered().is_some());
+        assert_eq!(l.reservations().len(), 2);
+        // Positive control: in the normal order nothing is recovered.
+        drop(l);
+        std::fs::write(&p, &new).unwrap();
+        std::fs::write(&n, &old).unwrap();
+        let l = a.lock().unwrap();
+        assert!(l.recovered().is_none());
+        assert_eq!(l.reservations().len(), 2);
     }
 
     #[test]
@@ -803,9 +931,15 @@ mod tests {
         let left = a.list().unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].ip.to_string(), "fd00::3");
+        // Corrupt only when no copy parses either.
         std::fs::write(a.state_path(), b"{not json").unwrap();
+        std::fs::write(next_path(&a.state_path()), b"{nor this").unwrap();
         let e = a.lock().unwrap_err().to_string();
         assert!(e.contains("state.json") && e.contains("corrupt"), "{e}");
+        assert!(e.contains(".state.json.next"), "{e}");
+        std::fs::remove_file(next_path(&a.state_path())).unwrap();
+        let e = a.lock().unwrap_err().to_string();
+        assert!(e.contains("no copy"), "{e}");
     }
 
     #[test]

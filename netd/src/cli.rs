@@ -86,6 +86,11 @@ pub struct RunArgs {
     /// TTL of the node's lease in etcd; renewed at a third of it.
     #[arg(long, env = "TWILLD_LEASE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub lease_ttl: Duration,
+    /// Grace period of an expired lease: its subnet is not handed to another node for this
+    /// long after the lease expired, so a node cut off longer than the TTL gets it back
+    /// (docs/leases.md). 0 disables it.
+    #[arg(long, env = "TWILLD_LEASE_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub lease_grace: Duration,
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
     #[arg(long, env = "TWILLD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
     pub metrics_addr: SocketAddr,

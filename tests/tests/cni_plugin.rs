@@ -304,10 +304,10 @@ fn del_is_idempotent() {
     assert!(node.reservations().is_empty());
     assert!(node.host_veths().is_empty());
     assert!(node.lock_is_free());
-    // A corrupt allocator state: DEL still removes the veth, then reports code 102.
+    // A corrupt allocator state (both copies): DEL still removes the veth, then reports code 102.
     let e = node.pod("de");
     node.add(&e);
-    std::fs::write(node.state_file(), "{garbage").unwrap();
+    node.corrupt_state("{garbage");
     let out = node.call("DEL", &e, &node.conf("1.0.0"));
     assert_eq!(out.error_code(), Some(102), "{}", out.stdout);
     assert!(node.host_veths().is_empty());
@@ -419,7 +419,7 @@ fn status_is_ready_with_a_full_subnet_but_not_with_an_unreadable_state() {
     node.exec(&[("CNI_COMMAND", "STATUS")], &node.conf("1.1.0"))
         .expect_ok("STATUS with a full subnet");
     node.del(&a);
-    std::fs::write(node.state_file(), "{ torn").unwrap();
+    node.corrupt_state("{ torn");
     let out = node.exec(&[("CNI_COMMAND", "STATUS")], &node.conf("1.1.0"));
     assert_eq!(out.error_code(), Some(50), "{}", out.stdout);
 }

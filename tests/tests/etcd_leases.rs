@@ -25,6 +25,14 @@ fn attrs(node: &str, n: u32) -> LeaseAttrs {
     )
 }
 
+/// `attrs(node, n)` with the VTEP MAC of `mac_n`: the same node (same PublicIP) with new
+/// attributes (a PublicIP change of a live lease is a duplicate name, refused).
+fn attrs_mac(node: &str, n: u32, mac_n: u32) -> LeaseAttrs {
+    let mut a = attrs(node, n);
+    a.backend_data.vtep_mac = attrs(node, mac_n).backend_data.vtep_mac;
+    a
+}
+
 async fn setup(etcd: &EtcdServer, cfg_json: &str) -> (LeaseStore, NetConfig) {
     let store = LeaseStore::connect(etcd.options(PREFIX)).await.unwrap();
     let cfg = NetConfig::from_json(cfg_json).unwrap();
@@ -239,7 +247,10 @@ async fn watch_survives_etcd_restart_without_losing_or_repeating_events() {
         .acquire_with(&cfg, &attrs("c", 3), ttl, Some(net("10.244.3.0/24")))
         .await
         .unwrap();
-    let b2 = writer.acquire(&cfg, &attrs("b", 22), ttl).await.unwrap();
+    let b2 = writer
+        .acquire(&cfg, &attrs_mac("b", 2, 22), ttl)
+        .await
+        .unwrap();
     assert_eq!(b2.subnet, b.subnet);
 
     let mut got = Vec::new();
@@ -256,8 +267,8 @@ async fn watch_survives_etcd_restart_without_losing_or_repeating_events() {
     }
     match &got[2] {
         LeaseEvent::Changed { old, new } => {
-            assert_eq!(old.attrs.public_ip, Ipv4Addr::new(192, 168, 0, 2));
-            assert_eq!(new.attrs.public_ip, Ipv4Addr::new(192, 168, 0, 22));
+            assert_eq!(old.attrs.backend_data.vtep_mac, "aa:bb:cc:00:00:02");
+            assert_eq!(new.attrs.backend_data.vtep_mac, "aa:bb:cc:00:00:16");
         }
         e => panic!("{e:?}"),
     }
@@ -297,7 +308,10 @@ async fn compaction_while_disconnected_causes_a_relist_and_diff() {
         .acquire_with(&cfg, &attrs("c", 3), ttl, Some(net("10.244.3.0/24")))
         .await
         .unwrap();
-    let b2 = store.acquire(&cfg, &attrs("b", 22), ttl).await.unwrap();
+    let b2 = store
+        .acquire(&cfg, &attrs_mac("b", 2, 22), ttl)
+        .await
+        .unwrap();
     assert_eq!(b2.subnet, b.subnet);
     let (_, rev) = store.list().await.unwrap();
     let mut client = store.client().clone();
@@ -519,7 +533,7 @@ async fn unknown_fields_survive_a_takeover_and_flannel_leases_are_read() {
     // The "new" node restarts on this version: takes over its key, keeping the unknown field
     // it passes back (the daemon carries the extra fields of its own lease).
     let mut a = leases[1].attrs.clone();
-    a.public_ip = Ipv4Addr::new(192, 168, 9, 18);
+    a.backend_data.vtep_mac = "0a:0b:0c:0d:0e:18".into();
     let l = store
         .acquire(&cfg, &a, Duration::from_secs(60))
         .await
@@ -531,7 +545,7 @@ async fn unknown_fields_survive_a_takeover_and_flannel_leases_are_read() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(raw.kvs()[0].value()).unwrap();
     assert_eq!(v["Zone"], "z1");
-    assert_eq!(v["PublicIP"], "192.168.9.18");
+    assert_eq!(v["BackendData"]["VtepMAC"], "0a:0b:0c:0d:0e:18");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

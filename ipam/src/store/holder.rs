@@ -1,9 +1,13 @@
 //! [`LeaseHolder`]: keeps this node's lease, in a background task.
 //!
 //! Acquire (sticky, see [`LeaseStore::acquire_with`]) retrying with backoff; then renew with
-//! a keep-alive every TTL/3 and watch the node's own key. When the lease is lost anyway
-//! (its etcd lease expired while etcd was unreachable, or the key was deleted or taken over),
-//! the holder logs it, counts it and acquires again preferring the same subnet.
+//! a keep-alive every TTL/3 and watch the node's own key. A failed renewal is retried with a
+//! backoff capped at [`RETRY_CAP`], whatever the TTL, so the lease is renewed within seconds
+//! of etcd answering again; the retries aim at etcd's expiry (measured from when the last
+//! successful keep-alive was *sent*) minus [`EXPIRY_MARGIN`], and they go on past it: only
+//! etcd's answer (TTL 0) says the lease is gone, never a local clock. When the lease is lost
+//! anyway (its etcd lease expired while etcd was unreachable, or the key was deleted or taken
+//! over), the holder logs it, counts it and acquires again preferring the same subnet.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,6 +154,12 @@ impl LeaseHolder {
     }
 }
 
+/// The longest wait between two tries of a failed renewal or acquisition.
+pub const RETRY_CAP: Duration = Duration::from_secs(2);
+
+/// How long before etcd's expiry of the lease the last scheduled retry aims.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
+
 struct Task {
     store: LeaseStore,
     cfg: NetConfig,
@@ -186,7 +196,7 @@ impl Task {
     }
 
     async fn run(mut self, mut prefer: Option<Ipv4Net>) {
-        let mut backoff = Backoff::new(Duration::from_secs(10));
+        let mut backoff = Backoff::new(RETRY_CAP);
         loop {
             let attrs = self.attrs.borrow_and_update().clone();
             let lease = match self
@@ -235,11 +245,14 @@ impl Task {
             .unwrap_or(self.ttl)
             .max(Duration::from_secs(1));
         let interval = ttl / 3;
+        // etcd's expiry of the lease as seen here: from the acquisition, then from the sending
+        // of the last keep-alive that etcd answered (never from its answer: later than etcd's).
         let mut deadline = Instant::now() + ttl;
+        let mut past_deadline_logged = false;
         let mut next_renew = Instant::now() + interval;
         let mut keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
         let mut own: Option<WatchStream> = None;
-        let mut backoff = Backoff::new(interval.max(Duration::from_millis(200)));
+        let mut backoff = Backoff::new(interval.clamp(Duration::from_millis(200), RETRY_CAP));
         let mut watch_retry = Instant::now();
         let mut attrs_open = true;
         loop {
@@ -286,11 +299,13 @@ impl Task {
                     if lease.reserved || Instant::now() < next_renew {
                         continue;
                     }
+                    let sent = Instant::now();
                     match self.renew(&mut keeper, lease.etcd_lease).await {
                         Ok(ttl_left) if ttl_left > 0 => {
                             self.counters.renewals.fetch_add(1, Ordering::Relaxed);
-                            deadline = Instant::now() + Duration::from_secs(ttl_left as u64);
-                            next_renew = Instant::now() + interval;
+                            deadline = sent + Duration::from_secs(ttl_left as u64);
+                            past_deadline_logged = false;
+                            next_renew = sent + interval;
                             backoff.reset();
                             let expires = SystemTime::now() + Duration::from_secs(ttl_left as u64);
                             self.state.send_modify(|s| {
@@ -301,17 +316,28 @@ impl Task {
                                 }
                             });
                             tracing::debug!(subnet = %lease.subnet, ttl_left, "renewed the lease");
+                            if !self.store.grace().is_zero() {
+                                self.store.renew_grace(&lease.subnet, &lease.attrs.node_name).await;
+                            }
                         }
                         Ok(_) => return Lost::Expired,
                         Err(e) => {
                             keeper = None;
                             self.error(&e);
-                            if Instant::now() >= deadline {
-                                return Lost::Expired;
+                            let now = Instant::now();
+                            // Aim the last retry before etcd's expiry, minus a margin; past it,
+                            // keep trying every RETRY_CAP: etcd may still hold the lease (its
+                            // clock, a leader change) and only its answer tells.
+                            let aim = deadline.checked_sub(EXPIRY_MARGIN).unwrap_or(deadline);
+                            let mut d = backoff.next_delay();
+                            if now < aim {
+                                d = d.min(aim - now).max(Duration::from_millis(50));
+                            } else if !past_deadline_logged {
+                                past_deadline_logged = true;
+                                tracing::error!(subnet = %lease.subnet, error = %e, "the lease has probably expired in etcd (no renewal got through before its TTL): still trying to renew it, then to take the same subnet again");
                             }
-                            let d = backoff.next_delay().min(deadline - Instant::now());
                             tracing::warn!(subnet = %lease.subnet, error = %e, retry_in = ?d, "renewing the lease failed");
-                            next_renew = Instant::now() + d;
+                            next_renew = now + d;
                         }
                     }
                 }

@@ -27,7 +27,7 @@ use rand::Rng;
 
 /// The etcd client crate, for callers that need raw access (tests, tools).
 pub use etcd_client;
-pub use holder::{HolderState, HolderStats, LeaseHolder};
+pub use holder::{EXPIRY_MARGIN, HolderState, HolderStats, LeaseHolder, RETRY_CAP};
 pub use watch::{LeaseWatch, WatchStats};
 
 use crate::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, parse_lease, subnet_to_key};
@@ -125,9 +125,52 @@ pub enum StoreError {
     Conflict { key: String, holder: String },
     #[error("gave up on {what} after {attempts} attempts: every attempt collided")]
     Contention { what: &'static str, attempts: u32 },
+    /// Another node (another PublicIP) holds a live lease, or a reservation it has taken,
+    /// under this node's name: taking it over would make the two nodes take the key from each
+    /// other forever (cloned VMs, hostnames). Allowed only when the PublicIP matches or the
+    /// other lease has expired.
+    #[error(
+        "node name {node:?} is already used by the node at {other_ip}: it holds subnet {subnet}{} (this node is {our_ip}); give this node a unique --node-name, {fix}",
+        if *reserved { " (a reservation)" } else { " with a live lease" }
+    )]
+    DuplicateName {
+        node: String,
+        subnet: Ipv4Net,
+        other_ip: Ipv4Addr,
+        our_ip: Ipv4Addr,
+        reserved: bool,
+        fix: String,
+    },
 }
 
 impl StoreError {
+    /// A node name held by another node: see [`StoreError::DuplicateName`].
+    fn duplicate_name(
+        node: &str,
+        subnet: Ipv4Net,
+        other: Ipv4Addr,
+        ours: Ipv4Addr,
+        reserved: bool,
+    ) -> Self {
+        let fix = if reserved {
+            format!(
+                "or, if {other} is gone, reserve the subnet again (`twillctl leases reserve {subnet} --node {node}`) so that the next node of that name takes it"
+            )
+        } else {
+            format!(
+                "or, if {other} is gone, wait for its lease to expire or release it (`twillctl leases release {subnet}`)"
+            )
+        };
+        StoreError::DuplicateName {
+            node: node.to_string(),
+            subnet,
+            other_ip: other,
+            our_ip: ours,
+            reserved,
+            fix,
+        }
+    }
+
     /// True for errors that a retry may cure (etcd unreachable, timeouts, collisions).
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -151,6 +194,8 @@ pub struct LeaseStore {
     opts: Arc<EtcdOptions>,
     prefix: Arc<str>,
     rpcs: Arc<AtomicU64>,
+    /// Grace period of an expired lease (see [`LeaseStore::with_grace`]); zero: none.
+    grace: Duration,
 }
 
 impl std::fmt::Debug for LeaseStore {
@@ -242,7 +287,78 @@ impl LeaseStore {
             opts: Arc::new(opts),
             prefix,
             rpcs: Arc::new(AtomicU64::new(0)),
+            grace: Duration::ZERO,
         })
+    }
+
+    /// Sets the grace period of an expired lease: every TTL lease acquired through this
+    /// store writes a grace key `<prefix>/grace/<net>-<len>` naming its node, bound to an
+    /// etcd lease of TTL + `grace` that is renewed together with the lease. Until that key
+    /// expires (`grace` after the lease), no other node's acquisition through a store with a
+    /// grace period takes the subnet, so a node cut off longer than its TTL gets its subnet
+    /// back when it returns. Zero (the default) writes no grace key; grace keys are always
+    /// honoured. An explicit release deletes the grace key too.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The grace period (see [`LeaseStore::with_grace`]).
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// `<prefix>/grace/` (with the trailing slash).
+    pub fn grace_prefix(&self) -> String {
+        format!("{}/grace/", self.prefix)
+    }
+
+    /// `<prefix>/grace/<net>-<len>`.
+    pub fn grace_key(&self, subnet: &Ipv4Net) -> String {
+        format!("{}{}", self.grace_prefix(), subnet_to_key(subnet))
+    }
+
+    /// Renews the etcd lease of `subnet`'s grace key if it names `node` (one keep-alive;
+    /// best effort: a failure is retried with the next renewal of the lease).
+    pub(crate) async fn renew_grace(&self, subnet: &Ipv4Net, node: &str) {
+        let key = self.grace_key(subnet);
+        let Ok(resp) = self.kv_get(&key, None).await else {
+            return;
+        };
+        let Some(k) = resp.kvs().first() else { return };
+        let id = k.lease();
+        if id == 0 || !LeaseAttrs::from_json(&key, k.value()).is_ok_and(|a| a.node_name == node) {
+            return;
+        }
+        let what = format!("lease {id:x}");
+        let r = self
+            .rpc("lease-keepalive", &what, |c| async move {
+                let (mut keeper, mut stream) = c.lease_client().keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(%subnet, error = %e, "renewing the grace key's lease failed");
+        }
+    }
+
+    /// Subnets whose grace key names another node than `node`.
+    async fn in_grace_of_others(&self, node: &str) -> Result<HashSet<Ipv4Net>, StoreError> {
+        let prefix = self.grace_prefix();
+        let resp = self
+            .kv_get(&prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|k| {
+                let key = String::from_utf8_lossy(k.key());
+                let subnet = key_to_subnet(key.strip_prefix(&prefix)?).ok()?;
+                let a = LeaseAttrs::from_json(&key, k.value()).ok()?;
+                (a.node_name != node).then_some(subnet)
+            })
+            .collect())
     }
 
     /// [`LeaseStore::new`], then one read to check that etcd answers: a clear
@@ -555,6 +671,13 @@ impl LeaseStore {
                 self.revoke(prev.lease()).await;
             }
         }
+        // An explicit release frees the subnet at once: no grace period.
+        let grace = self.grace_key(&subnet);
+        self.rpc("delete", &grace, |c| {
+            let k = grace.clone();
+            async move { c.kv_client().delete(k, None).await }
+        })
+        .await?;
         Ok(resp.deleted() > 0)
     }
 
@@ -639,6 +762,10 @@ impl LeaseStore {
     /// Takes a subnet for `attrs.node_name`:
     /// 1. a key that already names this node (still alive after a restart, or reserved) is
     ///    taken over: bound to a fresh etcd lease, or kept without TTL if it is a reservation;
+    ///    but only when its PublicIP is this node's (or 0.0.0.0, a reservation not taken yet):
+    ///    a key of this name from another PublicIP is another, live node with the same name,
+    ///    and the result is [`StoreError::DuplicateName`] (retried by the holder: once that
+    ///    lease expires, this node acquires);
     /// 2. else `prefer` (e.g. the subnet from the node's subnet file, or the one just lost) if
     ///    it is free and valid;
     /// 3. else a random free subnet, created only if absent (one txn); on collision the txn's
@@ -674,11 +801,47 @@ impl LeaseStore {
         let granted = granted?;
         let lease_id = granted.id();
         let granted_ttl = granted.ttl().max(ttl_secs);
+        // The grace key's etcd lease: TTL + grace (see `with_grace`).
+        let grace_lease = if self.grace.is_zero() {
+            None
+        } else {
+            let g = ttl_secs + self.grace.as_secs().max(1) as i64;
+            match self
+                .rpc("lease-grant", &format!("lease ttl {g}s"), |c| async move {
+                    c.lease_client().grant(g, None).await
+                })
+                .await
+            {
+                Ok(r) => Some(r.id()),
+                Err(e) => {
+                    self.revoke(lease_id).await;
+                    return Err(e);
+                }
+            }
+        };
+        let grace_value = {
+            let mut a = LeaseAttrs::vxlan(&attrs.node_name, attrs.public_ip, 0, "");
+            a.backend_type.clear();
+            a.backend_data = Default::default();
+            a.to_json()
+        };
+        let grace_put = |subnet: &Ipv4Net| {
+            grace_lease.map(|g| {
+                TxnOp::put(
+                    self.grace_key(subnet),
+                    grace_value.clone(),
+                    Some(PutOptions::new().with_lease(g)),
+                )
+            })
+        };
         let result = async {
             let (mut kvs, _) = listed?;
+            let in_grace = self.in_grace_of_others(&attrs.node_name).await?;
             for attempt in 1..=MAX_ATTEMPTS {
-                let mut taken: HashSet<Ipv4Net> = HashSet::with_capacity(kvs.len());
+                // Subnets in another node's grace period count as taken.
+                let mut taken: HashSet<Ipv4Net> = in_grace.clone();
                 let mut own: Vec<(Ipv4Net, &KeyValue)> = Vec::new();
+                let mut duplicate: Option<(Ipv4Net, Ipv4Addr, bool)> = None;
                 for k in &kvs {
                     let key = String::from_utf8_lossy(k.key());
                     let Some(name) = key.strip_prefix(&prefix) else {
@@ -688,12 +851,33 @@ impl LeaseStore {
                         continue;
                     };
                     taken.insert(subnet);
-                    if cfg.is_valid_subnet(&subnet)
-                        && LeaseAttrs::from_json(&key, k.value())
-                            .is_ok_and(|a| a.node_name == attrs.node_name)
-                    {
-                        own.push((subnet, k));
+                    if !cfg.is_valid_subnet(&subnet) {
+                        continue;
                     }
+                    let Ok(a) = LeaseAttrs::from_json(&key, k.value()) else {
+                        continue;
+                    };
+                    if a.node_name != attrs.node_name {
+                        continue;
+                    }
+                    // Our name from another PublicIP: a TTL key exists only while its etcd
+                    // lease lives, so that node is alive; a reservation it took is its own.
+                    if a.public_ip != attrs.public_ip && !a.public_ip.is_unspecified() {
+                        duplicate.get_or_insert((subnet, a.public_ip, k.lease() == 0));
+                        continue;
+                    }
+                    own.push((subnet, k));
+                }
+                if own.is_empty()
+                    && let Some((subnet, other, reserved)) = duplicate
+                {
+                    return Err(StoreError::duplicate_name(
+                        &attrs.node_name,
+                        subnet,
+                        other,
+                        attrs.public_ip,
+                        reserved,
+                    ));
                 }
                 // 1. Our own key (sticky), the preferred one first.
                 own.sort_by_key(|(s, _)| (Some(*s) != prefer, *s));
@@ -707,18 +891,21 @@ impl LeaseStore {
                         Err(_) => attrs.clone(),
                     };
                     let value = kept.to_json();
-                    let put = if reserved {
+                    let mut put = vec![if reserved {
                         TxnOp::put(key.clone(), value, None)
                     } else {
                         TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(lease_id)))
-                    };
+                    }];
+                    if !reserved {
+                        put.extend(grace_put(subnet));
+                    }
                     let txn = Txn::new()
                         .when(vec![Compare::mod_revision(
                             key.clone(),
                             CompareOp::Equal,
                             k.mod_revision(),
                         )])
-                        .and_then(vec![put])
+                        .and_then(put)
                         .or_else(vec![TxnOp::get(
                             prefix.clone(),
                             Some(GetOptions::new().with_prefix()),
@@ -764,11 +951,15 @@ impl LeaseStore {
                         CompareOp::Equal,
                         0,
                     )])
-                    .and_then(vec![TxnOp::put(
-                        key.clone(),
-                        value.clone(),
-                        Some(PutOptions::new().with_lease(lease_id)),
-                    )])
+                    .and_then(
+                        std::iter::once(TxnOp::put(
+                            key.clone(),
+                            value.clone(),
+                            Some(PutOptions::new().with_lease(lease_id)),
+                        ))
+                        .chain(grace_put(&subnet))
+                        .collect::<Vec<_>>(),
+                    )
                     .or_else(vec![TxnOp::get(
                         prefix.clone(),
                         Some(GetOptions::new().with_prefix()),
@@ -792,6 +983,9 @@ impl LeaseStore {
             Ok((subnet, reserved, rev, attrs)) => {
                 if reserved {
                     self.revoke(lease_id).await;
+                    if let Some(g) = grace_lease {
+                        self.revoke(g).await;
+                    }
                 }
                 Ok(Lease {
                     subnet,
@@ -806,6 +1000,9 @@ impl LeaseStore {
             }
             Err(e) => {
                 self.revoke(lease_id).await;
+                if let Some(g) = grace_lease {
+                    self.revoke(g).await;
+                }
                 Err(e)
             }
         }

@@ -141,7 +141,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let store = LeaseStore::new(etcd_options(&args.etcd))
         .await
-        .context("etcd client")?;
+        .context("etcd client")?
+        .with_grace(args.lease_grace);
     let cfg = tokio::select! {
         c = net_config(&store, args.net_conf.as_deref(), &metrics) => c?,
         _ = sigterm.recv() => return Ok(()),
@@ -192,10 +193,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let attrs = LeaseAttrs::vxlan(&node, public_v4, vni, &mac.to_string());
     let mut holder = store.hold_with(cfg.clone(), attrs, args.lease_ttl, prefer);
     shared.set_ready(false, "waiting for the lease");
-    let lease = tokio::select! {
-        l = holder.acquired() => l,
-        _ = sigterm.recv() => return Ok(()),
-        _ = sigint.recv() => return Ok(()),
+    // While waiting, /readyz names why the lease is not held yet (e.g. a duplicate node name:
+    // the message names the other node's IP).
+    let mut waiting = holder.subscribe();
+    let lease = loop {
+        tokio::select! {
+            l = holder.acquired() => break l,
+            r = waiting.changed() => {
+                if r.is_err() { bail!("lease holder stopped") }
+                let why = match waiting.borrow_and_update().last_error.clone() {
+                    Some(e) => format!("waiting for the lease: {e}"),
+                    None => "waiting for the lease".to_string(),
+                };
+                shared.set_ready(false, &why);
+            }
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+        }
     };
     info!(subnet = %lease.subnet, "lease held");
     if let Some(exp) = lease.expires {
@@ -804,13 +818,16 @@ impl Daemon {
         let st = holder.state();
         let ready = st.held && self.programmed_once;
         let why = if !st.held {
-            "lease not held"
+            match &st.last_error {
+                Some(e) => format!("lease not held: {e}"),
+                None => "lease not held".to_string(),
+            }
         } else if !self.programmed_once {
-            "data plane not programmed yet"
+            "data plane not programmed yet".to_string()
         } else {
-            ""
+            String::new()
         };
-        self.shared.set_ready(ready, why);
+        self.shared.set_ready(ready, &why);
         self.metrics.ready.set(i64::from(ready));
     }
 

@@ -63,6 +63,14 @@ impl Node {
         self.data_dir().join("twill/state.json")
     }
 
+    /// Damages the allocator state beyond recovery: `state.json` and its previous copy
+    /// `.state.json.next` (one torn file alone is recovered from the other).
+    pub fn corrupt_state(&self, garbage: &str) {
+        let next = self.data_dir().join("twill/.state.json.next");
+        std::fs::write(self.state_file(), garbage).unwrap();
+        std::fs::write(next, garbage).unwrap();
+    }
+
     /// The twill plugin config for `version`, with this node's files.
     pub fn conf(&self, version: &str) -> Value {
         let mut c = json!({
