@@ -68,20 +68,24 @@ pub fn conf(data: &[u8]) {
         assert!(usable_ip(ip), "runtimeConfig.ips: {ip} accepted");
     }
     let v: Value = serde_json::from_slice(data).expect("accepted, so it is JSON");
-    if let Some(ips) = v
-        .pointer("/runtimeConfig/ips")
-        .and_then(Value::as_array)
-    {
+    if let Some(ips) = v.pointer("/runtimeConfig/ips").and_then(Value::as_array) {
         for s in ips.iter().filter_map(Value::as_str) {
             assert!(strict_ip_or_cidr(s), "runtimeConfig.ips: {s:?} accepted");
         }
     }
     for ns in &c.dns.nameservers {
-        assert!(ns.parse::<IpAddr>().is_ok(), "dns.nameservers: {ns:?} accepted");
+        assert!(
+            ns.parse::<IpAddr>().is_ok(),
+            "dns.nameservers: {ns:?} accepted"
+        );
     }
     let again = parse_conf(v.to_string().as_bytes())
         .unwrap_or_else(|e| panic!("the same config re-serialised is refused: {}", e.msg));
-    assert_eq!(format!("{again:?}"), format!("{c:?}"), "round trip changed the config");
+    assert_eq!(
+        format!("{again:?}"),
+        format!("{c:?}"),
+        "round trip changed the config"
+    );
 }
 
 /// A `runtimeConfig` object (the runtime's capability args), inside an otherwise minimal
@@ -164,8 +168,14 @@ pub fn env(data: &[u8]) {
     }
     if let Ok(id) = e.container_id() {
         let mut c = id.chars();
-        assert!(c.next().is_some_and(|c| c.is_ascii_alphanumeric()), "{id:?}");
-        assert!(c.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)), "{id:?}");
+        assert!(
+            c.next().is_some_and(|c| c.is_ascii_alphanumeric()),
+            "{id:?}"
+        );
+        assert!(
+            c.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)),
+            "{id:?}"
+        );
     }
     if let Ok(ns) = e.netns() {
         assert!(!ns.is_empty());

@@ -198,7 +198,10 @@ pub fn subnet_env(data: &[u8]) {
     };
     assert!(f.network.contains(&f.subnet), "subnet outside network");
     let node = f.node_subnet();
-    assert!(node.max_prefix_len() - node.prefix_len() >= 2, "no room: {node}");
+    assert!(
+        node.max_prefix_len() - node.prefix_len() >= 2,
+        "no room: {node}"
+    );
     let gw = f.gateway();
     assert!(
         gw != node.network() && gw != node.broadcast(),
@@ -289,5 +292,9 @@ pub fn alloc_state(data: &[u8]) {
     assert!(held.len() >= before.len(), "reservations were lost");
     locked.commit().expect("commit the state");
     let again = alloc.lock().expect("the state just written reads back");
-    assert_eq!(again.reservations(), held.as_slice(), "round trip changed the state");
+    assert_eq!(
+        again.reservations(),
+        held.as_slice(),
+        "round trip changed the state"
+    );
 }
