@@ -11,6 +11,7 @@ pub mod config;
 pub mod del;
 pub mod env;
 pub mod error;
+pub mod fuzz_checks;
 pub mod gc;
 pub mod status;
 pub mod types;

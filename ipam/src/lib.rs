@@ -4,6 +4,7 @@
 
 pub mod alloc;
 pub mod fsutil;
+pub mod fuzz_checks;
 pub mod lease;
 pub mod netconf;
 #[cfg(feature = "etcd")]

@@ -4,11 +4,19 @@
 //! or larger, else `Network`'s prefix + 2; `SubnetMin` skips the first subnet (its address
 //! would clash with the network address), `SubnetMax` is the last one; `Backend.VNI` is 1 and `Backend.Port` 8472. One difference: an absent
 //! `Backend.Type` means "vxlan" (twill's only backend) where Flannel assumes "udp".
-//! Fields this version does not know are kept and written back unchanged.
+//! Fields this version does not know are kept and written back unchanged (numbers too, with
+//! every digit: serde_json's `arbitrary_precision`).
+//!
+//! Values that cannot work are refused, naming the field and the value: a `Network` shorter
+//! than /8 or overlapping 0/8, 127/8, 169.254/16, 224/4 or 240/4; a `SubnetLen` outside
+//! [prefix + 2, 30]; `SubnetMin`/`SubnetMax` outside `Network`, off the `SubnetLen` boundary or
+//! in the wrong order; the same for `IPv6Network` (shorter than /8, inside ::/8, fe80::/10 or
+//! ff00::/8, smaller than /124) and `IPv6SubnetLen` ([prefix + 2, 126]). The overlap with
+//! the underlay's own subnet needs the node's addresses: [`NetConfig::check_underlay`].
 
 use std::net::Ipv4Addr;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -42,6 +50,88 @@ fn invalid(field: &'static str, value: impl ToString, reason: impl Into<String>)
         value: value.to_string(),
         reason: reason.into(),
     }
+}
+
+/// IPv4 ranges that cannot be a pod network: packets to or from them are dropped, never
+/// routed, or mean something else to the kernel.
+const RESERVED_V4: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\" (RFC 791): not routable"),
+    ("127.0.0.0/8", "loopback: never leaves a host"),
+    ("169.254.0.0/16", "link-local: never routed"),
+    ("224.0.0.0/4", "multicast: not a unicast pod address"),
+    (
+        "240.0.0.0/4",
+        "reserved (class E) and broadcast: not routed",
+    ),
+];
+
+/// The IPv6 counterparts: the IETF's reserved ::/8 (unspecified, loopback, IPv4-mapped),
+/// link-local and multicast.
+const RESERVED_V6: &[(&str, &str)] = &[
+    (
+        "::/8",
+        "reserved (unspecified, loopback, IPv4-mapped): not routable",
+    ),
+    ("fe80::/10", "link-local: never routed"),
+    ("ff00::/8", "multicast: not a unicast pod address"),
+];
+
+/// The shortest `Network` prefix accepted: a /8 already holds 65536 node subnets of /24; a
+/// shorter one would take over a large part of the address space (or all of it, /0).
+pub const MIN_NETWORK_PREFIX: u8 = 8;
+/// The same for `IPv6Network`.
+pub const MIN_IPV6_NETWORK_PREFIX: u8 = 8;
+
+fn overlaps<N: PartialOrd + Copy>(a: (N, N), b: (N, N)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+fn check_network(value: &str, network: Ipv4Net) -> Result<(), ConfigError> {
+    if network.prefix_len() < MIN_NETWORK_PREFIX {
+        return Err(invalid(
+            "Network",
+            value,
+            format!("too large: the prefix must be /{MIN_NETWORK_PREFIX} or longer"),
+        ));
+    }
+    for (range, why) in RESERVED_V4 {
+        let r: Ipv4Net = range.parse().expect("a valid constant");
+        if overlaps(
+            (network.network(), network.broadcast()),
+            (r.network(), r.broadcast()),
+        ) {
+            return Err(invalid(
+                "Network",
+                value,
+                format!("overlaps {range}, {why}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_ipv6_network(value: &str, network: Ipv6Net) -> Result<(), ConfigError> {
+    if network.prefix_len() < MIN_IPV6_NETWORK_PREFIX {
+        return Err(invalid(
+            "IPv6Network",
+            value,
+            format!("too large: the prefix must be /{MIN_IPV6_NETWORK_PREFIX} or longer"),
+        ));
+    }
+    for (range, why) in RESERVED_V6 {
+        let r: Ipv6Net = range.parse().expect("a valid constant");
+        if overlaps(
+            (network.network(), network.broadcast()),
+            (r.network(), r.broadcast()),
+        ) {
+            return Err(invalid(
+                "IPv6Network",
+                value,
+                format!("overlaps {range}, {why}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `Backend` of net-conf.json.
@@ -207,6 +297,7 @@ impl NetConfig {
                 format!("host bits are set (did you mean {}?)", network.trunc()),
             ));
         }
+        check_network(&net_str, network)?;
         let plen = network.prefix_len();
         let subnet_len = match raw.subnet_len {
             Some(len) => {
@@ -284,6 +375,7 @@ impl NetConfig {
                 if net.trunc() != net {
                     return Err(invalid("IPv6Network", &s, "host bits are set"));
                 }
+                check_ipv6_network(&s, net)?;
                 let p = net.prefix_len();
                 let len = match len {
                     Some(len) if len > 126 => {
@@ -300,8 +392,14 @@ impl NetConfig {
                         ));
                     }
                     Some(len) => len as u8,
-                    None if p > 126 => {
-                        return Err(invalid("IPv6Network", &s, "too small"));
+                    // The default, prefix + 2, must itself pass the rule above (at most 126):
+                    // to_json writes it out, and the config must read back the same.
+                    None if p > 124 => {
+                        return Err(invalid(
+                            "IPv6Network",
+                            &s,
+                            "too small: the smallest useful IPv6Network is a /124",
+                        ));
                     }
                     None if p <= 62 => 64,
                     None => p + 2,
@@ -355,6 +453,38 @@ impl NetConfig {
             ipv6_subnet_len,
             extra: raw.extra,
         })
+    }
+
+    /// Refuses a config whose `Network` (or `IPv6Network`) overlaps one of the underlay's own
+    /// subnets (`underlay`: the addresses with prefix length of the interface that carries
+    /// VXLAN, as `ip addr` shows them). Pod routes would then capture traffic to the other
+    /// nodes, VXLAN included. Only twilld can check this, at start: it knows the underlay.
+    pub fn check_underlay(&self, iface: &str, underlay: &[IpNet]) -> Result<(), ConfigError> {
+        for u in underlay {
+            let hit = match (u.trunc(), self.ipv6_network) {
+                (IpNet::V4(u), _) => overlaps(
+                    (self.network.network(), self.network.broadcast()),
+                    (u.network(), u.broadcast()),
+                )
+                .then(|| ("Network", self.network.to_string())),
+                (IpNet::V6(u), Some(n)) if self.enable_ipv6 => {
+                    overlaps((n.network(), n.broadcast()), (u.network(), u.broadcast()))
+                        .then(|| ("IPv6Network", n.to_string()))
+                }
+                (IpNet::V6(_), _) => None,
+            };
+            if let Some((field, value)) = hit {
+                return Err(invalid(
+                    field,
+                    value,
+                    format!(
+                        "overlaps the underlay subnet {} of {iface}: pod routes would capture the traffic between nodes",
+                        u.trunc()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn subnet_size(&self) -> u32 {
@@ -543,6 +673,184 @@ mod tests {
             NetConfig::from_json("{").unwrap_err(),
             ConfigError::Json(_)
         ));
+    }
+
+    /// Item 5 of issue 15: Network values that cannot work are refused, naming the field and
+    /// the value; their neighbours just outside each range are accepted (so the test can fail).
+    #[test]
+    fn networks_that_cannot_work_are_refused() {
+        for bad in [
+            "0.0.0.0/0",
+            "10.0.0.0/7",
+            "8.0.0.0/6",
+            "0.0.0.0/8",
+            "0.1.0.0/16",
+            "127.0.0.0/8",
+            "127.1.0.0/16",
+            "169.254.0.0/16",
+            "169.254.8.0/22",
+            "169.0.0.0/8",
+            "224.0.0.0/8",
+            "239.255.0.0/16",
+            "240.0.0.0/8",
+            "255.255.255.0/24",
+        ] {
+            let json = format!(r#"{{"Network":"{bad}"}}"#);
+            assert_eq!(err_field(&json), ("Network".into(), bad.into()), "{bad}");
+            let msg = NetConfig::from_json(&json).unwrap_err().to_string();
+            assert!(msg.contains("Network") && msg.contains(bad), "{msg}");
+        }
+        for good in [
+            "10.0.0.0/8",
+            "1.0.0.0/16",
+            "126.255.0.0/16",
+            "128.0.0.0/16",
+            "169.253.0.0/16",
+            "169.255.0.0/16",
+            "223.255.0.0/16",
+            "172.16.0.0/12",
+        ] {
+            NetConfig::from_json(&format!(r#"{{"Network":"{good}"}}"#))
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+    }
+
+    #[test]
+    fn subnet_len_bounds() {
+        // (prefix + 2 ..= 30) is accepted, everything else refused with the value named.
+        for (len, ok) in [
+            (15, false),
+            (16, false),
+            (17, false),
+            (18, true),
+            (30, true),
+            (31, false),
+            (-1, false),
+        ] {
+            let json = format!(r#"{{"Network":"10.0.0.0/16","SubnetLen":{len}}}"#);
+            match NetConfig::from_json(&json) {
+                Ok(c) => {
+                    assert!(ok, "SubnetLen {len} accepted");
+                    assert_eq!(c.subnet_len as i64, len);
+                }
+                Err(_) => {
+                    assert!(!ok, "SubnetLen {len} refused");
+                    assert_eq!(err_field(&json), ("SubnetLen".into(), len.to_string()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_networks_that_cannot_work_are_refused() {
+        for bad in [
+            "::/0",
+            "fd00::/7",
+            "::/64",
+            "::1/128",
+            "::ffff:0:0/96",
+            "fe80::/64",
+            "febf::/16",
+            "ff02::/16",
+            "fd00::/125",
+            "fd00::/126",
+        ] {
+            let json =
+                format!(r#"{{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"{bad}"}}"#);
+            assert_eq!(
+                err_field(&json),
+                ("IPv6Network".into(), bad.into()),
+                "{bad}"
+            );
+        }
+        for good in ["fd00::/8", "2001:db8::/32", "fec0::/16", "fd00::/124"] {
+            let json =
+                format!(r#"{{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"{good}"}}"#);
+            let c = NetConfig::from_json(&json).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(NetConfig::from_json(&c.to_json()).unwrap(), c, "{good}");
+        }
+    }
+
+    /// The known fuzz finding of issue 15: a /126 got the default IPv6SubnetLen 128, and the
+    /// config that to_json wrote back was refused by its own parser. Now it is refused at once,
+    /// and every accepted small IPv6Network round-trips.
+    #[test]
+    fn small_ipv6_network_round_trips_or_is_refused() {
+        let finding = r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/126"}"#;
+        assert_eq!(
+            err_field(finding),
+            ("IPv6Network".into(), "fd00::/126".into())
+        );
+        for p in 100..=128u8 {
+            let json = format!(
+                r#"{{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/{p}"}}"#
+            );
+            if let Ok(c) = NetConfig::from_json(&json) {
+                let len = c.ipv6_subnet_len.unwrap();
+                assert!(len <= 126 && len >= p + 2, "/{p}: {len}");
+                assert_eq!(NetConfig::from_json(&c.to_json()).unwrap(), c, "/{p}");
+            } else {
+                assert!(p > 124, "/{p} refused");
+            }
+        }
+    }
+
+    #[test]
+    fn underlay_overlap_is_refused() {
+        let c = NetConfig::from_json(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48"}"#,
+        )
+        .unwrap();
+        let ok: Vec<IpNet> = vec![
+            "192.168.1.5/24".parse().unwrap(),
+            "fd00:20::5/64".parse().unwrap(),
+        ];
+        c.check_underlay("eth0", &ok).unwrap();
+        for (under, field) in [
+            ("10.244.7.9/24", "Network"),
+            ("10.0.0.1/8", "Network"),
+            ("10.244.0.0/16", "Network"),
+            ("fd00:10:0:5::1/64", "IPv6Network"),
+        ] {
+            let e = c
+                .check_underlay("eth0", &[under.parse().unwrap()])
+                .unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(field) && msg.contains("eth0"),
+                "{under}: {msg}"
+            );
+            match e {
+                ConfigError::Invalid { field: f, .. } => assert_eq!(f, field),
+                e => panic!("{e}"),
+            }
+        }
+        // IPv6 off: an IPv6 underlay cannot clash with the unused IPv6Network.
+        let v4 =
+            NetConfig::from_json(r#"{"Network":"10.244.0.0/16","IPv6Network":"fd00:10::/48"}"#)
+                .unwrap();
+        v4.check_underlay("eth0", &["fd00:10::1/64".parse().unwrap()])
+            .unwrap();
+    }
+
+    /// Item 6 of issue 15: an unknown field holding a number beyond u64 (or a float with more
+    /// digits than f64 holds) is written back with every digit it was read with.
+    #[test]
+    fn unknown_numbers_are_kept_exactly() {
+        let json = r#"{"Network":"10.244.0.0/16","Big":123456789012345678901234567890,"Neg":-99999999999999999999,"Pi":3.14159265358979323846264338327950288,"E":1E400,"Backend":{"Type":"vxlan","Huge":18446744073709551616}}"#;
+        let c = NetConfig::from_json(json).unwrap();
+        let out = c.to_json();
+        for raw in [
+            r#""Big":123456789012345678901234567890"#,
+            r#""Neg":-99999999999999999999"#,
+            r#""Pi":3.14159265358979323846264338327950288"#,
+            // The exponent's spelling is serde_json's; the value and every digit are kept.
+            r#""E":1e+400"#,
+            r#""Huge":18446744073709551616"#,
+        ] {
+            assert!(out.contains(raw), "{raw} not in {out}");
+        }
+        assert_eq!(NetConfig::from_json(&out).unwrap(), c);
     }
 
     #[test]

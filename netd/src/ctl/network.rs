@@ -14,8 +14,11 @@ use super::{Cli, EXIT_NOT_FOUND, EXIT_REFUSED, Failure, Output, connect, print_j
 pub enum NetworkCmd {
     /// The network config in etcd (with defaults filled in) and how many subnets are used.
     Show,
-    /// Validate a net-conf.json and write it to etcd. A change that would strand existing
-    /// leases (or change the backend under them) is refused unless --force.
+    /// Validate a net-conf.json and write it to etcd. Values that cannot work (see
+    /// docs/operations.md) are refused, naming the field and the value; a change that would
+    /// strand existing leases (or change the backend under them) is refused unless --force.
+    /// Whether Network overlaps a node's underlay subnet is checked by each twilld at start
+    /// (twillctl does not know the nodes' underlays).
     Set {
         /// The net-conf.json file (`-` for stdin).
         #[arg(long, short = 'f')]

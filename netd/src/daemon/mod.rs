@@ -13,6 +13,7 @@
 pub mod health;
 pub mod metrics;
 pub mod reconcile;
+mod underlay_check;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -147,6 +148,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         c = net_config(&store, args.net_conf.as_deref(), &metrics) => c?,
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
+    };
+    // A Network overlapping the underlay's own subnet is refused here (issue 15 item 5).
+    let cfg = match cfg {
+        Ok(c) => underlay_check::check(&nl, &under, c).await?,
+        Err(r) => Err(r),
     };
     let cfg = match cfg {
         Ok(c) => c,

@@ -1,0 +1,3 @@
+//! Fuzz target: see twill_ipam::fuzz_checks::alloc_state.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| twill_ipam::fuzz_checks::alloc_state(data));

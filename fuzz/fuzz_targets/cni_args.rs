@@ -1,0 +1,3 @@
+//! Fuzz target: see twill_cni::fuzz_checks::cni_args.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| twill_cni::fuzz_checks::cni_args(data));

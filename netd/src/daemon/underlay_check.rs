@@ -1,0 +1,39 @@
+//! twilld's start-time check of the network config against this node: a `Network` (or
+//! `IPv6Network`) that overlaps the underlay's own subnet is refused. `twillctl network set`
+//! cannot check it (it does not know the nodes' underlays); every twilld does, at start.
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use twill_dataplane::Netlink;
+use twill_dataplane::overlay::underlay::Underlay;
+use twill_dataplane::packet_route::address::AddressAttribute;
+use twill_ipam::netconf::NetConfig;
+
+/// `Ok(Ok(cfg))` when `cfg` does not overlap any subnet on the underlay interface, else
+/// `Ok(Err(reason))` (the caller stays up, not ready, like for an incompatible config).
+pub async fn check(
+    nl: &Netlink,
+    under: &Underlay,
+    cfg: NetConfig,
+) -> Result<std::result::Result<NetConfig, String>> {
+    let msgs = twill_dataplane::netlink::link_addresses(nl.handle(), under.index)
+        .await
+        .with_context(|| format!("list the addresses of the underlay {}", under.name))?;
+    let nets: Vec<IpNet> = msgs
+        .iter()
+        .filter_map(|m| {
+            // IFA_LOCAL is the address of a point-to-point link's own end; IFA_ADDRESS the
+            // peer's there, and the same as IFA_LOCAL elsewhere.
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => {
+                    IpNet::new(*ip, m.header.prefix_len).ok()
+                }
+                _ => None,
+            })
+        })
+        .collect();
+    Ok(match cfg.check_underlay(&under.name, &nets) {
+        Ok(()) => Ok(cfg),
+        Err(e) => Err(format!("the network config is refused on this node: {e}")),
+    })
+}
