@@ -4,7 +4,9 @@
 
 use std::net::SocketAddr;
 
-use twill_tests::cluster::{Cluster, ClusterOpts, http_get, metric};
+use std::time::Duration;
+
+use twill_tests::cluster::{Cluster, ClusterOpts, http_get, metric, wait_for};
 
 #[test]
 fn metrics_are_scrapable_from_another_node_and_probes_are_not() {
@@ -28,6 +30,24 @@ fn metrics_are_scrapable_from_another_node_and_probes_are_not() {
         )),
         "{body}"
     );
+
+    // Expected next to programmed: one peer, one route/FDB/neighbour each, all there.
+    for (want, have) in [
+        ("twill_routes_expected", "twill_routes_programmed"),
+        ("twill_fdb_expected", "twill_fdb_programmed"),
+        ("twill_neighbours_expected", "twill_neighbours_programmed"),
+    ] {
+        assert_eq!(metric(&body, want), Some(1.0), "{want}: {body}");
+        assert_eq!(metric(&body, have), metric(&body, want), "{have}: {body}");
+    }
+    // The pod IPs of this node's allocator (no pods: 0 of a /24's 253), set at the first
+    // health publish, which follows readiness.
+    let pods = wait_for(Duration::from_secs(10), || {
+        let b = n0.metrics();
+        (metric(&b, "twill_pod_ips_capacity") == Some(253.0)).then_some(b)
+    });
+    let pods = pods.unwrap_or_else(|| panic!("no pod IP capacity: {}", n0.metrics()));
+    assert_eq!(metric(&pods, "twill_pod_ips_used"), Some(0.0), "{pods}");
 
     // Every metric the alert rules use is exported by a running twilld and documented.
     let rules = std::fs::read_to_string(concat!(
@@ -54,8 +74,9 @@ fn metrics_are_scrapable_from_another_node_and_probes_are_not() {
             .lines()
             .any(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']));
         assert!(exported, "rule metric {name} not exported:\n{body}");
+        // Listed as `name` or, with its labels, `name{label}`.
         assert!(
-            docs.contains(&format!("`{name}`")),
+            docs.contains(&format!("`{name}`")) || docs.contains(&format!("`{name}{{")),
             "{name} not in docs/twilld.md"
         );
     }

@@ -4,6 +4,13 @@
 //! metrics, `twillctl cluster status` and `twillctl doctor` name exactly that pair, and
 //! node-3 stays clean; once the block is lifted they say nothing again. The probes never
 //! change the data plane: the routes stay as they were throughout.
+//!
+//! `twillctl status` (this node's PEER table, from its own report): while blocked, node-1
+//! says node-2 is unreachable and node-3 reachable, node-2 the same of node-1; once lifted
+//! every peer is reachable on every node. When node-3's twilld is gone and its report has
+//! expired, its `twillctl status` says so (`peer_health.peers` null, with a reason) and
+//! still exits 0. This fails if the table came from anything but the probes' verdicts
+//! (the leases and the data plane are the same throughout).
 
 use std::process::Output;
 use std::time::Duration;
@@ -31,6 +38,48 @@ fn cluster_status(n: &Node) -> (Output, Value) {
             .unwrap();
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out, v)
+}
+
+/// `twillctl status -o json` on `n` (its netns: its twill.1, its etcd proxy).
+fn node_status(n: &Node, json: bool) -> (Output, Value) {
+    let mut cmd = n.ns.command(twill_tests::bins::bin("twillctl"));
+    cmd.args(["--etcd-endpoints", "http://127.0.0.1:2379"])
+        .args([
+            "--etcd-prefix",
+            ETCD_PREFIX,
+            "status",
+            "--node-name",
+            &n.name,
+        ]);
+    if json {
+        cmd.args(["-o", "json"]);
+    }
+    let out = cmd.output().unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out, v)
+}
+
+/// node → `reachable` in `n`'s PEER table (`peer_health.peers`), empty without a report.
+fn peer_verdicts(n: &Node) -> std::collections::BTreeMap<String, String> {
+    let (_, v) = node_status(n, true);
+    v["peer_health"]["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["node"].as_str().unwrap_or_default().to_string(),
+                p["reachable"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn verdicts(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(n, r)| (n.to_string(), r.to_string()))
+        .collect()
 }
 
 fn problems_of(v: &Value, node: &str) -> String {
@@ -81,6 +130,7 @@ fn a_blocked_vxlan_path_is_named_and_cleared() {
         ..ClusterOpts::default()
     })
     .unwrap();
+    let mut c = c;
     let (n1, n2, n3) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
 
     // All well: every node reported, nobody unreachable, exit 0; the pods are counted.
@@ -153,6 +203,45 @@ fn a_blocked_vxlan_path_is_named_and_cleared() {
     // The probes changed nothing in the data plane.
     assert_eq!(n1.overlay_routes(), routes_before);
 
+    // Each blocked node's own PEER table: the other one down, node-3 up.
+    for (me, other) in [(n1, n2), (n2, n1)] {
+        let want = verdicts(&[(&other.name, "no"), (&n3.name, "yes")]);
+        let seen = wait_for(WITHIN, || {
+            let got = peer_verdicts(me);
+            (got == want).then_some(got)
+        });
+        assert!(
+            seen.is_some(),
+            "{}'s PEER table never said {want:?}: {:?}",
+            me.name,
+            node_status(me, true)
+        );
+    }
+    let (out, v) = node_status(n1, true);
+    assert!(out.status.success(), "{out:?}");
+    let row = v["peer_health"]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == n2.name.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(row["path"], "vxlan", "{row}");
+    assert!(row["lost_in_a_row"].as_u64().unwrap() >= 3, "{row}");
+    assert!(v["peer_health"]["reason"].is_null(), "{v}");
+    // The lease peers of the earlier JSON are still there, unchanged in form.
+    assert_eq!(v["peers"].as_array().map(Vec::len), Some(2), "{v}");
+    // The table for people: node-2's row says no.
+    let (out, _) = node_status(n1, false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("PEERS")
+            && text
+                .lines()
+                .any(|l| l.starts_with(&n2.name) && l.split_whitespace().nth(3) == Some("no")),
+        "{text}"
+    );
+
     block(&c, false);
     let cleared = wait_for(WITHIN, || {
         let (out, _) = cluster_status(n3);
@@ -164,4 +253,35 @@ fn a_blocked_vxlan_path_is_named_and_cleared() {
         cluster_status(n3)
     );
     assert_eq!(metric(&n1.metrics(), "twill_peers_unreachable"), Some(0.0));
+    for me in [n1, n2, n3] {
+        let want: std::collections::BTreeMap<String, String> = [n1, n2, n3]
+            .iter()
+            .filter(|n| n.name != me.name)
+            .map(|n| (n.name.clone(), "yes".to_string()))
+            .collect();
+        let seen = wait_for(WITHIN, || (peer_verdicts(me) == want).then_some(()));
+        assert!(
+            seen.is_some(),
+            "{}'s PEER table not all reachable after the block: {:?}",
+            me.name,
+            node_status(me, true)
+        );
+    }
+
+    // No twilld, no report (it expires after 3 publish periods): one reason, not an error.
+    c.nodes[2].kill_daemon();
+    let n3 = &c.nodes[2];
+    let gone = wait_for(WITHIN, || {
+        let (out, v) = node_status(n3, true);
+        (out.status.success() && v["peer_health"]["peers"].is_null()).then_some(v)
+    });
+    let v = gone.unwrap_or_else(|| panic!("report never expired: {:?}", node_status(n3, true)));
+    let why = v["peer_health"]["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("no health report"), "{v}");
+    let (out, _) = node_status(n3, false);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("peer health: no health report"),
+        "{out:?}"
+    );
 }

@@ -2,8 +2,13 @@
 //! programmed (from netlink): what is missing and what is stale. Run it on the node (in its
 //! network namespace). This node's subnet is the lease whose network address is on
 //! `twill.<VNI>` (or `--node-name`'s lease when the device is missing).
+//!
+//! The PEER table: one row per valid peer lease, with what this node's twilld last
+//! published about it (its report `<prefix>/health/<node>`, read as `twillctl cluster
+//! status` reads them): reachable through the overlay or not, RTT, when it last answered.
 
 use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use serde_json::json;
@@ -11,7 +16,9 @@ use twill_dataplane::Netlink;
 use twill_dataplane::overlay::{Overlay, Programmed, RtnlOverlay};
 
 use super::{Cli, EXIT_ERROR, EXIT_NOT_FOUND, Failure, Output, connect, print_json, print_table};
-use crate::daemon::reconcile::{Skipped, Validation, desired, peers, status};
+use crate::daemon::health::{NodeReport, PATH_VXLAN, health_prefix, read_report};
+use crate::daemon::reconcile::{Peer, Skipped, Validation, desired, peers, status};
+use twill_ipam::lease::Lease;
 
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
@@ -78,6 +85,24 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
         None => Programmed::default(),
     };
     let report = status(&want, &actual);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // No report is not an error: twilld may run without health, or be down.
+    let key = format!(
+        "{}{}",
+        health_prefix(&store.options().prefix),
+        own.attrs.node_name
+    );
+    let health: Result<NodeReport, String> = match read_report(&store, &own.attrs.node_name).await {
+        Ok(Some(r)) => r,
+        Ok(None) => Err(format!(
+            "no health report at {key}: twilld is not running on this node, or its report expired"
+        )),
+        Err(e) => Err(format!("could not read the health report {key}: {e}")),
+    };
+    let rows = peer_rows(&peer_list, &leases, health.as_ref().ok(), now);
     match cli.output {
         Output::Json => {
             let v = json!({
@@ -99,6 +124,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                 "missing": report.missing,
                 "stale": report.stale,
                 "in_sync": report.missing.is_empty() && report.stale.is_empty() && link.is_some(),
+                "peer_health": peer_health_json(&health, &rows, now),
             });
             print_json(&v);
         }
@@ -128,6 +154,30 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
             );
             for s in &pending {
                 println!("lease {} not taken yet: {}", s.key, s.detail);
+            }
+            match &health {
+                Err(why) => println!("peer health: {why}"),
+                Ok(r) if !rows.is_empty() => {
+                    println!();
+                    println!(
+                        "PEERS (health report of twilld, {} s old)",
+                        now.saturating_sub(r.time)
+                    );
+                    print_table(
+                        &[
+                            "NODE",
+                            "SUBNET",
+                            "VTEP",
+                            "REACHABLE",
+                            "RTT",
+                            "LAST-SEEN",
+                            "PATH",
+                        ],
+                        &rows.iter().map(PeerRow::cells).collect::<Vec<_>>(),
+                    );
+                    println!();
+                }
+                Ok(_) => {}
             }
             if !rejected.is_empty() {
                 println!();
@@ -165,4 +215,244 @@ fn skipped_json(s: &Skipped) -> serde_json::Value {
         "reason": s.reason,
         "detail": s.detail,
     })
+}
+
+/// One row of the PEER table.
+#[derive(Debug, Clone, PartialEq)]
+struct PeerRow {
+    node: String,
+    subnet: String,
+    vtep: String,
+    /// `yes`, `no`, `unknown` (no report, the peer not in it yet, or never answered).
+    reachable: &'static str,
+    rtt_ms: Option<f64>,
+    /// Unix time of the last answer, and its age in seconds.
+    last_seen: Option<u64>,
+    last_seen_ago: Option<u64>,
+    lost_in_a_row: Option<u32>,
+    path: String,
+}
+
+impl PeerRow {
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.node.clone(),
+            self.subnet.clone(),
+            self.vtep.clone(),
+            self.reachable.to_string(),
+            match (self.reachable, self.rtt_ms) {
+                // The RTT of an unreachable peer is the last one before it went.
+                ("yes", Some(ms)) => format!("{ms:.2}ms"),
+                _ => "-".into(),
+            },
+            match self.last_seen_ago {
+                Some(s) => format!("{} ago", humantime::format_duration(Duration::from_secs(s))),
+                None if self.lost_in_a_row.is_some() => "never".into(),
+                None => "-".into(),
+            },
+            self.path.clone(),
+        ]
+    }
+}
+
+/// The rows: every valid peer (the leases decide who is a peer), with the report's view of
+/// it where the report has one (matched by subnet). The report is untrusted input: only
+/// its verdict, numbers and a known path are taken from it, never the names.
+fn peer_rows(
+    peers: &[Peer],
+    leases: &[Lease],
+    report: Option<&NodeReport>,
+    now: u64,
+) -> Vec<PeerRow> {
+    let mut rows: Vec<PeerRow> = peers
+        .iter()
+        .map(|p| {
+            let node = leases
+                .iter()
+                .find(|l| l.subnet == p.subnet)
+                .map(|l| l.attrs.node_name.clone())
+                .unwrap_or_default();
+            let view = report.and_then(|r| {
+                r.peers
+                    .iter()
+                    .find(|v| v.subnet.parse::<ipnet::Ipv4Net>().ok() == Some(p.subnet))
+            });
+            PeerRow {
+                node,
+                subnet: p.subnet.to_string(),
+                vtep: p.subnet.network().to_string(),
+                reachable: view.map_or("unknown", |v| v.verdict()),
+                rtt_ms: view
+                    .and_then(|v| v.rtt_ms)
+                    .filter(|ms| ms.is_finite() && *ms >= 0.0),
+                last_seen: view.and_then(|v| v.last_seen),
+                last_seen_ago: view
+                    .and_then(|v| v.last_seen)
+                    .map(|t| now.saturating_sub(t)),
+                lost_in_a_row: view.map(|v| v.lost_in_a_row),
+                path: match view {
+                    Some(v) if v.path != PATH_VXLAN => "unknown".into(),
+                    _ => PATH_VXLAN.into(),
+                },
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.node.cmp(&b.node).then(a.subnet.cmp(&b.subnet)));
+    rows
+}
+
+/// `peer_health` of `-o json` (docs/twilld.md): `peers` is `null` and `reason` says why
+/// when there is no report.
+fn peer_health_json(
+    health: &Result<NodeReport, String>,
+    rows: &[PeerRow],
+    now: u64,
+) -> serde_json::Value {
+    match health {
+        Err(why) => json!({
+            "report_time": null,
+            "report_age_seconds": null,
+            "reason": why,
+            "peers": null,
+        }),
+        Ok(r) => json!({
+            "report_time": r.time,
+            "report_age_seconds": now.saturating_sub(r.time),
+            "reason": null,
+            "peers": rows.iter().map(|p| json!({
+                "node": p.node,
+                "subnet": p.subnet,
+                "vtep": p.vtep,
+                "reachable": p.reachable,
+                "rtt_ms": p.rtt_ms,
+                "last_seen": p.last_seen,
+                "last_seen_seconds_ago": p.last_seen_ago,
+                "lost_in_a_row": p.lost_in_a_row,
+                "path": p.path,
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::health::{PeerView, parse_report};
+    use twill_dataplane::overlay::Mac;
+    use twill_ipam::lease::LeaseAttrs;
+
+    fn lease(n: u8, node: &str) -> Lease {
+        Lease {
+            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+            attrs: LeaseAttrs::vxlan(
+                node,
+                format!("192.0.2.{n}").parse().unwrap(),
+                1,
+                &Mac::derive(node).to_string(),
+            ),
+            reserved: false,
+            etcd_lease: 1,
+            expires: None,
+            mod_revision: 1,
+            create_revision: i64::from(n),
+        }
+    }
+
+    fn peer(l: &Lease) -> Peer {
+        Peer {
+            subnet: l.subnet,
+            public_ip: IpAddr::V4(l.attrs.public_ip),
+            vtep_mac: Mac::derive(&l.attrs.node_name),
+        }
+    }
+
+    fn view(subnet: &str, reachable: bool, last_seen: Option<u64>) -> PeerView {
+        PeerView {
+            subnet: subnet.into(),
+            node: "whatever the report says".into(),
+            reachable,
+            rtt_ms: Some(0.25),
+            last_seen,
+            lost_in_a_row: if reachable { 0 } else { 3 },
+            vtep: None,
+            path: PATH_VXLAN.into(),
+        }
+    }
+
+    /// One row per peer lease, sorted by node; the verdict, RTT and age come from the
+    /// report by subnet; a peer the report lacks is `unknown`; names come from the leases.
+    #[test]
+    fn rows_join_the_leases_and_the_report() {
+        let leases = vec![lease(3, "c"), lease(2, "b"), lease(4, "d")];
+        let peers: Vec<Peer> = leases.iter().map(peer).collect();
+        let mut r = parse_report(
+            br#"{"node":"a","subnet":"10.244.1.0/24","public_ip":"192.0.2.1","version":"0.1.0","ready":true,"time":100,"peers":[]}"#,
+        )
+        .unwrap();
+        r.peers = vec![
+            view("10.244.2.0/24", false, Some(40)),
+            view("10.244.3.0/24", true, Some(98)),
+            view("10.244.9.0/24", true, Some(98)), // no longer a peer: no row
+        ];
+        let rows = peer_rows(&peers, &leases, Some(&r), 100);
+        let cells: Vec<Vec<String>> = rows.iter().map(PeerRow::cells).collect();
+        assert_eq!(
+            cells,
+            vec![
+                vec![
+                    "b",
+                    "10.244.2.0/24",
+                    "10.244.2.0",
+                    "no",
+                    "-",
+                    "1m ago",
+                    "vxlan"
+                ],
+                vec![
+                    "c",
+                    "10.244.3.0/24",
+                    "10.244.3.0",
+                    "yes",
+                    "0.25ms",
+                    "2s ago",
+                    "vxlan"
+                ],
+                vec![
+                    "d",
+                    "10.244.4.0/24",
+                    "10.244.4.0",
+                    "unknown",
+                    "-",
+                    "-",
+                    "vxlan"
+                ],
+            ]
+        );
+        // Without a report every peer is unknown, and the JSON says why.
+        let rows = peer_rows(&peers, &leases, None, 100);
+        assert!(rows.iter().all(|r| r.reachable == "unknown"));
+        let j = peer_health_json(&Err("no health report".into()), &rows, 100);
+        assert!(j["peers"].is_null());
+        assert_eq!(j["reason"], "no health report");
+    }
+
+    /// A report cannot smuggle an unknown path or a nonsense RTT into the table.
+    #[test]
+    fn untrusted_report_values_are_bounded() {
+        let leases = vec![lease(2, "b")];
+        let peers: Vec<Peer> = leases.iter().map(peer).collect();
+        let mut r = parse_report(
+            br#"{"node":"a","subnet":null,"public_ip":"x","version":"v","ready":true,"time":5,"peers":[]}"#,
+        )
+        .unwrap();
+        let mut v = view("10.244.2.0/24", true, Some(10));
+        v.path = "\u{1b}[31mdirect".into();
+        v.rtt_ms = Some(f64::NAN);
+        r.peers = vec![v];
+        let rows = peer_rows(&peers, &leases, Some(&r), 5);
+        assert_eq!(rows[0].path, "unknown");
+        assert_eq!(rows[0].rtt_ms, None);
+        // A last_seen in the future is 0 s ago, not an overflow.
+        assert_eq!(rows[0].last_seen_ago, Some(0));
+    }
 }

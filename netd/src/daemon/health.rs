@@ -88,6 +88,47 @@ pub struct PeerView {
     pub last_seen: Option<u64>,
     /// Probes in a row without an answer.
     pub lost_in_a_row: u32,
+    /// The peer's VTEP address, the probes' destination (reports of older twillds lack
+    /// it: the subnet's network address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<String>,
+    /// How packets to the peer travel: `vxlan` (direct routing is not implemented yet;
+    /// reports of older twillds lack the field and mean `vxlan`).
+    #[serde(default = "vxlan_path")]
+    pub path: String,
+}
+
+/// The only path twill has today.
+pub const PATH_VXLAN: &str = "vxlan";
+
+fn vxlan_path() -> String {
+    PATH_VXLAN.to_string()
+}
+
+impl PeerView {
+    /// The VTEP address: the report's, else the subnet's network address (what twilld
+    /// probes).
+    pub fn vtep_addr(&self) -> Option<String> {
+        self.vtep.clone().or_else(|| {
+            self.subnet
+                .parse::<Ipv4Net>()
+                .ok()
+                .map(|n| n.network().to_string())
+        })
+    }
+
+    /// `yes`, `no`, or `unknown`: a peer that never answered yet is not known to be
+    /// reachable (twilld counts it reachable until 3 probes are lost, so that it is not
+    /// reported down before its first probes had a chance).
+    pub fn verdict(&self) -> &'static str {
+        if !self.reachable {
+            "no"
+        } else if self.last_seen.is_some() {
+            "yes"
+        } else {
+            "unknown"
+        }
+    }
 }
 
 /// What a node publishes under `<prefix>/health/<node>`.
@@ -134,6 +175,9 @@ pub struct HealthMetrics {
     pub unreachable: Gauge,
     pub probes: Counter,
     pub lost: Counter,
+    /// This node's allocator: pod IPs reserved, and how many the subnet has.
+    pub pod_ips_used: Gauge,
+    pub pod_ips_capacity: Gauge,
 }
 
 impl HealthMetrics {
@@ -163,6 +207,16 @@ impl HealthMetrics {
             "twill_health_probes_lost",
             "Probes that got no answer within the timeout",
             m.lost.clone(),
+        );
+        reg.register(
+            "twill_pod_ips_used",
+            "Pod IPs reserved in this node's subnet (the CNI plugin's allocator, read at each health publish)",
+            m.pod_ips_used.clone(),
+        );
+        reg.register(
+            "twill_pod_ips_capacity",
+            "Pod IPs this node's subnet has (all but network, gateway and broadcast)",
+            m.pod_ips_capacity.clone(),
         );
         m
     }
@@ -309,6 +363,8 @@ impl Prober {
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map(|d| d.as_secs()),
                 lost_in_a_row: p.lost_in_a_row,
+                vtep: Some(s.network().to_string()),
+                path: vxlan_path(),
             })
             .collect()
     }
@@ -408,6 +464,10 @@ pub fn spawn(
                     }
                     _ = publish.tick() => {
                         let report = build_report(&ctx, &t, prober.views());
+                        if let (Some(u), Some(c)) = (report.pods_used, report.pods_capacity) {
+                            prober.metrics.pod_ips_used.set(u as i64);
+                            prober.metrics.pod_ips_capacity.set(c as i64);
+                        }
                         publisher.put(&ctx.node, &report).await;
                     }
                 }
@@ -535,17 +595,52 @@ impl Publisher {
     }
 }
 
-/// Every node's report, from etcd.
+/// Every node's report, from etcd. A value that does not parse is left out (it is
+/// untrusted input; `twillctl cluster status` shows the node as not reporting).
 pub async fn read_reports(store: &LeaseStore) -> Result<Vec<NodeReport>, etcd_client::Error> {
-    let mut client = store.client().clone();
     let prefix = health_prefix(&store.options().prefix);
-    let resp = client
-        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-        .await?;
+    let kvs = get_reports(store, &prefix, true).await?;
+    Ok(kvs
+        .iter()
+        .filter_map(|(_, v)| parse_report(v).ok())
+        .collect())
+}
+
+/// One node's report: `Ok(None)` when there is none (twilld not running health, or its
+/// report expired), `Ok(Some(Err(why)))` when the value does not parse.
+pub async fn read_report(
+    store: &LeaseStore,
+    node: &str,
+) -> Result<Option<Result<NodeReport, String>>, etcd_client::Error> {
+    let key = format!("{}{node}", health_prefix(&store.options().prefix));
+    let kvs = get_reports(store, &key, false).await?;
+    Ok(kvs.into_iter().next().map(|(k, v)| {
+        parse_report(&v).map_err(|e| format!("the report at {k} does not parse: {e}"))
+    }))
+}
+
+/// The parse both readers use: a report of an older twilld (fewer fields) still reads.
+pub fn parse_report(value: &[u8]) -> Result<NodeReport, serde_json::Error> {
+    serde_json::from_slice(value)
+}
+
+async fn get_reports(
+    store: &LeaseStore,
+    key: &str,
+    prefix: bool,
+) -> Result<Vec<(String, Vec<u8>)>, etcd_client::Error> {
+    let mut client = store.client().clone();
+    let opts = prefix.then(|| etcd_client::GetOptions::new().with_prefix());
+    let resp = client.get(key, opts).await?;
     Ok(resp
         .kvs()
         .iter()
-        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        })
         .collect())
 }
 
@@ -610,5 +705,33 @@ mod tests {
         assert!(p.peers[&subnet].reachable);
         assert_eq!(p.peers[&subnet].rtt, Some(Duration::from_millis(3)));
         assert_eq!(p.metrics.unreachable.get(), 0);
+        let v = &p.views()[0];
+        assert_eq!(v.verdict(), "yes");
+        assert_eq!(v.vtep.as_deref(), Some("10.244.2.0"));
+        assert_eq!(v.path, "vxlan");
+    }
+
+    /// A report of an older twilld (no `vtep`, no `path`) still reads, with the VTEP derived
+    /// from the subnet and the path `vxlan`; the verdict of a peer that never answered is
+    /// `unknown`, of one that lost 3 probes `no`.
+    #[test]
+    fn an_old_report_still_reads() {
+        let old = br#"{"node":"a","subnet":"10.244.1.0/24","public_ip":"192.0.2.1","version":"0.1.0",
+            "ready":true,"time":1,"peers":[
+            {"subnet":"10.244.2.0/24","node":"b","reachable":true,"lost_in_a_row":1},
+            {"subnet":"10.244.3.0/24","node":"c","reachable":false,"rtt_ms":0.5,"last_seen":1,"lost_in_a_row":3}]}"#;
+        let r = parse_report(old).unwrap();
+        assert_eq!(r.peers[0].vtep, None);
+        assert_eq!(r.peers[0].vtep_addr().as_deref(), Some("10.244.2.0"));
+        assert_eq!(r.peers[0].path, "vxlan");
+        assert_eq!(r.peers[0].verdict(), "unknown");
+        assert_eq!(r.peers[1].verdict(), "no");
+        // And what we write reads back the same.
+        let again = parse_report(serde_json::to_string(&r).unwrap().as_bytes()).unwrap();
+        assert_eq!(again, r);
+        // A bad value names the field.
+        let bad = br#"{"node":"a","subnet":null,"public_ip":"x","version":"v","ready":"yes","time":1,"peers":[]}"#;
+        let e = parse_report(bad).unwrap_err().to_string();
+        assert!(e.contains("bool"), "{e}");
     }
 }

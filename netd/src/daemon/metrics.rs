@@ -26,6 +26,10 @@ pub struct Metrics {
     pub routes: Gauge,
     pub fdb: Gauge,
     pub neighs: Gauge,
+    /// What the leases ask for after validation (routes without the conflicting ones).
+    pub routes_expected: Gauge,
+    pub fdb_expected: Gauge,
+    pub neighs_expected: Gauge,
     pub reconcile_seconds: Histogram,
     pub reconciles: Counter,
     pub ops_applied: Counter,
@@ -52,6 +56,9 @@ impl Metrics {
             routes: Gauge::default(),
             fdb: Gauge::default(),
             neighs: Gauge::default(),
+            routes_expected: Gauge::default(),
+            fdb_expected: Gauge::default(),
+            neighs_expected: Gauge::default(),
             // 100 µs .. ~3 s
             reconcile_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             reconciles: Counter::default(),
@@ -89,6 +96,21 @@ impl Metrics {
             "twill_neighbours_programmed",
             "Permanent neighbours on the VXLAN device",
             m.neighs.clone(),
+        );
+        reg.register(
+            "twill_routes_expected",
+            "Routes the valid peer leases ask for on the VXLAN device, without those a foreign route blocks",
+            m.routes_expected.clone(),
+        );
+        reg.register(
+            "twill_fdb_expected",
+            "FDB entries the valid peer leases ask for on the VXLAN device",
+            m.fdb_expected.clone(),
+        );
+        reg.register(
+            "twill_neighbours_expected",
+            "Permanent neighbours the valid peer leases ask for on the VXLAN device",
+            m.neighs_expected.clone(),
         );
         reg.register(
             "twill_reconcile_duration_seconds",

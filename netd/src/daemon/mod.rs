@@ -792,6 +792,14 @@ impl Daemon {
             }
         }
         self.metrics.peers.set(peers.len() as i64);
+        let routes_expected = want
+            .routes
+            .iter()
+            .filter(|r| !self.conflicts.contains(&r.dst))
+            .count();
+        self.metrics.routes_expected.set(routes_expected as i64);
+        self.metrics.fdb_expected.set(want.fdbs.len() as i64);
+        self.metrics.neighs_expected.set(want.neighs.len() as i64);
         self.metrics.routes.set(self.actual.routes.len() as i64);
         self.metrics.fdb.set(self.actual.fdbs.len() as i64);
         self.metrics.neighs.set(self.actual.neighs.len() as i64);
