@@ -299,3 +299,177 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Proves the pinned holder (twilld's, issue 14): a node cut off until its lease and grace
+/// key expired, whose subnet another node took meanwhile, takes no other subnet while its
+/// pin says pods hold addresses of the old one: it is blocked, naming the subnet and the other
+/// node, and keeps trying; a move permission for another subnet is ignored, a malformed one
+/// too; once the pin counts 0 it takes another subnet by itself. A second run shows the
+/// operator's permission (`request_move`) letting it move with pods still there, and the
+/// permission deleted once used. Before the fix (`hold_with`, no pin) the holder took a new
+/// subnet at its first retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_holder_is_blocked_while_another_node_holds_its_subnet() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let etcd = EtcdServer::start().unwrap();
+    let (plain, cfg) = setup(&etcd).await;
+    let grace = Duration::from_secs(1);
+    let ttl = Duration::from_secs(2);
+    for by_operator in [false, true] {
+        let n = if by_operator { 10 } else { 1 };
+        let node = format!("node-a{n}");
+        let proxy = TcpProxy::start(etcd.client_port()).await.unwrap();
+        let via = store_via(&etcd, &proxy).await.with_grace(grace);
+        let pods = Arc::new(AtomicU64::new(2));
+        let p = pods.clone();
+        let mut h = via.hold_pinned(
+            cfg.clone(),
+            attrs(&node, n),
+            ttl,
+            None,
+            Arc::new(move |_| Ok(p.load(Ordering::SeqCst))),
+        );
+        let old = acquired(&mut h).await.subnet;
+        proxy.cut();
+        let store = plain.clone().with_grace(grace);
+        wait_until_async(
+            Duration::from_secs(15),
+            "lease and grace key expired",
+            || async {
+                let g = plain
+                    .client()
+                    .clone()
+                    .get(plain.grace_key(&old), None)
+                    .await
+                    .unwrap();
+                plain.get(&old).await.unwrap().is_none() && g.kvs().is_empty()
+            },
+        )
+        .await;
+        let b = store
+            .acquire_with(
+                &cfg,
+                &attrs("node-b", n + 1),
+                Duration::from_secs(60),
+                Some(old),
+            )
+            .await
+            .unwrap();
+        assert_eq!(b.subnet, old, "node-b takes the subnet");
+        proxy.restore();
+        wait_until(Duration::from_secs(15), "blocked", || {
+            h.state().blocked.is_some()
+        })
+        .await;
+        let st = h.state();
+        let bl = st.blocked.clone().unwrap();
+        assert_eq!(bl.subnet, old);
+        assert_eq!(bl.pods, Some(2));
+        let text = st.last_error.clone().unwrap();
+        assert!(
+            text.contains("node-b") && text.contains(&old.to_string()),
+            "{text}"
+        );
+        assert!(!st.held);
+        // A permission for another subnet, and a malformed one, change nothing.
+        let other: ipnet::Ipv4Net = "10.244.250.0/24".parse().unwrap();
+        plain
+            .request_move(&node, Some(other), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let b0 = h.stats().blocked;
+        wait_until(Duration::from_secs(10), "retries", || {
+            h.stats().blocked >= b0 + 2
+        })
+        .await;
+        plain
+            .client()
+            .clone()
+            .put(plain.move_key(&node), "{\"NodeName\":1}", None)
+            .await
+            .unwrap();
+        let b0 = h.stats().blocked;
+        wait_until(Duration::from_secs(10), "retries", || {
+            h.stats().blocked >= b0 + 2
+        })
+        .await;
+        let (all, _) = plain.list().await.unwrap();
+        assert!(
+            all.iter().all(|l| l.attrs.node_name != node),
+            "no other subnet taken: {all:?}"
+        );
+        if by_operator {
+            plain
+                .request_move(&node, Some(old), Duration::from_secs(60))
+                .await
+                .unwrap();
+        } else {
+            plain.clear_move(&node).await.unwrap();
+            pods.store(0, Ordering::SeqCst);
+        }
+        wait_until(Duration::from_secs(10), "moved", || h.state().held).await;
+        let st = h.state();
+        let new = st.lease.unwrap().subnet;
+        assert_ne!(new, old);
+        assert!(st.blocked.is_none());
+        assert!(
+            plain.move_request(&node).await.unwrap().is_none(),
+            "no permission left"
+        );
+        plain.release(old).await.unwrap();
+        drop(h);
+    }
+}
+
+/// Proves `acquire_only`: the node's own key or the free subnet is taken; a subnet held by
+/// another node's lease, or in another node's grace period, is `SubnetHeld` naming it, and
+/// nothing else is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_only_takes_that_subnet_or_names_who_holds_it() {
+    use twill_ipam::store::StoreError;
+    let etcd = EtcdServer::start().unwrap();
+    let (plain, cfg) = setup(&etcd).await;
+    let store = plain.clone().with_grace(Duration::from_secs(60));
+    let ttl = Duration::from_secs(2);
+    let s: ipnet::Ipv4Net = "10.244.9.0/24".parse().unwrap();
+    let a = store
+        .acquire_only(&cfg, &attrs("node-a", 1), ttl, s)
+        .await
+        .unwrap();
+    assert_eq!(a.subnet, s);
+    let e = store
+        .acquire_only(&cfg, &attrs("node-b", 2), ttl, s)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::SubnetHeld { holder, grace: false, .. } if holder == "node-a"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("192.168.0.1"), "{e}");
+    wait_until_async(Duration::from_secs(10), "lease expired", || async {
+        plain.get(&s).await.unwrap().is_none()
+    })
+    .await;
+    let e = store
+        .acquire_only(&cfg, &attrs("node-b", 2), ttl, s)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::SubnetHeld { grace: true, .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("grace period of node \"node-a\""),
+        "{e}"
+    );
+    let (all, _) = plain.list().await.unwrap();
+    assert!(all.is_empty(), "node-b took nothing: {all:?}");
+    let bad: ipnet::Ipv4Net = "10.99.0.0/24".parse().unwrap();
+    assert!(matches!(
+        store
+            .acquire_only(&cfg, &attrs("node-b", 2), ttl, bad)
+            .await,
+        Err(StoreError::InvalidSubnet { .. })
+    ));
+}

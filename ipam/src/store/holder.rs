@@ -8,6 +8,14 @@
 //! etcd's answer (TTL 0) says the lease is gone, never a local clock. When the lease is lost
 //! anyway (its etcd lease expired while etcd was unreachable, or the key was deleted or taken
 //! over), the holder logs it, counts it and acquires again preferring the same subnet.
+//!
+//! With a pin ([`LeaseStore::hold_pinned`]), the holder never leaves a subnet whose addresses
+//! this node's pods still hold: before each acquisition it asks the pin how many pod
+//! addresses of the subnet it is about to prefer (its last lease, or the caller's hint) are
+//! in use; if any are, it takes that subnet only ([`LeaseStore::acquire_only`]). While
+//! another node holds it, the holder is *blocked* ([`HolderState::blocked`]), says so once per
+//! change (a warning) and keeps trying for it; it takes another subnet only when no pod
+//! address remains or an operator wrote a move permission ([`super::MoveRequest`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +30,7 @@ use tokio::time::Instant;
 use super::{Backoff, LeaseStore, StoreError};
 use crate::lease::{Lease, LeaseAttrs};
 use crate::netconf::NetConfig;
+use std::fmt;
 
 /// What the holder has, published on a `tokio::sync::watch` channel.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -35,7 +44,42 @@ pub struct HolderState {
     pub healthy: bool,
     /// The last error, cleared by the next success.
     pub last_error: Option<String>,
+    /// Set while the holder does not acquire because the subnet its pods use is held by
+    /// another node (see the module doc); cleared by the next acquisition.
+    pub blocked: Option<Blocked>,
 }
+
+/// Why a pinned holder takes no subnet: the one its pods use is not free.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocked {
+    /// This node's name.
+    pub node: String,
+    /// The subnet this node's pods hold addresses of.
+    pub subnet: Ipv4Net,
+    /// Who holds it, or why it cannot be taken (the store's error).
+    pub why: String,
+    /// Pod addresses of `subnet` in use on this node (`None`: the allocator state could not
+    /// be read, which counts as in use).
+    pub pods: Option<u64>,
+}
+
+impl fmt::Display for Blocked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pods = match self.pods {
+            Some(n) => format!("{n} pod address(es) of it are in use on this node"),
+            None => "the pod address allocator cannot be read (counted as in use)".into(),
+        };
+        write!(
+            f,
+            "{}, and {pods}: not moving to another subnet (their addresses would be routed to the other node); retrying for {}. Drain the node's pods and run `twillctl leases move {} --yes` to let it move",
+            self.why, self.subnet, self.node
+        )
+    }
+}
+
+/// Pod addresses of a subnet in use on this node (see [`LeaseStore::hold_pinned`]);
+/// `Err` when that cannot be read (counted as in use).
+pub type Pin = Arc<dyn Fn(Ipv4Net) -> Result<u64, String> + Send + Sync>;
 
 /// Counters of a [`LeaseHolder`] (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,6 +90,8 @@ pub struct HolderStats {
     pub renewals: u64,
     /// Leases lost (expired, deleted, taken over).
     pub losses: u64,
+    /// Acquisitions not made because the pinned subnet was held by another node.
+    pub blocked: u64,
     /// Failed requests.
     pub errors: u64,
 }
@@ -56,6 +102,7 @@ struct Counters {
     renewals: AtomicU64,
     losses: AtomicU64,
     errors: AtomicU64,
+    blocked: AtomicU64,
 }
 
 /// Keeps a lease; dropping it stops renewing (the key then expires after its TTL unless the
@@ -82,6 +129,7 @@ impl LeaseHolder {
         attrs: LeaseAttrs,
         ttl: Duration,
         prefer: Option<Ipv4Net>,
+        pin: Option<Pin>,
     ) -> Self {
         let (state_tx, state_rx) = watch::channel(HolderState::default());
         let (attrs_tx, attrs_rx) = watch::channel(attrs);
@@ -94,6 +142,7 @@ impl LeaseHolder {
                 attrs: attrs_rx,
                 state: state_tx,
                 counters: counters.clone(),
+                pin,
             }
             .run(prefer),
         );
@@ -134,6 +183,7 @@ impl LeaseHolder {
             renewals: c.renewals.load(Ordering::Relaxed),
             losses: c.losses.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
+            blocked: c.blocked.load(Ordering::Relaxed),
         }
     }
 
@@ -167,6 +217,7 @@ struct Task {
     attrs: watch::Receiver<LeaseAttrs>,
     state: watch::Sender<HolderState>,
     counters: Arc<Counters>,
+    pin: Option<Pin>,
 }
 
 /// Why a held lease ended.
@@ -195,16 +246,93 @@ impl Task {
         });
     }
 
+    /// One acquisition: plain, or (pinned, pods in `prefer`) `prefer` only unless the
+    /// operator's move permission lets it go. `Ok(Err(blocked))`: not acquired, blocked.
+    async fn acquire(
+        &self,
+        attrs: &LeaseAttrs,
+        prefer: Option<Ipv4Net>,
+    ) -> Result<Result<(Lease, bool), Blocked>, StoreError> {
+        let pinned = match (prefer, &self.pin) {
+            (Some(p), Some(pin)) => match pin(p) {
+                Ok(0) => None,
+                Ok(n) => Some((p, Some(n))),
+                Err(e) => {
+                    tracing::warn!(subnet = %p, error = %e, "cannot tell whether pods use the subnet: counting it as in use");
+                    Some((p, None))
+                }
+            },
+            _ => None,
+        };
+        let Some((subnet, pods)) = pinned else {
+            return Ok(Ok((
+                self.store
+                    .acquire_with(&self.cfg, attrs, self.ttl, prefer)
+                    .await?,
+                false,
+            )));
+        };
+        let why = match self
+            .store
+            .acquire_only(&self.cfg, attrs, self.ttl, subnet)
+            .await
+        {
+            Ok(l) => return Ok(Ok((l, false))),
+            Err(e @ (StoreError::SubnetHeld { .. } | StoreError::InvalidSubnet { .. })) => {
+                e.to_string()
+            }
+            Err(e) => return Err(e),
+        };
+        match self.store.move_request(&attrs.node_name).await? {
+            Some(Ok(m)) if m.allows(&subnet) => {
+                tracing::warn!(subnet = %subnet, pods = ?pods, reason = %why, key = %self.store.move_key(&attrs.node_name), "the operator allows this node to move: taking another subnet although pods hold addresses of this one");
+                let l = self
+                    .store
+                    .acquire_with(&self.cfg, attrs, self.ttl, None)
+                    .await?;
+                return Ok(Ok((l, true)));
+            }
+            Some(Ok(m)) => {
+                tracing::debug!(subnet = %subnet, from = ?m.from, "a move permission for another subnet: ignored")
+            }
+            Some(Err(bad)) => tracing::warn!(reason = %bad, "ignoring an invalid move permission"),
+            None => {}
+        }
+        Ok(Err(Blocked {
+            node: attrs.node_name.clone(),
+            subnet,
+            why,
+            pods,
+        }))
+    }
+
     async fn run(mut self, mut prefer: Option<Ipv4Net>) {
         let mut backoff = Backoff::new(RETRY_CAP);
         loop {
             let attrs = self.attrs.borrow_and_update().clone();
-            let lease = match self
-                .store
-                .acquire_with(&self.cfg, &attrs, self.ttl, prefer)
-                .await
-            {
-                Ok(l) => l,
+            let lease = match self.acquire(&attrs, prefer).await {
+                Ok(Ok((l, moved))) => {
+                    if moved && let Err(e) = self.store.clear_move(&attrs.node_name).await {
+                        tracing::warn!(error = %e, "deleting the used move permission failed (it expires by itself)");
+                    }
+                    l
+                }
+                Ok(Err(blocked)) => {
+                    self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+                    let text = blocked.to_string();
+                    let changed = self.state.borrow().blocked.as_ref() != Some(&blocked);
+                    if changed {
+                        tracing::warn!(subnet = %blocked.subnet, reason = %text, "lease blocked: this node's subnet is not free");
+                    }
+                    self.state.send_modify(|s| {
+                        s.held = false;
+                        s.healthy = false;
+                        s.last_error = Some(text);
+                        s.blocked = Some(blocked);
+                    });
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
                 Err(e) => {
                     self.error(&e);
                     let d = backoff.next_delay();
@@ -215,12 +343,18 @@ impl Task {
             };
             backoff.reset();
             self.counters.acquisitions.fetch_add(1, Ordering::Relaxed);
+            if let Some(old) = prefer
+                && old != lease.subnet
+            {
+                tracing::warn!(old = %old, new = %lease.subnet, "took another subnet than the one this node had");
+            }
             prefer = Some(lease.subnet);
             self.state.send_replace(HolderState {
                 lease: Some(lease.clone()),
                 held: true,
                 healthy: true,
                 last_error: None,
+                blocked: None,
             });
             let lost = self.hold(lease.clone()).await;
             self.counters.losses.fetch_add(1, Ordering::Relaxed);

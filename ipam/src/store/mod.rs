@@ -27,7 +27,7 @@ use rand::Rng;
 
 /// The etcd client crate, for callers that need raw access (tests, tools).
 pub use etcd_client;
-pub use holder::{EXPIRY_MARGIN, HolderState, HolderStats, LeaseHolder, RETRY_CAP};
+pub use holder::{Blocked, EXPIRY_MARGIN, HolderState, HolderStats, LeaseHolder, Pin, RETRY_CAP};
 pub use watch::{LeaseWatch, WatchStats};
 
 use crate::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, parse_lease, subnet_to_key};
@@ -123,6 +123,17 @@ pub enum StoreError {
     InvalidAttrs(String),
     #[error("{key} is held by node {holder:?}")]
     Conflict { key: String, holder: String },
+    /// [`LeaseStore::acquire_only`]: the one subnet this node may take is not free.
+    #[error("subnet {subnet} {}", held_by(holder, holder_ip, *grace))]
+    SubnetHeld {
+        subnet: Ipv4Net,
+        /// The node holding it (its `NodeName`; empty: a lease without one, e.g. flanneld's).
+        holder: String,
+        /// That node's PublicIP, when the key is a lease (not a grace key).
+        holder_ip: Option<Ipv4Addr>,
+        /// Held by the other node's grace key (its lease expired a moment ago).
+        grace: bool,
+    },
     #[error("gave up on {what} after {attempts} attempts: every attempt collided")]
     Contention { what: &'static str, attempts: u32 },
     /// Another node (another PublicIP) holds a live lease, or a reservation it has taken,
@@ -141,6 +152,20 @@ pub enum StoreError {
         reserved: bool,
         fix: String,
     },
+}
+
+/// "is held by node "b" (192.168.0.2)" / "is in the grace period of node "b"".
+fn held_by(holder: &str, ip: &Option<Ipv4Addr>, grace: bool) -> String {
+    let who = if holder.is_empty() {
+        "a node without NodeName".to_string()
+    } else {
+        format!("node {holder:?}")
+    };
+    match (grace, ip) {
+        (true, _) => format!("is in the grace period of {who} (its lease expired just now)"),
+        (false, Some(ip)) if !ip.is_unspecified() => format!("is held by {who} ({ip})"),
+        (false, _) => format!("is held by {who}"),
+    }
 }
 
 impl StoreError {
@@ -182,6 +207,29 @@ impl StoreError {
         )
     }
 }
+
+/// The value of `<prefix>/move/<node>` (JSON): the operator lets `NodeName` leave its
+/// subnet (`From`; absent: whichever it is blocked on) for another one although its pods still
+/// hold addresses of it. Written by `twillctl leases move`, read by the node's
+/// [`LeaseHolder`] only while it is blocked, deleted by it once it has moved.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    #[serde(rename = "NodeName")]
+    pub node_name: String,
+    #[serde(rename = "From", default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Ipv4Net>,
+}
+
+impl MoveRequest {
+    /// Whether it lets the node leave `subnet`.
+    pub fn allows(&self, subnet: &Ipv4Net) -> bool {
+        self.from.is_none_or(|f| f == *subnet)
+    }
+}
+
+/// How long a move permission lives unless its node uses it.
+pub const MOVE_TTL: Duration = Duration::from_secs(3600);
 
 /// A handle on the leases of one network in etcd. Cheap to clone.
 #[derive(Clone)]
@@ -343,8 +391,8 @@ impl LeaseStore {
         }
     }
 
-    /// Subnets whose grace key names another node than `node`.
-    async fn in_grace_of_others(&self, node: &str) -> Result<HashSet<Ipv4Net>, StoreError> {
+    /// Subnets whose grace key names another node than `node`, with that node's name.
+    async fn in_grace_of_others(&self, node: &str) -> Result<HashMap<Ipv4Net, String>, StoreError> {
         let prefix = self.grace_prefix();
         let resp = self
             .kv_get(&prefix, Some(GetOptions::new().with_prefix()))
@@ -356,7 +404,7 @@ impl LeaseStore {
                 let key = String::from_utf8_lossy(k.key());
                 let subnet = key_to_subnet(key.strip_prefix(&prefix)?).ok()?;
                 let a = LeaseAttrs::from_json(&key, k.value()).ok()?;
-                (a.node_name != node).then_some(subnet)
+                (a.node_name != node).then_some((subnet, a.node_name))
             })
             .collect())
     }
@@ -681,6 +729,104 @@ impl LeaseStore {
         Ok(resp.deleted() > 0)
     }
 
+    /// `<prefix>/move/` (with the trailing slash).
+    pub fn move_prefix(&self) -> String {
+        format!("{}/move/", self.prefix)
+    }
+
+    /// `<prefix>/move/<node>`: an operator's permission for `node` to leave its subnet
+    /// although its pods still hold addresses of it (see [`MoveRequest`]).
+    pub fn move_key(&self, node: &str) -> String {
+        format!("{}{node}", self.move_prefix())
+    }
+
+    /// Writes the move permission of `node` (only for leaving `from`, if given), bound to an
+    /// etcd lease of `ttl`: a permission nobody used does not linger.
+    pub async fn request_move(
+        &self,
+        node: &str,
+        from: Option<Ipv4Net>,
+        ttl: Duration,
+    ) -> Result<MoveRequest, StoreError> {
+        if node.is_empty() || node.contains('/') {
+            return Err(StoreError::InvalidAttrs(format!(
+                "node name {node:?} must be non-empty and without '/'"
+            )));
+        }
+        let req = MoveRequest {
+            node_name: node.to_string(),
+            from,
+        };
+        let key = self.move_key(node);
+        let secs = (ttl.as_secs() as i64).max(1);
+        let id = self
+            .rpc(
+                "lease-grant",
+                &format!("lease ttl {secs}s"),
+                |c| async move { c.lease_client().grant(secs, None).await },
+            )
+            .await?
+            .id();
+        let value = serde_json::to_string(&req).expect("a move request serializes");
+        let r = self
+            .rpc("put", &key, |c| {
+                let (k, v) = (key.clone(), value.clone());
+                async move {
+                    c.kv_client()
+                        .put(k, v, Some(PutOptions::new().with_lease(id)))
+                        .await
+                }
+            })
+            .await;
+        if let Err(e) = r {
+            self.revoke(id).await;
+            return Err(e);
+        }
+        Ok(req)
+    }
+
+    /// The move permission of `node`, if any. A value that does not parse, or names another
+    /// node, is no permission: `Ok(Err(why))`.
+    pub async fn move_request(
+        &self,
+        node: &str,
+    ) -> Result<Option<Result<MoveRequest, String>>, StoreError> {
+        let key = self.move_key(node);
+        let resp = self.kv_get(&key, None).await?;
+        Ok(resp.kvs().first().map(|k| {
+            let r: MoveRequest = serde_json::from_slice(k.value())
+                .map_err(|e| format!("{key}: value is not a move request: {e}"))?;
+            if r.node_name != node {
+                return Err(format!(
+                    "{key}: NodeName is {:?}, not {node:?}",
+                    r.node_name
+                ));
+            }
+            Ok(r)
+        }))
+    }
+
+    /// Deletes the move permission of `node` (and revokes its etcd lease). False if none.
+    pub async fn clear_move(&self, node: &str) -> Result<bool, StoreError> {
+        let key = self.move_key(node);
+        let resp = self
+            .rpc("delete", &key, |c| {
+                let k = key.clone();
+                async move {
+                    c.kv_client()
+                        .delete(k, Some(DeleteOptions::new().with_prev_key()))
+                        .await
+                }
+            })
+            .await?;
+        for prev in resp.prev_kvs() {
+            if prev.lease() != 0 {
+                self.revoke(prev.lease()).await;
+            }
+        }
+        Ok(resp.deleted() > 0)
+    }
+
     /// Best-effort revoke of an etcd lease that no key uses any more.
     async fn revoke(&self, id: i64) {
         if let Err(e) = self
@@ -780,6 +926,44 @@ impl LeaseStore {
         ttl: Duration,
         prefer: Option<Ipv4Net>,
     ) -> Result<Lease, StoreError> {
+        self.acquire_inner(cfg, attrs, ttl, prefer, false).await
+    }
+
+    /// Takes `subnet` and no other: this node's own key of it (as [`LeaseStore::acquire_with`]
+    /// step 1), or the subnet if it is free. For a node whose pods still hold addresses of
+    /// `subnet`: taking another subnet would leave them unrouted, and their addresses handed
+    /// out again by the node that holds `subnet` now. When another node holds it (a lease,
+    /// a reservation or a grace key), the result is [`StoreError::SubnetHeld`] naming that
+    /// node; an invalid `subnet` under `cfg` is [`StoreError::InvalidSubnet`]. This node's
+    /// keys of other subnets are left alone.
+    pub async fn acquire_only(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        subnet: Ipv4Net,
+    ) -> Result<Lease, StoreError> {
+        if !cfg.is_valid_subnet(&subnet) {
+            return Err(StoreError::InvalidSubnet {
+                subnet,
+                reason: format!(
+                    "is not a /{} between SubnetMin {} and SubnetMax {} of Network {} (the network config changed?)",
+                    cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.network
+                ),
+            });
+        }
+        self.acquire_inner(cfg, attrs, ttl, Some(subnet), true)
+            .await
+    }
+
+    async fn acquire_inner(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        prefer: Option<Ipv4Net>,
+        only: bool,
+    ) -> Result<Lease, StoreError> {
         if attrs.node_name.is_empty() {
             return Err(StoreError::InvalidAttrs(
                 "NodeName must not be empty".into(),
@@ -839,7 +1023,7 @@ impl LeaseStore {
             let in_grace = self.in_grace_of_others(&attrs.node_name).await?;
             for attempt in 1..=MAX_ATTEMPTS {
                 // Subnets in another node's grace period count as taken.
-                let mut taken: HashSet<Ipv4Net> = in_grace.clone();
+                let mut taken: HashSet<Ipv4Net> = in_grace.keys().copied().collect();
                 let mut own: Vec<(Ipv4Net, &KeyValue)> = Vec::new();
                 let mut duplicate: Option<(Ipv4Net, Ipv4Addr, bool)> = None;
                 for k in &kvs {
@@ -858,6 +1042,9 @@ impl LeaseStore {
                         continue;
                     };
                     if a.node_name != attrs.node_name {
+                        continue;
+                    }
+                    if only && Some(subnet) != prefer {
                         continue;
                     }
                     // Our name from another PublicIP: a TTL key exists only while its etcd
@@ -923,6 +1110,30 @@ impl LeaseStore {
                     kvs = else_list(resp.op_responses());
                     tracing::debug!(%subnet, attempt, "own key changed concurrently, retrying");
                     continue;
+                }
+                // Only `prefer`: free, or held by whom.
+                if only && let Some(p) = prefer {
+                    if let Some(k) = kvs
+                        .iter()
+                        .find(|k| k.key() == self.lease_key(&p).as_bytes())
+                    {
+                        let key = self.lease_key(&p);
+                        let a = LeaseAttrs::from_json(&key, k.value()).ok();
+                        return Err(StoreError::SubnetHeld {
+                            subnet: p,
+                            holder: a.as_ref().map(|a| a.node_name.clone()).unwrap_or_default(),
+                            holder_ip: a.map(|a| a.public_ip),
+                            grace: false,
+                        });
+                    }
+                    if let Some(node) = in_grace.get(&p) {
+                        return Err(StoreError::SubnetHeld {
+                            subnet: p,
+                            holder: node.clone(),
+                            holder_ip: None,
+                            grace: true,
+                        });
+                    }
                 }
                 // 2./3. A free subnet.
                 let free_count = count_free(cfg, &taken);
@@ -1011,7 +1222,7 @@ impl LeaseStore {
     /// Keeps a lease for `attrs.node_name` in a background task (see [`LeaseHolder`]).
     /// Must be called inside a tokio runtime.
     pub fn hold(&self, cfg: NetConfig, attrs: LeaseAttrs, ttl: Duration) -> LeaseHolder {
-        LeaseHolder::spawn(self.clone(), cfg, attrs, ttl, None)
+        LeaseHolder::spawn(self.clone(), cfg, attrs, ttl, None, None)
     }
 
     /// [`LeaseStore::hold`] preferring `prefer` (e.g. the subnet of the node's subnet file)
@@ -1023,7 +1234,21 @@ impl LeaseStore {
         ttl: Duration,
         prefer: Option<Ipv4Net>,
     ) -> LeaseHolder {
-        LeaseHolder::spawn(self.clone(), cfg, attrs, ttl, prefer)
+        LeaseHolder::spawn(self.clone(), cfg, attrs, ttl, prefer, None)
+    }
+
+    /// [`LeaseStore::hold_with`] that never leaves a subnet whose addresses pods on this node
+    /// still hold: `pin(subnet)` counts them (see [`LeaseHolder`]'s module doc and
+    /// [`HolderState::blocked`]).
+    pub fn hold_pinned(
+        &self,
+        cfg: NetConfig,
+        attrs: LeaseAttrs,
+        ttl: Duration,
+        prefer: Option<Ipv4Net>,
+        pin: Pin,
+    ) -> LeaseHolder {
+        LeaseHolder::spawn(self.clone(), cfg, attrs, ttl, prefer, Some(pin))
     }
 
     /// A stream of lease events: full state, then changes (see [`LeaseWatch`]).

@@ -42,6 +42,9 @@ pub enum LeasesCmd {
         #[arg(long)]
         public_ip: Option<Ipv4Addr>,
     },
+    /// Let a node that is blocked (its subnet taken while it was cut off, its pods still
+    /// holding addresses of it) take another subnet. Needs --yes; drain the node's pods.
+    Move(super::lease_move::MoveArgs),
 }
 
 /// Parses `10.244.3.0/24` or `10.244.3.0-24`.
@@ -162,6 +165,9 @@ fn verdict_cells(v: Option<&std::collections::HashMap<String, Skipped>>, key: &s
 }
 
 pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
+    if let LeasesCmd::Move(args) = cmd {
+        return super::lease_move::run(cli, args).await;
+    }
     let store = connect(&cli.etcd).await?;
     match cmd {
         LeasesCmd::List => {
@@ -311,5 +317,6 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
             }
             Ok(())
         }
+        LeasesCmd::Move(_) => unreachable!("handled above"),
     }
 }

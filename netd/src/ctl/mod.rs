@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod diag;
 pub mod doctor;
+pub mod lease_move;
 pub mod leases;
 pub mod network;
 pub mod status;
@@ -60,7 +61,7 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Subnet leases: list, show, release, reserve.
+    /// Subnet leases: list, show, release, reserve, move.
     #[command(subcommand)]
     Leases(leases::LeasesCmd),
     /// The network config: show, set.

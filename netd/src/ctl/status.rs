@@ -26,6 +26,31 @@ pub struct StatusArgs {
     /// hostname).
     #[arg(long, env = "TWILLCTL_NODE_NAME")]
     pub node_name: Option<String>,
+    /// twilld's --metrics-addr: its /readyz says whether it is ready, and why not (e.g. a
+    /// blocked lease).
+    #[arg(long, env = "TWILLCTL_METRICS_ADDR", default_value = "127.0.0.1:9472")]
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+/// twilld's readiness from its /readyz: (ready, the reason when not), `None` if it does
+/// not answer.
+fn twilld_ready(addr: std::net::SocketAddr) -> Option<(bool, String)> {
+    let r = super::diag::http_get(addr, "/readyz").ok()?;
+    let text = String::from_utf8_lossy(&r);
+    let (status, body) = text.split_once("\n\n")?;
+    let ready = status.split_whitespace().nth(1) == Some("200");
+    let reason = body
+        .trim()
+        .strip_prefix("not ready: ")
+        .unwrap_or(body.trim());
+    Some((
+        ready,
+        if ready {
+            String::new()
+        } else {
+            reason.to_string()
+        },
+    ))
 }
 
 pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
@@ -103,6 +128,10 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
         Err(e) => Err(format!("could not read the health report {key}: {e}")),
     };
     let rows = peer_rows(&peer_list, &leases, health.as_ref().ok(), now);
+    let twilld = twilld_ready(args.metrics_addr);
+    // A blocked node keeps its old subnet's address on twill.<VNI>, whose lease another node
+    // holds now.
+    let foreign_own = args.node_name.is_some() && own.attrs.node_name != node;
     match cli.output {
         Output::Json => {
             let v = json!({
@@ -125,6 +154,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                 "stale": report.stale,
                 "in_sync": report.missing.is_empty() && report.stale.is_empty() && link.is_some(),
                 "peer_health": peer_health_json(&health, &rows, now),
+                "twilld": twilld.as_ref().map(|(ready, reason)| json!({"ready": ready, "reason": reason})),
             });
             print_json(&v);
         }
@@ -143,6 +173,19 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                     "node {} subnet {}: twill.{vni} is MISSING",
                     own.attrs.node_name, own.subnet
                 ),
+            }
+            match &twilld {
+                Some((true, _)) => println!("twilld ready"),
+                Some((false, why)) => println!("twilld NOT READY: {why}"),
+                None => println!("twilld does not answer on {}", args.metrics_addr),
+            }
+            if foreign_own {
+                println!(
+                    "the lease of {} (on {}) is held by node {:?}, not by this node ({node:?})",
+                    own.subnet,
+                    link.as_ref().map(|l| l.name.as_str()).unwrap_or("-"),
+                    own.attrs.node_name
+                );
             }
             println!(
                 "peers {}  expected entries {}  programmed {}  missing {}  stale {}",

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub netlink_overruns: Counter,
     pub vxlan_recreated: Counter,
     pub ready: Gauge,
+    /// 1 while the lease is blocked (the subnet this node's pods use is held by another
+    /// node), else 0.
+    pub lease_blocked: Gauge,
     /// Leases rejected now, by `reason` label (see [`Metrics::set_rejected`]).
     pub leases_rejected: Family<Vec<(String, String)>, Gauge>,
     pub route_conflicts: Gauge,
@@ -72,6 +75,7 @@ impl Metrics {
             netlink_overruns: Counter::default(),
             vxlan_recreated: Counter::default(),
             ready: Gauge::default(),
+            lease_blocked: Gauge::default(),
             leases_rejected: Family::default(),
             route_conflicts: Gauge::default(),
             vxlan_dropped: Counter::default(),
@@ -152,6 +156,11 @@ impl Metrics {
             "twill_lease_losses",
             "Leases lost (expired, deleted, taken over)",
             m.lease_losses.clone(),
+        );
+        reg.register(
+            "twill_lease_blocked",
+            "1 while this node takes no lease because the subnet its pods hold addresses of is held by another node (it stays NotReady, keeps its data plane and retries; docs/leases.md), else 0",
+            m.lease_blocked.clone(),
         );
         reg.register(
             "twill_netlink_overruns",

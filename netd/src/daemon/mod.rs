@@ -36,7 +36,7 @@ use twill_dataplane::overlay::{
 };
 use twill_ipam::lease::LeaseAttrs;
 use twill_ipam::netconf::NetConfig;
-use twill_ipam::store::{EtcdOptions, LeaseHolder, LeaseStore, LeaseWatch};
+use twill_ipam::store::{EtcdOptions, LeaseHolder, LeaseStore, LeaseWatch, Pin};
 use twill_ipam::subnet_file::SubnetFile;
 
 use crate::cli::{EtcdArgs, RunArgs};
@@ -190,14 +190,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(l) if l.vni == Some(vni) && !l.mac.is_zero() => l.mac,
         _ => Mac::derive(&node),
     };
+    // The subnet this node had: its subnet file's, else the one its pods' addresses are in
+    // (/run is tmpfs; the allocator state survives a twilld restart and drops the pods of a
+    // previous boot).
     let prefer = SubnetFile::read(&args.subnet_file)
         .ok()
         .and_then(|f| match f.node_subnet() {
             IpNet::V4(n) => Some(n),
             IpNet::V6(_) => None,
-        });
+        })
+        .or_else(|| allocator_subnet(&args.cni_data_dir, cfg.subnet_len));
     let attrs = LeaseAttrs::vxlan(&node, public_v4, vni, &mac.to_string());
-    let mut holder = store.hold_with(cfg.clone(), attrs, args.lease_ttl, prefer);
+    // Never leave a subnet whose addresses pods here still hold (issue 14): the holder takes
+    // that subnet only, and is blocked while another node has it.
+    let data_dir = args.cni_data_dir.clone();
+    let pin: Pin = Arc::new(move |subnet| pods_in(&data_dir, subnet));
+    let mut holder = store.hold_pinned(cfg.clone(), attrs, args.lease_ttl, prefer, pin);
     shared.set_ready(false, "waiting for the lease");
     // While waiting, /readyz names why the lease is not held yet (e.g. a duplicate node name:
     // the message names the other node's IP).
@@ -207,9 +215,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             l = holder.acquired() => break l,
             r = waiting.changed() => {
                 if r.is_err() { bail!("lease holder stopped") }
-                let why = match waiting.borrow_and_update().last_error.clone() {
-                    Some(e) => format!("waiting for the lease: {e}"),
-                    None => "waiting for the lease".to_string(),
+                let st = waiting.borrow_and_update().clone();
+                metrics.lease_blocked.set(i64::from(st.blocked.is_some()));
+                let why = match (&st.blocked, &st.last_error) {
+                    (Some(b), _) => format!("lease blocked: {b}"),
+                    (None, Some(e)) => format!("waiting for the lease: {e}"),
+                    (None, None) => "waiting for the lease".to_string(),
                 };
                 shared.set_ready(false, &why);
             }
@@ -218,6 +229,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
     info!(subnet = %lease.subnet, "lease held");
+    metrics.lease_blocked.set(0);
     if let Some(exp) = lease.expires {
         set_expiry(&metrics, exp);
     }
@@ -387,6 +399,56 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // gets the same subnet back.
     drop(holder);
     Ok(())
+}
+
+/// The CNI plugin's allocators under `data_dir`: one directory per network name.
+fn allocators(data_dir: &Path) -> Result<Vec<twill_ipam::alloc::Allocator>, String> {
+    let dirs = match std::fs::read_dir(data_dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("read {}: {e}", data_dir.display())),
+    };
+    let mut v = Vec::new();
+    for d in dirs {
+        let d = d.map_err(|e| format!("read {}: {e}", data_dir.display()))?;
+        if d.file_type().is_ok_and(|t| t.is_dir()) {
+            let name = d.file_name().to_string_lossy().into_owned();
+            v.push(twill_ipam::alloc::Allocator::new(data_dir, &name));
+        }
+    }
+    Ok(v)
+}
+
+/// Pod addresses inside `subnet` that the allocator state under `data_dir` holds (every
+/// network's), read under the allocator's lock; an unreadable state is an error (the lease
+/// holder counts it as in use). Blocks for the lock (a CNI ADD holds it for milliseconds).
+fn pods_in(data_dir: &Path, subnet: Ipv4Net) -> std::result::Result<u64, String> {
+    let mut n = 0;
+    for a in allocators(data_dir)? {
+        let list = a
+            .list()
+            .map_err(|e| format!("allocator state {}: {e}", a.dir().display()))?;
+        n += list
+            .iter()
+            .filter(|r| matches!(r.ip, IpAddr::V4(ip) if subnet.contains(&ip)))
+            .count() as u64;
+    }
+    Ok(n)
+}
+
+/// The /`subnet_len` subnet that most of the allocator's pod addresses are in, if any.
+fn allocator_subnet(data_dir: &Path, subnet_len: u8) -> Option<Ipv4Net> {
+    let mut count: BTreeMap<Ipv4Net, usize> = BTreeMap::new();
+    for a in allocators(data_dir).ok()? {
+        for r in a.list().ok()? {
+            if let IpAddr::V4(ip) = r.ip
+                && let Ok(n) = Ipv4Net::new(ip, subnet_len)
+            {
+                *count.entry(n.trunc()).or_default() += 1;
+            }
+        }
+    }
+    count.into_iter().max_by_key(|(_, c)| *c).map(|(n, _)| n)
 }
 
 fn set_expiry(m: &Metrics, at: SystemTime) {
@@ -831,7 +893,13 @@ impl Daemon {
     fn update_ready(&self, holder: &LeaseHolder) {
         let st = holder.state();
         let ready = st.held && self.programmed_once;
-        let why = if !st.held {
+        self.metrics
+            .lease_blocked
+            .set(i64::from(st.blocked.is_some()));
+        let why = if let Some(b) = &st.blocked {
+            // The data plane stays as it is (own subnet, cni0's route, peers) until it moves.
+            format!("lease blocked: {b}")
+        } else if !st.held {
             match &st.last_error {
                 Some(e) => format!("lease not held: {e}"),
                 None => "lease not held".to_string(),
