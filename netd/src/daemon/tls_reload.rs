@@ -149,9 +149,22 @@ fn check_cert(what: &'static str, path: &Path, der: &[u8], now: i64) -> Result<i
     Ok(v.not_after.timestamp())
 }
 
-/// Checks a set read from `files` at time `now` (Unix seconds). Returns the client
-/// certificate's notAfter, if there is one.
-pub fn validate(files: &TlsFiles, m: &TlsMaterial, now: i64) -> Result<Option<i64>, BadFile> {
+/// The client certificate of a valid set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// notAfter, Unix seconds.
+    pub not_after: i64,
+    pub subject: String,
+    pub issuer: String,
+}
+
+/// Checks a set read from `files` at time `now` (Unix seconds). Returns its client
+/// certificate, if there is one.
+pub fn validate(
+    files: &TlsFiles,
+    m: &TlsMaterial,
+    now: i64,
+) -> Result<Option<ClientCert>, BadFile> {
     if let (Some(p), Some(ca)) = (&files.ca, &m.ca) {
         let certs = pem_certs("CA file", p, ca)?;
         // A bundle may keep an old CA for a while; it needs one that is valid now.
@@ -189,7 +202,11 @@ pub fn validate(files: &TlsFiles, m: &TlsMaterial, now: i64) -> Result<Option<i6
             ),
         ));
     }
-    Ok(Some(not_after))
+    Ok(Some(ClientCert {
+        not_after,
+        subject: leaf.subject().to_string(),
+        issuer: leaf.issuer().to_string(),
+    }))
 }
 
 /// Reads the files: the first that cannot be read is the error.
@@ -204,6 +221,10 @@ fn read(files: &TlsFiles) -> Result<TlsMaterial, BadFile> {
         cert: rd("client certificate", &files.cert)?,
         key: rd("client key", &files.key)?,
     })
+}
+
+fn expiry(c: &Option<ClientCert>) -> f64 {
+    c.as_ref().map_or(0.0, |c| c.not_after as f64)
 }
 
 fn unix_now() -> i64 {
@@ -222,8 +243,8 @@ pub fn spawn(files: TlsFiles, store: LeaseStore, metrics: TlsMetrics, shared: Ar
     let initial = read(&files).ok();
     if let Some(m) = &initial {
         match validate(&files, m, unix_now()) {
-            Ok(exp) => {
-                metrics.cert_expiry.set(exp.unwrap_or(0) as f64);
+            Ok(cert) => {
+                metrics.cert_expiry.set(expiry(&cert));
             }
             Err(e) => warn!(error = %e, "the etcd TLS files in use have a problem"),
         }
@@ -269,12 +290,15 @@ async fn run(
                 continue;
             }
         };
-        if applied.as_ref() == Some(&m) {
+        let back = |failed: &mut Option<Failed>| {
             if failed.take().is_some() {
                 info!("the etcd TLS files are back to the ones in use");
                 metrics.rejected.set(0);
                 shared.set_etcd_tls_problem(None);
             }
+        };
+        if applied.as_ref() == Some(&m) {
+            back(&mut failed);
             continue;
         }
         // Taken once it reads the same twice in a row.
@@ -293,9 +317,13 @@ async fn run(
         if !stable {
             continue;
         }
+        if applied.as_ref() == Some(&m) {
+            back(&mut failed);
+            continue;
+        }
         let is_new = failed.as_ref() != Some(&Failed::Set(m.clone()));
-        let exp = match validate(&files, &m, unix_now()) {
-            Ok(exp) => exp,
+        let cert = match validate(&files, &m, unix_now()) {
+            Ok(c) => c,
             Err(e) => {
                 if is_new {
                     error!(error = %e, "etcd TLS files not reloaded: keeping the ones in use");
@@ -311,17 +339,29 @@ async fn run(
         // on every tick, and logged once.
         match store.reload_tls(&m).await {
             Ok(endpoint) => {
-                info!(%endpoint, generation = store.generation(), cert_not_after = exp.unwrap_or(0), "etcd TLS files reloaded: new clients in use");
+                let (subject, issuer) = cert
+                    .as_ref()
+                    .map(|c| (c.subject.as_str(), c.issuer.as_str()))
+                    .unwrap_or_default();
+                info!(%endpoint, generation = store.generation(), subject, issuer, cert_not_after = cert.as_ref().map_or(0, |c| c.not_after), "etcd TLS files reloaded: new clients in use");
                 metrics.count("ok");
                 metrics.rejected.set(0);
-                metrics.cert_expiry.set(exp.unwrap_or(0) as f64);
+                metrics.cert_expiry.set(expiry(&cert));
                 shared.set_etcd_tls_problem(None);
                 applied = Some(m);
                 failed = None;
             }
             Err(e) => {
                 if is_new {
-                    let why = inner_error(&e);
+                    // With TLS 1.3 a client learns of the server's refusal of its certificate
+                    // only as a closed connection: say which certificate it was.
+                    let mut why = inner_error(&e);
+                    if let Some(c) = &cert {
+                        why = format!(
+                            "{why} (client certificate {:?} issued by {:?}: is that CA in etcd's --trusted-ca-file, and the certificate not revoked?)",
+                            c.subject, c.issuer
+                        );
+                    }
                     error!(error = %why, cert = ?files.cert, "etcd TLS files not reloaded: etcd does not accept a connection made with them; keeping the ones in use");
                     metrics.count("error");
                     metrics.rejected.set(1);
@@ -419,8 +459,9 @@ mod tests {
     fn good_set_gives_the_expiry() {
         let a = ca("a");
         let (c, k) = leaf(&a, 2020, 2099);
-        let exp = validate(&files(), &set(&a, &c, &k), NOW).unwrap().unwrap();
-        assert_eq!(exp, 4_070_908_800, "2099-01-01");
+        let cert = validate(&files(), &set(&a, &c, &k), NOW).unwrap().unwrap();
+        assert_eq!(cert.not_after, 4_070_908_800, "2099-01-01");
+        assert_eq!(cert.issuer, "CN=a");
     }
 
     #[test]
