@@ -91,6 +91,11 @@ pub struct RunArgs {
     /// (docs/leases.md). 0 disables it.
     #[arg(long, env = "TWILLD_LEASE_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub lease_grace: Duration,
+    /// How often the etcd TLS files (--etcd-cafile/--etcd-certfile/--etcd-keyfile) are read
+    /// again; a changed, valid set that etcd accepts replaces the clients without a restart
+    /// (docs/operations.md). 0 disables the reload.
+    #[arg(long, env = "TWILLD_ETCD_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub etcd_tls_reload_interval: Duration,
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
     #[arg(long, env = "TWILLD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
     pub metrics_addr: SocketAddr,

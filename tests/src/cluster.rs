@@ -487,9 +487,16 @@ impl Cluster {
     /// `opts.pods_per_node` pods on each.
     pub fn start(opts: ClusterOpts) -> Result<Cluster> {
         require_root();
+        Self::start_with_etcd(opts, crate::etcd::EtcdServer::start()?)
+    }
+
+    /// [`Cluster::start`] with an etcd the test started (e.g. with TLS: the nodes reach it
+    /// over `https://` through their proxies; give twilld its TLS flags in
+    /// `opts.extra_args`).
+    pub fn start_with_etcd(opts: ClusterOpts, etcd: crate::etcd::EtcdServer) -> Result<Cluster> {
+        require_root();
         let prefix = unique_prefix();
         let dir = tempfile::Builder::new().prefix("tw-cluster-").tempdir()?;
-        let etcd = crate::etcd::EtcdServer::start()?;
         let underlay = Ns::new(format!("{prefix}-u"))?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["addr", "add", "192.168.50.254/24", "dev", "br0"])?;
@@ -539,7 +546,14 @@ impl Cluster {
     pub fn etcd_endpoints(&self) -> Vec<String> {
         match &self.ha {
             Some(ha) => ha.endpoints(),
-            None => vec![format!("http://127.0.0.1:{NODE_ETCD_PORT}")],
+            None => {
+                let scheme = if self.etcd.endpoint().starts_with("https://") {
+                    "https"
+                } else {
+                    "http"
+                };
+                vec![format!("{scheme}://127.0.0.1:{NODE_ETCD_PORT}")]
+            }
         }
     }
 
@@ -579,6 +593,7 @@ impl Cluster {
             .etcd
             .endpoint()
             .trim_start_matches("http://")
+            .trim_start_matches("https://")
             .parse()
             .context("etcd endpoint")?;
         let proxy = NsProxy::start(&ns.path(), NODE_ETCD_PORT, upstream)?;

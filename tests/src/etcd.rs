@@ -35,6 +35,24 @@ pub struct TlsFiles {
     pub rogue_key: PathBuf,
 }
 
+/// TLS of an etcd whose certificates the test makes itself (e.g. with rcgen), for
+/// [`EtcdServer::start_with_tls`]: the server's certificate, the CA bundle it trusts for
+/// client certificates (several CAs: one file with each), an optional CRL, and the identity
+/// the harness's own clients use.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// `--trusted-ca-file`: the CAs whose client certificates etcd accepts (a PEM bundle).
+    pub trusted_ca: PathBuf,
+    /// `--client-crl-file`: revoked client certificates.
+    pub crl: Option<PathBuf>,
+    /// The CA of `server_cert`, for the harness's clients.
+    pub client_ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
 /// A running (or stopped) etcd owned by the test.
 #[derive(Debug)]
 pub struct EtcdServer {
@@ -43,6 +61,7 @@ pub struct EtcdServer {
     peer_port: u16,
     child: Option<Child>,
     tls: Option<TlsFiles>,
+    custom_tls: Option<ServerTls>,
     starts: u32,
 }
 
@@ -156,6 +175,31 @@ impl EtcdServer {
         Self::start_inner(true)
     }
 
+    /// Starts an HTTPS etcd with `--client-cert-auth` and the given certificates.
+    pub fn start_with_tls(tls: ServerTls) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("tw-etcd-")
+            .tempdir()
+            .context("creating etcd temp dir")?;
+        let mut server = EtcdServer {
+            dir,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            child: None,
+            tls: None,
+            custom_tls: Some(tls),
+            starts: 0,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Replaces the TLS of a server started with [`EtcdServer::start_with_tls`]; used from
+    /// the next (re)start on.
+    pub fn set_tls(&mut self, tls: ServerTls) {
+        self.custom_tls = Some(tls);
+    }
+
     fn start_inner(tls: bool) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("tw-etcd-")
@@ -174,6 +218,7 @@ impl EtcdServer {
             peer_port: free_port()?,
             child: None,
             tls,
+            custom_tls: None,
             starts: 0,
         };
         server.spawn()?;
@@ -181,7 +226,11 @@ impl EtcdServer {
     }
 
     fn scheme(&self) -> &'static str {
-        if self.tls.is_some() { "https" } else { "http" }
+        if self.tls.is_some() || self.custom_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.
@@ -205,6 +254,11 @@ impl EtcdServer {
         o.timeout = Duration::from_secs(3);
         if let Some(t) = &self.tls {
             o.ca_file = Some(t.ca.clone());
+            o.cert_file = Some(t.client_cert.clone());
+            o.key_file = Some(t.client_key.clone());
+        }
+        if let Some(t) = &self.custom_tls {
+            o.ca_file = Some(t.client_ca.clone());
             o.cert_file = Some(t.client_cert.clone());
             o.key_file = Some(t.client_key.clone());
         }
@@ -261,6 +315,18 @@ impl EtcdServer {
                 .arg("--trusted-ca-file")
                 .arg(&t.ca)
                 .arg("--client-cert-auth");
+        }
+        if let Some(t) = &self.custom_tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.trusted_ca)
+                .arg("--client-cert-auth");
+            if let Some(crl) = &t.crl {
+                cmd.arg("--client-crl-file").arg(crl);
+            }
         }
         let child = cmd
             .spawn()

@@ -389,6 +389,10 @@ impl Task {
         let mut backoff = Backoff::new(interval.clamp(Duration::from_millis(200), RETRY_CAP));
         let mut watch_retry = Instant::now();
         let mut attrs_open = true;
+        // New etcd clients (TLS files reloaded): the keep-alive stream and the watch of our
+        // key move to them (same lease ID; the watch re-checks the key, then resumes).
+        let mut generation = self.store.subscribe_generation();
+        generation.mark_unchanged();
         loop {
             // (Re)start the watch of our own key: a get first (the key may have changed while
             // the watch was down, even beyond a compaction), then watch from after it.
@@ -502,6 +506,14 @@ impl Task {
                             own = None;
                             watch_retry = Instant::now() + backoff.next_delay();
                         }
+                    }
+                }
+                r = generation.changed() => {
+                    if r.is_ok() {
+                        tracing::info!(subnet = %lease.subnet, lease = format!("{:x}", lease.etcd_lease), "etcd clients replaced: renewing the same lease over the new connection");
+                        keeper = None;
+                        own = None;
+                        watch_retry = Instant::now();
                     }
                 }
                 changed = self.attrs.changed(), if attrs_open => {

@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
@@ -237,7 +237,13 @@ pub struct LeaseStore {
     /// One client per endpoint: requests go to the current one and fail over to the next
     /// on a transport error or timeout (etcd-client's balanced channel would keep sending
     /// a share of the requests to a dead endpoint).
-    clients: Arc<[Client]>,
+    /// Swapped as a whole by [`LeaseStore::reload_tls`]; every clone sees the new set.
+    clients: Arc<RwLock<Arc<[Client]>>>,
+    /// Bumped by every swap of `clients`: long-lived streams (keep-alive, watches) made on
+    /// an older generation are remade on the new one, so the old connections close.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The endpoint URLs with their scheme (as the clients were built).
+    urls: Arc<[String]>,
     current: Arc<AtomicUsize>,
     opts: Arc<EtcdOptions>,
     prefix: Arc<str>,
@@ -261,6 +267,79 @@ fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, StoreError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The PEM contents of the TLS files: what a client is built from.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsMaterial {
+    /// CA bundle that signed etcd's server certificate.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate (chain).
+    pub cert: Option<Vec<u8>>,
+    /// Client private key.
+    pub key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key's bytes.
+        f.debug_struct("TlsMaterial")
+            .field("ca_bytes", &self.ca.as_ref().map(Vec::len))
+            .field("cert_bytes", &self.cert.as_ref().map(Vec::len))
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl TlsMaterial {
+    /// Reads the files named in `opts` (each one that is set).
+    pub fn read(opts: &EtcdOptions) -> Result<Self, StoreError> {
+        let rd = |what, p: &Option<PathBuf>| p.as_deref().map(|p| read_file(what, p)).transpose();
+        Ok(TlsMaterial {
+            ca: rd("CA file", &opts.ca_file)?,
+            cert: rd("client certificate", &opts.cert_file)?,
+            key: rd("client key", &opts.key_file)?,
+        })
+    }
+}
+
+/// One client per endpoint, with TLS from `material` if given. Connects lazily.
+async fn build_clients(
+    endpoints: &[String],
+    opts: &EtcdOptions,
+    material: Option<&TlsMaterial>,
+) -> Result<Vec<Client>, StoreError> {
+    let mut co = ConnectOptions::new()
+        .with_connect_timeout(opts.timeout)
+        .with_keep_alive(Duration::from_secs(10), opts.timeout)
+        .with_keep_alive_while_idle(true);
+    if let Some(m) = material {
+        let mut t = TlsOptions::new();
+        if let Some(ca) = &m.ca {
+            t = t.ca_certificate(Certificate::from_pem(ca.clone()));
+        }
+        match (&m.cert, &m.key) {
+            (Some(c), Some(k)) => {
+                t = t.identity(Identity::from_pem(c.clone(), k.clone()));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(StoreError::Options(
+                    "--etcd-certfile and --etcd-keyfile go together".into(),
+                ));
+            }
+        }
+        co = co.with_tls(t);
+    }
+    let mut clients = Vec::with_capacity(endpoints.len());
+    for e in endpoints {
+        clients.push(
+            Client::connect([e.as_str()], Some(co.clone()))
+                .await
+                .map_err(|err| StoreError::Options(format!("endpoint {e}: {err}")))?,
+        );
+    }
+    Ok(clients)
 }
 
 /// Maximum number of create-if-absent attempts of one acquisition.
@@ -295,42 +374,17 @@ impl LeaseStore {
                 endpoints.push(format!("{scheme}://{e}"));
             }
         }
-        let mut co = ConnectOptions::new()
-            .with_connect_timeout(opts.timeout)
-            .with_keep_alive(Duration::from_secs(10), opts.timeout)
-            .with_keep_alive_while_idle(true);
-        if tls || endpoints.iter().any(|e| e.starts_with("https://")) {
-            let mut t = TlsOptions::new();
-            if let Some(ca) = &opts.ca_file {
-                t = t.ca_certificate(Certificate::from_pem(read_file("CA file", ca)?));
-            }
-            match (&opts.cert_file, &opts.key_file) {
-                (Some(c), Some(k)) => {
-                    t = t.identity(Identity::from_pem(
-                        read_file("client certificate", c)?,
-                        read_file("client key", k)?,
-                    ));
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(StoreError::Options(
-                        "--etcd-certfile and --etcd-keyfile go together".into(),
-                    ));
-                }
-            }
-            co = co.with_tls(t);
-        }
-        let mut clients = Vec::with_capacity(endpoints.len());
-        for e in &endpoints {
-            clients.push(
-                Client::connect([e.as_str()], Some(co.clone()))
-                    .await
-                    .map_err(|err| StoreError::Options(format!("endpoint {e}: {err}")))?,
-            );
-        }
+        let material = if tls || endpoints.iter().any(|e| e.starts_with("https://")) {
+            Some(TlsMaterial::read(&opts)?)
+        } else {
+            None
+        };
+        let clients = build_clients(&endpoints, &opts, material.as_ref()).await?;
         let prefix: Arc<str> = opts.prefix.trim_end_matches('/').into();
         Ok(LeaseStore {
-            clients: clients.into(),
+            clients: Arc::new(RwLock::new(clients.into())),
+            generation: Arc::new(tokio::sync::watch::Sender::new(0)),
+            urls: endpoints.into(),
             current: Arc::new(AtomicUsize::new(0)),
             opts: Arc::new(opts),
             prefix,
@@ -442,8 +496,68 @@ impl LeaseStore {
     }
 
     /// The etcd client of the current endpoint (tests, tools).
-    pub fn client(&self) -> &Client {
-        &self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()]
+    pub fn client(&self) -> Client {
+        let clients = self.clients();
+        clients[self.current.load(Ordering::Relaxed) % clients.len()].clone()
+    }
+
+    /// The current client set (one per endpoint).
+    fn clients(&self) -> Arc<[Client]> {
+        self.clients
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The generation of the clients: 0 at the start, +1 per [`LeaseStore::reload_tls`].
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// A receiver notified when the clients are swapped.
+    pub fn subscribe_generation(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Builds new clients from `material` (new TLS files), checks that etcd answers a read
+    /// through them (the TLS handshake, the server's trust in the client certificate), and
+    /// only then swaps them in for every clone of this store. The etcd leases are
+    /// server-side: a holder renews the same lease ID over the new connection. On any error
+    /// the old clients stay in use. Returns the endpoint that answered.
+    pub async fn reload_tls(&self, material: &TlsMaterial) -> Result<String, StoreError> {
+        if !self.urls.iter().any(|u| u.starts_with("https://")) {
+            return Err(StoreError::Options(
+                "the etcd endpoints are http://: there is no TLS to reload".into(),
+            ));
+        }
+        let clients = build_clients(&self.urls, &self.opts, Some(material)).await?;
+        let key = self.config_key();
+        let mut last = None;
+        let mut answered = None;
+        for (i, c) in clients.iter().enumerate() {
+            let mut kv = c.kv_client();
+            match self.timed("get", &key, kv.get(key.clone(), None)).await {
+                Ok(_) => {
+                    answered = Some(i);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some(i) = answered else {
+            let e = last.expect("at least one endpoint");
+            return Err(StoreError::Unreachable {
+                endpoints: self.opts.endpoints.join(","),
+                reason: format!("with the new TLS files: {}", inner_error(&e)),
+            });
+        };
+        *self
+            .clients
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = clients.into();
+        self.current.store(i, Ordering::Relaxed);
+        self.generation.send_modify(|g| *g += 1);
+        Ok(self.urls[i].clone())
     }
 
     /// Number of etcd requests (round trips) made through this store and its clones.
@@ -474,12 +588,13 @@ impl LeaseStore {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let n = self.clients.len();
+        let clients = self.clients();
+        let n = clients.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            match self.timed(op, key, f(self.clients[idx].clone())).await {
+            match self.timed(op, key, f(clients[idx].clone())).await {
                 Ok(v) => {
                     if i > 0 {
                         self.current.store(idx, Ordering::Relaxed);
@@ -1271,6 +1386,25 @@ fn home_subnet(cfg: &NetConfig, node_name: &str) -> Option<Ipv4Net> {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     cfg.subnet_at(h % count)
+}
+
+/// The innermost cause of an etcd error, e.g. "received fatal alert: BadCertificate"
+/// rather than tonic's "transport error".
+pub fn inner_error(e: &StoreError) -> String {
+    use std::error::Error as _;
+    let mut out = e.to_string();
+    let mut src: Option<&dyn std::error::Error> = match e {
+        StoreError::Etcd { source, .. } => source.source(),
+        _ => None,
+    };
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out = format!("{out}: {t}");
+        }
+        src = s.source();
+    }
+    out
 }
 
 /// Errors after which another endpoint may answer: transport failures and timeouts (not

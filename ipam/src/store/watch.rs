@@ -322,8 +322,23 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Coun
                 continue;
             }
         };
+        let mut generation = store.subscribe_generation();
+        generation.mark_unchanged();
         loop {
-            match stream.message().await {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                r = generation.changed() => {
+                    if r.is_err() {
+                        // The store is gone: keep the stream we have.
+                        futures::future::pending::<()>().await;
+                    }
+                    tracing::info!(resume_from = rev + 1, "etcd clients replaced: resuming the lease watch on the new connection");
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    backoff.reset();
+                    break;
+                }
+            };
+            match msg {
                 Ok(Some(resp)) => {
                     if resp.canceled() {
                         if resp.compact_revision() > 0 {

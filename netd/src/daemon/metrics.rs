@@ -222,6 +222,9 @@ pub struct Shared {
     pub registry: Registry,
     pub ready: AtomicBool,
     pub why_not_ready: std::sync::Mutex<String>,
+    /// Why the etcd TLS files on disk are not the ones in use (see `tls_reload`), shown on
+    /// /readyz; readiness itself is not changed by it.
+    etcd_tls_problem: std::sync::Mutex<Option<String>>,
     /// When the main loop last began a cycle (ms since `started`; 0: not in the loop yet).
     heartbeat_ms: AtomicU64,
     started: std::time::Instant,
@@ -235,6 +238,7 @@ impl Shared {
             registry,
             ready: AtomicBool::new(false),
             why_not_ready: std::sync::Mutex::new("starting".into()),
+            etcd_tls_problem: std::sync::Mutex::new(None),
             heartbeat_ms: AtomicU64::new(0),
             started: std::time::Instant::now(),
             liveness_timeout,
@@ -278,6 +282,22 @@ impl Shared {
         }
     }
 
+    /// Sets (or clears) the note of rejected etcd TLS files.
+    pub fn set_etcd_tls_problem(&self, why: Option<String>) {
+        *self
+            .etcd_tls_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
+    /// The note of rejected etcd TLS files, if any.
+    pub fn etcd_tls_problem(&self) -> Option<String> {
+        self.etcd_tls_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn set_ready(&self, ready: bool, why: &str) {
         self.ready.store(ready, Ordering::SeqCst);
         *self.why_not_ready.lock().unwrap() = why.to_string();
@@ -299,13 +319,19 @@ async fn healthz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    // Rejected etcd TLS files do not change readiness (the old clients may still work);
+    // the reason is carried either way, so a failing node says why.
+    let tls = s
+        .etcd_tls_problem()
+        .map(|p| format!("warning: {p}\n"))
+        .unwrap_or_default();
     if s.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n".to_string())
+        (StatusCode::OK, format!("ready\n{tls}"))
     } else {
         let why = s.why_not_ready.lock().unwrap().clone();
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
+            format!("not ready: {why}\n{tls}"),
         )
     }
 }

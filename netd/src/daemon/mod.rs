@@ -13,6 +13,7 @@
 pub mod health;
 pub mod metrics;
 pub mod reconcile;
+pub mod tls_reload;
 mod underlay_check;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,6 +113,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let health_metrics = health::HealthMetrics::register(&mut registry);
+    let tls_metrics = tls_reload::TlsMetrics::register(&mut registry);
     let shared = Arc::new(Shared::new(registry, args.liveness_timeout));
     let bound = metrics::serve(args.metrics_addr, shared.clone())
         .await
@@ -144,6 +146,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .await
         .context("etcd client")?
         .with_grace(args.lease_grace);
+    // New etcd TLS files replace the clients of `store` and of all its clones.
+    tls_reload::spawn(
+        tls_reload::TlsFiles {
+            ca: args.etcd.etcd_cafile.clone(),
+            cert: args.etcd.etcd_certfile.clone(),
+            key: args.etcd.etcd_keyfile.clone(),
+            interval: args.etcd_tls_reload_interval,
+        },
+        store.clone(),
+        tls_metrics,
+        shared.clone(),
+    );
     let cfg = tokio::select! {
         c = net_config(&store, args.net_conf.as_deref(), &metrics) => c?,
         _ = sigterm.recv() => return Ok(()),
