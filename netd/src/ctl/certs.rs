@@ -56,11 +56,11 @@ pub fn date(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// A duration in days (rounded down), or hours below one day.
+/// A duration in days (to the nearest), or hours below two days.
 pub fn days(d: Duration) -> String {
     let h = d.as_secs() / 3600;
     if h >= 48 {
-        format!("{} days", h / 24)
+        format!("{} days", (h + 12) / 24)
     } else {
         format!("{h} h")
     }
@@ -368,6 +368,8 @@ mod tests {
     #[test]
     fn days_reads_well() {
         assert_eq!(days(Duration::from_secs(5 * 86_400 + 100)), "5 days");
+        // A certificate of 5 days, checked a minute after it was made.
+        assert_eq!(days(Duration::from_secs(5 * 86_400 - 60)), "5 days");
         assert_eq!(days(Duration::from_secs(30 * 3600)), "30 h");
     }
 }
