@@ -107,7 +107,8 @@ pub struct RunArgs {
     /// through the overlay).
     #[arg(long, env = "TWILLD_HEALTH_PORT", default_value_t = 8475)]
     pub health_port: u16,
-    /// Probe each peer once per this interval (stretched by --health-max-rate).
+    /// Probe each peer once per this interval (stretched by --health-max-rate). 0 turns
+    /// peer health off: no probes, no answers to peers' probes, no report in etcd.
     #[arg(long, env = "TWILLD_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
     /// A probe without an answer within this is lost; 3 lost in a row: unreachable.

@@ -17,7 +17,7 @@ use twill_ipam::lease::Lease;
 use twill_ipam::store::LeaseStore;
 use twill_ipam::subnet_file::SubnetFile;
 
-use super::{Cli, Failure, Output, print_json, print_table};
+use super::{Cli, Failure, Output, certs, print_json, print_table};
 
 /// Exit code when a check warns or fails.
 pub const EXIT_PROBLEMS: i32 = 6;
@@ -57,6 +57,9 @@ pub struct DoctorArgs {
     /// Warn when this node's lease expires within this time.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub lease_warn: Duration,
+    /// Warn when the etcd CA, client or server certificate expires within this time.
+    #[arg(long, env = "TWILLCTL_CERT_WARN", default_value = super::certs::CERT_WARN_DEFAULT, value_parser = humantime::parse_duration)]
+    pub cert_warn: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -141,8 +144,9 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> Result<(), Failure> {
     check_bridge_netfilter(&mut r);
     check_conntrack(&mut r);
 
-    // etcd: every endpoint, then the leases.
+    // etcd: every endpoint, then the leases; the certificates twilld and twillctl use.
     let leases = check_etcd(&mut r, cli).await;
+    check_certs(&mut r, cli, args).await;
     let nl = Netlink::current();
     let (vxlan, under) = match &nl {
         Ok(nl) => {
@@ -344,22 +348,6 @@ async fn check_etcd(r: &mut Report, cli: &Cli) -> Option<(Vec<Lease>, u32)> {
             ),
         }
     }
-    for (what, file) in [
-        ("client certificate", &cli.etcd.etcd_certfile),
-        ("CA", &cli.etcd.etcd_cafile),
-    ] {
-        if let Some(f) = file
-            && let Err(e) = std::fs::metadata(f)
-        {
-            r.problem(
-                "etcd-certs",
-                Level::Fail,
-                format!("{what} {}: {e}", f.display()),
-                "without it no TLS connection to etcd can be made",
-                "mount the Secret twill-etcd (docs/install.md) or fix the path",
-            );
-        }
-    }
     if reachable == 0 {
         r.problem(
             "etcd",
@@ -386,6 +374,221 @@ async fn check_etcd(r: &mut Report, cli: &Cli) -> Option<(Vec<Lease>, u32)> {
     };
     let (leases, _) = store.list_with_ttl().await.ok()?;
     Some((leases, cfg.backend.vni))
+}
+
+const CERT_FIX: &str = "renew it before it expires (docs/troubleshooting.md, \"etcd certificates\"), update the Secret twill-etcd and restart twilld; `openssl x509 -noout -dates -in <file>` shows the dates";
+
+/// One certificate's validity window as a finding: fail when expired or not yet valid, warn
+/// within `--cert-warn` of its expiry, ok with the expiry date otherwise.
+fn report_validity(r: &mut Report, args: &DoctorArgs, what: &str, c: &certs::CertInfo) {
+    let now = SystemTime::now();
+    let until = certs::date(c.not_after);
+    let who = format!("{what} ({})", c.subject);
+    match c.validity(now, args.cert_warn) {
+        certs::Validity::Valid => r.ok(
+            "etcd-certs",
+            format!(
+                "{who} valid until {until} ({} left)",
+                certs::days(c.not_after.duration_since(now).unwrap_or_default())
+            ),
+        ),
+        certs::Validity::ExpiresSoon => r.problem(
+            "etcd-certs",
+            Level::Warn,
+            format!(
+                "{who} expires on {until}, in {} (warning {} ahead)",
+                certs::days(c.not_after.duration_since(now).unwrap_or_default()),
+                humantime::format_duration(args.cert_warn)
+            ),
+            "once it expires etcd refuses the TLS connection: no lease renewal, and after the lease TTL the node's subnet can go to another node",
+            CERT_FIX,
+        ),
+        certs::Validity::Expired => r.problem(
+            "etcd-certs",
+            Level::Fail,
+            format!("{who} expired on {until}"),
+            "etcd refuses a TLS connection with an expired certificate: twilld cannot renew its lease or see new nodes",
+            CERT_FIX,
+        ),
+        certs::Validity::NotYetValid => r.problem(
+            "etcd-certs",
+            Level::Fail,
+            format!(
+                "{who} is not valid before {} (valid until {until})",
+                certs::date(c.not_before)
+            ),
+            "etcd refuses it until then; most often the node's clock is wrong, or the certificate was issued with a start date in the future",
+            "check the node's clock (`timedatectl`), or reissue the certificate",
+        ),
+    }
+}
+
+/// The etcd CA and client certificate that twilld and twillctl are configured with
+/// (`--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`): readable, inside their validity
+/// window, the client certificate signed by the CA and matching the key; then the
+/// certificate every `https://` endpoint presents in a real TLS handshake.
+async fn check_certs(r: &mut Report, cli: &Cli, args: &DoctorArgs) {
+    let e = &cli.etcd;
+    let unreadable = |r: &mut Report, what: &str, f: &Path, err: String| {
+        r.problem(
+            "etcd-certs",
+            Level::Fail,
+            format!("{what} {}: {err}", f.display()),
+            "without it no TLS connection to etcd can be made",
+            "mount the Secret twill-etcd (docs/install.md) or fix the path",
+        )
+    };
+    let ca = match &e.etcd_cafile {
+        Some(f) => match certs::read_pem_certs(f) {
+            Ok(list) => {
+                for c in &list {
+                    report_validity(r, args, &format!("CA {}", f.display()), c);
+                }
+                Some(list)
+            }
+            Err(err) => {
+                unreadable(r, "CA", f, err);
+                None
+            }
+        },
+        None => None,
+    };
+    let client = match &e.etcd_certfile {
+        Some(f) => match certs::read_pem_certs(f) {
+            Ok(mut list) => {
+                report_validity(
+                    r,
+                    args,
+                    &format!("client certificate {}", f.display()),
+                    &list[0],
+                );
+                Some(list.swap_remove(0))
+            }
+            Err(err) => {
+                unreadable(r, "client certificate", f, err);
+                None
+            }
+        },
+        None => None,
+    };
+    if let (Some(cert), Some(cafile), Some(ca)) = (&client, &e.etcd_cafile, &ca) {
+        // The signature itself, against each certificate of the CA file; the issuer name
+        // alone could match a different CA of the same name.
+        let signed = ca.iter().map(|a| cert.signed_by(a)).collect::<Vec<_>>();
+        if signed.iter().any(|s| matches!(s, Ok(true))) {
+            r.ok(
+                "etcd-certs",
+                format!(
+                    "client certificate signed by the CA in {}",
+                    cafile.display()
+                ),
+            );
+        } else if signed.iter().all(|s| s.is_err()) && ca.iter().any(|a| a.subject == cert.issuer) {
+            // An algorithm the check cannot verify: the names are all there is.
+            r.ok(
+                "etcd-certs",
+                format!(
+                    "client certificate issued by {} (names match; signature not checked)",
+                    cert.issuer
+                ),
+            );
+        } else {
+            r.problem(
+                "etcd-certs",
+                Level::Warn,
+                format!(
+                    "client certificate {} (issuer {}) is not signed by the CA in {} ({})",
+                    e.etcd_certfile.as_deref().unwrap_or(Path::new("")).display(),
+                    cert.issuer,
+                    cafile.display(),
+                    ca.iter().map(|a| a.subject.as_str()).collect::<Vec<_>>().join("; ")
+                ),
+                "etcd accepts a client certificate only from the CA in its --trusted-ca-file: unless that is another CA than the one this node trusts for the server, etcd refuses the connection",
+                "issue the client certificate from etcd's client CA, or point --etcd-cafile at the CA that signs both",
+            );
+        }
+    }
+    if let (Some(cert), Some(keyfile)) = (&client, &e.etcd_keyfile) {
+        match certs::key_matches(cert, keyfile) {
+            Ok(Some(true)) | Ok(None) => {}
+            Ok(Some(false)) => r.problem(
+                "etcd-certs",
+                Level::Fail,
+                format!(
+                    "key {} does not belong to the client certificate {}",
+                    keyfile.display(),
+                    e.etcd_certfile.as_deref().unwrap_or(Path::new("")).display()
+                ),
+                "the TLS handshake needs the certificate's own key: etcd refuses every connection",
+                "mount the key issued with this certificate (the Secret's keys may have been swapped or only one of them renewed)",
+            ),
+            Err(err) => unreadable(r, "client key", keyfile, err),
+        }
+    }
+    // The servers' certificates, through the same trust twilld uses.
+    let https: Vec<&String> = e
+        .etcd_endpoints
+        .iter()
+        .filter(|ep| ep.trim().starts_with("https://"))
+        .collect();
+    if https.is_empty() {
+        return;
+    }
+    let Some(cafile) = &e.etcd_cafile else {
+        r.ok(
+            "etcd-certs",
+            "server certificates not checked: no --etcd-cafile to verify them with",
+        );
+        return;
+    };
+    if ca.is_none() {
+        return; // already a failure above
+    }
+    let identity = match (&e.etcd_certfile, &e.etcd_keyfile) {
+        (Some(c), Some(k)) if client.is_some() => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    for ep in https {
+        let ep = ep.trim();
+        let timeout = e.etcd_timeout.min(Duration::from_secs(3));
+        match certs::server_cert(ep, cafile, identity, timeout).await {
+            Err(err) => r.ok(
+                "etcd-certs",
+                format!("{ep}: server certificate not checked: {err}"),
+            ),
+            Ok(sc) => {
+                match &sc.leaf {
+                    Some(leaf) => {
+                        report_validity(r, args, &format!("server certificate of {ep}"), leaf)
+                    }
+                    None => r.ok(
+                        "etcd-certs",
+                        format!(
+                            "{ep}: sent no certificate (handshake: {})",
+                            sc.error.as_deref().unwrap_or("ok")
+                        ),
+                    ),
+                }
+                let dated = sc.leaf.as_ref().is_some_and(|l| {
+                    matches!(
+                        l.validity(SystemTime::now(), args.cert_warn),
+                        certs::Validity::Expired | certs::Validity::NotYetValid
+                    )
+                });
+                if let Some(err) = sc.error
+                    && !dated
+                {
+                    r.problem(
+                        "etcd-certs",
+                        Level::Fail,
+                        format!("TLS handshake with {ep} failed: {err}"),
+                        "twilld makes the same handshake with the same files: it cannot reach this member",
+                        "check that the server certificate is signed by the CA in --etcd-cafile and names the endpoint's host (subjectAltName), and that etcd trusts the client certificate's CA",
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn own_lease<'a>(

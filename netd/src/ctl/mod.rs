@@ -8,6 +8,7 @@
 //! Exit codes: 0 ok, 1 error (etcd unreachable, ...), 2 usage, 3 not found,
 //! 4 refused (needs `--yes` / `--force`), 5 invalid network config.
 
+pub mod certs;
 pub mod cluster;
 pub mod diag;
 pub mod doctor;

@@ -299,24 +299,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
         entries = d.actual.len(),
         "data plane ready"
     );
-    health::spawn(
-        health::HealthConfig {
-            port: args.health_port,
-            interval: args.health_interval,
-            timeout: args.health_timeout,
-            max_rate: args.health_max_rate,
-            publish: args.health_publish,
-        },
-        health_rx,
-        health_metrics,
-        store.clone(),
-        health::ReportContext {
-            node: node.clone(),
-            public_ip: under.ip.to_string(),
-            shared: shared.clone(),
-            cni_data_dir: args.cni_data_dir.clone(),
-        },
-    );
+    // --health-interval 0: no prober, no responder, no report (the benchmark's reference).
+    if args.health_interval.is_zero() {
+        info!("peer health disabled (--health-interval 0)");
+    } else {
+        health::spawn(
+            health::HealthConfig {
+                port: args.health_port,
+                interval: args.health_interval,
+                timeout: args.health_timeout,
+                max_rate: args.health_max_rate,
+                publish: args.health_publish,
+            },
+            health_rx,
+            health_metrics,
+            store.clone(),
+            health::ReportContext {
+                node: node.clone(),
+                public_ip: under.ip.to_string(),
+                shared: shared.clone(),
+                cni_data_dir: args.cni_data_dir.clone(),
+            },
+        );
+    }
 
     let mut resync = tokio::time::interval(args.resync_period);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
