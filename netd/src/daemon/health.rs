@@ -326,11 +326,25 @@ impl Prober {
         p.rtt = Some(now.duration_since(at));
         p.last_seen = Some(SystemTime::now());
         p.lost_in_a_row = 0;
-        if !p.reachable {
+        let flipped = !p.reachable;
+        if flipped {
             p.reachable = true;
             info!(peer = %subnet, node = %p.node, "peer reachable again through the overlay");
         }
-        self.publish_metrics();
+        let rtt = p.rtt;
+        // Only this peer's series: an answer is the common case, at up to --health-max-rate
+        // per second, and must not walk every peer.
+        let l = PeerLabel {
+            peer: subnet.to_string(),
+        };
+        self.metrics.reachable.get_or_create(&l).set(1);
+        if let Some(rtt) = rtt {
+            self.metrics.rtt.get_or_create(&l).set(rtt.as_secs_f64());
+        }
+        if flipped {
+            let down = self.peers.values().filter(|p| !p.reachable).count();
+            self.metrics.unreachable.set(down as i64);
+        }
     }
 
     /// The next peer to probe (round robin) and a fresh nonce.
