@@ -15,6 +15,12 @@ pub enum Error {
         #[source]
         source: rtnetlink::Error,
     },
+    /// A netlink request that got no answer within its bound (`--netlink-timeout`).
+    #[error("netlink: {op}: no answer within {after:?}")]
+    Timeout {
+        op: String,
+        after: std::time::Duration,
+    },
     #[error("{op}: {source}")]
     Io {
         op: String,
@@ -47,6 +53,11 @@ impl Error {
             op: op.into(),
             source,
         }
+    }
+
+    /// A request that ran out of time ([`Error::Timeout`]).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
     }
 
     /// The kernel's errno behind a netlink error, if there is one (e.g. `libc::EEXIST`).

@@ -1,5 +1,6 @@
 //! twill's kernel layer: netlink (links, addresses, routes, neighbours, FDB), network
-//! namespaces and nftables. Knows nothing of etcd or CNI.
+//! namespaces and nftables (the table through `nft -f`, the peer set's members over netlink).
+//! Knows nothing of etcd or CNI.
 //!
 //! Every netlink socket is opened by [`Netlink::open`], in the namespace that the caller
 //! names, on a short-lived thread (never a tokio worker), so that `setns` never moves a
@@ -10,6 +11,7 @@ pub mod error;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod nft_set;
 pub mod overlay;
 pub mod unlink;
 

@@ -1,4 +1,9 @@
-//! A netlink (rtnetlink) connection bound to one network namespace.
+//! A netlink (rtnetlink) connection bound to one network namespace, and the one helper that
+//! bounds every request made through it ([`bounded`]).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use rtnetlink::Handle;
@@ -6,12 +11,49 @@ use rtnetlink::packet_route::address::AddressMessage;
 
 use crate::{Error, NetNs, Result};
 
+/// How long one netlink request (a write and its ack, or a whole dump) may take by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Netlink requests that ran out of time, in this process, since it started.
+static TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+
+/// The number of netlink requests that ran out of time (every [`bounded`] call that
+/// returned [`Error::Timeout`]), for the daemon's `twill_netlink_timeouts_total`.
+pub fn timeouts() -> u64 {
+    TIMEOUTS.load(Ordering::Relaxed)
+}
+
+/// Runs one netlink request `fut` (named `op` in the error and the log) for at most
+/// `limit`. Past it the request is dropped (its sequence number is forgotten by the
+/// connection; a late answer is discarded), a warning names the op, the timeout counter
+/// goes up, and the caller gets [`Error::Timeout`], which it handles like any other
+/// netlink failure (the next reconcile or resync retries).
+pub async fn bounded<T>(
+    op: impl FnOnce() -> String,
+    limit: Duration,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out(op(), limit)),
+    }
+}
+
+/// Counts and logs a timeout of `op`.
+fn timed_out(op: String, after: Duration) -> Error {
+    TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%op, timeout = ?after, "netlink request timed out");
+    Error::Timeout { op, after }
+}
+
 /// A netlink route socket opened in a given namespace, with its connection task running on
 /// the current tokio runtime. The socket stays in the namespace where it was created, so
-/// every request through [`Netlink::handle`] acts on that namespace.
+/// every request through [`Netlink::handle`] acts on that namespace. Requests made through
+/// [`Netlink::run`] are bounded by [`Netlink::timeout`].
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    timeout: Duration,
 }
 
 impl Netlink {
@@ -20,7 +62,10 @@ impl Netlink {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| Error::io("open netlink socket", e))?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            timeout: DEFAULT_TIMEOUT,
+        })
     }
 
     /// Opens a socket inside `ns`: a short-lived thread enters the namespace, creates the
@@ -35,16 +80,45 @@ impl Netlink {
             })?
             .map_err(|e| Error::io(format!("open netlink socket in {}", ns.path().display()), e))?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// The same socket with another bound on each request (`--netlink-timeout`).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The bound on each request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn handle(&self) -> &Handle {
         &self.handle
     }
+
+    /// Runs the request `fut` (named by `op` if it fails or times out), bounded by
+    /// [`Netlink::timeout`]: see [`bounded`].
+    pub async fn run<T>(
+        &self,
+        op: impl FnOnce() -> String,
+        fut: impl Future<Output = std::result::Result<T, rtnetlink::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Error::netlink(op(), e)),
+            Err(_) => Err(timed_out(op(), self.timeout)),
+        }
+    }
 }
 
 /// The addresses of link `index`. The kernel ignores the dump's link filter unless the socket
-/// has strict checking on, so the messages are filtered here too.
+/// has strict checking on, so the messages are filtered here too. Not bounded: twilld calls
+/// [`Netlink::link_addresses`].
 pub async fn link_addresses(handle: &Handle, index: u32) -> Result<Vec<AddressMessage>> {
     let msgs: Vec<AddressMessage> = handle
         .address()
@@ -58,4 +132,64 @@ pub async fn link_addresses(handle: &Handle, index: u32) -> Result<Vec<AddressMe
         .into_iter()
         .filter(|m| m.header.index == index)
         .collect())
+}
+
+impl Netlink {
+    /// [`link_addresses`] bounded by [`Netlink::timeout`].
+    pub async fn link_addresses(&self, index: u32) -> Result<Vec<AddressMessage>> {
+        bounded(
+            || format!("dump addresses of link {index}"),
+            self.timeout,
+            link_addresses(&self.handle, index),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What this proves: a request future that never completes (as a netlink request whose
+    /// answer never comes would) returns `Error::Timeout` naming the op after the bound,
+    /// and the timeout counter goes up by one. It does not prove that the kernel can make a
+    /// real request hang: no reliable way was found to make it do so in a test.
+    #[tokio::test]
+    async fn a_request_that_never_answers_times_out_and_is_counted() {
+        let before = timeouts();
+        let t0 = std::time::Instant::now();
+        let r: Result<()> = bounded(
+            || "replace route 10.1.2.0/24 via 10.1.2.0".to_string(),
+            Duration::from_millis(50),
+            futures::future::pending(),
+        )
+        .await;
+        let took = t0.elapsed();
+        match r {
+            Err(Error::Timeout { op, after }) => {
+                assert_eq!(op, "replace route 10.1.2.0/24 via 10.1.2.0");
+                assert_eq!(after, Duration::from_millis(50));
+            }
+            other => panic!("want a timeout, got {other:?}"),
+        }
+        assert!(took >= Duration::from_millis(50), "{took:?}");
+        assert!(timeouts() > before, "the counter did not move");
+        let e = Error::Timeout {
+            op: "x".into(),
+            after: Duration::from_secs(5),
+        };
+        assert!(e.is_timeout());
+        assert_eq!(e.to_string(), "netlink: x: no answer within 5s");
+    }
+
+    #[tokio::test]
+    async fn an_answer_within_the_bound_passes_through() {
+        let r = bounded(|| "op".into(), Duration::from_secs(5), async { Ok(7) }).await;
+        assert_eq!(r.unwrap(), 7);
+        let r: Result<()> = bounded(|| "op".into(), Duration::from_secs(5), async {
+            Err(Error::Invalid("no".into()))
+        })
+        .await;
+        assert!(matches!(r, Err(Error::Invalid(_))));
+    }
 }

@@ -135,6 +135,11 @@ pub struct RunArgs {
     /// diffed against the leases (kept current by the etcd watch), drift repaired.
     #[arg(long, env = "TWILLD_RESYNC_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
     pub resync_period: Duration,
+    /// Bound on each netlink request (a write and its ack, a dump, a peer set change): past
+    /// it the request is abandoned, logged, counted in twill_netlink_timeouts_total, and
+    /// retried by the next reconcile.
+    #[arg(long, env = "TWILLD_NETLINK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub netlink_timeout: Duration,
     /// A net-conf.json file (e.g. from the ConfigMap): written to etcd if etcd has none,
     /// checked against etcd's if it has one (an incompatible change is refused).
     #[arg(long, env = "TWILLD_NET_CONF")]

@@ -1,11 +1,13 @@
 //! Kernel tests of the overlay verbs (twill_dataplane::overlay, ::nft) in a fresh network
 //! namespace: the VXLAN device, neighbour/FDB/route replace/dump/delete, the netlink
-//! monitor, sysctls and the nftables table. Root required.
+//! monitor, sysctls, the nftables table and the peer set's members over netlink
+//! (twill_dataplane::nft_set). Root required.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use twill_dataplane::nft::{Nft, NftConfig, NftOutcome, render};
+use twill_dataplane::nft_set::PeerSet;
 use twill_dataplane::overlay::{
     self, EnsureOutcome, Fdb, Mac, Monitor, MonitorEvent, Neigh, Overlay, Route, RtnlOverlay,
     VxlanSpec, sysctl,
@@ -448,6 +450,71 @@ fn nft_table_is_idempotent() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     nft.remove().unwrap();
     assert_eq!(nft.list().unwrap(), None);
+}
+
+/// What this proves: NEWSETELEM/DELSETELEM batches sent by twilld's own socket change the
+/// kernel's set exactly as `nft list set` then shows it (adding twice is no error, deleting
+/// what is not there is no error, 5,000 elements go in several messages and batches), the
+/// rest of the table is untouched, and with no table the add fails with an error that
+/// names the op, the set and the values. It fails if any message is malformed (the kernel
+/// answers EINVAL and the call errs) or an element lands wrong.
+#[tokio::test]
+async fn nft_peer_set_changes_over_netlink() {
+    use std::collections::BTreeSet;
+    require_root();
+    let ns = Ns::new(format!("{}-nfs", unique_prefix())).unwrap();
+    let netns = NetNs::open(ns.path()).unwrap();
+    let nft = Nft::in_netns(ns.path());
+    let set = PeerSet::open(&netns).unwrap();
+    let ip = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i);
+    let two: BTreeSet<Ipv4Addr> = [ip(1), ip(2)].into();
+
+    // No table: a clear error, nothing else happens.
+    let e = set.add(&two).await.unwrap_err().to_string();
+    assert!(
+        e.contains("add 2 elements (172.16.0.1, 172.16.0.2) to set ip twill peers")
+            && e.contains("does not exist"),
+        "{e}"
+    );
+    // Deleting from a missing set: the elements are not there, which is what was asked.
+    set.delete(&two).await.unwrap();
+
+    let cfg = NftConfig {
+        network: "10.244.0.0/16".parse().unwrap(),
+        node_subnet: "10.244.3.0/24".parse().unwrap(),
+        masquerade: true,
+        vxlan_port: 8472,
+    };
+    assert_eq!(
+        nft.ensure(&cfg, &BTreeSet::new()).unwrap(),
+        NftOutcome::Applied
+    );
+    set.add(&two).await.unwrap();
+    set.add(&two).await.unwrap();
+    assert_eq!(nft.peers().unwrap(), two);
+    let three: BTreeSet<Ipv4Addr> = [ip(3)].into();
+    set.add(&three).await.unwrap();
+    assert_eq!(nft.peers().unwrap(), [ip(1), ip(2), ip(3)].into());
+    // One present, one absent: the present one goes, the absent one is no error.
+    set.delete(&[ip(2), ip(9)].into()).await.unwrap();
+    assert_eq!(nft.peers().unwrap(), [ip(1), ip(3)].into());
+    // The table itself is as written (no rewrite needed).
+    assert_eq!(
+        nft.ensure(&cfg, &BTreeSet::new()).unwrap(),
+        NftOutcome::Unchanged
+    );
+
+    // 5,000 members: several messages per batch and several batches.
+    let many: BTreeSet<Ipv4Addr> = (0..5000).map(ip).collect();
+    let t0 = std::time::Instant::now();
+    set.add(&many).await.unwrap();
+    let took = t0.elapsed();
+    assert_eq!(nft.peers().unwrap(), many, "after adding 5,000 in {took:?}");
+    let half: BTreeSet<Ipv4Addr> = (0..2500).map(ip).collect();
+    set.delete(&half).await.unwrap();
+    let rest: BTreeSet<Ipv4Addr> = (2500..5000).map(ip).collect();
+    assert_eq!(nft.peers().unwrap(), rest);
+    nft.remove().unwrap();
 }
 
 #[tokio::test]

@@ -47,21 +47,19 @@ impl RtnlOverlay {
 
     async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
         let mut s = self.nl.handle().link().get().match_name(name).execute();
-        match s.try_next().await {
+        match self
+            .nl
+            .run(|| format!("get link {name}"), s.try_next())
+            .await
+        {
             Ok(m) => Ok(m),
-            Err(e) => {
-                let e = Error::netlink(format!("get link {name}"), e);
-                if e.errno() == Some(ENODEV) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) if e.errno() == Some(ENODEV) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
     async fn v4_addresses(&self, index: u32) -> Result<Vec<(Ipv4Net, AddressMessage)>> {
-        let msgs = crate::netlink::link_addresses(self.nl.handle(), index).await?;
+        let msgs = self.nl.link_addresses(index).await?;
         let mut out = Vec::new();
         for m in msgs {
             if m.header.family != AddressFamily::Inet {
@@ -151,25 +149,24 @@ impl RtnlOverlay {
             IpAddr::V6(ip) => b.local6(ip),
         };
         self.nl
-            .handle()
-            .link()
-            .add(b.build())
-            .execute()
+            .run(
+                || format!("create vxlan {name} (vni {})", spec.vni),
+                self.nl.handle().link().add(b.build()).execute(),
+            )
             .await
-            .map_err(|e| Error::netlink(format!("create vxlan {name} (vni {})", spec.vni), e))
     }
 
     async fn delete_link(&self, index: u32, name: &str) -> Result<()> {
-        match self.nl.handle().link().del(index).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = Error::netlink(format!("delete link {name} (index {index})"), e);
-                if e.errno() == Some(ENODEV) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
+        let r = self
+            .nl
+            .run(
+                || format!("delete link {name} (index {index})"),
+                self.nl.handle().link().del(index).execute(),
+            )
+            .await;
+        match r {
+            Err(e) if e.errno() == Some(ENODEV) => Ok(()),
+            r => r,
         }
     }
 
@@ -179,35 +176,38 @@ impl RtnlOverlay {
         for (net, msg) in self.v4_addresses(link.index).await? {
             if net != want {
                 self.nl
-                    .handle()
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| {
-                        Error::netlink(format!("delete address {net} from {}", link.name), e)
-                    })?;
+                    .run(
+                        || format!("delete address {net} from {}", link.name),
+                        self.nl.handle().address().del(msg).execute(),
+                    )
+                    .await?;
             }
         }
         if !link.addresses.contains(&want) {
             self.nl
-                .handle()
-                .address()
-                .add(link.index, IpAddr::V4(spec.address), 32)
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| Error::netlink(format!("add address {want} to {}", link.name), e))?;
+                .run(
+                    || format!("add address {want} to {}", link.name),
+                    self.nl
+                        .handle()
+                        .address()
+                        .add(link.index, IpAddr::V4(spec.address), 32)
+                        .replace()
+                        .execute(),
+                )
+                .await?;
         }
         link.addresses = vec![want];
         if !link.up {
             self.nl
-                .handle()
-                .link()
-                .set(LinkUnspec::new_with_index(link.index).up().build())
-                .execute()
-                .await
-                .map_err(|e| Error::netlink(format!("set {} up", link.name), e))?;
+                .run(
+                    || format!("set {} up", link.name),
+                    self.nl
+                        .handle()
+                        .link()
+                        .set(LinkUnspec::new_with_index(link.index).up().build())
+                        .execute(),
+                )
+                .await?;
             link.up = true;
         }
         Ok(())
@@ -215,39 +215,39 @@ impl RtnlOverlay {
 
     async fn neigh_dump(&self, family: AddressFamily) -> Result<Vec<NeighbourMessage>> {
         self.nl
-            .handle()
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute()
-            .try_collect()
+            .run(
+                || format!("dump neighbours ({family:?})"),
+                self.nl
+                    .handle()
+                    .neighbours()
+                    .get()
+                    .set_address_family(family)
+                    .execute()
+                    .try_collect(),
+            )
             .await
-            .map_err(|e| Error::netlink(format!("dump neighbours ({family:?})"), e))
     }
 
     async fn route_dump(&self) -> Result<Vec<RouteMessage>> {
         self.nl
-            .handle()
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
+            .run(
+                || "dump IPv4 routes".into(),
+                self.nl
+                    .handle()
+                    .route()
+                    .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                    .execute()
+                    .try_collect(),
+            )
             .await
-            .map_err(|e| Error::netlink("dump IPv4 routes", e))
     }
 }
 
-fn ignore_missing(r: std::result::Result<(), rtnetlink::Error>, op: String) -> Result<()> {
+fn ignore_missing(r: Result<()>) -> Result<()> {
     match r {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let e = Error::netlink(op, e);
-            // Deleting what is already gone is success (idempotent deletes).
-            match e.errno() {
-                Some(ENOENT) | Some(ESRCH) | Some(ENODEV) => Ok(()),
-                _ => Err(e),
-            }
-        }
+        // Deleting what is already gone is success (idempotent deletes).
+        Err(e) if matches!(e.errno(), Some(ENOENT) | Some(ESRCH) | Some(ENODEV)) => Ok(()),
+        r => r,
     }
 }
 
@@ -456,16 +456,18 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn replace_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
-        self.nl
+        let req = self
+            .nl
             .handle()
             .neighbours()
             .add(link, IpAddr::V4(n.ip))
             .link_layer_address(&n.mac.0)
             .state(NeighbourState::Permanent)
             .replace()
-            .execute()
+            .execute();
+        self.nl
+            .run(|| format!("replace neigh {} lladdr {}", n.ip, n.mac), req)
             .await
-            .map_err(|e| Error::netlink(format!("replace neigh {} lladdr {}", n.ip, n.mac), e))
     }
 
     async fn delete_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
@@ -476,12 +478,13 @@ impl Overlay for RtnlOverlay {
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
                 n.ip,
             )));
-        let r = self.nl.handle().neighbours().del(m).execute().await;
-        ignore_missing(r, format!("delete neigh {}", n.ip))
+        let req = self.nl.handle().neighbours().del(m).execute();
+        ignore_missing(self.nl.run(|| format!("delete neigh {}", n.ip), req).await)
     }
 
     async fn replace_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
-        self.nl
+        let req = self
+            .nl
             .handle()
             .neighbours()
             .add_bridge(link, &f.mac.0)
@@ -490,9 +493,10 @@ impl Overlay for RtnlOverlay {
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
             .replace()
-            .execute()
+            .execute();
+        self.nl
+            .run(|| format!("replace fdb {} dst {}", f.mac, f.dst), req)
             .await
-            .map_err(|e| Error::netlink(format!("replace fdb {} dst {}", f.mac, f.dst), e))
     }
 
     async fn delete_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
@@ -508,24 +512,22 @@ impl Overlay for RtnlOverlay {
                 IpAddr::V4(v) => NeighbourAddress::Inet(v),
                 IpAddr::V6(v) => NeighbourAddress::Inet6(v),
             }));
-        let r = self.nl.handle().neighbours().del(m).execute().await;
-        ignore_missing(r, format!("delete fdb {} dst {}", f.mac, f.dst))
+        let req = self.nl.handle().neighbours().del(m).execute();
+        ignore_missing(
+            self.nl
+                .run(|| format!("delete fdb {} dst {}", f.mac, f.dst), req)
+                .await,
+        )
     }
 
     async fn replace_route(&self, link: u32, r: &Route) -> Result<()> {
         // Create-only first: NLM_F_REPLACE would take over any route with this dst and
         // metric (connected, default, a host route), whoever made it.
         let what = format!("replace route {} via {}", r.dst, r.via);
-        let e = match self
-            .nl
-            .handle()
-            .route()
-            .add(route_msg(link, r))
-            .execute()
-            .await
-        {
+        let req = self.nl.handle().route().add(route_msg(link, r)).execute();
+        let e = match self.nl.run(|| what.clone(), req).await {
             Ok(()) => return Ok(()),
-            Err(e) => Error::netlink(what.clone(), e),
+            Err(e) => e,
         };
         if e.errno() != Some(EEXIST) {
             return Err(e);
@@ -549,14 +551,14 @@ impl Overlay for RtnlOverlay {
                 route_oif(&m).map_or("none".into(), |i| i.to_string())
             )));
         }
-        self.nl
+        let req = self
+            .nl
             .handle()
             .route()
             .add(route_msg(link, r))
             .replace()
-            .execute()
-            .await
-            .map_err(|e| Error::netlink(what, e))
+            .execute();
+        self.nl.run(|| what, req).await
     }
 
     async fn delete_route(&self, link: u32, r: &Route) -> Result<()> {
@@ -565,7 +567,7 @@ impl Overlay for RtnlOverlay {
         m.header.scope = RouteScope::NoWhere;
         m.attributes
             .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
-        let res = self.nl.handle().route().del(m).execute().await;
-        ignore_missing(res, format!("delete route {}", r.dst))
+        let req = self.nl.handle().route().del(m).execute();
+        ignore_missing(self.nl.run(|| format!("delete route {}", r.dst), req).await)
     }
 }

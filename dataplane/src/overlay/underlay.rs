@@ -53,23 +53,23 @@ pub async fn resolve(
 ) -> Result<Underlay> {
     let h = nl.handle();
     let link = match iface {
-        Some(name) => h
-            .link()
-            .get()
-            .match_name(name)
-            .execute()
-            .try_next()
-            .await
-            .map_err(|e| Error::netlink(format!("get underlay link {name:?} (--iface)"), e))?
+        Some(name) => nl
+            .run(
+                || format!("get underlay link {name:?} (--iface)"),
+                h.link().get().match_name(name).execute().try_next(),
+            )
+            .await?
             .ok_or_else(|| Error::LinkNotFound(name.to_string()))?,
         None => {
-            let routes: Vec<_> = h
-                .route()
-                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| Error::netlink("dump IPv4 routes for the default route", e))?;
+            let routes: Vec<_> = nl
+                .run(
+                    || "dump IPv4 routes for the default route".into(),
+                    h.route()
+                        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                        .execute()
+                        .try_collect(),
+                )
+                .await?;
             let oif = routes
                 .iter()
                 .filter(|r| {
@@ -87,14 +87,12 @@ pub async fn resolve(
                         "no IPv4 default route to find the underlay interface: give --iface".into(),
                     )
                 })?;
-            h.link()
-                .get()
-                .match_index(oif)
-                .execute()
-                .try_next()
-                .await
-                .map_err(|e| Error::netlink(format!("get link index {oif} (default route)"), e))?
-                .ok_or_else(|| Error::LinkNotFound(format!("index {oif}")))?
+            nl.run(
+                || format!("get link index {oif} (default route)"),
+                h.link().get().match_index(oif).execute().try_next(),
+            )
+            .await?
+            .ok_or_else(|| Error::LinkNotFound(format!("index {oif}")))?
         }
     };
     let index = link.header.index;
@@ -102,7 +100,7 @@ pub async fn resolve(
     let ip = match public_ip {
         Some(ip) => ip,
         None => {
-            let addrs = crate::netlink::link_addresses(h, index).await?;
+            let addrs = nl.link_addresses(index).await?;
             let pick = |fam: AddressFamily| {
                 addrs
                     .iter()

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub route_conflicts: Gauge,
     pub vxlan_dropped: Counter,
     pub nft_errors: Counter,
+    pub netlink_timeouts: Counter,
 }
 
 impl Metrics {
@@ -80,6 +81,7 @@ impl Metrics {
             route_conflicts: Gauge::default(),
             vxlan_dropped: Counter::default(),
             nft_errors: Counter::default(),
+            netlink_timeouts: Counter::default(),
         };
         reg.register(
             "twill_peers",
@@ -200,8 +202,13 @@ impl Metrics {
         );
         reg.register(
             "twill_nft_errors",
-            "nft runs that failed or timed out",
+            "nft runs and peer set changes that failed or timed out",
             m.nft_errors.clone(),
+        );
+        reg.register(
+            "twill_netlink_timeouts",
+            "netlink requests (routes, neighbours, FDB, links, addresses, dumps, peer set changes) that got no answer within --netlink-timeout",
+            m.netlink_timeouts.clone(),
         );
         m
     }

@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use twill_dataplane::Netlink;
 use twill_dataplane::nft::{Nft, NftConfig, NftOutcome};
+use twill_dataplane::nft_set::PeerSet;
 use twill_dataplane::overlay::{
     self, EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, RtnlOverlay,
     VxlanLink, VxlanSpec, sysctl, underlay,
@@ -94,6 +95,8 @@ struct Daemon {
     need_dump: bool,
     programmed_once: bool,
     nft: Nft,
+    /// Adds and deletes the peer set's members over netlink (no `nft` process per join).
+    peer_set: PeerSet,
     /// The members of nft's peer set as last written; `None`: not known (rewrite it).
     nft_members: Option<BTreeSet<Ipv4Addr>>,
     /// Peer subnets whose route is not programmed: someone else's route holds the dst.
@@ -103,6 +106,7 @@ struct Daemon {
     last_renewals: u64,
     last_losses: u64,
     last_etcd_errors: u64,
+    last_netlink_timeouts: u64,
     /// Rejected leases already logged (each is logged once).
     reject_log: RejectLog,
 }
@@ -129,7 +133,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
 
-    let nl = Netlink::current().context("open netlink socket")?;
+    let nl = Netlink::current()
+        .context("open netlink socket")?
+        .with_timeout(args.netlink_timeout);
+    let peer_set = PeerSet::current()
+        .context("open the nftables netlink socket")?
+        .with_timeout(args.netlink_timeout);
     let ov = RtnlOverlay::new(nl.clone());
     let under = underlay::resolve(&nl, args.iface.as_deref(), args.public_ip)
         .await
@@ -273,12 +282,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         need_dump: true,
         programmed_once: false,
         nft: Nft::new(),
+        peer_set,
         nft_members: None,
         conflicts: BTreeSet::new(),
         last_vxlan_dropped: 0,
         last_renewals: 0,
         last_losses: 0,
         last_etcd_errors: 0,
+        last_netlink_timeouts: 0,
         reject_log: RejectLog::default(),
     };
     // Subscribe before the first dump so that no change between the two is missed.
@@ -648,6 +659,14 @@ impl Daemon {
         }
     }
 
+    /// A failed peer set change: logged, counted, and the members become unknown (the
+    /// next reconcile rewrites the set in full through nft).
+    fn peer_set_failed(&mut self, what: &str, e: &twill_dataplane::Error) {
+        self.metrics.nft_errors.inc();
+        self.nft_members = None;
+        warn!(error = %e, "{what} failed; will retry");
+    }
+
     /// Adds the drops counted by nft since the last read to the drop metric.
     async fn read_vxlan_drops(&mut self) {
         let Some(n) = self
@@ -783,15 +802,15 @@ impl Daemon {
             Some(m) => want_ips.difference(m).copied().collect(),
             None => want_ips.clone(),
         };
+        // Over netlink, without an `nft` process: a join costs one batch.
         if !joining.is_empty() {
-            let ips = joining.clone();
-            if self
-                .nft_call("add peers to the VXLAN filter", move |n| n.add_peers(&ips))
-                .await
-                .is_some()
-                && let Some(m) = &mut self.nft_members
-            {
-                m.extend(joining);
+            match self.peer_set.add(&joining).await {
+                Ok(()) => {
+                    if let Some(m) = &mut self.nft_members {
+                        m.extend(joining);
+                    }
+                }
+                Err(e) => self.peer_set_failed("add peers to the VXLAN filter", &e),
             }
         }
         let mut ops = diff(&want, &self.actual);
@@ -858,8 +877,25 @@ impl Daemon {
         self.metrics
             .route_conflicts
             .set(self.conflicts.len() as i64);
-        // A leaving peer is dropped from the set after its route went; flush and add in one
-        // transaction, so that the members that stay are never missing.
+        // A leaving peer is dropped from the set after its route went: by element over
+        // netlink when the members are known, else the whole set is rewritten through nft
+        // (flush and add in one transaction, so the members that stay are never missing).
+        if !route_delete_failed
+            && let Some(m) = &self.nft_members
+            && m != &want_ips
+        {
+            let leaving: BTreeSet<Ipv4Addr> = m.difference(&want_ips).copied().collect();
+            let missing = want_ips.difference(m).next().is_some();
+            if missing {
+                // A join whose add failed above: the full rewrite below.
+                self.nft_members = None;
+            } else {
+                match self.peer_set.delete(&leaving).await {
+                    Ok(()) => self.nft_members = Some(want_ips.clone()),
+                    Err(e) => self.peer_set_failed("drop peers from the VXLAN filter", &e),
+                }
+            }
+        }
         if !route_delete_failed && self.nft_members.as_ref() != Some(&want_ips) {
             let ips = want_ips.clone();
             if self
@@ -947,6 +983,13 @@ impl Daemon {
                 .lease_losses
                 .inc_by(hs.losses - self.last_losses);
             self.last_losses = hs.losses;
+        }
+        let t = twill_dataplane::netlink::timeouts();
+        if t > self.last_netlink_timeouts {
+            self.metrics
+                .netlink_timeouts
+                .inc_by(t - self.last_netlink_timeouts);
+            self.last_netlink_timeouts = t;
         }
         let errs = hs.errors + ws.errors;
         if errs > self.last_etcd_errors {

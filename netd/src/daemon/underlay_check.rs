@@ -16,7 +16,8 @@ pub async fn check(
     under: &Underlay,
     cfg: NetConfig,
 ) -> Result<std::result::Result<NetConfig, String>> {
-    let msgs = twill_dataplane::netlink::link_addresses(nl.handle(), under.index)
+    let msgs = nl
+        .link_addresses(under.index)
         .await
         .with_context(|| format!("list the addresses of the underlay {}", under.name))?;
     let nets: Vec<IpNet> = msgs

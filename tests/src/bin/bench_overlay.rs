@@ -1,13 +1,23 @@
 //! Overlay benchmark (not a test: it prints numbers). Run with bench/overlay/run.sh, which
 //! builds release binaries and points TWILL_BIN_DIR at them.
 //!
-//! 1. Convergence: N (1,000) peer leases written to etcd → one twilld programs all 3N
-//!    entries; against `ip -batch` + `bridge -batch` applying the same 3N entries in a fresh
-//!    namespace, in the same run.
-//! 2. A new lease → its route on the node: p50/p99 over J (100) joins, measured with netlink
-//!    events from the write of the lease.
-//! 3. twilld's RSS with N peers.
-//! 4. iperf3 (bounded, -t T) pod↔pod across nodes against node↔node over the underlay.
+//! One real etcd, N (BENCH_PEERS, 1,000; 5,000 for the scale run) peer leases, each with
+//! an etcd lease of its own kept alive by a simulated holder (one keep-alive per lease
+//! every TTL/3, as twilld's holder does), one real twilld per node:
+//! 1. Convergence: the N leases written → a running twilld programs all 3N entries; a
+//!    fresh node (twilld exec → all 3N programmed, and its first reconcile alone) against
+//!    `ip -batch` + `bridge -batch` applying the same 3N entries in a fresh namespace, in
+//!    the same run.
+//! 2. A new lease → its route on the node, and a deleted lease → its route gone: p50/p99
+//!    over J (BENCH_JOINS, 100) joins and leaves, timed with netlink events.
+//! 3. twilld's RSS with N peers; etcd's RSS and CPU time (from /proc/<etcd pid>): for the
+//!    writes, and per second of steady state with the keep-alives running.
+//! 4. A full re-list after a compaction: the node's etcd connections are cut (its own
+//!    namespace only), a marker lease is written and etcd compacted past the watch, the
+//!    connections come back: time and twilld CPU until the marker's route is there, and
+//!    no other kernel entry changed.
+//! 5. iperf3 (bounded, -t T; BENCH_IPERF_SECS=0 skips it) pod↔pod across nodes against
+//!    node↔node over the underlay.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Stdio;
@@ -58,6 +68,61 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// utime + stime of a process, from /proc/<pid>/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // The command name (field 2) may hold spaces: count from after its ')'.
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The simulated holders: one etcd lease per peer key, kept alive by one keep-alive per
+/// lease every `ttl / 3` (what twilld's LeaseHolder does), 64 in flight.
+fn spawn_keepalives(
+    client: etcd_client::Client,
+    ids: Vec<i64>,
+    ttl: Duration,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = sent.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            futures::stream::iter(ids.iter().copied())
+                .for_each_concurrent(64, |id| {
+                    let mut c = client.clone();
+                    let counter = counter.clone();
+                    async move {
+                        if let Ok((mut k, mut st)) = c.lease_keep_alive(id).await
+                            && k.keep_alive().await.is_ok()
+                            && st.message().await.is_ok()
+                        {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                })
+                .await;
+        }
+    });
+    (task, sent)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -229,7 +294,17 @@ async fn main() -> Result<()> {
     let n = env_u32("BENCH_PEERS", 1000);
     let joins = env_u32("BENCH_JOINS", 100);
     let iperf_secs = env_u32("BENCH_IPERF_SECS", 5);
-    println!("overlay benchmark: {n} peers, {joins} joins, iperf3 -t {iperf_secs}");
+    let ttl = Duration::from_secs(env_u32("BENCH_LEASE_TTL", 60).into());
+    let steady = Duration::from_secs(env_u32("BENCH_STEADY_SECS", 40).into());
+    if n > 19 * 256 + 255 {
+        bail!("BENCH_PEERS={n}: at most {} peers fit", 19 * 256 + 255);
+    }
+    println!(
+        "overlay benchmark: {n} peers (etcd leases, TTL {ttl:?}, kept alive every {:?}), {joins} joins, iperf3 -t {iperf_secs}",
+        ttl / 3
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", load.trim());
 
     // ---------- 1. convergence ----------
     let mut c = Cluster::start(ClusterOpts {
@@ -238,6 +313,7 @@ async fn main() -> Result<()> {
         resync: Duration::from_secs(300),
         ..ClusterOpts::default()
     })?;
+    let etcd_pid = c.etcd.pid().context("etcd pid")?;
     // The peers' subnets are outside 10.244/16: the config must allow them. Use a /8 network
     // only for the bench: rewrite etcd's config before writing the peers.
     let store = LeaseStore::connect(c.etcd_options()).await?;
@@ -246,45 +322,82 @@ async fn main() -> Result<()> {
     cfg.subnet_min = Ipv4Addr::new(10, 1, 0, 0);
     cfg.subnet_max = Ipv4Addr::new(10, 255, 255, 0);
     store.put_config(&cfg, true).await?;
+    let client = store.client().clone();
+    // twilld validates peers against the config it started with: restart node 1 on the /8
+    // (its --net-conf, and every later node's, matches what etcd has now).
+    std::fs::write(
+        c.dir.path().join("net-conf.json"),
+        r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.1.0.0","SubnetMax":"10.255.255.0","Backend":{"Type":"vxlan","VNI":1}}"#,
+    )?;
+    c.nodes[0].stop_daemon()?;
+    c.start_daemon(0)?;
+    c.wait_ready(0, Duration::from_secs(20))?;
 
     let netns = NetNs::open(c.nodes[0].ns.path())?;
     let o = RtnlOverlay::new(Netlink::open(&netns)?);
     let idx = vxlan_index(&o).await?;
 
+    let pid = c.nodes[0].daemon.as_ref().and_then(|d| d.pid()).unwrap();
+    let rss_base = rss_kib(pid);
+    let etcd_cpu0 = cpu_time(etcd_pid);
+    let etcd_rss0 = rss_kib(etcd_pid);
     let t_write0 = Instant::now();
-    let results: Vec<_> = futures::stream::iter(0..n)
+    // Each simulated holder: an etcd lease with the TTL, the lease key put under it.
+    let results: Vec<Result<i64>> = futures::stream::iter(0..n)
         .map(|i| {
-            let store = store.clone();
-            async move { store.reserve(peer_subnet(i), &peer_attrs(i)).await }
+            let mut cl = client.clone();
+            let key = store.lease_key(&peer_subnet(i));
+            async move {
+                let id = cl.lease_grant(ttl.as_secs() as i64, None).await?.id();
+                cl.put(
+                    key,
+                    peer_attrs(i).to_json(),
+                    Some(etcd_client::PutOptions::new().with_lease(id)),
+                )
+                .await?;
+                Ok(id)
+            }
         })
         .buffer_unordered(64)
         .collect()
         .await;
+    let mut ids = Vec::with_capacity(n as usize);
     for r in results {
-        r?;
+        ids.push(r?);
     }
     let t_written = Instant::now();
-    let t_done = wait_entries(&o, idx, 3 * n as usize, Duration::from_secs(60)).await?;
+    let t_done = match wait_entries(&o, idx, 3 * n as usize, Duration::from_secs(120)).await {
+        Ok(t) => t,
+        Err(e) => {
+            let log = c.nodes[0].log_text();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains(" DEBUG "))
+                .rev()
+                .take(30)
+                .collect();
+            bail!(
+                "{e}; twilld's log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    };
     let write = t_written - t_write0;
     let total = t_done - t_write0;
     let lag = t_done.saturating_duration_since(t_written);
+    let etcd_cpu_writes = cpu_time(etcd_pid).saturating_sub(etcd_cpu0);
+    let (keepalive_task, keepalives) = spawn_keepalives(client.clone(), ids, ttl);
 
-    let pid = c.nodes[0].daemon.as_ref().and_then(|d| d.pid()).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let rss_running = rss_kib(pid);
 
-    // A fresh node joining a cluster of N: twilld start → all 3N entries programmed. Its
-    // --net-conf must match the (bench-only) /8 config now in etcd.
-    std::fs::write(
-        c.dir.path().join("net-conf.json"),
-        r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.1.0.0","SubnetMax":"10.255.255.0","Backend":{"Type":"vxlan","VNI":1}}"#,
-    )?;
+    // A fresh node joining a cluster of N: twilld start → all 3N entries programmed.
     let t_start = Instant::now();
     let j = c.add_node()?;
     let netns2 = NetNs::open(c.nodes[j].ns.path())?;
     let o2 = RtnlOverlay::new(Netlink::open(&netns2)?);
     let idx2 = vxlan_index(&o2).await?;
-    let t_done2 = wait_entries(&o2, idx2, 3 * n as usize, Duration::from_secs(60)).await?;
+    let t_done2 = wait_entries(&o2, idx2, 3 * n as usize, Duration::from_secs(120)).await?;
     let fresh_total = t_done2 - t_start;
     std::thread::sleep(Duration::from_millis(300));
     let fresh_reconcile = reconcile_us_from_log(&c.nodes[j].log_text(), 3 * n as usize);
@@ -299,14 +412,14 @@ async fn main() -> Result<()> {
     let batch_med = batch[1];
 
     println!("\n## 1. convergence ({n} peer leases = {} entries)", 3 * n);
-    println!("lease writes ({n} txns, 64 in flight): {write:?}");
+    println!("lease writes ({n} × lease grant + put, 64 in flight): {write:?}");
     println!(
         "running twilld: first write → all entries programmed: {total:?} (after the last write: {lag:?})"
     );
-    println!("fresh node: twilld start → all entries programmed: {fresh_total:?}");
+    println!("fresh node (cold start): twilld exec → all entries programmed: {fresh_total:?}");
     match fresh_reconcile {
         Some(us) => println!(
-            "fresh node: the reconcile itself (dump + diff + {} netlink writes): {:.1} ms",
+            "fresh node: the reconcile itself (dump + diff + peer set + {} netlink writes): {:.1} ms",
             3 * n,
             us as f64 / 1000.0
         ),
@@ -315,26 +428,51 @@ async fn main() -> Result<()> {
     println!("ip -batch + bridge -batch of the same entries: {batch:?} (median {batch_med:?})");
     if let Some(us) = fresh_reconcile {
         println!(
-            "ratio twilld reconcile / ip -batch: {:.2} (target <= 1.5)",
+            "ratio twilld reconcile / ip -batch: {:.2} (goal <= 1.0)",
             Duration::from_micros(us).as_secs_f64() / batch_med.as_secs_f64()
         );
     }
     println!(
-        "ratio twilld start→programmed / ip -batch: {:.2}",
+        "ratio twilld exec→programmed / ip -batch: {:.2}",
         fresh_total.as_secs_f64() / batch_med.as_secs_f64()
     );
 
-    // ---------- 3. RSS ----------
-    println!("\n## 3. twilld RSS with {n} peers");
+    // ---------- 3. RSS, etcd ----------
+    println!("\n## 3. memory and etcd with {n} peers");
     println!(
-        "running node: {:.1} MiB; fresh node: {:.1} MiB (target <= 15 MiB)",
-        rss_running as f64 / 1024.0,
-        rss_fresh as f64 / 1024.0
+        "twilld RSS: {:.1} MiB with no peers; running node {:.1} MiB; fresh node {:.1} MiB (goal <= 12 MiB); {:.2} KiB per peer (fresh node over the empty one)",
+        mib(rss_base),
+        mib(rss_running),
+        mib(rss_fresh),
+        rss_fresh.saturating_sub(rss_base) as f64 / f64::from(n.max(1))
+    );
+    let ka0 = keepalives.load(std::sync::atomic::Ordering::Relaxed);
+    let cpu_s0 = cpu_time(etcd_pid);
+    let t_s0 = Instant::now();
+    tokio::time::sleep(steady).await;
+    let cpu_steady = cpu_time(etcd_pid).saturating_sub(cpu_s0);
+    let secs = t_s0.elapsed().as_secs_f64();
+    let ka = keepalives.load(std::sync::atomic::Ordering::Relaxed) - ka0;
+    let etcd_rss = rss_kib(etcd_pid);
+    println!(
+        "etcd RSS: {:.1} MiB before the peers, {:.1} MiB with {n} leases and their keep-alives",
+        mib(etcd_rss0),
+        mib(etcd_rss)
+    );
+    println!(
+        "etcd CPU for the {n} lease writes and both twillds' lists: {:.2} s",
+        etcd_cpu_writes.as_secs_f64()
+    );
+    println!(
+        "etcd CPU in steady state: {:.1} % of one core over {secs:.0} s ({:.0} keep-alives/s)",
+        100.0 * cpu_steady.as_secs_f64() / secs,
+        ka as f64 / secs
     );
 
-    // ---------- 2. join latency ----------
+    // ---------- 2. join and leave latency ----------
     let mut mon = Monitor::open(&netns)?;
     let mut lat = Vec::new();
+    let mut joined = Vec::new();
     let mut i = n;
     for _ in 0..joins {
         i += 1;
@@ -358,21 +496,138 @@ async fn main() -> Result<()> {
                 break;
             }
         }
+        joined.push(subnet);
+    }
+    let mut leave = Vec::new();
+    for subnet in &joined {
+        let t0 = Instant::now();
+        store.release(*subnet).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, mon.next())
+                .await
+                .context("route removal within 5 s")?
+                .context("monitor closed")?;
+            if let MonitorEvent::RouteGone { link, route } = ev
+                && link == idx
+                && route.dst == *subnet
+            {
+                leave.push(t0.elapsed());
+                break;
+            }
+        }
     }
     lat.sort();
+    leave.sort();
     println!(
-        "\n## 2. new lease → route on the node ({joins} joins, {} peers present)",
-        n
+        "\n## 2. new lease → route on the node ({} joins, {n} peers present)",
+        lat.len()
     );
     println!(
-        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?} (target p99 <= 200 ms)",
+        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?} (goal p99 <= 5 ms)",
         pct(&lat, 0.5),
         pct(&lat, 0.9),
         pct(&lat, 0.99),
         lat[lat.len() - 1]
     );
+    println!("deleted lease → route gone ({} leaves)", leave.len());
+    println!(
+        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+        pct(&leave, 0.5),
+        pct(&leave, 0.9),
+        pct(&leave, 0.99),
+        leave[leave.len() - 1]
+    );
+
+    // ---------- 4. re-list after compaction ----------
+    // Cut node 1's etcd connections inside its own namespace: new connections to the proxy
+    // are refused, open ones aborted (ss -K).
+    let ns1 = &c.nodes[0].ns;
+    ns1.exec(
+        "nft",
+        &[
+            "add table inet twbenchcut; add chain inet twbenchcut out { type filter hook output priority 0; }; add rule inet twbenchcut out tcp dport 2379 tcp flags syn reject with tcp reset",
+        ],
+    )?;
+    let log_before = c.nodes[0].log_text().len();
+    ns1.exec("ss", &["-K", "dst", "127.0.0.1", "dport", "=", "2379"])?;
+    let broke = twill_tests::cluster::wait_for(Duration::from_secs(20), || {
+        c.nodes[0].log_text()[log_before..]
+            .contains("lease watch stream")
+            .then_some(())
+    });
+    if broke.is_none() {
+        bail!("twilld's lease watch did not notice the cut");
+    }
+    // The last leave's neighbour and FDB deletions are not part of what follows.
+    while mon.try_next().is_some() {}
+    let before = o.dump(idx).await?;
+    let marker = peer_subnet(n + joins + 50);
+    let marker_mac = peer_attrs(n + joins + 50).vtep_mac().to_string();
+    // Two writes: the watch resumes from the revision after the last it saw, which must
+    // be below the compaction for etcd to cancel it.
+    store.reserve(marker, &peer_attrs(n + joins + 50)).await?;
+    store.reserve(marker, &peer_attrs(n + joins + 50)).await?;
+    let (_, rev) = store.list().await?;
+    client.clone().compact(rev, None).await?;
+    let cpu_r0 = cpu_time(pid);
+    let t_r0 = Instant::now();
+    ns1.exec("nft", &["delete table inet twbenchcut"])?;
+    let mut other_changes = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, mon.next())
+            .await
+            .context("the marker's route within 60 s of the re-list")?
+            .context("monitor closed")?;
+        match ev {
+            MonitorEvent::RouteUp { link, route } if link == idx && route.dst == marker => break,
+            // The marker's own neighbour and FDB entry come first.
+            MonitorEvent::NeighUp { neigh, .. } if neigh.ip == marker.network() => {}
+            MonitorEvent::FdbUp { fdb, .. } if fdb.mac.to_string() == marker_mac => {}
+            ev @ (MonitorEvent::RouteUp { link, .. }
+            | MonitorEvent::RouteGone { link, .. }
+            | MonitorEvent::NeighUp { link, .. }
+            | MonitorEvent::NeighGone { link, .. }
+            | MonitorEvent::FdbUp { link, .. }
+            | MonitorEvent::FdbGone { link, .. })
+                if link == idx =>
+            {
+                other_changes.push(ev)
+            }
+            _ => {}
+        }
+    }
+    let relist = t_r0.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    let relist_cpu = cpu_time(pid).saturating_sub(cpu_r0);
+    let mut after = o.dump(idx).await?;
+    after.neighs.retain(|x| x.ip != marker.network());
+    after.routes.retain(|x| x.dst != marker);
+    after.fdbs.retain(|x| x.mac.to_string() != marker_mac);
+    let log = c.nodes[0].log_text();
+    let relisted = log[log_before..].contains("compacted: re-listing");
+    println!("\n## 4. full re-list after a compaction ({n} peers)");
+    println!(
+        "watch cancelled as compacted and re-listed: {relisted}; connections back → marker route programmed: {relist:?}; twilld CPU meanwhile {:.0} ms",
+        relist_cpu.as_secs_f64() * 1000.0
+    );
+    println!(
+        "kernel entries other than the marker's: {} (must be unchanged); netlink events for other entries meanwhile: {} {:?}",
+        if after.owned() == before.owned() {
+            "unchanged"
+        } else {
+            "CHANGED"
+        },
+        other_changes.len(),
+        other_changes.iter().take(4).collect::<Vec<_>>()
+    );
+    keepalive_task.abort();
     drop(mon);
     drop(c);
+    if iperf_secs == 0 {
+        return Ok(());
+    }
 
     // ---------- 4. iperf3 ----------
     let mut c = Cluster::start(ClusterOpts {
