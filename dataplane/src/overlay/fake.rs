@@ -143,4 +143,8 @@ impl Overlay for FakeOverlay {
         super::Op::DeleteRoute(*r).apply_to(&mut self.st.lock().unwrap().programmed);
         Ok(())
     }
+
+    async fn remove_address(&self, _addr: ipnet::Ipv4Net) -> Result<Vec<u32>> {
+        Ok(Vec::new())
+    }
 }

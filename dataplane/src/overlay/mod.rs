@@ -283,6 +283,9 @@ pub trait Overlay: Send + Sync + 'static {
     fn delete_fdb(&self, link: u32, f: &Fdb) -> impl Future<Output = Result<()>> + Send;
     fn replace_route(&self, link: u32, r: &Route) -> impl Future<Output = Result<()>> + Send;
     fn delete_route(&self, link: u32, r: &Route) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes the address `addr` (address and prefix length both equal) from every link in
+    /// the namespace that has it; returns the indices of those links (none: nothing to do).
+    fn remove_address(&self, addr: Ipv4Net) -> impl Future<Output = Result<Vec<u32>>> + Send;
 }
 
 /// One change to the programmed entries.

@@ -570,4 +570,41 @@ impl Overlay for RtnlOverlay {
         let req = self.nl.handle().route().del(m).execute();
         ignore_missing(self.nl.run(|| format!("delete route {}", r.dst), req).await)
     }
+
+    async fn remove_address(&self, addr: Ipv4Net) -> Result<Vec<u32>> {
+        let msgs: Vec<AddressMessage> = self
+            .nl
+            .run(
+                || "dump IPv4 addresses".to_string(),
+                self.nl
+                    .handle()
+                    .address()
+                    .get()
+                    .execute()
+                    .try_collect::<Vec<_>>(),
+            )
+            .await?;
+        let mut from = Vec::new();
+        for m in msgs {
+            if m.header.family != AddressFamily::Inet || m.header.prefix_len != addr.prefix_len() {
+                continue;
+            }
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            if local != Some(addr.addr()) {
+                continue;
+            }
+            let index = m.header.index;
+            self.nl
+                .run(
+                    || format!("delete address {addr} from link {index}"),
+                    self.nl.handle().address().del(m).execute(),
+                )
+                .await?;
+            from.push(index);
+        }
+        Ok(from)
+    }
 }

@@ -402,6 +402,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     && l.subnet != d.own
                 {
                     warn!(old = %d.own, new = %l.subnet, "lease re-acquired with another subnet: moving the node");
+                    d.remove_old_gateway(d.own).await;
                     d.own = l.subnet;
                     d.spec.address = l.net_addr();
                     if let Err(e) = d.ensure_node().await {
@@ -924,6 +925,27 @@ impl Daemon {
         self.metrics
             .reconcile_seconds
             .observe(t0.elapsed().as_secs_f64());
+    }
+
+    /// After a move: the old subnet's gateway address (on the bridge, put there by the CNI
+    /// plugin) goes, or its connected route would keep the old subnet on this node and hide
+    /// the node that holds it now (twill's peer route would be refused as a conflict). Only
+    /// that exact address and prefix is removed, from whichever link has it; a failure is
+    /// logged (an operator can `ip addr del` it) and changes nothing else.
+    async fn remove_old_gateway(&self, old: Ipv4Net) {
+        let gw = match twill_ipam::subnet_file::gateway_of(IpNet::V4(old)) {
+            IpNet::V4(n) => n,
+            IpNet::V6(_) => return,
+        };
+        match self.ov.remove_address(gw).await {
+            Ok(links) if links.is_empty() => {}
+            Ok(links) => {
+                info!(address = %gw, ?links, "removed the old subnet's gateway address")
+            }
+            Err(e) => {
+                warn!(address = %gw, error = %e, "could not remove the old subnet's gateway address; remove it by hand (ip addr del)")
+            }
+        }
     }
 
     fn write_subnet_file(&self) -> Result<()> {
