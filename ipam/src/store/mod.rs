@@ -816,12 +816,12 @@ impl LeaseStore {
             .and_then(|r| r.ok()))
     }
 
-    /// Deletes the lease of `subnet` (and revokes its etcd lease). False if there was none.
-    pub async fn release(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
-        let key = self.lease_key(&subnet);
+    /// Deletes `key` and revokes the etcd lease it was attached to, if any. False if the key
+    /// did not exist.
+    async fn delete_revoking(&self, key: &str) -> Result<bool, StoreError> {
         let resp = self
-            .rpc("delete", &key, |c| {
-                let k = key.clone();
+            .rpc("delete", key, |c| {
+                let k = key.to_string();
                 async move {
                     c.kv_client()
                         .delete(k, Some(DeleteOptions::new().with_prev_key()))
@@ -834,6 +834,13 @@ impl LeaseStore {
                 self.revoke(prev.lease()).await;
             }
         }
+        Ok(resp.deleted() > 0)
+    }
+
+    /// Deletes the lease of `subnet` (and revokes its etcd lease). False if there was none.
+    pub async fn release(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
+        let key = self.lease_key(&subnet);
+        let deleted = self.delete_revoking(&key).await?;
         // An explicit release frees the subnet at once: no grace period.
         let grace = self.grace_key(&subnet);
         self.rpc("delete", &grace, |c| {
@@ -841,7 +848,7 @@ impl LeaseStore {
             async move { c.kv_client().delete(k, None).await }
         })
         .await?;
-        Ok(resp.deleted() > 0)
+        Ok(deleted)
     }
 
     /// `<prefix>/move/` (with the trailing slash).
@@ -924,22 +931,7 @@ impl LeaseStore {
     /// Deletes the move permission of `node` (and revokes its etcd lease). False if none.
     pub async fn clear_move(&self, node: &str) -> Result<bool, StoreError> {
         let key = self.move_key(node);
-        let resp = self
-            .rpc("delete", &key, |c| {
-                let k = key.clone();
-                async move {
-                    c.kv_client()
-                        .delete(k, Some(DeleteOptions::new().with_prev_key()))
-                        .await
-                }
-            })
-            .await?;
-        for prev in resp.prev_kvs() {
-            if prev.lease() != 0 {
-                self.revoke(prev.lease()).await;
-            }
-        }
-        Ok(resp.deleted() > 0)
+        self.delete_revoking(&key).await
     }
 
     /// Best-effort revoke of an etcd lease that no key uses any more.
