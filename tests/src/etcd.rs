@@ -190,7 +190,7 @@ impl EtcdServer {
             custom_tls: Some(tls),
             starts: 0,
         };
-        server.spawn()?;
+        server.spawn_first()?;
         Ok(server)
     }
 
@@ -221,7 +221,7 @@ impl EtcdServer {
             custom_tls: None,
             starts: 0,
         };
-        server.spawn()?;
+        server.spawn_first()?;
         Ok(server)
     }
 
@@ -278,6 +278,31 @@ impl EtcdServer {
     /// PID of the running etcd.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The first start. A port picked by [`free_port`] is free only when picked: another
+    /// test (or an outgoing connection) can take it before etcd binds it. Then etcd exits
+    /// with "address already in use", and the start is retried on new ports (a few times).
+    fn spawn_first(&mut self) -> Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.spawn() {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 5 && format!("{e:#}").contains("address already in use") => {
+                    attempt += 1;
+                    eprintln!("etcd: port taken before it bound it; retrying on new ports");
+                    let _ = std::fs::remove_dir_all(self.data_dir());
+                    let _ = std::fs::remove_file(self.log_path());
+                    self.starts = 0;
+                    self.client_port = free_port()?;
+                    self.peer_port = free_port()?;
+                    while self.peer_port == self.client_port {
+                        self.peer_port = free_port()?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -486,5 +511,34 @@ impl EtcdServer {
     /// The client port (for a [`TcpProxy`]).
     pub fn client_port(&self) -> u16 {
         self.client_port
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Proves that a client port taken between [`free_port`] and etcd's bind (here: held by
+    /// this test) makes the first start retry on new ports instead of failing the test that
+    /// wanted an etcd.
+    #[test]
+    fn a_port_taken_before_etcd_binds_it_is_retried_on_new_ports() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = held.local_addr().unwrap().port();
+        let mut server = EtcdServer {
+            dir: tempfile::Builder::new()
+                .prefix("tw-etcd-")
+                .tempdir()
+                .unwrap(),
+            client_port: taken,
+            peer_port: free_port().unwrap(),
+            child: None,
+            tls: None,
+            custom_tls: None,
+            starts: 0,
+        };
+        server.spawn_first().unwrap();
+        assert_ne!(server.client_port, taken);
+        assert!(server.pid().is_some());
     }
 }
