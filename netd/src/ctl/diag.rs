@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 
-use super::{Cli, EXIT_ERROR, Failure};
+use super::{Cli, EXIT_ERROR, Failure, NodePaths};
 
 /// One collected part: bounded, so one hung command cannot hang the bundle.
 const PART_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,26 +30,8 @@ pub struct DiagArgs {
     /// current directory).
     #[arg(long, short = 'f')]
     pub file: Option<PathBuf>,
-    /// twilld's --metrics-addr, for /readyz and /metrics.
-    #[arg(long, env = "TWILLCTL_METRICS_ADDR", default_value = "127.0.0.1:9472")]
-    pub metrics_addr: SocketAddr,
-    /// The subnet file twilld writes.
-    #[arg(
-        long,
-        env = "TWILLCTL_SUBNET_FILE",
-        default_value = "/run/twill/subnet.env"
-    )]
-    pub subnet_file: PathBuf,
-    /// The CNI plugin's data dir (its `dataDir`; the state is `<dir>/<network name>/`).
-    #[arg(
-        long,
-        env = "TWILLCTL_CNI_DATA_DIR",
-        default_value = "/var/lib/cni/twill"
-    )]
-    pub cni_data_dir: PathBuf,
-    /// The directory of CNI configs.
-    #[arg(long, env = "TWILLCTL_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
-    pub cni_conf_dir: PathBuf,
+    #[command(flatten)]
+    pub node: NodePaths,
     /// The CNI plugin binary (its VERSION answer goes in).
     #[arg(
         long,
@@ -165,7 +147,7 @@ fn collect_and_write(etcd: &super::CtlEtcdArgs, args: &DiagArgs) -> Result<(), F
         ("twilld/readyz.txt", "/readyz"),
         ("twilld/metrics.txt", "/metrics"),
     ] {
-        let r = http_get(args.metrics_addr, path);
+        let r = http_get(args.node.metrics_addr, path);
         b.add_result(name, r);
     }
 
@@ -199,8 +181,8 @@ fn collect_and_write(etcd: &super::CtlEtcdArgs, args: &DiagArgs) -> Result<(), F
     );
 
     // What the CNI plugin reads and keeps.
-    b.file("cni/subnet.env", &args.subnet_file);
-    match std::fs::read_dir(&args.cni_data_dir) {
+    b.file("cni/subnet.env", &args.node.subnet_file);
+    match std::fs::read_dir(&args.node.cni_data_dir) {
         Ok(dirs) => {
             for d in dirs.flatten() {
                 let name = d.file_name().to_string_lossy().into_owned();
@@ -214,10 +196,10 @@ fn collect_and_write(etcd: &super::CtlEtcdArgs, args: &DiagArgs) -> Result<(), F
         }
         Err(e) => b.add(
             "cni/data.error",
-            format!("{}: {e}\n", args.cni_data_dir.display()).into_bytes(),
+            format!("{}: {e}\n", args.node.cni_data_dir.display()).into_bytes(),
         ),
     }
-    match std::fs::read_dir(&args.cni_conf_dir) {
+    match std::fs::read_dir(&args.node.cni_conf_dir) {
         Ok(files) => {
             for f in files.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
@@ -226,7 +208,7 @@ fn collect_and_write(etcd: &super::CtlEtcdArgs, args: &DiagArgs) -> Result<(), F
         }
         Err(e) => b.add(
             "cni/net.d.error",
-            format!("{}: {e}\n", args.cni_conf_dir.display()).into_bytes(),
+            format!("{}: {e}\n", args.node.cni_conf_dir.display()).into_bytes(),
         ),
     }
 

@@ -3,7 +3,7 @@
 //! fix. Exit code 0 when every check passes, [`EXIT_PROBLEMS`] when one warns or fails.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +17,7 @@ use twill_ipam::lease::Lease;
 use twill_ipam::store::LeaseStore;
 use twill_ipam::subnet_file::SubnetFile;
 
-use super::{Cli, Failure, Output, certs, print_json, print_table};
+use super::{Cli, Failure, NodePaths, Output, certs, print_json, print_table};
 
 /// Exit code when a check warns or fails.
 pub const EXIT_PROBLEMS: i32 = 6;
@@ -31,29 +31,11 @@ pub struct DoctorArgs {
     /// The underlay interface (default: that of the default route), as twilld's --iface.
     #[arg(long, env = "TWILLCTL_IFACE")]
     pub iface: Option<String>,
-    /// The subnet file twilld writes.
-    #[arg(
-        long,
-        env = "TWILLCTL_SUBNET_FILE",
-        default_value = "/run/twill/subnet.env"
-    )]
-    pub subnet_file: PathBuf,
-    /// The CNI plugin's data dir.
-    #[arg(
-        long,
-        env = "TWILLCTL_CNI_DATA_DIR",
-        default_value = "/var/lib/cni/twill"
-    )]
-    pub cni_data_dir: PathBuf,
-    /// The directory of CNI configs.
-    #[arg(long, env = "TWILLCTL_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
-    pub cni_conf_dir: PathBuf,
+    #[command(flatten)]
+    pub node: NodePaths,
     /// The bridge of the pods.
     #[arg(long, default_value = "cni0")]
     pub bridge: String,
-    /// twilld's --metrics-addr (its version and readiness).
-    #[arg(long, env = "TWILLCTL_METRICS_ADDR", default_value = "127.0.0.1:9472")]
-    pub metrics_addr: SocketAddr,
     /// Warn when this node's lease expires within this time.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub lease_warn: Duration,
@@ -139,7 +121,7 @@ fn sysctl(key: &str) -> Option<String> {
 
 pub async fn run(cli: &Cli, args: &DoctorArgs) -> Result<(), Failure> {
     let mut r = Report::default();
-    let subnet = check_subnet_file(&mut r, &args.subnet_file);
+    let subnet = check_subnet_file(&mut r, &args.node.subnet_file);
     check_forwarding(&mut r);
     check_bridge_netfilter(&mut r);
     check_conntrack(&mut r);
@@ -866,12 +848,12 @@ async fn check_mtu(
 }
 
 async fn check_ipam(r: &mut Report, args: &DoctorArgs) {
-    let Ok(dirs) = std::fs::read_dir(&args.cni_data_dir) else {
+    let Ok(dirs) = std::fs::read_dir(&args.node.cni_data_dir) else {
         r.ok(
             "ipam",
             format!(
                 "{}: no IPAM state (no pod yet)",
-                args.cni_data_dir.display()
+                args.node.cni_data_dir.display()
             ),
         );
         return;
@@ -894,7 +876,7 @@ async fn check_ipam(r: &mut Report, args: &DoctorArgs) {
             continue;
         }
         let network = d.file_name().to_string_lossy().into_owned();
-        match Allocator::new(&args.cni_data_dir, &network).list() {
+        match Allocator::new(&args.node.cni_data_dir, &network).list() {
             Ok(list) => {
                 for res in list {
                     total += 1;
@@ -958,11 +940,11 @@ async fn check_ipam(r: &mut Report, args: &DoctorArgs) {
 }
 
 fn check_cni_config(r: &mut Report, args: &DoctorArgs) {
-    let Ok(dir) = std::fs::read_dir(&args.cni_conf_dir) else {
+    let Ok(dir) = std::fs::read_dir(&args.node.cni_conf_dir) else {
         r.problem(
             "cni-config",
             Level::Fail,
-            format!("{}: no such directory", args.cni_conf_dir.display()),
+            format!("{}: no such directory", args.node.cni_conf_dir.display()),
             "the runtime finds no network config: the node stays NotReady",
             "the install-cni init container writes it (docs/install.md)",
         );
@@ -983,7 +965,7 @@ fn check_cni_config(r: &mut Report, args: &DoctorArgs) {
         r.problem(
             "cni-config",
             Level::Fail,
-            format!("no CNI config in {}", args.cni_conf_dir.display()),
+            format!("no CNI config in {}", args.node.cni_conf_dir.display()),
             "the runtime finds no network config: the node stays NotReady",
             "the install-cni init container writes it (docs/install.md)",
         );
@@ -1026,14 +1008,14 @@ fn check_cni_config(r: &mut Report, args: &DoctorArgs) {
     let subnet_file = conf["subnetFile"]
         .as_str()
         .unwrap_or(twill_cni::config::DEFAULT_SUBNET_FILE);
-    if Path::new(subnet_file) != args.subnet_file {
+    if Path::new(subnet_file) != args.node.subnet_file {
         r.problem(
             "cni-config",
             Level::Fail,
             format!(
                 "{}: subnetFile {subnet_file} is not twilld's {}",
                 first.display(),
-                args.subnet_file.display()
+                args.node.subnet_file.display()
             ),
             "the plugin reads another subnet file than twilld writes: ADD fails, or uses a stale subnet",
             "make the conflist's subnetFile and twilld's --subnet-file the same",
@@ -1048,7 +1030,7 @@ fn check_cni_config(r: &mut Report, args: &DoctorArgs) {
 
 fn check_versions(r: &mut Report, args: &DoctorArgs) {
     let mine = env!("CARGO_PKG_VERSION");
-    let metrics = super::diag::http_get(args.metrics_addr, "/metrics")
+    let metrics = super::diag::http_get(args.node.metrics_addr, "/metrics")
         .ok()
         .map(|r| String::from_utf8_lossy(&r).into_owned());
     let theirs = metrics.as_deref().and_then(|m| {
@@ -1070,7 +1052,7 @@ fn check_versions(r: &mut Report, args: &DoctorArgs) {
         None => r.problem(
             "versions",
             Level::Warn,
-            format!("twilld does not answer on {}", args.metrics_addr),
+            format!("twilld does not answer on {}", args.node.metrics_addr),
             "twilld is not running on this node, or listens elsewhere: nothing keeps the data plane in step",
             "check the twilld pod (or `systemctl status twilld`); give --metrics-addr if it is not the default",
         ),

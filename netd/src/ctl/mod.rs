@@ -134,6 +134,32 @@ impl CtlEtcdArgs {
     }
 }
 
+/// Where this node's twill pieces are, as twilld and the CNI config name them: shared by
+/// `doctor` and `diag`.
+#[derive(Debug, Clone, Args)]
+pub struct NodePaths {
+    /// twilld's --metrics-addr (its /readyz, /metrics and version).
+    #[arg(long, env = "TWILLCTL_METRICS_ADDR", default_value = "127.0.0.1:9472")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// The subnet file twilld writes.
+    #[arg(
+        long,
+        env = "TWILLCTL_SUBNET_FILE",
+        default_value = "/run/twill/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
+    /// The CNI plugin's data dir (its `dataDir`; the state is `<dir>/<network name>/`).
+    #[arg(
+        long,
+        env = "TWILLCTL_CNI_DATA_DIR",
+        default_value = "/var/lib/cni/twill"
+    )]
+    pub cni_data_dir: PathBuf,
+    /// The directory of CNI configs.
+    #[arg(long, env = "TWILLCTL_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+}
+
 /// A failed command: the message for stderr and the exit code.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
