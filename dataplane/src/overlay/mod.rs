@@ -316,16 +316,51 @@ impl Op {
     /// Updates `p` as if the op had been applied.
     pub fn apply_to(&self, p: &mut Programmed) {
         match self {
+            // One entry per key: the others with the same key go (a range of the ordered
+            // set, not a walk over every entry).
             Op::ReplaceFdb(f) => {
-                p.fdbs.retain(|x| x.mac != f.mac);
+                let lo = Fdb {
+                    mac: f.mac,
+                    dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                };
+                let hi = Fdb {
+                    mac: f.mac,
+                    dst: IpAddr::V6(std::net::Ipv6Addr::from(u128::MAX)),
+                };
+                let same: Vec<Fdb> = p.fdbs.range(lo..=hi).copied().collect();
+                for x in same {
+                    p.fdbs.remove(&x);
+                }
                 p.fdbs.insert(*f);
             }
             Op::ReplaceNeigh(n) => {
-                p.neighs.retain(|x| x.ip != n.ip);
+                let lo = Neigh {
+                    ip: n.ip,
+                    mac: Mac([0; 6]),
+                };
+                let hi = Neigh {
+                    ip: n.ip,
+                    mac: Mac([0xff; 6]),
+                };
+                let same: Vec<Neigh> = p.neighs.range(lo..=hi).copied().collect();
+                for x in same {
+                    p.neighs.remove(&x);
+                }
                 p.neighs.insert(*n);
             }
             Op::ReplaceRoute(r) => {
-                p.routes.retain(|x| x.dst != r.dst);
+                let lo = Route {
+                    dst: r.dst,
+                    via: Ipv4Addr::UNSPECIFIED,
+                };
+                let hi = Route {
+                    dst: r.dst,
+                    via: Ipv4Addr::BROADCAST,
+                };
+                let same: Vec<Route> = p.routes.range(lo..=hi).copied().collect();
+                for x in same {
+                    p.routes.remove(&x);
+                }
                 p.routes.insert(*r);
             }
             Op::DeleteRoute(r) => {

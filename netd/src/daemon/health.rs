@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -239,33 +240,63 @@ struct Prober {
     metrics: HealthMetrics,
     peers: BTreeMap<Ipv4Net, PeerState>,
     by_addr: HashMap<Ipv4Addr, Ipv4Net>,
-    next: usize,
+    /// The last peer probed (round robin).
+    cursor: Option<Ipv4Net>,
     nonce: u64,
 }
 
 impl Prober {
+    /// Takes the new peer list: peers that left go (with their series), new ones start as
+    /// reachable, the others keep their state. The cost is a lookup per peer: a join or a
+    /// leave in a large cluster must not rebuild every peer's state and series.
     fn set_targets(&mut self, t: &Targets) {
-        let keep: BTreeMap<Ipv4Net, String> =
-            t.peers.iter().map(|p| (p.subnet, p.node.clone())).collect();
-        self.peers.retain(|s, _| keep.contains_key(s));
-        for (subnet, node) in keep {
-            let st = self.peers.entry(subnet).or_insert_with(|| PeerState {
-                node: node.clone(),
-                // Innocent until proven otherwise: a new peer is not reported unreachable
-                // before its first probes had a chance.
-                reachable: true,
-                rtt: None,
-                last_seen: None,
-                lost_in_a_row: 0,
-                pending: None,
-            });
-            st.node = node;
+        let mut subnets: Vec<Ipv4Net> = t.peers.iter().map(|p| p.subnet).collect();
+        if !subnets.is_sorted() {
+            subnets.sort();
         }
-        self.by_addr = self.peers.keys().map(|s| (s.network(), *s)).collect();
-        // Metrics of peers that left go too.
-        self.metrics.reachable.clear();
-        self.metrics.rtt.clear();
-        self.publish_metrics();
+        let gone: Vec<Ipv4Net> = self
+            .peers
+            .keys()
+            .filter(|s| subnets.binary_search(s).is_err())
+            .copied()
+            .collect();
+        for s in &gone {
+            self.peers.remove(s);
+            self.by_addr.remove(&s.network());
+            let l = PeerLabel {
+                peer: s.to_string(),
+            };
+            self.metrics.reachable.remove(&l);
+            self.metrics.rtt.remove(&l);
+        }
+        for target in &t.peers {
+            if let Some(st) = self.peers.get_mut(&target.subnet) {
+                if st.node != target.node {
+                    st.node.clone_from(&target.node);
+                }
+                continue;
+            }
+            self.peers.insert(
+                target.subnet,
+                PeerState {
+                    node: target.node.clone(),
+                    // Innocent until proven otherwise: a new peer is not reported
+                    // unreachable before its first probes had a chance.
+                    reachable: true,
+                    rtt: None,
+                    last_seen: None,
+                    lost_in_a_row: 0,
+                    pending: None,
+                },
+            );
+            self.by_addr.insert(target.subnet.network(), target.subnet);
+            let l = PeerLabel {
+                peer: target.subnet.to_string(),
+            };
+            self.metrics.reachable.get_or_create(&l).set(1);
+        }
+        let down = self.peers.values().filter(|p| !p.reachable).count();
+        self.metrics.unreachable.set(down as i64);
     }
 
     fn publish_metrics(&self) {
@@ -352,9 +383,16 @@ impl Prober {
         if self.peers.is_empty() {
             return None;
         }
-        let i = self.next % self.peers.len();
-        self.next = self.next.wrapping_add(1);
-        let (subnet, p) = self.peers.iter_mut().nth(i)?;
+        // Round robin by subnet: the one after the last probed, or the first.
+        let after = self.cursor;
+        let (subnet, p) = match after {
+            Some(c) => match self.peers.range_mut((Excluded(c), Unbounded)).next() {
+                Some(e) => e,
+                None => self.peers.iter_mut().next()?,
+            },
+            None => self.peers.iter_mut().next()?,
+        };
+        self.cursor = Some(*subnet);
         if p.pending.is_some() {
             return None; // still waiting for the last one
         }
@@ -407,7 +445,7 @@ pub fn spawn(
             metrics,
             peers: BTreeMap::new(),
             by_addr: HashMap::new(),
-            next: 0,
+            cursor: None,
             nonce: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -419,11 +457,13 @@ pub fn spawn(
         let mut publisher = Publisher::new(store, cfg.publish * 3);
         let mut buf = [0u8; 64];
         loop {
-            let t = targets.borrow_and_update().clone();
-            prober.set_targets(&t);
+            let own = {
+                let t = targets.borrow_and_update();
+                prober.set_targets(&t);
+                t.own.map(|n| n.network())
+            };
             // The socket lives on this node's VTEP address: reachable only through the
             // overlay (and locally), never from the underlay directly.
-            let own = t.own.map(|n| n.network());
             if own != sock.as_ref().map(|(a, _)| *a) {
                 sock = None;
                 if let Some(addr) = own {
@@ -477,7 +517,8 @@ pub fn spawn(
                         }
                     }
                     _ = publish.tick() => {
-                        let report = build_report(&ctx, &t, prober.views());
+                        let own_subnet = targets.borrow().own;
+                        let report = build_report(&ctx, own_subnet, prober.views());
                         if let (Some(u), Some(c)) = (report.pods_used, report.pods_capacity) {
                             prober.metrics.pod_ips_used.set(u as i64);
                             prober.metrics.pod_ips_capacity.set(c as i64);
@@ -497,15 +538,15 @@ async fn recv(sock: &Option<(Ipv4Addr, UdpSocket)>, buf: &mut [u8]) -> Option<(u
     }
 }
 
-fn build_report(ctx: &ReportContext, t: &Targets, peers: Vec<PeerView>) -> NodeReport {
+fn build_report(ctx: &ReportContext, own: Option<Ipv4Net>, peers: Vec<PeerView>) -> NodeReport {
     let (ready, reason) = ctx.shared.readiness();
-    let (pods_used, pods_capacity) = match t.own {
+    let (pods_used, pods_capacity) = match own {
         Some(own) => pod_usage(&ctx.cni_data_dir, own),
         None => (None, None),
     };
     NodeReport {
         node: ctx.node.clone(),
-        subnet: t.own.map(|s| s.to_string()),
+        subnet: own.map(|s| s.to_string()),
         public_ip: ctx.public_ip.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         ready,
@@ -688,7 +729,7 @@ mod tests {
             metrics: HealthMetrics::default(),
             peers: BTreeMap::new(),
             by_addr: HashMap::new(),
-            next: 0,
+            cursor: None,
             nonce: 0,
         };
         let subnet: Ipv4Net = "10.244.2.0/24".parse().unwrap();

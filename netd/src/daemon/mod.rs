@@ -43,7 +43,10 @@ use twill_ipam::subnet_file::SubnetFile;
 
 use crate::cli::{EtcdArgs, RunArgs};
 use metrics::{Metrics, Shared};
-use reconcile::{RejectLog, Validation, desired, diff, peers_of_map, rejected_counts};
+use reconcile::{
+    LeaseChanges, PeerDelta, RejectLog, ValidPeers, Validation, desired, diff, diff_touched,
+    patch_desired, rejected_counts,
+};
 
 /// Netlink requests in flight when applying many ops.
 const PARALLEL_OPS: usize = 64;
@@ -109,6 +112,12 @@ struct Daemon {
     last_netlink_timeouts: u64,
     /// Rejected leases already logged (each is logged once).
     reject_log: RejectLog,
+    /// The validated peers, kept between lease events (an event costs its own leases only).
+    valid: ValidPeers,
+    /// The entries that `valid` asks for.
+    want: Programmed,
+    /// The peers' public IPs (the members nft's peer set must have).
+    want_ips: BTreeSet<Ipv4Addr>,
 }
 
 /// Runs twilld until SIGTERM/SIGINT. Never removes the data plane.
@@ -291,6 +300,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         last_etcd_errors: 0,
         last_netlink_timeouts: 0,
         reject_log: RejectLog::default(),
+        valid: ValidPeers::default(),
+        want: Programmed::default(),
+        want_ips: BTreeSet::new(),
     };
     // Subscribe before the first dump so that no change between the two is missed.
     let mut monitor = Monitor::current().context("subscribe to netlink events")?;
@@ -353,11 +365,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             ev = watch.next() => {
                 let Some(ev) = ev else { bail!("lease watch ended") };
                 debug!(?ev, "lease event");
+                let mut changes = LeaseChanges::default();
+                changes.note(&ev);
                 // Take every event already queued, then reconcile once.
                 while let Some(Some(ev)) = watch.next().now_or_never() {
                     debug!(?ev, "lease event");
+                    changes.note(&ev);
                 }
-                d.reconcile(&watch, Cause::Leases).await;
+                d.reconcile_leases(&watch, &changes).await;
             }
             ev = monitor.next() => {
                 let Some(ev) = ev else { bail!("netlink monitor socket closed") };
@@ -741,6 +756,22 @@ impl Daemon {
 
     /// Diff the leases against the programmed entries and apply the ops.
     async fn reconcile(&mut self, watch: &LeaseWatch, cause: Cause) {
+        self.reconcile_with(watch, cause, None).await
+    }
+
+    /// After lease events: only the leases in `changes` are validated and diffed again,
+    /// unless a conflict between leases is involved (see [`ValidPeers`]).
+    async fn reconcile_leases(&mut self, watch: &LeaseWatch, changes: &LeaseChanges) {
+        self.reconcile_with(watch, Cause::Leases, Some(changes))
+            .await
+    }
+
+    async fn reconcile_with(
+        &mut self,
+        watch: &LeaseWatch,
+        cause: Cause,
+        changes: Option<&LeaseChanges>,
+    ) {
         let t0 = Instant::now();
         if self.need_dump {
             match self.ov.dump(self.link.index).await {
@@ -760,48 +791,68 @@ impl Daemon {
             Some(self.spec.local),
             Some(self.spec.mac),
         );
-        let (peers, skipped) = peers_of_map(watch.state(), watch.invalid(), &v);
+        let (state, invalid) = (watch.state(), watch.invalid());
+        // Lease events diff only what they touched; netlink events and the resync diff
+        // everything (drift can be anywhere).
+        let (delta, diff_all) = match (cause, changes) {
+            (Cause::Leases, Some(ch)) => {
+                let d = self.valid.update(state, invalid, &v, ch);
+                let all = d.full;
+                (d, all)
+            }
+            (Cause::Netlink, _) => (
+                self.valid
+                    .update(state, invalid, &v, &LeaseChanges::default()),
+                true,
+            ),
+            _ => (self.valid.rebuild(state, invalid, &v), true),
+        };
+        let skipped: Vec<reconcile::Skipped> = self.valid.skipped().cloned().collect();
         for s in self.reject_log.new_rejections(&skipped) {
             warn!(key = %s.key, reason = %s.reason, detail = %s.detail, "lease rejected");
         }
-        let targets = health::Targets {
-            own: Some(self.own),
-            peers: peers
-                .iter()
-                .map(|p| health::Target {
-                    subnet: p.subnet,
-                    node: watch
-                        .state()
-                        .get(&p.subnet)
-                        .map(|l| l.attrs.node_name.clone())
-                        .unwrap_or_default(),
-                })
-                .collect(),
-        };
-        self.health.send_if_modified(|t| {
-            let changed = *t != targets;
-            if changed {
-                *t = targets;
-            }
-            changed
-        });
         self.metrics.set_rejected(
             rejected_counts(&skipped)
                 .into_iter()
                 .map(|(r, n)| (r.as_str(), n)),
         );
-        let want = desired(&peers);
-        let want_ips: BTreeSet<Ipv4Addr> = peers
-            .iter()
-            .filter_map(|p| match p.public_ip {
-                IpAddr::V4(ip) => Some(ip),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
+        let peer_count = self.valid.peers().len();
+        if delta.full {
+            let peers: Vec<_> = self.valid.peers().values().copied().collect();
+            self.want = desired(&peers);
+            self.want_ips = peers
+                .iter()
+                .filter_map(|p| match p.public_ip {
+                    IpAddr::V4(ip) => Some(ip),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+        } else {
+            patch_desired(&mut self.want, &delta);
+            for p in &delta.removed {
+                if let IpAddr::V4(ip) = p.public_ip {
+                    self.want_ips.remove(&ip);
+                }
+            }
+            for p in &delta.added {
+                if let IpAddr::V4(ip) = p.public_ip {
+                    self.want_ips.insert(ip);
+                }
+            }
+        }
+        let touched: Vec<reconcile::Peer> =
+            delta.removed.iter().chain(&delta.added).copied().collect();
         // A joining peer is accepted (its IP in nft's peer set) before its entries exist.
         let joining: BTreeSet<Ipv4Addr> = match &self.nft_members {
-            Some(m) => want_ips.difference(m).copied().collect(),
-            None => want_ips.clone(),
+            Some(m) if !diff_all => touched
+                .iter()
+                .filter_map(|p| match p.public_ip {
+                    IpAddr::V4(ip) if self.want_ips.contains(&ip) && !m.contains(&ip) => Some(ip),
+                    _ => None,
+                })
+                .collect(),
+            Some(m) => self.want_ips.difference(m).copied().collect(),
+            None => self.want_ips.clone(),
         };
         // Over netlink, without an `nft` process: a join costs one batch.
         if !joining.is_empty() {
@@ -814,7 +865,11 @@ impl Daemon {
                 Err(e) => self.peer_set_failed("add peers to the VXLAN filter", &e),
             }
         }
-        let mut ops = diff(&want, &self.actual);
+        let mut ops = if diff_all {
+            diff(&self.want, &self.actual)
+        } else {
+            diff_touched(&self.want, &self.actual, &touched)
+        };
         // Never write a route over someone else's (connected, default, cni0, host route).
         let mut conflicts: BTreeMap<Ipv4Net, String> = BTreeMap::new();
         ops.retain(|op| match op {
@@ -860,7 +915,8 @@ impl Daemon {
                     ?cause,
                     ops = ops.len(),
                     failed = failed.len(),
-                    peers = peers.len(),
+                    peers = peer_count,
+                    incremental = !diff_all,
                     elapsed_us = t0.elapsed().as_micros() as u64,
                     "reconciled"
                 );
@@ -874,6 +930,14 @@ impl Daemon {
                 warn!(subnet = %dst, reason = %why, "peer route not programmed: the main table routes this subnet elsewhere and twill never replaces a route it did not make (logged once)");
             }
         }
+        if !diff_all {
+            // The other peers' conflicts stand: only the touched routes were looked at.
+            let mut kept = std::mem::take(&mut self.conflicts);
+            for p in &touched {
+                kept.remove(&p.subnet.trunc());
+            }
+            conflicts.extend(kept.into_iter().map(|d| (d, String::new())));
+        }
         self.conflicts = conflicts.into_keys().collect();
         self.metrics
             .route_conflicts
@@ -881,24 +945,45 @@ impl Daemon {
         // A leaving peer is dropped from the set after its route went: by element over
         // netlink when the members are known, else the whole set is rewritten through nft
         // (flush and add in one transaction, so the members that stay are never missing).
-        if !route_delete_failed
-            && let Some(m) = &self.nft_members
-            && m != &want_ips
-        {
-            let leaving: BTreeSet<Ipv4Addr> = m.difference(&want_ips).copied().collect();
-            let missing = want_ips.difference(m).next().is_some();
+        if !route_delete_failed && let Some(m) = &self.nft_members {
+            let (leaving, missing): (BTreeSet<Ipv4Addr>, bool) = if diff_all {
+                (
+                    m.difference(&self.want_ips).copied().collect(),
+                    self.want_ips.difference(m).next().is_some(),
+                )
+            } else {
+                let v4 = |p: &reconcile::Peer| match p.public_ip {
+                    IpAddr::V4(ip) => Some(ip),
+                    IpAddr::V6(_) => None,
+                };
+                (
+                    delta
+                        .removed
+                        .iter()
+                        .filter_map(v4)
+                        .filter(|ip| m.contains(ip) && !self.want_ips.contains(ip))
+                        .collect(),
+                    delta.added.iter().filter_map(v4).any(|ip| !m.contains(&ip)),
+                )
+            };
             if missing {
                 // A join whose add failed above: the full rewrite below.
                 self.nft_members = None;
-            } else {
+            } else if !leaving.is_empty() {
                 match self.peer_set.delete(&leaving).await {
-                    Ok(()) => self.nft_members = Some(want_ips.clone()),
+                    Ok(()) => {
+                        if let Some(m) = &mut self.nft_members {
+                            m.retain(|ip| !leaving.contains(ip));
+                        }
+                    }
                     Err(e) => self.peer_set_failed("drop peers from the VXLAN filter", &e),
                 }
             }
         }
-        if !route_delete_failed && self.nft_members.as_ref() != Some(&want_ips) {
-            let ips = want_ips.clone();
+        let rewrite = self.nft_members.is_none()
+            || (diff_all && self.nft_members.as_ref() != Some(&self.want_ips));
+        if !route_delete_failed && rewrite {
+            let ips = self.want_ips.clone();
             if self
                 .nft_call("update the VXLAN filter's peers", move |n| {
                     n.set_peers(&ips)
@@ -906,18 +991,19 @@ impl Daemon {
                 .await
                 .is_some()
             {
-                self.nft_members = Some(want_ips);
+                self.nft_members = Some(self.want_ips.clone());
             }
         }
-        self.metrics.peers.set(peers.len() as i64);
-        let routes_expected = want
-            .routes
-            .iter()
-            .filter(|r| !self.conflicts.contains(&r.dst))
-            .count();
+        // The prober learns of the peers after their entries are written (its work never
+        // delays a join's netlink writes).
+        self.update_health_targets(watch, &delta, changes);
+        self.metrics.peers.set(peer_count as i64);
+        let routes_expected = self.want.routes.len().saturating_sub(self.conflicts.len());
         self.metrics.routes_expected.set(routes_expected as i64);
-        self.metrics.fdb_expected.set(want.fdbs.len() as i64);
-        self.metrics.neighs_expected.set(want.neighs.len() as i64);
+        self.metrics.fdb_expected.set(self.want.fdbs.len() as i64);
+        self.metrics
+            .neighs_expected
+            .set(self.want.neighs.len() as i64);
         self.metrics.routes.set(self.actual.routes.len() as i64);
         self.metrics.fdb.set(self.actual.fdbs.len() as i64);
         self.metrics.neighs.set(self.actual.neighs.len() as i64);
@@ -925,6 +1011,77 @@ impl Daemon {
         self.metrics
             .reconcile_seconds
             .observe(t0.elapsed().as_secs_f64());
+    }
+
+    /// The health prober's targets: rebuilt after a full validation, patched by the peers
+    /// that came and went (and the node names of changed leases) otherwise.
+    fn update_health_targets(
+        &self,
+        watch: &LeaseWatch,
+        delta: &PeerDelta,
+        changes: Option<&LeaseChanges>,
+    ) {
+        let node = |s: &Ipv4Net| {
+            watch
+                .state()
+                .get(s)
+                .map(|l| l.attrs.node_name.clone())
+                .unwrap_or_default()
+        };
+        if delta.full {
+            let targets = health::Targets {
+                own: Some(self.own),
+                peers: self
+                    .valid
+                    .peers()
+                    .keys()
+                    .map(|s| health::Target {
+                        subnet: *s,
+                        node: node(s),
+                    })
+                    .collect(),
+            };
+            self.health.send_if_modified(|t| {
+                let changed = *t != targets;
+                if changed {
+                    *t = targets;
+                }
+                changed
+            });
+            return;
+        }
+        let renamed = changes.map(|c| &c.subnets).into_iter().flatten();
+        self.health.send_if_modified(|t| {
+            let mut changed = false;
+            for p in &delta.removed {
+                if let Ok(i) = t.peers.binary_search_by(|x| x.subnet.cmp(&p.subnet)) {
+                    t.peers.remove(i);
+                    changed = true;
+                }
+            }
+            for p in &delta.added {
+                if let Err(i) = t.peers.binary_search_by(|x| x.subnet.cmp(&p.subnet)) {
+                    t.peers.insert(
+                        i,
+                        health::Target {
+                            subnet: p.subnet,
+                            node: node(&p.subnet),
+                        },
+                    );
+                    changed = true;
+                }
+            }
+            for s in renamed {
+                if let Ok(i) = t.peers.binary_search_by(|x| x.subnet.cmp(s)) {
+                    let n = node(s);
+                    if t.peers[i].node != n {
+                        t.peers[i].node = n;
+                        changed = true;
+                    }
+                }
+            }
+            changed
+        });
     }
 
     /// After a move: the old subnet's gateway address (on the bridge, put there by the CNI
