@@ -1365,19 +1365,14 @@ impl LeaseStore {
     }
 }
 
-/// The subnet a node tries first when it holds none: FNV-1a of its name over the candidate
-/// subnets. Stable across versions and restarts (unlike std's hasher), uniform across names.
+/// The subnet a node tries first when it holds none: the stable hash of its name over the
+/// candidate subnets. Stable across versions and restarts, uniform across names.
 fn home_subnet(cfg: &NetConfig, node_name: &str) -> Option<Ipv4Net> {
     let count = cfg.subnet_count();
     if count == 0 {
         return None;
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node_name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    cfg.subnet_at(h % count)
+    cfg.subnet_at(crate::mac::stable_hash(node_name.bytes()) % count)
 }
 
 /// The innermost cause of an etcd error, e.g. "received fatal alert: BadCertificate"
