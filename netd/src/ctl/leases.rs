@@ -112,7 +112,7 @@ fn row(l: &Lease) -> Vec<String> {
         } else {
             l.attrs.public_ip.to_string()
         },
-        dash(l.attrs.vtep_mac()),
+        dash(&l.attrs.vtep_mac().to_string()),
         expiry_cell(l),
     ]
 }

@@ -90,7 +90,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
     // The same validation as twilld's, against this node's subnet, public IP and VTEP MAC.
     let own_mac = match &link {
         Some(l) if !l.mac.is_zero() => Some(l.mac),
-        _ => own.attrs.vtep_mac().parse().ok(),
+        _ => own.attrs.vtep_mac().mac(),
     };
     let v = Validation::new(
         &cfg,
@@ -391,7 +391,7 @@ mod tests {
                 node,
                 format!("192.0.2.{n}").parse().unwrap(),
                 1,
-                &Mac::derive(node).to_string(),
+                Mac::derive(node),
             ),
             reserved: false,
             etcd_lease: 1,

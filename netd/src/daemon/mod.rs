@@ -223,7 +223,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             IpNet::V6(_) => None,
         })
         .or_else(|| allocator_subnet(&args.cni_data_dir, cfg.subnet_len));
-    let attrs = LeaseAttrs::vxlan(&node, public_v4, vni, &mac.to_string());
+    let attrs = LeaseAttrs::vxlan(&node, public_v4, vni, mac);
     // Never leave a subnet whose addresses pods here still hold (issue 14): the holder takes
     // that subnet only, and is blocked while another node has it.
     let data_dir = args.cni_data_dir.clone();
