@@ -56,7 +56,7 @@ fn twilld_ready(addr: std::net::SocketAddr) -> Option<(bool, String)> {
 pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
     let store = connect(&cli.etcd).await?;
     let cfg = store.require_config().await?;
-    let vni = cfg.backend.vni;
+    let vni = cfg.backend.vxlan().vni;
     let (leases, invalid, revision) = store.list_all().await?;
     let nl = Netlink::current()
         .map_err(|e| Failure::new(EXIT_ERROR, format!("open netlink socket: {e}")))?;
