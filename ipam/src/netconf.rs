@@ -13,6 +13,10 @@
 //! in the wrong order; the same for `IPv6Network` (shorter than /8, inside ::/8, fe80::/10 or
 //! ff00::/8, smaller than /124) and `IPv6SubnetLen` ([prefix + 2, 126]). The overlap with
 //! the underlay's own subnet needs the node's addresses: [`NetConfig::check_underlay`].
+//!
+//! The backend is a [`Backend`] variant with its own typed settings. Flannel keys that twill
+//! accepts without implementing them are named by [`NetConfig::unsupported_keys`]; whether
+//! one config may replace another while leases exist is [`NetConfig::replacement_problems`].
 
 use std::net::Ipv4Addr;
 
