@@ -28,17 +28,14 @@ use crate::env::{CniEnv, Command};
 use crate::error::{CniError, Result, code};
 
 /// The host end of a pod's veth: `veth` + 8 hex digits of a hash of (container ID, ifname),
-/// so DEL and GC find it without state. FNV-1a 64, folded to 32 bits.
+/// so DEL and GC find it without state. The stable hash, folded to 32 bits.
 pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id
-        .bytes()
-        .chain(std::iter::once(0))
-        .chain(ifname.bytes())
-    {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = twill_ipam::mac::stable_hash(
+        container_id
+            .bytes()
+            .chain(std::iter::once(0))
+            .chain(ifname.bytes()),
+    );
     format!("veth{:08x}", (h >> 32) as u32 ^ h as u32)
 }
 

@@ -86,20 +86,7 @@ pub fn bridge_mac(gateway: IpAddr) -> [u8; 6] {
 /// A random MAC for a veth end: locally administered, unicast (what the kernel would pick,
 /// chosen here so that ADD knows it without asking the kernel).
 pub fn random_mac() -> [u8; 6] {
-    let mut m = [0u8; 6];
-    // SAFETY: the buffer is valid for its length; getrandom(2) fills at most that.
-    let n = unsafe { libc::getrandom(m.as_mut_ptr().cast(), m.len(), 0) };
-    if n != m.len() as isize {
-        // No entropy source (never seen on Linux ≥ 3.17): fall back to time and pid.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-            ^ ((std::process::id() as u128) << 64);
-        m.copy_from_slice(&t.to_le_bytes()[..6]);
-    }
-    m[0] = (m[0] & 0xfe) | 0x02;
-    m
+    twill_ipam::mac::Mac::random().0
 }
 
 /// The marker that starts the alias (IFLA_IFALIAS) of every host veth twill makes.

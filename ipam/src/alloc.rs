@@ -442,58 +442,12 @@ impl Locked {
     }
 }
 
-/// Replaces the state file at `path` with `data`, crash-safe: the new version is written
-/// into the temp file `.state.json.next` beside it, fsynced, and then swapped with
-/// `state.json` in one atomic rename (`renameat2(RENAME_EXCHANGE)`), and the directory is
-/// fsynced. The temp file is the previous version's: no inode is created or freed per write.
-/// At every instant one of the two files is a complete, fsynced version: `state.json` while
-/// the copy is being written, both after the swap. [`Allocator::lock`] reads the newest one
-/// that parses (by generation), without looking at any clock. Where the file system cannot
-/// exchange, and for the first write, a plain rename.
+/// Replaces the state file at `path` with `data`, crash-safe, through its copy
+/// `.state.json.next` ([`crate::fsutil::swap_file`]). At every instant one of the two files is
+/// a complete, fsynced version; [`Allocator::lock`] reads the newest one that parses (by
+/// generation), without looking at any clock.
 fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::FileExt;
-    if path.file_name().is_none() {
-        return Err(std::io::Error::other("state path has no file name"));
-    }
-    let next = next_path(path);
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&next)?;
-    f.write_all_at(data, 0)?;
-    f.set_len(data.len() as u64)?;
-    f.sync_all()?;
-    let c =
-        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
-    let (from, to) = (c(&next)?, c(path)?);
-    // SAFETY: two NUL-terminated paths that live across the call.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if r != 0 {
-        match std::io::Error::last_os_error() {
-            // No state file yet, or a file system without RENAME_EXCHANGE.
-            e if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-            ) =>
-            {
-                std::fs::rename(&next, path)?
-            }
-            e => return Err(e),
-        }
-    }
-    // The swap is on disk before the commit returns: `state.json` is then the version just
-    // written, and `.state.json.next` the previous good one.
-    sync_dir(path)
+    crate::fsutil::swap_file(path, &next_path(path), data)
 }
 
 /// `.state.json.next` beside the state file `path`.
@@ -553,28 +507,11 @@ fn read_newest_good(path: &Path) -> Result<(State, Option<Recovered>), AllocErro
     }
 }
 
-/// Fsyncs the directory holding `path`, so that a rename in it survives a power cut.
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
-}
-
 /// Overwrites `path` in place with `data` and fsyncs it (used right after a recovery from
 /// the copy, which must stay intact until this write is on disk).
 fn write_in_place(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    f.write_all_at(data, 0)?;
-    f.set_len(data.len() as u64)?;
-    f.sync_all()?;
-    sync_dir(path)
+    crate::fsutil::overwrite_file(path, data)?;
+    crate::fsutil::sync_dir(path)
 }
 
 /// The first and last host IP (as numbers): after the network address, before the
@@ -668,23 +605,6 @@ mod tests {
         let text = std::fs::read_to_string(boot2.state_path()).unwrap();
         assert!(text.contains("\"bootId\": \"boot-2\""), "{text}");
         assert!(!text.contains("previousBoot"), "{text}");
-    }
-
-    #[test]
-    fn the_state_is_swapped_with_its_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
-        let next = dir.path().join(".state.json.next");
-        replace_file(&path, b"version one, the longest").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"version one, the longest");
-        assert!(!next.exists(), "the first write is a plain rename");
-        replace_file(&path, b"version two").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"version two");
-        assert_eq!(std::fs::read(&next).unwrap(), b"version one, the longest");
-        // The previous version's file is reused and cut to the new length.
-        replace_file(&path, b"v3").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"v3");
-        assert_eq!(std::fs::read(&next).unwrap(), b"version two");
     }
 
     /// Proves that a torn or garbage `state.json` beside a good previous copy does not block

@@ -110,9 +110,10 @@ pub fn netconf(data: &[u8]) {
         assert!(c.is_valid_subnet(&s) && n.contains(&s), "subnet {i}: {s}");
     }
     assert_eq!(c.subnet_at(count), None);
-    assert!(c.backend.vni <= 0x00ff_ffff, "VNI {}", c.backend.vni);
-    assert!(c.backend.port >= 1);
-    assert_eq!(c.backend.kind, "vxlan");
+    let vx = c.backend.vxlan();
+    assert!(vx.vni <= 0x00ff_ffff, "VNI {}", vx.vni);
+    assert!(vx.port >= 1);
+    assert_eq!(c.backend.type_name(), "vxlan");
     assert!(c.enable_ipv4);
     if c.enable_ipv6 {
         assert!(c.ipv6_network.is_some(), "EnableIPv6 without IPv6Network");
@@ -134,6 +135,11 @@ pub fn netconf(data: &[u8]) {
         .unwrap_or_else(|e| panic!("to_json of an accepted config is refused: {e}\n{out}"));
     assert_eq!(back, c, "round trip changed the config\n{out}");
     assert_eq!(back.to_json(), out, "to_json is not stable");
+    assert_eq!(
+        back.unsupported_keys(),
+        c.unsupported_keys(),
+        "the unsupported keys changed in a round trip\n{out}"
+    );
 
     // Unknown fields survive exactly (numbers with all their digits).
     let input: Value = serde_json::from_str(text).expect("accepted, so it is JSON");
@@ -184,6 +190,16 @@ pub fn lease_value(data: &[u8]) {
         unknown(&object(inp.get("BackendData")), BACKEND_DATA_KEYS),
         unknown(&object(wr.get("BackendData")), BACKEND_DATA_KEYS)
     );
+    // The VTEP MAC is written back as read: a MAC in lower case, anything else exactly.
+    let mac_in = object(inp.get("BackendData"))
+        .get("VtepMAC")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let mac_out = a.vtep_mac().to_string();
+    match a.vtep_mac().mac() {
+        Some(m) => assert_eq!(mac_out, mac_in.to_ascii_lowercase(), "VtepMAC {m}"),
+        None => assert_eq!(mac_out, mac_in, "VtepMAC not kept as written"),
+    }
 }
 
 /// The subnet file (`subnet.env`): accepted files have the node subnet inside the network,

@@ -1,12 +1,16 @@
 //! Subnet leases: the value under `<prefix>/subnets/<net>-<len>`, in Flannel's JSON field
 //! names plus twill's own (`NodeName`). Fields written by another version are kept.
 
+use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::SystemTime;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use crate::mac::Mac;
+use crate::netconf::BACKEND_VXLAN;
 
 /// A lease value or key that cannot be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -17,13 +21,116 @@ pub enum LeaseError {
     Value { key: String, reason: String },
 }
 
+/// `BackendData.VtepMAC`, parsed once when the lease is read. Written back as read, except
+/// that a MAC is written in lower case (as Flannel writes it); a value that is not a MAC is
+/// kept as written, so that the lease is still listed and can be rejected by name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum VtepMac {
+    /// Absent or empty: a reservation whose node has not taken it yet.
+    #[default]
+    Unset,
+    /// A MAC in the form `aa:bb:cc:dd:ee:ff` (either case).
+    Mac(Mac),
+    /// Anything else, as written (twilld rejects the lease as `bad_vtep_mac`).
+    Invalid(String),
+}
+
+impl VtepMac {
+    /// Reads the JSON string: `""` is [`VtepMac::Unset`].
+    pub fn parse(s: &str) -> VtepMac {
+        if s.is_empty() {
+            return VtepMac::Unset;
+        }
+        match s.parse() {
+            Ok(m) => VtepMac::Mac(m),
+            Err(_) => VtepMac::Invalid(s.to_string()),
+        }
+    }
+
+    /// The MAC, if the value is one.
+    pub fn mac(&self) -> Option<Mac> {
+        match self {
+            VtepMac::Mac(m) => Some(*m),
+            _ => None,
+        }
+    }
+
+    pub fn is_unset(&self) -> bool {
+        matches!(self, VtepMac::Unset)
+    }
+}
+
+/// The JSON string: empty, the MAC in lower case, or the invalid value as written.
+impl fmt::Display for VtepMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VtepMac::Unset => Ok(()),
+            VtepMac::Mac(m) => fmt::Display::fmt(m, f),
+            VtepMac::Invalid(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<Mac> for VtepMac {
+    fn from(m: Mac) -> Self {
+        VtepMac::Mac(m)
+    }
+}
+
+impl From<&str> for VtepMac {
+    fn from(s: &str) -> Self {
+        VtepMac::parse(s)
+    }
+}
+
+impl From<&String> for VtepMac {
+    fn from(s: &String) -> Self {
+        VtepMac::parse(s)
+    }
+}
+
+impl From<String> for VtepMac {
+    fn from(s: String) -> Self {
+        VtepMac::parse(&s)
+    }
+}
+
+/// Compares the JSON string ([`fmt::Display`]) with `other`.
+impl PartialEq<str> for VtepMac {
+    fn eq(&self, other: &str) -> bool {
+        match self {
+            VtepMac::Unset => other.is_empty(),
+            VtepMac::Mac(m) => other.parse::<Mac>().is_ok_and(|o| o == *m),
+            VtepMac::Invalid(s) => s == other,
+        }
+    }
+}
+
+impl PartialEq<&str> for VtepMac {
+    fn eq(&self, other: &&str) -> bool {
+        *self == **other
+    }
+}
+
+impl Serialize for VtepMac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VtepMac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(VtepMac::parse(&String::deserialize(d)?))
+    }
+}
+
 /// `BackendData` of a Flannel VXLAN lease.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BackendData {
     #[serde(rename = "VNI", default)]
     pub vni: u32,
     #[serde(rename = "VtepMAC", default)]
-    pub vtep_mac: String,
+    pub vtep_mac: VtepMac,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -73,14 +180,20 @@ impl LeaseAttrs {
         merged
     }
 
-    /// Attributes of a VXLAN node.
-    pub fn vxlan(node_name: &str, public_ip: Ipv4Addr, vni: u32, vtep_mac: &str) -> Self {
+    /// Attributes of a VXLAN node (`vtep_mac`: a [`Mac`], or a string that is parsed; `""`
+    /// for a reservation).
+    pub fn vxlan(
+        node_name: &str,
+        public_ip: Ipv4Addr,
+        vni: u32,
+        vtep_mac: impl Into<VtepMac>,
+    ) -> Self {
         LeaseAttrs {
             public_ip,
-            backend_type: "vxlan".to_string(),
+            backend_type: BACKEND_VXLAN.to_string(),
             backend_data: BackendData {
                 vni,
-                vtep_mac: vtep_mac.to_string(),
+                vtep_mac: vtep_mac.into(),
                 extra: Map::new(),
             },
             node_name: node_name.to_string(),
@@ -94,14 +207,16 @@ impl LeaseAttrs {
     }
 
     /// `BackendData.VtepMAC`.
-    pub fn vtep_mac(&self) -> &str {
+    pub fn vtep_mac(&self) -> &VtepMac {
         &self.backend_data.vtep_mac
     }
 
-    /// Whether a peer can route to this node: a public IP and a VTEP MAC are known (false for
-    /// a reservation that its node has not taken yet).
+    /// Whether a peer can route to this node: a public IP and a VTEP MAC are set (false for
+    /// a reservation that its node has not taken yet). A VTEP MAC that is set but is not a
+    /// MAC counts as set: such a lease is rejected as a bad lease, not skipped as a
+    /// reservation.
     pub fn is_routable(&self) -> bool {
-        !self.public_ip.is_unspecified() && !self.backend_data.vtep_mac.is_empty()
+        !self.public_ip.is_unspecified() && !self.backend_data.vtep_mac.is_unset()
     }
 
     /// The JSON value stored in etcd.
@@ -314,6 +429,10 @@ mod tests {
         assert_eq!(a.public_ip, Ipv4Addr::new(192, 168, 1, 5));
         assert_eq!(a.vni(), 1);
         assert_eq!(a.vtep_mac(), "9a:2b:3c:4d:5e:6f");
+        assert_eq!(
+            a.vtep_mac().mac(),
+            Some(Mac([0x9a, 0x2b, 0x3c, 0x4d, 0x5e, 0x6f]))
+        );
         assert_eq!(a.node_name, "");
         assert!(a.is_routable());
         let out: Value = serde_json::from_str(&a.to_json()).unwrap();
@@ -335,5 +454,59 @@ mod tests {
         let reserved = LeaseAttrs::from_json("k", br#"{"NodeName":"n"}"#).unwrap();
         assert!(!reserved.is_routable());
         assert!(LeaseAttrs::from_json("k", b"nope").is_err());
+    }
+
+    #[test]
+    fn vtep_mac_is_typed_once_and_written_back_as_read() {
+        let read = |v: &str| {
+            let json = format!(
+                r#"{{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":{v}}}}}"#
+            );
+            LeaseAttrs::from_json("k", json.as_bytes())
+        };
+        let good = read(r#""02:00:00:00:00:0a""#).unwrap();
+        assert_eq!(good.vtep_mac(), &VtepMac::Mac(Mac([2, 0, 0, 0, 0, 0x0a])));
+        assert!(good.is_routable());
+        // Upper case is a MAC too; it is written back in Flannel's lower case.
+        let upper = read(r#""0A:1B:2C:3D:4E:5F""#).unwrap();
+        assert_eq!(
+            upper.vtep_mac().mac().unwrap().to_string(),
+            "0a:1b:2c:3d:4e:5f"
+        );
+        assert!(upper.to_json().contains(r#""VtepMAC":"0a:1b:2c:3d:4e:5f""#));
+        // Not a MAC: still a lease (listed, rejected by twilld by name), kept as written.
+        for bad in [
+            "zz",
+            "+a:+b:+c:dd:ee:ff",
+            "0a-1b-2c-3d-4e-5f",
+            " 02:00:00:00:00:0a",
+        ] {
+            let a = read(&serde_json::to_string(bad).unwrap()).unwrap();
+            assert_eq!(a.vtep_mac(), &VtepMac::Invalid(bad.to_string()), "{bad}");
+            assert_eq!(a.vtep_mac().mac(), None);
+            assert!(a.is_routable(), "{bad}: a bad lease, not a reservation");
+            let back = LeaseAttrs::from_json("k", a.to_json().as_bytes()).unwrap();
+            assert_eq!(back, a);
+            assert_eq!(a.vtep_mac().to_string(), bad);
+        }
+        // Absent or empty: a reservation, written back as "" as before.
+        let empty = read(r#""""#).unwrap();
+        assert!(empty.vtep_mac().is_unset() && !empty.is_routable());
+        assert!(empty.to_json().contains(r#""VtepMAC":"""#));
+        let absent = LeaseAttrs::from_json("k", br#"{"PublicIP":"10.0.0.1"}"#).unwrap();
+        assert!(absent.vtep_mac().is_unset() && !absent.is_routable());
+        // A VtepMAC that is not a string is not lease JSON, as before.
+        assert!(read("7").is_err());
+        assert!(read("null").is_err());
+        // Constructors and comparisons.
+        let m = Mac::derive("n");
+        assert_eq!(
+            LeaseAttrs::vxlan("n", Ipv4Addr::LOCALHOST, 1, m),
+            LeaseAttrs::vxlan("n", Ipv4Addr::LOCALHOST, 1, m.to_string().as_str())
+        );
+        assert_eq!(*good.vtep_mac(), "02:00:00:00:00:0a");
+        assert_eq!(*good.vtep_mac(), "02:00:00:00:00:0A");
+        assert!(*good.vtep_mac() != "02:00:00:00:00:0b");
+        assert_eq!(VtepMac::Unset, "");
     }
 }

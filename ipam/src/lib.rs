@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod fsutil;
 pub mod fuzz_checks;
 pub mod lease;
+pub mod mac;
 pub mod netconf;
 #[cfg(feature = "etcd")]
 pub mod store;

@@ -13,6 +13,10 @@
 //! in the wrong order; the same for `IPv6Network` (shorter than /8, inside ::/8, fe80::/10 or
 //! ff00::/8, smaller than /124) and `IPv6SubnetLen` ([prefix + 2, 126]). The overlap with
 //! the underlay's own subnet needs the node's addresses: [`NetConfig::check_underlay`].
+//!
+//! The backend is a [`Backend`] variant with its own typed settings. Flannel keys that twill
+//! accepts without implementing them are named by [`NetConfig::unsupported_keys`]; whether
+//! one config may replace another while leases exist is [`NetConfig::replacement_problems`].
 
 use std::net::Ipv4Addr;
 
@@ -134,11 +138,20 @@ fn check_ipv6_network(value: &str, network: Ipv6Net) -> Result<(), ConfigError> 
     Ok(())
 }
 
-/// `Backend` of net-conf.json.
+/// `Backend` of net-conf.json: one variant per backend twill implements, each holding its
+/// own typed settings, parsed from (and written back to) the `Backend` object here and
+/// nowhere else. A new backend is a new variant ([`Backend::from_raw`], [`Backend::to_raw`],
+/// [`Backend::changes_from`]); a new setting of a backend (VXLAN's `DirectRouting`) is a
+/// field of its config, taken out of its `UNIMPLEMENTED` list.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Backend {
-    /// `Type`: "vxlan".
-    pub kind: String,
+pub enum Backend {
+    /// `"Type":"vxlan"`.
+    Vxlan(VxlanBackend),
+}
+
+/// The settings of the VXLAN backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VxlanBackend {
     /// `VNI`.
     pub vni: u32,
     /// `Port`: the VXLAN UDP port.
@@ -147,14 +160,158 @@ pub struct Backend {
     pub extra: Map<String, Value>,
 }
 
-impl Default for Backend {
+impl VxlanBackend {
+    /// Flannel's VXLAN settings that twill does not implement: kept as written, without
+    /// effect; [`NetConfig::unsupported_keys`] names those that are set.
+    pub const UNIMPLEMENTED: &[&str] = &["DirectRouting", "GBP", "Learning", "MTU"];
+}
+
+impl Default for VxlanBackend {
     fn default() -> Self {
-        Backend {
-            kind: BACKEND_VXLAN.to_string(),
+        VxlanBackend {
             vni: DEFAULT_VNI,
             port: DEFAULT_VXLAN_PORT,
             extra: Map::new(),
         }
+    }
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend::Vxlan(VxlanBackend::default())
+    }
+}
+
+impl Backend {
+    /// `Backend.Type`, also the `BackendType` of the leases written under it.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Backend::Vxlan(_) => BACKEND_VXLAN,
+        }
+    }
+
+    /// The VXLAN settings. VXLAN is twill's only backend, so this cannot fail today; with a
+    /// second backend it returns an `Option`, and the compiler lists the VXLAN-only callers.
+    pub fn vxlan(&self) -> &VxlanBackend {
+        match self {
+            Backend::Vxlan(v) => v,
+        }
+    }
+
+    /// The backend fields this version keeps without knowing them.
+    fn extra(&self) -> &Map<String, Value> {
+        match self {
+            Backend::Vxlan(v) => &v.extra,
+        }
+    }
+
+    /// The keys of this backend that Flannel defines and twill does not implement.
+    fn unimplemented(&self) -> &'static [&'static str] {
+        match self {
+            Backend::Vxlan(_) => VxlanBackend::UNIMPLEMENTED,
+        }
+    }
+
+    /// Parses and validates the `Backend` object (absent: VXLAN with its defaults).
+    fn from_raw(rb: RawBackend) -> Result<Self, ConfigError> {
+        let kind = rb.kind.unwrap_or_else(|| BACKEND_VXLAN.to_string());
+        if kind != BACKEND_VXLAN {
+            return Err(invalid(
+                "Backend.Type",
+                &kind,
+                "unknown backend type (twill supports \"vxlan\")",
+            ));
+        }
+        let vni = match rb.vni {
+            None => DEFAULT_VNI,
+            // The VNI is a 24-bit field in the VXLAN header.
+            Some(v) if (0..=0x00ff_ffff).contains(&v) => v as u32,
+            Some(v) => return Err(invalid("Backend.VNI", v, "must be 0..=16777215")),
+        };
+        let port = match rb.port {
+            None | Some(0) => DEFAULT_VXLAN_PORT,
+            Some(p) if (1..=65535).contains(&p) => p as u16,
+            Some(p) => return Err(invalid("Backend.Port", p, "must be 1..=65535")),
+        };
+        Ok(Backend::Vxlan(VxlanBackend {
+            vni,
+            port,
+            extra: rb.extra,
+        }))
+    }
+
+    /// The `Backend` object, defaults written out.
+    fn to_raw(&self) -> RawBackend {
+        match self {
+            Backend::Vxlan(v) => RawBackend {
+                kind: Some(BACKEND_VXLAN.to_string()),
+                vni: Some(i64::from(v.vni)),
+                port: Some(i64::from(v.port)),
+                extra: v.extra.clone(),
+            },
+        }
+    }
+
+    /// The changes from `old` that nodes running under `old` cannot follow without a
+    /// restart of the whole data plane, one message each (another type, VNI or port).
+    fn changes_from(&self, old: &Backend) -> Vec<String> {
+        let mut out = Vec::new();
+        match (old, self) {
+            (Backend::Vxlan(o), Backend::Vxlan(n)) => {
+                if n.vni != o.vni {
+                    out.push(format!("Backend.VNI changes from {} to {}", o.vni, n.vni));
+                }
+                if n.port != o.port {
+                    out.push(format!(
+                        "Backend.Port changes from {} to {}",
+                        o.port, n.port
+                    ));
+                }
+            }
+        }
+        if self.type_name() != old.type_name() {
+            out.insert(
+                0,
+                format!(
+                    "Backend.Type changes from {:?} to {:?}",
+                    old.type_name(),
+                    self.type_name()
+                ),
+            );
+        }
+        out
+    }
+}
+
+/// Flannel's top-level keys that twill does not implement (besides `EnableIPv6` and
+/// `IPv6Network`, which it parses): kept as written, without effect.
+pub const UNIMPLEMENTED_KEYS: &[&str] = &["IPv6SubnetMin", "IPv6SubnetMax", "EnableNFTables"];
+
+/// Whether a key that twill keeps without implementing asks for something: present, and
+/// neither `null` nor `false` (the off value of Flannel's switches, which is what twill does).
+fn is_set(v: Option<&Value>) -> bool {
+    !matches!(v, None | Some(Value::Null) | Some(Value::Bool(false)))
+}
+
+/// What stands against replacing a network config with another while leases exist
+/// ([`NetConfig::replacement_problems`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplacementProblems {
+    /// The subnets of existing leases that the new config does not hand out: the leases
+    /// would be stranded.
+    pub stranded: Vec<Ipv4Net>,
+    /// Backend changes that the nodes running under the old config cannot follow, one
+    /// message each; only while leases exist (without leases no node runs the old config).
+    pub backend_changes: Vec<String>,
+    /// Every problem as one message for people: the stranded leases (naming the new range),
+    /// then the backend changes.
+    pub reasons: Vec<String>,
+}
+
+impl ReplacementProblems {
+    /// No problem: the new config can replace the old one.
+    pub fn is_empty(&self) -> bool {
+        self.reasons.is_empty()
     }
 }
 
@@ -263,12 +420,7 @@ impl NetConfig {
             enable_ipv6: Some(self.enable_ipv6),
             ipv6_network: self.ipv6_network.map(|n| n.to_string()),
             ipv6_subnet_len: self.ipv6_subnet_len.map(i64::from),
-            backend: Some(RawBackend {
-                kind: Some(self.backend.kind.clone()),
-                vni: Some(i64::from(self.backend.vni)),
-                port: Some(i64::from(self.backend.port)),
-                extra: self.backend.extra.clone(),
-            }),
+            backend: Some(self.backend.to_raw()),
             extra: self.extra.clone(),
         };
         serde_json::to_string(&raw).expect("serializing a JSON map cannot fail")
@@ -415,38 +567,14 @@ impl NetConfig {
             ));
         }
 
-        let rb = raw.backend.unwrap_or_default();
-        let kind = rb.kind.unwrap_or_else(|| BACKEND_VXLAN.to_string());
-        if kind != BACKEND_VXLAN {
-            return Err(invalid(
-                "Backend.Type",
-                &kind,
-                "unknown backend type (twill supports \"vxlan\")",
-            ));
-        }
-        let vni = match rb.vni {
-            None => DEFAULT_VNI,
-            // The VNI is a 24-bit field in the VXLAN header.
-            Some(v) if (0..=0x00ff_ffff).contains(&v) => v as u32,
-            Some(v) => return Err(invalid("Backend.VNI", v, "must be 0..=16777215")),
-        };
-        let port = match rb.port {
-            None | Some(0) => DEFAULT_VXLAN_PORT,
-            Some(p) if (1..=65535).contains(&p) => p as u16,
-            Some(p) => return Err(invalid("Backend.Port", p, "must be 1..=65535")),
-        };
+        let backend = Backend::from_raw(raw.backend.unwrap_or_default())?;
 
         Ok(NetConfig {
             network,
             subnet_len,
             subnet_min,
             subnet_max,
-            backend: Backend {
-                kind,
-                vni,
-                port,
-                extra: rb.extra,
-            },
+            backend,
             enable_ipv4,
             enable_ipv6,
             ipv6_network,
@@ -528,39 +656,71 @@ impl NetConfig {
             .collect()
     }
 
-    /// Changes from `old` that running nodes cannot follow without a restart of the whole
-    /// data plane: another backend type, VNI or port. (Subnet range changes are judged by
-    /// [`NetConfig::stranded_leases`] against the actual leases.) Empty when compatible.
-    pub fn incompatible_changes(&self, old: &NetConfig) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.backend.kind != old.backend.kind {
-            out.push(format!(
-                "Backend.Type changes from {:?} to {:?}",
-                old.backend.kind, self.backend.kind
+    /// What stands against replacing `old` (the config in etcd; `None` when there is none
+    /// or it cannot be read) with this config while `leases` exist: the leases it would
+    /// strand and, while there are leases, a backend change ([`Backend::changes_from`]).
+    /// The one compatibility rule of twill: `twillctl network set` (through
+    /// `LeaseStore::put_config`) refuses such a config unless forced, and twilld refuses a
+    /// `--net-conf` that differs from etcd's config this way.
+    pub fn replacement_problems(
+        &self,
+        old: Option<&NetConfig>,
+        leases: &[Lease],
+    ) -> ReplacementProblems {
+        let stranded: Vec<Ipv4Net> = self
+            .stranded_leases(leases)
+            .iter()
+            .map(|l| l.subnet)
+            .collect();
+        let backend_changes = match old {
+            Some(old) if !leases.is_empty() => self.backend.changes_from(&old.backend),
+            _ => Vec::new(),
+        };
+        let mut reasons = Vec::new();
+        if !stranded.is_empty() {
+            let list: Vec<String> = stranded.iter().map(|s| s.to_string()).collect();
+            reasons.push(format!(
+                "{} existing lease(s) would be outside the new Network {} (SubnetLen {}, SubnetMin {}, SubnetMax {}): {}",
+                stranded.len(),
+                self.network,
+                self.subnet_len,
+                self.subnet_min,
+                self.subnet_max,
+                list.join(", ")
             ));
         }
-        if self.backend.vni != old.backend.vni {
-            out.push(format!(
-                "Backend.VNI changes from {} to {}",
-                old.backend.vni, self.backend.vni
-            ));
+        reasons.extend(backend_changes.iter().cloned());
+        ReplacementProblems {
+            stranded,
+            backend_changes,
+            reasons,
         }
-        if self.backend.port != old.backend.port {
-            out.push(format!(
-                "Backend.Port changes from {} to {}",
-                old.backend.port, self.backend.port
-            ));
-        }
-        out
     }
 
-    /// True when moving from `old` to `self` keeps every subnet `old` could hand out valid
-    /// and keeps the backend: no lease can be stranded, whatever the leases are.
-    pub fn is_compatible_change(&self, old: &NetConfig) -> bool {
-        self.incompatible_changes(old).is_empty()
-            && self.subnet_len == old.subnet_len
-            && self.subnet_min <= old.subnet_min
-            && self.subnet_max >= old.subnet_max
+    /// The keys of this config that Flannel defines and twill accepts but does not
+    /// implement, where they ask for something (see `is_set`): `EnableIPv6` (true),
+    /// `IPv6Network`, [`UNIMPLEMENTED_KEYS`] and the backend's (`Backend.DirectRouting`,
+    /// `Backend.MTU`, ...). They are kept in etcd and have no effect: twilld warns about
+    /// them once when it reads the config, `twillctl network show` lists them.
+    pub fn unsupported_keys(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.enable_ipv6 {
+            out.push("EnableIPv6".to_string());
+        }
+        if self.ipv6_network.is_some() {
+            out.push("IPv6Network".to_string());
+        }
+        for k in UNIMPLEMENTED_KEYS {
+            if is_set(self.extra.get(*k)) {
+                out.push(k.to_string());
+            }
+        }
+        for k in self.backend.unimplemented() {
+            if is_set(self.backend.extra().get(*k)) {
+                out.push(format!("Backend.{k}"));
+            }
+        }
+        out
     }
 }
 
@@ -583,8 +743,10 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
-        assert_eq!(c.backend.vni, 1);
-        assert_eq!(c.backend.port, 8472);
+        assert_eq!(c.backend.vxlan().vni, 1);
+        assert_eq!(c.backend.vxlan().port, 8472);
+        assert_eq!(c.backend.type_name(), "vxlan");
+        assert!(c.unsupported_keys().is_empty());
         assert_eq!(c.subnet_count(), 255);
         assert!(!c.enable_ipv6);
     }
@@ -872,7 +1034,7 @@ mod tests {
         let json = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableNFTables":true,"Future":{"a":1},"Backend":{"Type":"vxlan","VNI":4096,"GBP":true}}"#;
         let c = NetConfig::from_json(json).unwrap();
         assert_eq!(c.extra.get("EnableNFTables"), Some(&Value::Bool(true)));
-        assert_eq!(c.backend.extra.get("GBP"), Some(&Value::Bool(true)));
+        assert_eq!(c.backend.vxlan().extra.get("GBP"), Some(&Value::Bool(true)));
         let out = c.to_json();
         let back = NetConfig::from_json(&out).unwrap();
         assert_eq!(back, c);
@@ -897,18 +1059,146 @@ mod tests {
         assert_eq!(c.subnet_at(3), None);
     }
 
+    fn lease_at(subnet: &str) -> Lease {
+        Lease {
+            subnet: subnet.parse().unwrap(),
+            attrs: crate::lease::LeaseAttrs::vxlan(
+                "n",
+                Ipv4Addr::new(192, 168, 0, 1),
+                1,
+                crate::mac::Mac::derive("n"),
+            ),
+            reserved: false,
+            etcd_lease: 1,
+            expires: None,
+            mod_revision: 1,
+            create_revision: 1,
+        }
+    }
+
     #[test]
-    fn compatibility() {
-        let old = NetConfig::from_json(r#"{"Network":"10.0.0.0/16"}"#).unwrap();
-        let wider = NetConfig::from_json(
-            r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.0.1.0"}"#,
+    fn replacement_problems() {
+        let cfg = |json: &str| NetConfig::from_json(json).unwrap();
+        let old = cfg(r#"{"Network":"10.0.0.0/16"}"#);
+        let leases = [lease_at("10.0.200.0/24"), lease_at("10.0.3.0/24")];
+        // Identical, or wider: nothing against it, with or without leases.
+        assert!(old.replacement_problems(Some(&old), &leases).is_empty());
+        let wider = cfg(r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.0.1.0"}"#);
+        assert_eq!(
+            wider.replacement_problems(Some(&old), &leases),
+            ReplacementProblems::default()
+        );
+        // Narrower: the lease outside is stranded, named, and so is the new range.
+        let narrower = cfg(r#"{"Network":"10.0.0.0/17"}"#);
+        let p = narrower.replacement_problems(Some(&old), &leases);
+        assert_eq!(
+            p.stranded,
+            vec!["10.0.200.0/24".parse::<Ipv4Net>().unwrap()]
+        );
+        assert!(p.backend_changes.is_empty());
+        assert_eq!(p.reasons.len(), 1);
+        assert!(
+            p.reasons[0].contains("10.0.200.0/24") && p.reasons[0].contains("10.0.0.0/17"),
+            "{:?}",
+            p.reasons
+        );
+        assert!(!p.reasons[0].contains("10.0.3.0/24"), "{:?}", p.reasons);
+        // Without an old config (none in etcd) the leases still count.
+        assert_eq!(
+            narrower.replacement_problems(None, &leases).stranded,
+            p.stranded
+        );
+        assert!(narrower.replacement_problems(None, &[]).is_empty());
+        // Another VNI or port: refused while leases exist, fine without any.
+        let vni = cfg(r#"{"Network":"10.0.0.0/16","Backend":{"VNI":2,"Port":4789}}"#);
+        let p = vni.replacement_problems(Some(&old), &leases);
+        assert_eq!(
+            p.backend_changes,
+            [
+                "Backend.VNI changes from 1 to 2",
+                "Backend.Port changes from 8472 to 4789"
+            ]
+        );
+        assert_eq!(p.reasons, p.backend_changes);
+        assert!(p.stranded.is_empty());
+        assert!(vni.replacement_problems(Some(&old), &[]).is_empty());
+        assert!(vni.replacement_problems(None, &leases).is_empty());
+        // Both at once: the stranded leases first.
+        let both = cfg(r#"{"Network":"10.0.0.0/17","Backend":{"VNI":2}}"#);
+        let p = both.replacement_problems(Some(&old), &leases);
+        assert_eq!(p.reasons.len(), 2);
+        assert!(p.reasons[0].contains("10.0.200.0/24"), "{:?}", p.reasons);
+        assert_eq!(p.reasons[1], "Backend.VNI changes from 1 to 2");
+    }
+
+    #[test]
+    fn backend_is_typed_and_unknown_types_are_refused() {
+        let c = NetConfig::from_json(r#"{"Network":"10.0.0.0/16"}"#).unwrap();
+        assert_eq!(c.backend, Backend::default());
+        assert_eq!(c.backend.type_name(), BACKEND_VXLAN);
+        let Backend::Vxlan(v) = &c.backend;
+        assert_eq!((v.vni, v.port), (DEFAULT_VNI, DEFAULT_VXLAN_PORT));
+        for t in ["udp", "host-gw", "VXLAN", "", "wireguard"] {
+            let e = NetConfig::from_json(&format!(
+                r#"{{"Network":"10.0.0.0/16","Backend":{{"Type":"{t}"}}}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "field Backend.Type: {t:?} is invalid: unknown backend type (twill supports \"vxlan\")"
+                )
+            );
+        }
+        // Port 0 means the default, as before.
+        let c = NetConfig::from_json(r#"{"Network":"10.0.0.0/16","Backend":{"Port":0}}"#).unwrap();
+        assert_eq!(c.backend.vxlan().port, DEFAULT_VXLAN_PORT);
+        let v: Value = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(v["Backend"]["Type"], "vxlan");
+    }
+
+    #[test]
+    fn unsupported_keys_are_named_when_set() {
+        let keys = |json: &str| NetConfig::from_json(json).unwrap().unsupported_keys();
+        assert!(keys(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#).is_empty());
+        // The off values of Flannel's switches are what twill does: nothing to warn about.
+        assert!(
+            keys(
+                r#"{"Network":"10.0.0.0/16","EnableIPv6":false,"EnableNFTables":false,"Backend":{"DirectRouting":false,"GBP":false,"Learning":false,"MTU":null}}"#
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            keys(
+                r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:1::","IPv6SubnetMax":"fd00:0:0:ff::","EnableNFTables":true,"Future":1,"Backend":{"Type":"vxlan","DirectRouting":true,"GBP":true,"Learning":true,"MTU":1400,"Other":true}}"#
+            ),
+            [
+                "EnableIPv6",
+                "IPv6Network",
+                "IPv6SubnetMin",
+                "IPv6SubnetMax",
+                "EnableNFTables",
+                "Backend.DirectRouting",
+                "Backend.GBP",
+                "Backend.Learning",
+                "Backend.MTU"
+            ]
+        );
+        // An IPv6Network without EnableIPv6 is unused too.
+        assert_eq!(
+            keys(r#"{"Network":"10.0.0.0/16","IPv6Network":"fd00::/48"}"#),
+            ["IPv6Network"]
+        );
+        // The keys survive a round trip, so etcd's config keeps naming them.
+        let c = NetConfig::from_json(
+            r#"{"Network":"10.0.0.0/16","Backend":{"DirectRouting":true,"MTU":1400}}"#,
         )
         .unwrap();
-        assert!(wider.is_compatible_change(&old));
-        let narrower = NetConfig::from_json(r#"{"Network":"10.0.0.0/17"}"#).unwrap();
-        assert!(!narrower.is_compatible_change(&old));
-        let vni = NetConfig::from_json(r#"{"Network":"10.0.0.0/16","Backend":{"VNI":2}}"#).unwrap();
-        assert_eq!(vni.incompatible_changes(&old).len(), 1);
-        assert!(!vni.is_compatible_change(&old));
+        assert_eq!(
+            NetConfig::from_json(&c.to_json())
+                .unwrap()
+                .unsupported_keys(),
+            ["Backend.DirectRouting", "Backend.MTU"]
+        );
     }
 }

@@ -47,6 +47,9 @@ pub enum SubnetFileError {
     NotAFile { path: PathBuf, reason: String },
 }
 
+/// The subnet file's permission bits: readable by everyone, as Flannel writes it.
+pub const SUBNET_FILE_MODE: u32 = 0o644;
+
 /// The largest subnet file read (a real one is about 120 bytes).
 pub const MAX_SUBNET_FILE: u64 = 64 * 1024;
 
@@ -299,15 +302,17 @@ impl SubnetFile {
         s
     }
 
-    /// Writes the file atomically: a temp file in the same directory, fsync, rename over
-    /// `path`, fsync of the directory. Readers see the old or the new file, never a part.
-    /// Creates the parent directory if needed.
+    /// Writes the file atomically ([`crate::fsutil::replace_file`]), mode 0644 as Flannel's:
+    /// readers see the old or the new file, never a part. Creates the parent directory if
+    /// needed.
     pub fn write_atomic(&self, path: impl AsRef<Path>) -> Result<(), SubnetFileError> {
         let path = path.as_ref();
-        write_atomic(path, self.render().as_bytes()).map_err(|source| SubnetFileError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        crate::fsutil::replace_file(path, self.render().as_bytes(), SUBNET_FILE_MODE).map_err(
+            |source| SubnetFileError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        )
     }
 }
 
@@ -339,11 +344,6 @@ pub fn gateway_of(subnet: IpNet) -> IpNet {
         IpAddr::V6(a) => IpAddr::V6((u128::from(a) + 1).into()),
     };
     IpNet::new(gw, net.prefix_len()).expect("prefix length of an existing net")
-}
-
-/// Writes `data` to `path` crash-safe: temp file + fsync + rename + fsync of the directory.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    crate::fsutil::replace_file(path, data, true)
 }
 
 #[cfg(test)]
@@ -385,6 +385,8 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("subnet.env")]);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o644);
     }
 
     #[test]

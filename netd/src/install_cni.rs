@@ -9,13 +9,14 @@
 //! The binary goes first, so a new conflist never names a plugin that is not there yet.
 //! Files that are already identical (content and mode) are left alone.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
+use twill_ipam::fsutil;
 
 use crate::cli::{InstallCniArgs, UninstallCniArgs};
 
@@ -25,10 +26,6 @@ pub const BIN_MODE: u32 = 0o755;
 pub const CONF_MODE: u32 = 0o644;
 /// Name of the installed plugin binary: the `type` in the conflist.
 pub const PLUGIN_NAME: &str = "twill";
-
-/// Marker in temp file names: `.<name>.twill-tmp.<pid>`. Never ends in `.conf`,
-/// `.conflist` or `.json`, so libcni never loads a temp file as a config.
-const TMP_MARKER: &str = ".twill-tmp.";
 
 /// What [`install_file`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,9 +144,7 @@ fn remove_synced(path: &Path, dir: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync directory {}", dir.display()))
+    fsutil::sync_dir(path).with_context(|| format!("fsync directory {}", dir.display()))
 }
 
 fn log_removed(outcome: Removed, path: &Path) {
@@ -200,30 +195,9 @@ pub fn install_file(content: &[u8], dir: &Path, name: &str, mode: u32) -> Result
         return Ok(Outcome::Unchanged);
     }
 
-    let tmp = dir.join(format!(".{name}{TMP_MARKER}{}", std::process::id()));
-    let mut guard = TempGuard(Some(tmp.clone()));
-    write_synced(&tmp, content, mode)
-        .with_context(|| format!("write temp file {}", tmp.display()))?;
-    fs::rename(&tmp, &dest)
-        .with_context(|| format!("rename {} to {}", tmp.display(), dest.display()))?;
-    guard.0 = None;
-    // The rename is durable only once the directory entry is on disk.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync directory {}", dir.display()))?;
+    fsutil::replace_file(&dest, content, mode)
+        .with_context(|| format!("write {} (temp file and rename)", dest.display()))?;
     Ok(Outcome::Installed)
-}
-
-fn write_synced(tmp: &Path, content: &[u8], mode: u32) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(tmp)?;
-    f.write_all(content)?;
-    // open(2)'s mode is filtered by the umask: set the exact bits explicitly.
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.sync_all()
 }
 
 fn is_identical(dest: &Path, content: &[u8], mode: u32) -> Result<bool> {
@@ -245,7 +219,7 @@ fn is_identical(dest: &Path, content: &[u8], mode: u32) -> Result<bool> {
 }
 
 fn remove_stale_temps(dir: &Path, name: &str) -> Result<()> {
-    let prefix = format!(".{name}{TMP_MARKER}");
+    let prefix = format!(".{name}{}", fsutil::TMP_MARKER);
     let entries = fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("list {}", dir.display()))?;
@@ -261,17 +235,6 @@ fn remove_stale_temps(dir: &Path, name: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Removes the temp file unless it has been renamed into place.
-struct TempGuard(Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs::remove_file(p);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -216,12 +216,7 @@ async fn vxlan_is_accepted_only_from_member_nodes() {
 
     // --- a node that joins is accepted within 1 s of its lease ---
     let joined: ipnet::Ipv4Net = "10.244.99.0/24".parse().unwrap();
-    let attrs = LeaseAttrs::vxlan(
-        "stranger",
-        STRANGER,
-        1,
-        &Mac::derive("stranger").to_string(),
-    );
+    let attrs = LeaseAttrs::vxlan("stranger", STRANGER, 1, Mac::derive("stranger"));
     store.reserve(joined, &attrs).await.unwrap();
     let t0 = Instant::now();
     let inner_src = Ipv4Addr::new(10, 244, 99, 5);
@@ -309,7 +304,7 @@ async fn a_lease_never_takes_over_a_foreign_route() {
         "claimer",
         Ipv4Addr::new(192, 168, 50, 201),
         1,
-        &Mac::derive("claimer").to_string(),
+        Mac::derive("claimer"),
     );
     store.reserve(claimed, &attrs).await.unwrap();
     let neigh = || {

@@ -885,8 +885,8 @@ fn net_conf_parses_with_twill_ipam() {
     let json = config_value(&m, "twill-config", "net-conf.json");
     let conf = twill_ipam::netconf::NetConfig::from_json(&json)
         .unwrap_or_else(|e| panic!("net-conf.json: {e}"));
-    assert_eq!(conf.backend.kind, "vxlan");
-    assert_eq!(conf.backend.port, 8472);
+    assert_eq!(conf.backend.type_name(), "vxlan");
+    assert_eq!(conf.backend.vxlan().port, 8472);
     assert!(conf.subnet_count() >= 2, "{conf:?}");
 }
 

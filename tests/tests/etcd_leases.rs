@@ -21,7 +21,7 @@ fn attrs(node: &str, n: u32) -> LeaseAttrs {
         node,
         Ipv4Addr::from(0xc0a8_0000 + n),
         1,
-        &format!("aa:bb:cc:00:{:02x}:{:02x}", (n >> 8) & 0xff, n & 0xff),
+        format!("aa:bb:cc:00:{:02x}:{:02x}", (n >> 8) & 0xff, n & 0xff),
     )
 }
 

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use serde_json::Value;
+use serde_json::{Value, json};
 use twill_ipam::lease::LeaseAttrs;
 use twill_ipam::netconf::NetConfig;
 use twill_ipam::store::LeaseStore;
@@ -272,6 +272,39 @@ async fn twillctl_end_to_end() {
         c.stdin(std::fs::File::open(&good).unwrap());
     });
     assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = ctl.run(&["network", "show", "-o", "json"]).json();
+    assert_eq!(v["unsupported_keys"], json!([]));
+
+    // Flannel keys twill does not implement: accepted and kept, and named on every read.
+    let dead = write(
+        &dir,
+        "dead.json",
+        r#"{"Network":"10.50.0.0/16","Backend":{"Type":"vxlan","VNI":1,"DirectRouting":true,"MTU":1400,"GBP":false}}"#,
+    );
+    let r = ctl.run(&["network", "set", "--file", &dead]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("not implemented")
+            && r.stderr.contains("Backend.DirectRouting, Backend.MTU"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("GBP"), "{}", r.stderr);
+    let v = ctl.run(&["network", "show", "-o", "json"]).json();
+    assert_eq!(
+        v["unsupported_keys"],
+        json!(["Backend.DirectRouting", "Backend.MTU"])
+    );
+    assert_eq!(v["config"]["Backend"]["DirectRouting"], true);
+    let r = ctl.run(&["network", "show"]);
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("Unsupported:")
+                && l.contains("Backend.DirectRouting, Backend.MTU")),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]

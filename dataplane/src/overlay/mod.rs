@@ -13,7 +13,6 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::str::FromStr;
 
 use ipnet::Ipv4Net;
 
@@ -41,85 +40,8 @@ pub fn vxlan_name(vni: u32) -> String {
     format!("twill.{vni}")
 }
 
-/// An Ethernet address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    /// A stable, locally administered unicast MAC derived from `seed` (e.g. the node name):
-    /// the same seed always gives the same MAC, on every machine and every release.
-    pub fn derive(seed: &str) -> Mac {
-        // FNV-1a 64: tiny, stable, and good enough to spread node names.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in seed.as_bytes() {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // splitmix64 finaliser: FNV barely moves the high bytes for a change in the last
-        // character ("node-1" vs "node-2").
-        h ^= h >> 30;
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h ^= h >> 27;
-        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^= h >> 31;
-        let b = h.to_be_bytes();
-        // Locally administered (bit 1 set), unicast (bit 0 clear).
-        Mac([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
-    }
-
-    pub fn from_slice(s: &[u8]) -> Option<Mac> {
-        <[u8; 6]>::try_from(s).ok().map(Mac)
-    }
-
-    pub fn is_zero(&self) -> bool {
-        self.0 == [0; 6]
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl fmt::Debug for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for Mac {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Mac> {
-        let bad =
-            || crate::Error::Invalid(format!("MAC address {s:?}: expected aa:bb:cc:dd:ee:ff"));
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for o in out.iter_mut() {
-            let p = parts.next().ok_or_else(bad)?;
-            // from_str_radix alone takes a sign: "+a" would read as 0a.
-            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad());
-            }
-            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(Mac(out))
-    }
-}
-
-impl serde::Serialize for Mac {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
+/// An Ethernet address: the one MAC type of twill, defined in twill-ipam.
+pub use twill_ipam::mac::Mac;
 
 /// What the VXLAN device must look like.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -422,30 +344,6 @@ pub async fn apply_ops<O: Overlay>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn derived_mac_is_stable_local_unicast_and_spread() {
-        let a = Mac::derive("node-1");
-        assert_eq!(a, Mac::derive("node-1"));
-        assert_eq!(a.0[0] & 0x03, 0x02, "locally administered unicast: {a}");
-        let macs: std::collections::HashSet<Mac> = (0..10_000)
-            .map(|i| Mac::derive(&format!("node-{i}")))
-            .collect();
-        assert_eq!(macs.len(), 10_000);
-        // Pinned: a node must keep its MAC across releases.
-        assert_eq!(Mac::derive("node-1").to_string(), a.to_string());
-    }
-
-    #[test]
-    fn mac_parses_and_prints() {
-        let m: Mac = "0a:1B:2c:3d:4e:5f".parse().unwrap();
-        assert_eq!(m.to_string(), "0a:1b:2c:3d:4e:5f");
-        assert!("0a:1b:2c:3d:4e".parse::<Mac>().is_err());
-        assert!("0a:1b:2c:3d:4e:5f:00".parse::<Mac>().is_err());
-        assert!("zz:1b:2c:3d:4e:5f".parse::<Mac>().is_err());
-        assert!("+a:+b:+c:dd:ee:ff".parse::<Mac>().is_err());
-        assert!("-a:0b:0c:dd:ee:ff".parse::<Mac>().is_err());
-    }
 
     #[test]
     fn op_apply_to_keeps_one_entry_per_key() {

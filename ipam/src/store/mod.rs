@@ -695,29 +695,17 @@ impl LeaseStore {
         };
         if !force {
             let (leases, _) = self.list().await?;
-            let stranded: Vec<Ipv4Net> = cfg
-                .stranded_leases(&leases)
-                .iter()
-                .map(|l| l.subnet)
-                .collect();
-            let mut reasons = Vec::new();
-            if !stranded.is_empty() {
-                let list: Vec<String> = stranded.iter().map(|s| s.to_string()).collect();
-                reasons.push(format!(
-                    "{} existing lease(s) would be outside the new Network/SubnetLen/SubnetMin/SubnetMax: {}",
-                    stranded.len(),
-                    list.join(", ")
-                ));
-            }
-            if !leases.is_empty()
-                && let Some((_, old)) = &current_rev
-                && let Ok(old) = NetConfig::from_json(&String::from_utf8_lossy(old))
-            {
-                reasons.extend(cfg.incompatible_changes(&old));
-            }
-            if !reasons.is_empty() {
+            let old = current_rev
+                .as_ref()
+                .and_then(|(_, old)| NetConfig::from_json(&String::from_utf8_lossy(old)).ok());
+            let problems = cfg.replacement_problems(old.as_ref(), &leases);
+            if !problems.is_empty() {
+                let mut reasons = problems.reasons;
                 reasons.push("use --force to write it anyway".into());
-                return Err(StoreError::Refused { reasons, stranded });
+                return Err(StoreError::Refused {
+                    reasons,
+                    stranded: problems.stranded,
+                });
             }
         }
         let guard = match &current_rev {
@@ -1365,19 +1353,14 @@ impl LeaseStore {
     }
 }
 
-/// The subnet a node tries first when it holds none: FNV-1a of its name over the candidate
-/// subnets. Stable across versions and restarts (unlike std's hasher), uniform across names.
+/// The subnet a node tries first when it holds none: the stable hash of its name over the
+/// candidate subnets. Stable across versions and restarts, uniform across names.
 fn home_subnet(cfg: &NetConfig, node_name: &str) -> Option<Ipv4Net> {
     let count = cfg.subnet_count();
     if count == 0 {
         return None;
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node_name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    cfg.subnet_at(h % count)
+    cfg.subnet_at(crate::mac::stable_hash(node_name.bytes()) % count)
 }
 
 /// The innermost cause of an etcd error, e.g. "received fatal alert: BadCertificate"

@@ -280,34 +280,24 @@ fn write_tar_gz(out: &Path, parts: &[(String, Vec<u8>)]) -> std::io::Result<()> 
         })
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "twill-diag".into());
-    let tmp = out.with_extension("tmp");
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?
-    };
-    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
-    let mut tar = tar::Builder::new(gz);
     let mtime = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    for (name, data) in parts {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o600);
-        h.set_mtime(mtime);
-        h.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut h, format!("{top}/{name}"), data.as_slice())?;
-    }
-    let gz = tar.into_inner()?;
-    let file = gz.finish()?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, out)
+    twill_ipam::fsutil::replace_file_with(out, 0o600, |file| {
+        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+        let mut tar = tar::Builder::new(gz);
+        for (name, data) in parts {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_mtime(mtime);
+            h.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut h, format!("{top}/{name}"), data.as_slice())?;
+        }
+        tar.into_inner()?.finish()?;
+        Ok(())
+    })
 }
 
 /// Runs `program args` with `envs` added, stdout captured up to [`PART_MAX_BYTES`], killed

@@ -355,7 +355,7 @@ async fn check_etcd(r: &mut Report, cli: &Cli) -> Option<(Vec<Lease>, u32)> {
         }
     };
     let (leases, _) = store.list_with_ttl().await.ok()?;
-    Some((leases, cfg.backend.vni))
+    Some((leases, cfg.backend.vxlan().vni))
 }
 
 const CERT_FIX: &str = "renew it before it expires (docs/troubleshooting.md, \"etcd certificates\"), update the Secret twill-etcd and restart twilld; `openssl x509 -noout -dates -in <file>` shows the dates";

@@ -112,7 +112,7 @@ fn row(l: &Lease) -> Vec<String> {
         } else {
             l.attrs.public_ip.to_string()
         },
-        dash(l.attrs.vtep_mac()),
+        dash(&l.attrs.vtep_mac().to_string()),
         expiry_cell(l),
     ]
 }
@@ -301,10 +301,10 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
             let mut attrs = LeaseAttrs::vxlan(
                 node,
                 public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
-                cfg.backend.vni,
+                cfg.backend.vxlan().vni,
                 "",
             );
-            attrs.backend_type = cfg.backend.kind.clone();
+            attrs.backend_type = cfg.backend.type_name().to_string();
             let lease = store.reserve(subnet, &attrs).await.map_err(|e| match e {
                 twill_ipam::store::StoreError::Conflict { .. } => {
                     Failure::new(EXIT_REFUSED, e.to_string())

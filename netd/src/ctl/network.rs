@@ -70,6 +70,7 @@ pub async fn run(cli: &Cli, cmd: &NetworkCmd) -> Result<(), Failure> {
                     print_json(&json!({
                         "key": store.config_key(),
                         "config": config,
+                        "unsupported_keys": cfg.unsupported_keys(),
                         "subnets": {
                             "total": cfg.subnet_count(),
                             "leased": leased,
@@ -85,11 +86,14 @@ pub async fn run(cli: &Cli, cmd: &NetworkCmd) -> Result<(), Failure> {
                     kv("SubnetLen", cfg.subnet_len.to_string());
                     kv("SubnetMin", cfg.subnet_min.to_string());
                     kv("SubnetMax", cfg.subnet_max.to_string());
+                    let vx = cfg.backend.vxlan();
                     kv(
                         "Backend",
                         format!(
                             "{} VNI {} port {}",
-                            cfg.backend.kind, cfg.backend.vni, cfg.backend.port
+                            cfg.backend.type_name(),
+                            vx.vni,
+                            vx.port
                         ),
                     );
                     kv("EnableIPv6", cfg.enable_ipv6.to_string());
@@ -113,6 +117,16 @@ pub async fn run(cli: &Cli, cmd: &NetworkCmd) -> Result<(), Failure> {
                             }
                         ),
                     );
+                    let unsupported = cfg.unsupported_keys();
+                    if !unsupported.is_empty() {
+                        kv(
+                            "Unsupported",
+                            format!(
+                                "{} (set, but not implemented by this twill: no effect)",
+                                unsupported.join(", ")
+                            ),
+                        );
+                    }
                 }
             }
             Ok(())
@@ -125,20 +139,22 @@ pub async fn run(cli: &Cli, cmd: &NetworkCmd) -> Result<(), Failure> {
             // Validate before talking to etcd: a bad file fails the same way with etcd down.
             let text = read_input(file)?;
             let cfg = NetConfig::from_json(&text)?;
+            let unsupported = cfg.unsupported_keys();
+            if !unsupported.is_empty() {
+                eprintln!(
+                    "twillctl: warning: keys set but not implemented by this twill (no effect): {}",
+                    unsupported.join(", ")
+                );
+            }
             let store = connect(&cli.etcd).await?;
             if *dry_run {
                 let (leases, _) = store.list().await?;
-                let stranded: Vec<String> = cfg
-                    .stranded_leases(&leases)
-                    .iter()
-                    .map(|l| l.subnet.to_string())
-                    .collect();
-                let changes = match store.get_config().await {
-                    Ok(Some(old)) => cfg.incompatible_changes(&old),
-                    _ => Vec::new(),
-                };
-                let ok =
-                    *force || (stranded.is_empty() && (changes.is_empty() || leases.is_empty()));
+                let old = store.get_config().await.ok().flatten();
+                let problems = cfg.replacement_problems(old.as_ref(), &leases);
+                let stranded: Vec<String> =
+                    problems.stranded.iter().map(|s| s.to_string()).collect();
+                let changes = problems.backend_changes;
+                let ok = *force || problems.reasons.is_empty();
                 match cli.output {
                     Output::Json => print_json(&json!({
                         "valid": true,

@@ -56,7 +56,7 @@ fn twilld_ready(addr: std::net::SocketAddr) -> Option<(bool, String)> {
 pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
     let store = connect(&cli.etcd).await?;
     let cfg = store.require_config().await?;
-    let vni = cfg.backend.vni;
+    let vni = cfg.backend.vxlan().vni;
     let (leases, invalid, revision) = store.list_all().await?;
     let nl = Netlink::current()
         .map_err(|e| Failure::new(EXIT_ERROR, format!("open netlink socket: {e}")))?;
@@ -90,7 +90,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
     // The same validation as twilld's, against this node's subnet, public IP and VTEP MAC.
     let own_mac = match &link {
         Some(l) if !l.mac.is_zero() => Some(l.mac),
-        _ => own.attrs.vtep_mac().parse().ok(),
+        _ => own.attrs.vtep_mac().mac(),
     };
     let v = Validation::new(
         &cfg,
@@ -391,7 +391,7 @@ mod tests {
                 node,
                 format!("192.0.2.{n}").parse().unwrap(),
                 1,
-                &Mac::derive(node).to_string(),
+                Mac::derive(node),
             ),
             reserved: false,
             etcd_lease: 1,

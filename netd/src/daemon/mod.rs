@@ -200,14 +200,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             return Ok(());
         }
     };
-    if cfg.backend.kind != "vxlan" {
-        bail!(
-            "Backend.Type {:?} is not supported (only vxlan)",
-            cfg.backend.kind
-        );
+    let vni = cfg.backend.vxlan().vni;
+    info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni, port = cfg.backend.vxlan().port, "network config");
+    let unsupported = cfg.unsupported_keys();
+    if !unsupported.is_empty() {
+        warn!(keys = %unsupported.join(", "), "the network config sets keys that this twill does not implement: they have no effect");
     }
-    let vni = cfg.backend.vni;
-    info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni, port = cfg.backend.port, "network config");
     // The peers' leases are listed (and then watched) by a task of their own from here on,
     // while this node takes its lease and sets up its device and nftables.
     let mut watch = store.watch();
@@ -232,7 +230,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             IpNet::V6(_) => None,
         })
         .or_else(|| allocator_subnet(&args.cni_data_dir, cfg.subnet_len));
-    let attrs = LeaseAttrs::vxlan(&node, public_v4, vni, &mac.to_string());
+    let attrs = LeaseAttrs::vxlan(&node, public_v4, vni, mac);
     // Never leave a subnet whose addresses pods here still hold (issue 14): the holder takes
     // that subnet only, and is blocked while another node has it.
     let data_dir = args.cni_data_dir.clone();
@@ -269,7 +267,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mtu = args.mtu.unwrap_or_else(|| under.vxlan_mtu());
     let spec = VxlanSpec {
         vni,
-        port: cfg.backend.port,
+        port: cfg.backend.vxlan().port,
         underlay_index: under.index,
         local: under.ip,
         mtu,
@@ -530,20 +528,7 @@ async fn net_config(
             Ok(Some(etcd)) => match &from_file {
                 Some(f) if f != &etcd => match store.list().await {
                     Ok((leases, _)) => {
-                        let mut why = f.incompatible_changes(&etcd);
-                        let stranded: Vec<String> = f
-                            .stranded_leases(&leases)
-                            .iter()
-                            .map(|l| l.subnet.to_string())
-                            .collect();
-                        if !stranded.is_empty() {
-                            why.push(format!(
-                                "Network {}/SubnetLen {} would strand existing leases: {}",
-                                f.network,
-                                f.subnet_len,
-                                stranded.join(", ")
-                            ));
-                        }
+                        let why = f.replacement_problems(Some(&etcd), &leases).reasons;
                         if why.is_empty() {
                             warn!(
                                 key = %store.config_key(),
@@ -624,7 +609,7 @@ impl Daemon {
             network: self.cfg.network,
             node_subnet: self.own,
             masquerade: self.args.ip_masq,
-            vxlan_port: self.cfg.backend.port,
+            vxlan_port: self.cfg.backend.vxlan().port,
         };
         let nft = self.nft.clone();
         // A rewrite keeps the members known so far (none before the first reconcile).

@@ -173,8 +173,8 @@ impl Validation {
             subnet_len: cfg.subnet_len,
             subnet_min: cfg.subnet_min,
             subnet_max: cfg.subnet_max,
-            backend_type: cfg.backend.kind.clone(),
-            vni: cfg.backend.vni,
+            backend_type: cfg.backend.type_name().to_string(),
+            vni: cfg.backend.vxlan().vni,
             own_subnet,
             own_public_ip,
             own_vtep_mac,
@@ -270,16 +270,19 @@ fn check(l: &Lease, v: &Validation) -> Result<Peer, (Reason, String)> {
             format!("PublicIP {public_ip} is this node's own"),
         ));
     }
-    let mac: Mac = a.vtep_mac().parse().map_err(|_| {
+    let mac = a.vtep_mac().mac().ok_or_else(|| {
         (
             Reason::BadVtepMac,
-            format!("VtepMAC {:?} is not aa:bb:cc:dd:ee:ff", a.vtep_mac()),
+            format!(
+                "VtepMAC {:?} is not aa:bb:cc:dd:ee:ff",
+                a.vtep_mac().to_string()
+            ),
         )
     })?;
     if mac.is_zero() {
         return Err((Reason::BadVtepMac, format!("VtepMAC {mac} is zero")));
     }
-    if mac.0[0] & 1 != 0 {
+    if mac.is_multicast() {
         return Err((
             Reason::BadVtepMac,
             format!("VtepMAC {mac} is a multicast/broadcast MAC"),
@@ -819,12 +822,7 @@ mod tests {
     fn lease(n: u8, node: &str) -> Lease {
         Lease {
             subnet: format!("10.244.{n}.0/24").parse().unwrap(),
-            attrs: LeaseAttrs::vxlan(
-                node,
-                Ipv4Addr::new(192, 168, 0, n),
-                1,
-                &Mac::derive(node).to_string(),
-            ),
+            attrs: LeaseAttrs::vxlan(node, Ipv4Addr::new(192, 168, 0, n), 1, Mac::derive(node)),
             reserved: false,
             etcd_lease: 1,
             expires: None,
@@ -987,13 +985,13 @@ mod tests {
             ),
             (
                 with(29, &|l| {
-                    l.attrs.backend_data.vtep_mac = Mac::derive("b").to_string()
+                    l.attrs.backend_data.vtep_mac = Mac::derive("b").into()
                 }),
                 Reason::DuplicateVtepMac,
             ),
             (
                 with(30, &|l| {
-                    l.attrs.backend_data.vtep_mac = Mac::derive("a").to_string()
+                    l.attrs.backend_data.vtep_mac = Mac::derive("a").into()
                 }),
                 Reason::DuplicateVtepMac,
             ),
@@ -1181,7 +1179,7 @@ mod tests {
         let before = [lease(2, "b")];
         let mut l = lease(2, "b");
         l.attrs.public_ip = Ipv4Addr::new(192, 168, 0, 99);
-        l.attrs.backend_data.vtep_mac = Mac::derive("b-new").to_string();
+        l.attrs.backend_data.vtep_mac = Mac::derive("b-new").into();
         let after = [l];
         let actual = desired(&pv(&before).0);
         let d = desired(&pv(&after).0);

@@ -52,7 +52,7 @@ fn peer_attrs(i: u32) -> LeaseAttrs {
         &format!("peer-{i}"),
         Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i),
         1,
-        &Mac::derive(&format!("peer-{i}")).to_string(),
+        Mac::derive(&format!("peer-{i}")),
     )
 }
 

@@ -30,7 +30,7 @@ fn attrs(i: u32) -> LeaseAttrs {
         &format!("node-{i}"),
         std::net::Ipv4Addr::from(0xc0a8_0000 + i),
         1,
-        &format!("02:00:00:00:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff),
+        format!("02:00:00:00:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff),
     )
 }
 
