@@ -40,7 +40,7 @@ pub async fn bounded<T>(
 }
 
 /// Counts and logs a timeout of `op`.
-fn timed_out(op: String, after: Duration) -> Error {
+pub(crate) fn timed_out(op: String, after: Duration) -> Error {
     TIMEOUTS.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(%op, timeout = ?after, "netlink request timed out");
     Error::Timeout { op, after }

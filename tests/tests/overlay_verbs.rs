@@ -580,3 +580,114 @@ async fn a_full_event_buffer_reports_an_overrun() {
         }
     }
 }
+
+/// The batched writes (RtnlOverlay::with_batch): 2,000 peers in chunks, the same stages and
+/// the same results as one request per op. A failed op in the middle of a chunk (a route
+/// via a multicast gateway, refused by the kernel) is reported and the ops after it in the
+/// chunk are still applied; a route whose dst is someone else's is a conflict through the
+/// ownership check; deleting what is gone succeeds; replacing what is there changes it.
+#[tokio::test]
+async fn batched_apply_matches_one_request_per_op() {
+    let e = env().await;
+    let (l, _) = e.o.ensure_vxlan(&spec(e.underlay, 1450)).await.unwrap();
+    let o0 = e.o.clone();
+    let o = e.netns.run_in(move || o0.with_batch()).unwrap().unwrap();
+    e.ns.ip(&["route", "add", "10.99.5.0/24", "via", "192.168.77.253"])
+        .unwrap();
+    let before = e.ns.ip(&["route", "show", "10.99.5.0/24"]).unwrap();
+    let entries = |i: u32| {
+        let mac = Mac::derive(&format!("b{i}"));
+        let net = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + (i << 8));
+        (
+            Fdb {
+                mac,
+                dst: IpAddr::V4(Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(192, 168, 100, 0)) + i,
+                )),
+            },
+            Neigh { ip: net, mac },
+            Route {
+                dst: ipnet::Ipv4Net::new(net, 24).unwrap(),
+                via: net,
+            },
+        )
+    };
+    let mut ops = Vec::new();
+    for i in 0..2000u32 {
+        let (f, n, r) = entries(i);
+        ops.extend([
+            overlay::Op::ReplaceFdb(f),
+            overlay::Op::ReplaceNeigh(n),
+            overlay::Op::ReplaceRoute(r),
+        ]);
+    }
+    let bad = Route {
+        dst: "10.98.0.0/24".parse().unwrap(),
+        via: Ipv4Addr::new(224, 0, 0, 1),
+    };
+    let foreign = Route {
+        dst: "10.99.5.0/24".parse().unwrap(),
+        via: Ipv4Addr::new(10, 99, 5, 0),
+    };
+    ops.insert(3000, overlay::Op::ReplaceRoute(bad));
+    ops.push(overlay::Op::ReplaceRoute(foreign));
+    // Deletes of entries that do not exist.
+    let (gf, gn, gr) = entries(5000);
+    ops.extend([
+        overlay::Op::DeleteFdb(gf),
+        overlay::Op::DeleteNeigh(gn),
+        overlay::Op::DeleteRoute(gr),
+    ]);
+    let failed = o.apply_ops(l.index, &ops, 64).await;
+    let failed_ops: Vec<_> = failed.iter().map(|(op, _)| *op).collect();
+    assert_eq!(
+        failed_ops,
+        [
+            overlay::Op::ReplaceRoute(bad),
+            overlay::Op::ReplaceRoute(foreign)
+        ],
+        "{failed:?}"
+    );
+    assert!(
+        matches!(failed[1].1, twill_dataplane::Error::Conflict(_)),
+        "{}",
+        failed[1].1
+    );
+    assert_eq!(failed[0].1.errno(), Some(libc::EINVAL), "{}", failed[0].1);
+    let p = o.dump(l.index).await.unwrap();
+    let mut want = overlay::Programmed::default();
+    for i in 0..2000u32 {
+        let (f, n, r) = entries(i);
+        want.fdbs.insert(f);
+        want.neighs.insert(n);
+        want.routes.insert(r);
+    }
+    assert_eq!(p.owned(), want.owned());
+    assert_eq!(
+        e.ns.ip(&["route", "show", "10.99.5.0/24"]).unwrap(),
+        before,
+        "the foreign route must stay"
+    );
+
+    // Replace (a peer's VTEP moved) and delete through the batch.
+    let (f0, n0, _) = entries(0);
+    let moved = Fdb {
+        mac: f0.mac,
+        dst: IpAddr::V4(Ipv4Addr::new(192, 168, 200, 1)),
+    };
+    let mut ops = vec![overlay::Op::ReplaceFdb(moved), overlay::Op::DeleteFdb(f0)];
+    for i in 1..2000u32 {
+        let (f, n, r) = entries(i);
+        ops.extend([
+            overlay::Op::DeleteRoute(r),
+            overlay::Op::DeleteNeigh(n),
+            overlay::Op::DeleteFdb(f),
+        ]);
+    }
+    let failed = o.apply_ops(l.index, &ops, 64).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let p = o.dump(l.index).await.unwrap();
+    assert_eq!(p.fdbs, [moved].into());
+    assert_eq!(p.neighs, [n0].into());
+    assert_eq!(p.routes, [entries(0).2].into());
+}

@@ -3,6 +3,7 @@
 //! uses; [`RtnlOverlay`] implements it with rtnetlink, [`FakeOverlay`] records calls for unit
 //! tests. [`Monitor`] listens to the kernel's link/neighbour/route events.
 
+mod batch;
 mod fake;
 mod monitor;
 mod rtnl;
@@ -311,6 +312,14 @@ impl fmt::Display for Op {
     }
 }
 
+/// The order in which ops are applied: adds before deletes of the same kind would not
+/// conflict, but the stages keep a route from ever pointing at a neighbour that is not there.
+pub(crate) const STAGES: [fn(&Op) -> bool; 3] = [
+    |op| matches!(op, Op::ReplaceFdb(_) | Op::ReplaceNeigh(_)),
+    |op| matches!(op, Op::ReplaceRoute(_) | Op::DeleteRoute(_)),
+    |op| matches!(op, Op::DeleteNeigh(_) | Op::DeleteFdb(_)),
+];
+
 /// Applies `ops` with up to `parallel` requests in flight (netlink answers each request
 /// on its own sequence number, so pipelining is safe); returns the ops that failed.
 pub async fn apply_ops<O: Overlay>(
@@ -320,15 +329,8 @@ pub async fn apply_ops<O: Overlay>(
     parallel: usize,
 ) -> Vec<(Op, crate::Error)> {
     use futures::stream::{self, StreamExt};
-    // Adds before deletes of the same kind would not conflict, but keep the stages ordered
-    // so that a route never points at a neighbour that is not yet there.
     let mut failed = Vec::new();
-    let stages: [fn(&Op) -> bool; 3] = [
-        |op| matches!(op, Op::ReplaceFdb(_) | Op::ReplaceNeigh(_)),
-        |op| matches!(op, Op::ReplaceRoute(_) | Op::DeleteRoute(_)),
-        |op| matches!(op, Op::DeleteNeigh(_) | Op::DeleteFdb(_)),
-    ];
-    for stage in stages {
+    for stage in STAGES {
         let mut results = stream::iter(ops.iter().filter(|op| stage(op)))
             .map(|op| async move { (*op, op.apply(o, link).await) })
             .buffer_unordered(parallel.max(1));

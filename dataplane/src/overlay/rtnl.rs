@@ -18,9 +18,12 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
+use std::sync::{Arc, Mutex};
+
+use super::batch::BatchSocket;
 use super::{
-    EnsureOutcome, Fdb, Mac, Neigh, Overlay, Programmed, Route, TWILL_ROUTE_PROTOCOL, VxlanLink,
-    VxlanSpec,
+    EnsureOutcome, Fdb, Mac, Neigh, Op, Overlay, Programmed, Route, TWILL_ROUTE_PROTOCOL,
+    VxlanLink, VxlanSpec,
 };
 use crate::{Error, Netlink, Result};
 
@@ -34,11 +37,68 @@ const ESRCH: i32 = libc::ESRCH;
 #[derive(Clone)]
 pub struct RtnlOverlay {
     nl: Netlink,
+    batch: Option<Arc<Mutex<BatchSocket>>>,
 }
 
+/// Above this many ops a batch is sent from a blocking thread, not the runtime's.
+const INLINE_BATCH: usize = 512;
+
 impl RtnlOverlay {
+    /// Also opens a socket for [`RtnlOverlay::apply_ops`] batches, in the calling thread's
+    /// namespace: call it in the namespace that `nl` was opened in.
+    pub fn with_batch(mut self) -> Result<Self> {
+        let sock = BatchSocket::current(self.nl.timeout())?;
+        self.batch = Some(Arc::new(Mutex::new(sock)));
+        Ok(self)
+    }
+
+    /// Applies `ops` like [`super::apply_ops`] (the same stages, the same errors), packed
+    /// into batches when [`RtnlOverlay::with_batch`] opened a socket for them, one request
+    /// at a time with up to `parallel` in flight otherwise. A route whose dst exists takes
+    /// the ownership check of [`Overlay::replace_route`]; a delete of what is gone succeeds.
+    pub async fn apply_ops(&self, link: u32, ops: &[Op], parallel: usize) -> Vec<(Op, Error)> {
+        let Some(batch) = &self.batch else {
+            return super::apply_ops(self, link, ops, parallel).await;
+        };
+        let mut failed = Vec::new();
+        for stage in super::STAGES {
+            let ops: Vec<Op> = ops.iter().filter(|op| stage(op)).copied().collect();
+            if ops.is_empty() {
+                continue;
+            }
+            let sent = if ops.len() <= INLINE_BATCH {
+                batch
+                    .lock()
+                    .map(|mut b| b.send(link, &ops))
+                    .unwrap_or_default()
+            } else {
+                let b = batch.clone();
+                tokio::task::spawn_blocking(move || {
+                    b.lock().map(|mut b| b.send(link, &ops)).unwrap_or_default()
+                })
+                .await
+                .unwrap_or_default()
+            };
+            for (op, e) in sent {
+                match (op, e.errno()) {
+                    (Op::ReplaceRoute(r), Some(EEXIST)) => {
+                        if let Err(e) = self.replace_route(link, &r).await {
+                            failed.push((op, e));
+                        }
+                    }
+                    (
+                        Op::DeleteRoute(_) | Op::DeleteNeigh(_) | Op::DeleteFdb(_),
+                        Some(ENOENT | ESRCH | ENODEV),
+                    ) => {}
+                    _ => failed.push((op, e)),
+                }
+            }
+        }
+        failed
+    }
+
     pub fn new(nl: Netlink) -> Self {
-        RtnlOverlay { nl }
+        RtnlOverlay { nl, batch: None }
     }
 
     pub fn netlink(&self) -> &Netlink {
@@ -377,7 +437,7 @@ fn parse_main_route(m: &RouteMessage, link: u32) -> Option<Route> {
     })
 }
 
-fn route_msg(link: u32, r: &Route) -> RouteMessage {
+pub(super) fn route_msg(link: u32, r: &Route) -> RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(r.dst.network(), r.dst.prefix_len())
         .gateway(r.via)
@@ -387,6 +447,70 @@ fn route_msg(link: u32, r: &Route) -> RouteMessage {
         // twill's mark: a dump tells its routes from everyone else's by this alone.
         .protocol(RouteProtocol::Other(TWILL_ROUTE_PROTOCOL))
         .build()
+}
+
+/// `<ip> lladdr <mac> permanent` on `link` (with NLM_F_CREATE | NLM_F_REPLACE).
+pub(super) fn neigh_add_msg(link: u32, n: &Neigh) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = link;
+    m.header.state = NeighbourState::Permanent;
+    m.header.kind = RouteType::Unspec;
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            n.ip,
+        )));
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(n.mac.0.to_vec()));
+    m
+}
+
+/// `<mac> dst <ip> self permanent` on `link` (with NLM_F_CREATE | NLM_F_REPLACE).
+pub(super) fn fdb_add_msg(link: u32, f: &Fdb) -> NeighbourMessage {
+    let mut m = fdb_del_msg(link, f);
+    m.header.state = NeighbourState::Permanent;
+    m.header.kind = RouteType::Unspec;
+    m
+}
+
+/// The neighbour of `n.ip` on `link`, to delete.
+pub(super) fn neigh_del_msg(link: u32, n: &Neigh) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = link;
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            n.ip,
+        )));
+    m
+}
+
+/// The FDB remote `f` on `link`, to delete: with NDA_DST only that remote goes; the entry
+/// goes with its last remote.
+pub(super) fn fdb_del_msg(link: u32, f: &Fdb) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = link;
+    // NTF_SELF: the entry belongs to the VXLAN device's own FDB, not to a bridge.
+    m.header.flags = NeighbourFlags::Own;
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
+    m.attributes
+        .push(NeighbourAttribute::Destination(match f.dst {
+            IpAddr::V4(v) => NeighbourAddress::Inet(v),
+            IpAddr::V6(v) => NeighbourAddress::Inet6(v),
+        }));
+    m
+}
+
+/// Route `r` on `link`, to delete: the kernel deletes only a route with this protocol
+/// (twill's) and oif; NOWHERE = any scope.
+pub(super) fn route_del_msg(link: u32, r: &Route) -> RouteMessage {
+    let mut m = route_msg(link, r);
+    m.header.scope = RouteScope::NoWhere;
+    m.attributes
+        .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
+    m
 }
 
 impl Overlay for RtnlOverlay {
@@ -471,14 +595,12 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn delete_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Inet;
-        m.header.ifindex = link;
-        m.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                n.ip,
-            )));
-        let req = self.nl.handle().neighbours().del(m).execute();
+        let req = self
+            .nl
+            .handle()
+            .neighbours()
+            .del(neigh_del_msg(link, n))
+            .execute();
         ignore_missing(self.nl.run(|| format!("delete neigh {}", n.ip), req).await)
     }
 
@@ -500,19 +622,12 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn delete_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Bridge;
-        m.header.ifindex = link;
-        m.header.flags = NeighbourFlags::Own;
-        m.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
-        // With NDA_DST only that remote goes; the entry goes with its last remote.
-        m.attributes
-            .push(NeighbourAttribute::Destination(match f.dst {
-                IpAddr::V4(v) => NeighbourAddress::Inet(v),
-                IpAddr::V6(v) => NeighbourAddress::Inet6(v),
-            }));
-        let req = self.nl.handle().neighbours().del(m).execute();
+        let req = self
+            .nl
+            .handle()
+            .neighbours()
+            .del(fdb_del_msg(link, f))
+            .execute();
         ignore_missing(
             self.nl
                 .run(|| format!("delete fdb {} dst {}", f.mac, f.dst), req)
@@ -562,12 +677,12 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn delete_route(&self, link: u32, r: &Route) -> Result<()> {
-        let mut m = route_msg(link, r);
-        // The kernel deletes only a route with this protocol (twill's) and oif; NOWHERE = any scope.
-        m.header.scope = RouteScope::NoWhere;
-        m.attributes
-            .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
-        let req = self.nl.handle().route().del(m).execute();
+        let req = self
+            .nl
+            .handle()
+            .route()
+            .del(route_del_msg(link, r))
+            .execute();
         ignore_missing(self.nl.run(|| format!("delete route {}", r.dst), req).await)
     }
 

@@ -33,8 +33,8 @@ use twill_dataplane::Netlink;
 use twill_dataplane::nft::{Nft, NftConfig, NftOutcome};
 use twill_dataplane::nft_set::PeerSet;
 use twill_dataplane::overlay::{
-    self, EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, RtnlOverlay,
-    VxlanLink, VxlanSpec, sysctl, underlay,
+    EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, RtnlOverlay, VxlanLink,
+    VxlanSpec, sysctl, underlay,
 };
 use twill_ipam::lease::LeaseAttrs;
 use twill_ipam::netconf::NetConfig;
@@ -148,7 +148,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let peer_set = PeerSet::current()
         .context("open the nftables netlink socket")?
         .with_timeout(args.netlink_timeout);
-    let ov = RtnlOverlay::new(nl.clone());
+    let ov = RtnlOverlay::new(nl.clone())
+        .with_batch()
+        .context("open the netlink batch socket")?;
     let under = underlay::resolve(&nl, args.iface.as_deref(), args.public_ip)
         .await
         .context("find the underlay interface and public IP")?;
@@ -869,7 +871,7 @@ impl Daemon {
         });
         let mut route_delete_failed = false;
         if !ops.is_empty() {
-            let failed = overlay::apply_ops(&self.ov, self.link.index, &ops, PARALLEL_OPS).await;
+            let failed = self.ov.apply_ops(self.link.index, &ops, PARALLEL_OPS).await;
             let failed_ops: Vec<Op> = failed.iter().map(|(o, _)| *o).collect();
             for op in &ops {
                 if !failed_ops.contains(op) {
