@@ -426,6 +426,7 @@ pub(crate) async fn wire<'u, N: PodDataplane, P: PodDataplane>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::pod;
     use twill_dataplane::pod::fake::Recording;
 
     fn conf() -> NetConf {
@@ -445,15 +446,6 @@ mod tests {
         let pod = Recording::new();
         pod.add_link("eth0", "veth");
         (Recording::new(), pod)
-    }
-
-    fn pod() -> Pod {
-        Pod {
-            container_id: "c1".into(),
-            ifname: "eth0".into(),
-            netns: None,
-            host_veth: "vethabc".into(),
-        }
     }
 
     fn plan<'a>(pod: &'a Pod, ns: &'a NetNs, reclaim_untagged: bool) -> Plan<'a> {

@@ -82,15 +82,7 @@ mod tests {
     use twill_dataplane::pod::fake::Recording;
 
     use super::*;
-
-    fn pod() -> Pod {
-        Pod {
-            container_id: "c1".into(),
-            ifname: "eth0".into(),
-            netns: None,
-            host_veth: "vethabc".into(),
-        }
-    }
+    use crate::tests::pod;
 
     fn reservation(host_veth: Option<&str>) -> Reservation {
         Reservation {
