@@ -196,6 +196,8 @@ pub trait PodDataplane {
     async fn routes(&self, family_of: IpAddr) -> Result<Vec<Route>>;
     /// Removes the link called `name` now, without a runtime, returning once the kernel has
     /// unlisted it ([`crate::unlink`]); `Ok(false)` if there was none. The undo of an ADD.
+    /// [`RtnlPod`] acts here in the calling thread's namespace (the node's), whatever
+    /// namespace its socket is in: a node-side verb.
     fn remove_link_now(&self, name: &str) -> Result<bool>;
     /// [`PodDataplane::remove_link_now`] of the link called `name` only if `owner` owns it
     /// (as the kernel reports it at the time); a link it does not own is left alone and
