@@ -1,17 +1,18 @@
 //! ADD: reserve an IP, ensure the bridge, create the veth pair with its peer directly in the
 //! pod netns, give the pod its address and routes, and return the result. A failure half-way
 //! undoes what this invocation did (the host veth, which takes its peer along, and a
-//! reservation it made).
+//! reservation it made): each step that made something pushes its undo onto an [`Undo`],
+//! which runs them unless ADD commits.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde_json::Value;
-use twill_dataplane::NetNs;
-use twill_dataplane::cni::{
-    CniDataplane, Link, RtnlCni, VethSpec, bridge_mac, format_mac, parse_veth_alias, random_mac,
-    veth_alias,
+use twill_dataplane::pod::{
+    BridgeRef, Link, Pod, PodDataplane, RtnlPod, Undo, VethOwner, VethSpec, bridge_mac, format_mac,
+    parse_veth_alias, random_mac,
 };
+use twill_dataplane::{NetNs, Netlink};
 use twill_ipam::alloc::{Allocator, Request};
 use twill_ipam::subnet_file::SubnetFile;
 
@@ -19,7 +20,7 @@ use crate::config::NetConf;
 use crate::env::CniEnv;
 use crate::error::{CniError, Result, code};
 use crate::types::{CniResult, Interface, IpConfig, Route};
-use crate::{host_veth_name, lock_allocator, read_subnet_file, runtime};
+use crate::{lock_allocator, read_subnet_file, runtime};
 
 /// Opens CNI_NETNS; a missing path, one that is not a network namespace (checked on the
 /// descriptor that is then used: nsfs, and NS_GET_NSTYPE says CLONE_NEWNET), or the
@@ -127,9 +128,9 @@ fn requested_ip(conf: &NetConf, env: &CniEnv, subnet: &SubnetFile) -> Result<Opt
 }
 
 pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
-    let cid = env.container_id()?;
-    let ifname = env.ifname()?;
+    let pod = env.pod()?;
     let netns_path = env.netns()?;
+    let (cid, ifname, host) = (&*pod.container_id, &*pod.ifname, &*pod.host_veth);
     let prev = conf
         .prev_result
         .as_ref()
@@ -139,16 +140,19 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     let mtu = conf.mtu.unwrap_or(subnet.mtu);
     let requested = requested_ip(conf, env, &subnet)?;
     let ns = open_netns(netns_path)?;
-    let host = host_veth_name(cid, ifname);
 
     let alloc = Allocator::new(&conf.data_dir, &conf.name);
+    // The node's socket is opened by its first verb.
+    let node = RtnlPod::current();
+    // Dropped before the end (an error), it takes back what this ADD made, last first.
+    let mut undo = Undo::new();
     let mut locked = lock_allocator(&alloc)?;
     let (res, new) = locked.reserve(
         subnet.node_subnet(),
         &Request {
             container_id: cid.into(),
             ifname: ifname.into(),
-            host_veth: Some(host.clone()),
+            host_veth: Some(host.into()),
             netns: Some(netns_path.into()),
             pod_namespace: env.args.pod_namespace.clone(),
             pod_name: env.args.pod_name.clone(),
@@ -157,6 +161,14 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         },
     )?;
     tracing::info!(container = cid, ifname, ip = %res.ip, new, "reserved");
+    if new {
+        // Runs once the write below is done (it holds the lock until then).
+        undo.push(format!("release reservation of {}", res.ip), || {
+            let mut l = alloc.lock()?;
+            l.release(cid, ifname);
+            l.commit()
+        });
+    }
     // The crash-safe write (fsync + swap: the longest single step of an ADD) runs on a
     // thread of its own, with the lock, while the kernel work goes on; success is reported
     // only once the reservation is durable.
@@ -164,91 +176,61 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     let rt = runtime()?;
     // The pod's socket is opened by a thread that enters the pod netns and exits, while the
     // node side is set up here; it is first needed once the veth exists.
-    let pod_open = RtnlCni::spawn_open(rt.handle().clone(), ns.try_clone()?);
-    let pod = move || {
-        pod_open.join().unwrap_or_else(|_| {
-            Err(twill_dataplane::Error::Invalid(
-                "netns thread panicked".into(),
-            ))
-        })
+    let pod_open = Netlink::spawn_open(rt.handle().clone(), &ns);
+    let pod_dp = move || pod_open.join().map(RtnlPod::new);
+    let gw = subnet.gateway();
+    let plan = Plan {
+        pod: &pod,
+        ns: &ns,
+        bridge: &conf.bridge,
+        gateway: IpNet::new(gw, subnet.subnet.prefix_len()).expect("prefix"),
+        addr: IpNet::new(res.ip, subnet.subnet.prefix_len()).expect("prefix"),
+        routes: pod_routes(conf, &subnet),
+        mtu,
+        hairpin: conf.hairpin_mode,
+        reclaim_untagged: !new,
     };
-    let wired = rt.block_on(async {
-        let node = RtnlCni::current()?;
-        let alias = veth_alias(cid, ifname);
-        let names = Names {
-            ifname,
-            host: &host,
-            alias: &alias,
-            reclaim_untagged: !new,
-        };
-        wire_with(&node, pod, conf, &subnet, &ns, &names, res.ip, mtu).await
-    });
+    let wired = rt.block_on(wire(&node, pod_dp, &plan, &mut undo));
     tracing::debug!(ok = wired.is_ok(), "kernel work done");
     let committed = pending.wait();
     tracing::debug!(ok = committed.is_ok(), "reservation on disk");
-    let wired = match (wired, committed) {
-        (Ok(w), Ok(())) => Ok(w),
-        (Ok(_), Err(e)) => {
-            // The pod is wired but its reservation is not on disk: take the wiring back.
-            if let Err(e2) = rt.block_on(async { RtnlCni::current()?.delete_link(&host).await }) {
-                tracing::error!("undo: delete {host}: {e2}");
-            }
-            Err(e.into())
-        }
-        (Err(e), _) => Err(e),
-    };
-    let (bridge, host_link, pod) = match wired {
-        Ok(x) => x,
-        Err(e) => {
-            if new {
-                // Undo the reservation this invocation made; a failure here is logged only:
-                // the error the runtime needs to see is the first one.
-                match alloc.lock() {
-                    Ok(mut l) => {
-                        l.release(cid, ifname);
-                        if let Err(e2) = l.commit() {
-                            tracing::error!("undo reservation of {}: {e2}", res.ip);
-                        }
-                    }
-                    Err(e2) => tracing::error!("undo reservation of {}: {e2}", res.ip),
-                }
-            }
-            return Err(e);
-        }
-    };
+    // A pod wired but whose reservation is not on disk is taken back too.
+    let wired = wired?;
+    committed?;
+    undo.commit();
 
-    let gw = subnet.gateway();
     let mut ours = CniResult {
         cni_version: conf.cni_version.clone(),
         interfaces: vec![
             Interface {
-                name: bridge.0,
-                mac: Some(bridge.1),
+                name: wired.bridge.name,
+                mac: Some(wired.bridge.mac),
                 ..Default::default()
             },
             Interface {
-                name: host_link.0,
-                mac: Some(host_link.1),
+                name: wired.host.name,
+                mac: Some(wired.host.mac),
                 ..Default::default()
             },
             Interface {
                 name: ifname.into(),
-                mac: Some(pod),
+                mac: Some(wired.pod_mac),
                 mtu: Some(mtu),
                 sandbox: Some(netns_path.into()),
                 ..Default::default()
             },
         ],
         ips: vec![IpConfig {
-            address: IpNet::new(res.ip, subnet.subnet.prefix_len()).expect("valid prefix"),
+            address: plan.addr,
             gateway: Some(gw),
             interface: Some(2),
             extra: Default::default(),
         }],
-        routes: pod_routes(conf, &subnet)
-            .into_iter()
+        routes: plan
+            .routes
+            .iter()
             .map(|dst| Route {
-                dst,
+                dst: *dst,
                 gw: Some(gw),
                 extra: Default::default(),
             })
@@ -289,86 +271,98 @@ pub(crate) fn pod_routes(conf: &NetConf, subnet: &SubnetFile) -> Vec<IpNet> {
     v
 }
 
-type Named = (String, String);
-
-/// The names ADD works with, and whether an untagged leftover may be reclaimed.
-pub(crate) struct Names<'a> {
-    /// CNI_IFNAME, the pod end.
-    pub ifname: &'a str,
-    /// The host veth's name ([`crate::host_veth_name`]) and alias ([`veth_alias`]).
-    pub host: &'a str,
-    pub alias: &'a str,
+/// What ADD makes in the kernel for one pod.
+pub(crate) struct Plan<'a> {
+    pub pod: &'a Pod,
+    /// The pod's namespace (CNI_NETNS, opened and checked).
+    pub ns: &'a NetNs,
+    /// The bridge's name (config key `bridge`).
+    pub bridge: &'a str,
+    /// The gateway on the bridge, gateway/len.
+    pub gateway: IpNet,
+    /// The pod's address, ip/len.
+    pub addr: IpNet,
+    /// The pod's routes, via the gateway ([`pod_routes`]).
+    pub routes: Vec<IpNet>,
+    pub mtu: u32,
+    pub hairpin: bool,
     /// The (container ID, ifname) held a reservation before this ADD: a leftover host veth
     /// without an alias (made by a twill before aliases) that is a port of the bridge is its.
     pub reclaim_untagged: bool,
 }
 
-/// Whether the existing link `l` is the host veth twill made for `names` (so ADD may
-/// replace it): a veth whose alias is exactly [`veth_alias`] of this (container, ifname), or,
-/// from a twill before aliases, an untagged veth on `bridge` when the container already held
-/// a reservation naming it.
-pub(crate) fn leftover_is_ours(l: &Link, names: &Names<'_>, bridge: u32) -> bool {
-    if l.kind.as_deref() != Some("veth") {
-        return false;
-    }
-    match &l.alias {
-        Some(a) => a == names.alias,
-        None => names.reclaim_untagged && l.controller == Some(bridge),
-    }
+/// A link of the result: its name and MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Named {
+    pub name: String,
+    pub mac: String,
 }
 
-/// The kernel part of ADD, over any [`CniDataplane`]. Returns (bridge name, MAC), (host
-/// veth, MAC), pod MAC. `node` acts in the node namespace, `pod()` gives the
-/// one for the pod namespace (called once the veth exists). Four round trips to the kernel:
-/// the bridge, the node side of the pod (gateway, veth, read back; then alias and hairpin),
-/// the pod side (up, address, routes). A host veth name that is taken is replaced only if
-/// [`leftover_is_ours`]; otherwise code 111 and nothing is touched. A failure after the veth exists deletes the host veth (the kernel
-/// removes the pod end with it).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
-    node: &N,
-    pod: impl FnOnce() -> twill_dataplane::Result<P>,
-    conf: &NetConf,
-    subnet: &SubnetFile,
-    ns: &NetNs,
-    names: &Names<'_>,
-    ip: IpAddr,
-    mtu: u32,
-) -> Result<(Named, Named, String)> {
-    let (ifname, host) = (names.ifname, names.host);
-    let gw = subnet.gateway();
+/// What [`wire`] made: the bridge, the host veth, and the MAC of the pod end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Wired {
+    pub bridge: Named,
+    pub host: Named,
+    pub pod_mac: String,
+}
+
+/// Whether the existing link `l` is the host veth twill made for `plan`'s pod (so ADD may
+/// replace it): a veth whose alias is exactly this (container, ifname)'s, or, from a twill
+/// before aliases, an untagged veth on `bridge` when the container already held a
+/// reservation naming it.
+pub(crate) fn leftover_is_ours(l: &Link, plan: &Plan<'_>, bridge: u32) -> bool {
+    VethOwner {
+        alias: plan.pod.alias(),
+        untagged_port_of: plan.reclaim_untagged.then_some(BridgeRef::Index(bridge)),
+    }
+    .owns(l, |_| None)
+}
+
+/// The kernel part of ADD, over any [`PodDataplane`]. `node` acts in the node namespace,
+/// `pod_dp()` gives the one for the pod namespace (called once the veth exists). Four round
+/// trips to the kernel: the bridge, the node side of the pod (gateway, veth, read back; then
+/// alias and hairpin), the pod side (up, address, routes). A host veth name that is taken is
+/// replaced only if [`leftover_is_ours`]; otherwise code 111 and nothing is touched. Once the
+/// veth exists, its removal (the kernel removes the pod end with it) is pushed onto `undo`.
+pub(crate) async fn wire<'u, N: PodDataplane, P: PodDataplane>(
+    node: &'u N,
+    pod_dp: impl FnOnce() -> twill_dataplane::Result<P>,
+    plan: &Plan<'_>,
+    undo: &mut Undo<'u>,
+) -> Result<Wired> {
+    let (ifname, host) = (&*plan.pod.ifname, &*plan.pod.host_veth);
     let br = node
-        .ensure_bridge(&conf.bridge, bridge_mac(gw), mtu)
+        .ensure_bridge(plan.bridge, bridge_mac(plan.gateway.addr()), plan.mtu)
         .await
         .map_err(|e| match e {
             // The only refusal of ensure_bridge: the name is taken by a link that is not a
             // bridge (eth0, lo). Nothing was changed.
             twill_dataplane::Error::Invalid(m) => CniError::new(
                 code::INVALID_CONFIG,
-                format!("config key bridge={:?}: {m}", conf.bridge),
+                format!("config key bridge={:?}: {m}", plan.bridge),
             ),
             e => e.into(),
         })?;
+    let alias = plan.pod.alias();
     let spec = VethSpec {
         host_name: host,
         host_mac: random_mac(),
-        host_alias: names.alias,
-        pod_ns: ns,
+        host_alias: &alias,
+        pod_ns: plan.ns,
         pod_ifname: ifname,
         pod_mac: random_mac(),
-        mtu,
-        hairpin: conf.hairpin_mode,
+        mtu: plan.mtu,
+        hairpin: plan.hairpin,
     };
-    let gw_net = IpNet::new(gw, subnet.subnet.prefix_len()).expect("prefix");
-    let attached = match node.attach_pod(&br, gw_net, &spec).await {
+    let attached = match node.attach_pod(&br, plan.gateway, &spec).await {
         Err(e) if e.errno() == Some(libc::EEXIST) => match node.link(host).await? {
             // A leftover of an earlier ADD of the same (container, ifname): remove it (its
             // peer goes with it) and try once more.
-            Some(l) if leftover_is_ours(&l, names, br.index) => {
+            Some(l) if leftover_is_ours(&l, plan, br.index) => {
                 if node.delete_link(host).await? {
                     tracing::warn!(host, "removed a leftover host veth");
                 }
-                node.attach_pod(&br, gw_net, &spec).await
+                node.attach_pod(&br, plan.gateway, &spec).await
             }
             // Someone else's link has the name: never deleted. The pod end was not made
             // either (the request failed as a whole).
@@ -387,47 +381,53 @@ pub(crate) async fn wire_with<N: CniDataplane, P: CniDataplane>(
                         "host veth name {host} is taken by {whose}, not by this container's veth: left alone"
                     ),
                 )
-                .with_details(format!("expected alias {:?}", names.alias)));
+                .with_details(format!("expected alias {alias:?}")));
             }
             None => Err(e),
         },
         r => r,
     };
     tracing::debug!("bridge ensured, veth created");
-    let pod = pod();
+    let pod_dp = pod_dp();
     let attached = attached.map_err(|e| {
+        // EEXIST with the host name free: the pod end's name is the one taken.
+        let pod_side = e.errno() == Some(libc::EEXIST);
         let mut err = CniError::from(e);
-        if err.details.contains("exists") {
+        if pod_side {
             err.msg = format!("{}: is {ifname} already taken in the pod netns?", err.msg);
         }
         err
     })?;
-    // From here on a failure deletes the host veth.
-    let configured = match pod {
-        Ok(pod) => {
-            let addr = IpNet::new(ip, subnet.subnet.prefix_len()).expect("prefix");
-            pod.configure_pod(attached.pod_index, addr, &pod_routes(conf, subnet), gw)
-                .await
-        }
-        Err(e) => Err(e),
-    };
-    if let Err(e) = configured {
-        if let Err(e2) = node.delete_link(host).await {
-            tracing::error!("undo: delete {host}: {e2}");
-        }
-        return Err(e.into());
-    }
-    Ok((
-        (br.name.clone(), br.mac_string()),
-        (attached.host.name.clone(), attached.host.mac_string()),
-        format_mac(&spec.pod_mac),
-    ))
+    let host_owned = host.to_string();
+    undo.push(format!("delete {host}"), move || {
+        node.remove_link_now(&host_owned).map(drop)
+    });
+    pod_dp?
+        .configure_pod(
+            attached.pod_index,
+            plan.addr,
+            &plan.routes,
+            plan.gateway.addr(),
+        )
+        .await?;
+    Ok(Wired {
+        bridge: Named {
+            name: br.name.clone(),
+            mac: br.mac_string(),
+        },
+        host: Named {
+            name: attached.host.name.clone(),
+            mac: attached.host.mac_string(),
+        },
+        pod_mac: format_mac(&spec.pod_mac),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use twill_dataplane::cni::fake::Recording;
+    use crate::tests::pod;
+    use twill_dataplane::pod::fake::Recording;
 
     fn conf() -> NetConf {
         crate::config::parse_conf(br#"{"cniVersion":"1.1.0","name":"t","type":"twill"}"#).unwrap()
@@ -448,36 +448,39 @@ mod tests {
         (Recording::new(), pod)
     }
 
-    async fn run(
-        node: &Recording,
-        pod: &Recording,
-        pod_fails: bool,
-    ) -> Result<(Named, Named, String)> {
+    fn plan<'a>(pod: &'a Pod, ns: &'a NetNs, reclaim_untagged: bool) -> Plan<'a> {
+        let (conf, subnet) = (conf(), subnet());
+        Plan {
+            pod,
+            ns,
+            bridge: "cni0",
+            gateway: "10.244.3.1/24".parse().unwrap(),
+            addr: "10.244.3.2/24".parse().unwrap(),
+            routes: pod_routes(&conf, &subnet),
+            mtu: 1450,
+            hairpin: conf.hairpin_mode,
+            reclaim_untagged,
+        }
+    }
+
+    /// [`wire`] with the fakes; its undo runs (or not) before this returns.
+    async fn run(node: &Recording, pod_fake: &Recording, pod_fails: bool) -> Result<Wired> {
         let ns = NetNs::current().unwrap();
-        let pod = pod.clone();
-        let pod = move || {
+        let pod_fake = pod_fake.clone();
+        let pod_dp = move || {
             if pod_fails {
                 Err(twill_dataplane::Error::Invalid("no pod socket".into()))
             } else {
-                Ok(pod)
+                Ok(pod_fake)
             }
         };
-        wire_with(
-            node,
-            pod,
-            &conf(),
-            &subnet(),
-            &ns,
-            &Names {
-                ifname: "eth0",
-                host: "vethabc",
-                alias: "twill:c1/eth0",
-                reclaim_untagged: false,
-            },
-            "10.244.3.2".parse().unwrap(),
-            1450,
-        )
-        .await
+        let p = pod();
+        let mut undo = Undo::new();
+        let r = wire(node, pod_dp, &plan(&p, &ns, false), &mut undo).await;
+        if r.is_ok() {
+            undo.commit();
+        }
+        r
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -489,9 +492,10 @@ mod tests {
     #[test]
     fn wires_bridge_veth_pod_in_order() {
         let (f, p) = fakes();
-        let (br, host, mac) = rt().block_on(run(&f, &p, false)).unwrap();
-        assert_eq!(br, ("cni0".to_string(), "0a:58:0a:f4:03:01".to_string()));
-        assert_eq!(host.0, "vethabc");
+        let w = rt().block_on(run(&f, &p, false)).unwrap();
+        assert_eq!(w.bridge.name, "cni0");
+        assert_eq!(w.bridge.mac, "0a:58:0a:f4:03:01");
+        assert_eq!(w.host.name, "vethabc");
         assert_eq!(
             f.calls(),
             [
@@ -504,11 +508,11 @@ mod tests {
             ["configure_pod eth0 10.244.3.2/24 via 10.244.3.1 routes 0.0.0.0/0,10.244.0.0/16"]
         );
         // The MACs ADD reports are the ones it chose: locally administered unicast.
-        for m in [&host.1, &mac] {
+        for m in [&w.host.mac, &w.pod_mac] {
             let first = u8::from_str_radix(&m[..2], 16).unwrap();
             assert_eq!(first & 0x03, 0x02, "{m}");
         }
-        assert_ne!(host.1, mac);
+        assert_ne!(w.host.mac, w.pod_mac);
     }
 
     #[test]
@@ -517,13 +521,13 @@ mod tests {
         p.fail_next("configure_pod", libc::ENETUNREACH);
         let e = rt().block_on(run(&f, &p, false)).unwrap_err();
         assert_eq!(e.code, code::KERNEL);
-        assert_eq!(f.calls().last().unwrap(), "delete_link vethabc");
+        assert_eq!(f.calls().last().unwrap(), "remove_link_now vethabc");
         assert!(!f.has_link("vethabc"));
 
         let (f, p) = fakes();
         let e = rt().block_on(run(&f, &p, true)).unwrap_err();
         assert!(e.msg.contains("no pod socket"), "{e}");
-        assert_eq!(f.calls().last().unwrap(), "delete_link vethabc");
+        assert_eq!(f.calls().last().unwrap(), "remove_link_now vethabc");
     }
 
     #[test]
@@ -561,7 +565,11 @@ mod tests {
             assert_eq!(e.code, code::LINK_NOT_OURS, "{alias:?} {kind}: {e}");
             assert!(e.msg.contains("vethabc"), "{e}");
             assert!(f.has_link("vethabc"), "{alias:?} {kind}");
-            assert!(!f.calls().iter().any(|c| c.starts_with("delete_link")));
+            assert!(
+                !f.calls()
+                    .iter()
+                    .any(|c| c.starts_with("delete_link") || c.starts_with("remove"))
+            );
             assert!(p.calls().is_empty());
         }
     }
@@ -569,19 +577,35 @@ mod tests {
     #[test]
     fn an_untagged_leftover_is_ours_only_with_a_reservation_and_on_the_bridge() {
         let mut l = Recording::new().add_link("vethabc", "veth");
-        let mut names = Names {
-            ifname: "eth0",
-            host: "vethabc",
-            alias: "twill:c1/eth0",
-            reclaim_untagged: true,
-        };
+        let (p, ns) = (pod(), NetNs::current().unwrap());
         l.controller = Some(7);
-        assert!(leftover_is_ours(&l, &names, 7));
-        assert!(!leftover_is_ours(&l, &names, 8));
-        names.reclaim_untagged = false;
-        assert!(!leftover_is_ours(&l, &names, 7));
+        assert!(leftover_is_ours(&l, &plan(&p, &ns, true), 7));
+        assert!(!leftover_is_ours(&l, &plan(&p, &ns, true), 8));
+        assert!(!leftover_is_ours(&l, &plan(&p, &ns, false), 7));
         l.alias = Some("twill:c1/eth0".into());
-        assert!(leftover_is_ours(&l, &names, 1));
+        assert!(leftover_is_ours(&l, &plan(&p, &ns, false), 1));
+    }
+
+    /// EEXIST from the veth's create while the host name is free: the pod end's name is
+    /// taken, and the message says so (chosen by the errno, not by the text).
+    #[test]
+    fn eexist_with_a_free_host_name_hints_at_the_pod_ifname() {
+        let (f, p) = fakes();
+        f.fail_next("attach_pod", libc::EEXIST);
+        let e = rt().block_on(run(&f, &p, false)).unwrap_err();
+        assert_eq!(e.code, code::KERNEL);
+        assert!(
+            e.msg.ends_with("is eth0 already taken in the pod netns?"),
+            "{e}"
+        );
+        assert!(
+            !f.calls().iter().any(|c| c.contains("remove")),
+            "nothing made, nothing undone"
+        );
+        let (f, p) = fakes();
+        f.fail_next("attach_pod", libc::EPERM);
+        let e = rt().block_on(run(&f, &p, false)).unwrap_err();
+        assert!(!e.msg.contains("already taken"), "{e}");
     }
 
     /// `bridge` naming an existing link that is not a bridge: code 7 naming the key and the

@@ -2,14 +2,16 @@
 //! reservation, against `prevResult`. Fails (code 120) with a message that names what is
 //! missing.
 
-use twill_dataplane::cni::{CniDataplane, RtnlCni, format_mac};
+use ipnet::IpNet;
+use twill_dataplane::pod::{PodDataplane, RtnlPod, format_mac};
 use twill_ipam::alloc::Allocator;
 
 use crate::add::{decode_prev_result, open_netns};
 use crate::config::NetConf;
 use crate::env::CniEnv;
 use crate::error::{CniError, Result, code};
-use crate::{block_on, host_veth_name, read_subnet_file, require_version};
+use crate::types::Route;
+use crate::{block_on, read_subnet_file, require_version};
 
 fn failed(msg: String) -> CniError {
     CniError::new(code::CHECK_FAILED, msg)
@@ -17,8 +19,8 @@ fn failed(msg: String) -> CniError {
 
 pub fn check(conf: &NetConf, env: &CniEnv) -> Result<()> {
     require_version(conf, "CHECK", "0.4.0")?;
-    let cid = env.container_id()?;
-    let ifname = env.ifname()?;
+    let pod = env.pod()?;
+    let (cid, ifname) = (&*pod.container_id, &*pod.ifname);
     let netns_path = env.netns()?;
     let prev = conf
         .prev_result
@@ -46,86 +48,280 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<()> {
                 "prevResult has no interface {ifname} with a sandbox"
             ))
         })?;
-    let want_if = &prev.interfaces[idx];
-    let ips: Vec<_> = prev
+    let ips: Vec<IpNet> = prev
         .ips
         .iter()
         .filter(|ip| ip.interface == Some(idx))
+        .map(|ip| ip.address)
         .collect();
-    if !ips.iter().any(|ip| ip.address.addr() == res.ip) {
+    if !ips.iter().any(|ip| ip.addr() == res.ip) {
         return Err(failed(format!(
             "reserved IP {} of container {cid} is not in prevResult's ips",
             res.ip
         )));
     }
     let ns = open_netns(netns_path)?;
-    let host = res
-        .host_veth
-        .clone()
-        .unwrap_or_else(|| host_veth_name(cid, ifname));
-
+    let want = Expected {
+        ifname,
+        netns: netns_path,
+        mac: prev.interfaces[idx].mac.as_deref(),
+        ips: &ips,
+        routes: &prev.routes,
+        host: res.host_veth.as_deref().unwrap_or(&pod.host_veth),
+        bridge: &conf.bridge,
+    };
     block_on(async {
-        let pod = RtnlCni::open(&ns)?;
-        let link = pod.link(ifname).await?.ok_or_else(|| {
-            failed(format!(
-                "interface {ifname} not found in netns {netns_path}"
-            ))
-        })?;
-        if !link.up {
+        let pod_dp = RtnlPod::open(&ns)?;
+        check_kernel(&pod_dp, &RtnlPod::current(), &want).await
+    })?
+}
+
+/// What CHECK expects to find in the kernel.
+pub(crate) struct Expected<'a> {
+    pub ifname: &'a str,
+    /// CNI_NETNS, for the messages.
+    pub netns: &'a str,
+    /// The pod interface's MAC in prevResult, if it gives one.
+    pub mac: Option<&'a str>,
+    /// prevResult's addresses of the pod interface.
+    pub ips: &'a [IpNet],
+    /// prevResult's routes (those of the first address's family are checked).
+    pub routes: &'a [Route],
+    /// The host veth and the bridge it must be a port of.
+    pub host: &'a str,
+    pub bridge: &'a str,
+}
+
+/// The kernel part of CHECK, over any [`PodDataplane`]: `pod` acts in the pod namespace,
+/// `node` in the node's.
+pub(crate) async fn check_kernel(
+    pod: &impl PodDataplane,
+    node: &impl PodDataplane,
+    want: &Expected<'_>,
+) -> Result<()> {
+    let (ifname, netns_path) = (want.ifname, want.netns);
+    let link = pod.link(ifname).await?.ok_or_else(|| {
+        failed(format!(
+            "interface {ifname} not found in netns {netns_path}"
+        ))
+    })?;
+    if !link.up {
+        return Err(failed(format!(
+            "interface {ifname} in netns {netns_path} is down"
+        )));
+    }
+    if let Some(mac) = want.mac
+        && !mac.eq_ignore_ascii_case(&format_mac(&link.mac))
+    {
+        return Err(failed(format!(
+            "interface {ifname} has MAC {}, prevResult says {mac}",
+            format_mac(&link.mac)
+        )));
+    }
+    let addrs = pod.addresses(link.index).await?;
+    for ip in want.ips {
+        if !addrs.contains(ip) {
             return Err(failed(format!(
-                "interface {ifname} in netns {netns_path} is down"
+                "address {ip} missing on {ifname} in netns {netns_path}"
             )));
         }
-        if let Some(mac) = &want_if.mac
-            && !mac.eq_ignore_ascii_case(&format_mac(&link.mac))
-        {
-            return Err(failed(format!(
-                "interface {ifname} has MAC {}, prevResult says {mac}",
-                format_mac(&link.mac)
-            )));
-        }
-        let addrs = pod.addresses(link.index).await?;
-        for ip in &ips {
-            if !addrs.contains(&ip.address) {
+    }
+    if let Some(first) = want.ips.first() {
+        let routes = pod.routes(first.addr()).await?;
+        for r in want.routes {
+            if r.dst.addr().is_ipv4() != first.addr().is_ipv4() {
+                continue;
+            }
+            let found = routes
+                .iter()
+                .any(|have| have.dst == r.dst && (r.gw.is_none() || have.gateway == r.gw));
+            if !found {
+                let via = r.gw.map(|g| format!(" via {g}")).unwrap_or_default();
                 return Err(failed(format!(
-                    "address {} missing on {ifname} in netns {netns_path}",
-                    ip.address
+                    "route {}{via} missing in netns {netns_path}",
+                    r.dst
                 )));
             }
         }
-        if let Some(first) = ips.first() {
-            let routes = pod.routes(first.address.addr()).await?;
-            for r in &prev.routes {
-                if r.dst.addr().is_ipv4() != first.address.addr().is_ipv4() {
-                    continue;
-                }
-                let found = routes
-                    .iter()
-                    .any(|have| have.dst == r.dst && (r.gw.is_none() || have.gateway == r.gw));
-                if !found {
-                    let via = r.gw.map(|g| format!(" via {g}")).unwrap_or_default();
-                    return Err(failed(format!(
-                        "route {}{via} missing in netns {netns_path}",
-                        r.dst
-                    )));
-                }
+    }
+    let host = want.host;
+    let h = node
+        .link(host)
+        .await?
+        .ok_or_else(|| failed(format!("host veth {host} not found")))?;
+    let br = node
+        .link(want.bridge)
+        .await?
+        .ok_or_else(|| failed(format!("bridge {} not found", want.bridge)))?;
+    if h.controller != Some(br.index) {
+        return Err(failed(format!(
+            "host veth {host} is not a port of bridge {}",
+            want.bridge
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use twill_dataplane::pod::fake::Recording;
+
+    use super::*;
+
+    /// A pod as ADD leaves it: eth0 up with its address and routes in the pod fake, the host
+    /// veth a port of cni0 in the node fake.
+    fn wired() -> (Recording, Recording) {
+        let pod = Recording::new();
+        let eth0 = pod.add_link("eth0", "veth");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(pod.configure_pod(
+            eth0.index,
+            "10.244.3.2/24".parse().unwrap(),
+            &[
+                "0.0.0.0/0".parse().unwrap(),
+                "10.244.0.0/16".parse().unwrap(),
+            ],
+            "10.244.3.1".parse().unwrap(),
+        ))
+        .unwrap();
+        let node = Recording::new();
+        let br = node.add_link("cni0", "bridge");
+        node.add_link("vethabc", "veth");
+        node.set_link("vethabc", Some("twill:c1/eth0"), Some(br.index));
+        (pod, node)
+    }
+
+    fn route(dst: &str, gw: Option<&str>) -> Route {
+        Route {
+            dst: dst.parse().unwrap(),
+            gw: gw.map(|g| g.parse().unwrap()),
+            extra: Default::default(),
+        }
+    }
+
+    /// prevResult's view of the pod of [`wired`], borrowed by [`Expected`].
+    struct Prev {
+        ips: Vec<IpNet>,
+        routes: Vec<Route>,
+    }
+
+    fn prev() -> Prev {
+        Prev {
+            ips: vec!["10.244.3.2/24".parse().unwrap()],
+            routes: vec![
+                route("0.0.0.0/0", Some("10.244.3.1")),
+                route("10.244.0.0/16", None),
+                // Another family than the address's: not checked.
+                route("fd00::/64", None),
+            ],
+        }
+    }
+
+    impl Prev {
+        fn want(&self) -> Expected<'_> {
+            Expected {
+                ifname: "eth0",
+                netns: "/run/netns/p",
+                mac: Some("02:00:00:00:00:02"),
+                ips: &self.ips,
+                routes: &self.routes,
+                host: "vethabc",
+                bridge: "cni0",
             }
         }
-        let node = RtnlCni::current()?;
-        let h = node
-            .link(&host)
-            .await?
-            .ok_or_else(|| failed(format!("host veth {host} not found")))?;
-        let br = node
-            .link(&conf.bridge)
-            .await?
-            .ok_or_else(|| failed(format!("bridge {} not found", conf.bridge)))?;
-        if h.controller != Some(br.index) {
-            return Err(failed(format!(
-                "host veth {host} is not a port of bridge {}",
-                conf.bridge
-            )));
+    }
+
+    fn check(pod: &Recording, node: &Recording, want: &Expected<'_>) -> Result<()> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(check_kernel(pod, node, want))
+    }
+
+    #[test]
+    fn a_pod_as_add_left_it_passes() {
+        let (pod, node) = wired();
+        check(&pod, &node, &prev().want()).unwrap();
+    }
+
+    #[test]
+    fn each_missing_piece_is_code_120_naming_it() {
+        let (pod, node) = wired();
+        let p = prev();
+        let other_ip = ["10.244.3.9/24".parse().unwrap()];
+        let other_route = [route("10.9.0.0/16", None)];
+        let cases = [
+            (
+                "interface eth1 not found in netns /run/netns/p",
+                Expected {
+                    ifname: "eth1",
+                    ..p.want()
+                },
+            ),
+            (
+                "has MAC 02:00:00:00:00:02, prevResult says 02:00:00:00:00:99",
+                Expected {
+                    mac: Some("02:00:00:00:00:99"),
+                    ..p.want()
+                },
+            ),
+            (
+                "address 10.244.3.9/24 missing on eth0",
+                Expected {
+                    ips: &other_ip,
+                    ..p.want()
+                },
+            ),
+            (
+                "route 10.9.0.0/16 missing in netns /run/netns/p",
+                Expected {
+                    routes: &other_route,
+                    ..p.want()
+                },
+            ),
+            (
+                "host veth vethxyz not found",
+                Expected {
+                    host: "vethxyz",
+                    ..p.want()
+                },
+            ),
+            (
+                "bridge br9 not found",
+                Expected {
+                    bridge: "br9",
+                    ..p.want()
+                },
+            ),
+        ];
+        for (msg, want) in &cases {
+            let e = check(&pod, &node, want).unwrap_err();
+            assert_eq!(e.code, code::CHECK_FAILED, "{e}");
+            assert!(e.msg.contains(msg), "{msg}: {e}");
         }
-        Ok(())
-    })?
+    }
+
+    #[test]
+    fn a_pod_interface_that_is_down_or_a_veth_off_the_bridge_fails() {
+        let pod = Recording::new();
+        pod.add_link("eth0", "veth");
+        let (_, node) = wired();
+        let e = check(&pod, &node, &prev().want()).unwrap_err();
+        assert!(e.msg.ends_with("is down"), "{e}");
+
+        let (pod, node) = wired();
+        node.set_link("vethabc", Some("twill:c1/eth0"), None);
+        let e = check(&pod, &node, &prev().want()).unwrap_err();
+        assert!(e.msg.contains("is not a port of bridge cni0"), "{e}");
+    }
+
+    #[test]
+    fn a_kernel_error_is_code_110() {
+        let (pod, node) = wired();
+        pod.fail_next("routes", libc::EPERM);
+        let e = check(&pod, &node, &prev().want()).unwrap_err();
+        assert_eq!(e.code, code::KERNEL, "{e}");
+    }
 }

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use twill_dataplane::pod::Pod;
+
 use crate::error::{CniError, Result, code};
 
 /// The verb the runtime asks for.
@@ -155,6 +157,19 @@ impl CniEnv {
             .ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_IFNAME is required"))?;
         validate_ifname("CNI_IFNAME", n)?;
         Ok(n)
+    }
+
+    /// The attachment this invocation is about: CNI_CONTAINERID and CNI_IFNAME (both
+    /// required and valid), CNI_NETNS if given, and the host veth's name they make.
+    pub fn pod(&self) -> Result<Pod> {
+        let container_id = self.container_id()?;
+        let ifname = self.ifname()?;
+        Ok(Pod {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+            netns: self.netns.clone(),
+            host_veth: crate::host_veth_name(container_id, ifname),
+        })
     }
 
     /// CNI_NETNS, required.

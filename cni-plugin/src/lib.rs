@@ -265,8 +265,18 @@ pub fn main() -> i32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The attachment the verbs' unit tests work on: container c1, eth0, host veth vethabc.
+    pub(crate) fn pod() -> twill_dataplane::pod::Pod {
+        twill_dataplane::pod::Pod {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: None,
+            host_veth: "vethabc".into(),
+        }
+    }
 
     #[test]
     fn host_veth_name_is_stable_and_short() {

@@ -63,10 +63,7 @@ impl Error {
     /// The kernel's errno behind a netlink error, if there is one (e.g. `libc::EEXIST`).
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Netlink {
-                source: rtnetlink::Error::NetlinkError(msg),
-                ..
-            } => msg.code.map(|c| -c.get()),
+            Error::Netlink { source, .. } => crate::netlink::errno(source),
             Error::Io { source, .. } | Error::Netns { source, .. } => source.raw_os_error(),
             _ => None,
         }

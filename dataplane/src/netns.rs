@@ -109,6 +109,19 @@ impl NetNs {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        self.spawn_in(f)?
+            .join()
+            .map_err(|_| Error::Invalid("netns thread panicked".into()))?
+    }
+
+    /// [`NetNs::run_in`] without waiting: the thread is started and the caller goes on; its
+    /// result comes with `join`. The thread enters this very descriptor (duplicated), never
+    /// the path opened again: what was checked is what is entered.
+    pub fn spawn_in<T, F>(&self, f: F) -> Result<std::thread::JoinHandle<Result<T>>>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
         let fd = self
             .file
             .try_clone()
@@ -117,6 +130,7 @@ impl NetNs {
         std::thread::Builder::new()
             .name("twill-netns".into())
             .spawn(move || -> Result<T> {
+                // setns moves only this thread, which exits once `f` returns.
                 nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                     Error::Netns {
                         path,
@@ -125,8 +139,6 @@ impl NetNs {
                 })?;
                 Ok(f())
             })
-            .map_err(|e| Error::io("spawn netns thread", e))?
-            .join()
-            .map_err(|_| Error::Invalid("netns thread panicked".into()))?
+            .map_err(|e| Error::io("spawn netns thread", e))
     }
 }

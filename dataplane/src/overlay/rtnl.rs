@@ -69,12 +69,14 @@ impl RtnlOverlay {
             let sent = if ops.len() <= INLINE_BATCH {
                 batch
                     .lock()
-                    .map(|mut b| b.send(link, &ops))
+                    .map(|mut b| super::batch::send(&mut b, link, &ops))
                     .unwrap_or_default()
             } else {
                 let b = batch.clone();
                 tokio::task::spawn_blocking(move || {
-                    b.lock().map(|mut b| b.send(link, &ops)).unwrap_or_default()
+                    b.lock()
+                        .map(|mut b| super::batch::send(&mut b, link, &ops))
+                        .unwrap_or_default()
                 })
                 .await
                 .unwrap_or_default()

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 use serde_json::json;
 use twill_dataplane::Netlink;
-use twill_dataplane::cni::{CniDataplane, RtnlCni};
 use twill_dataplane::overlay::{Overlay, RtnlOverlay, underlay};
+use twill_dataplane::pod::{PodDataplane, RtnlPod};
 use twill_ipam::alloc::Allocator;
 use twill_ipam::lease::Lease;
 use twill_ipam::store::LeaseStore;
@@ -665,7 +665,7 @@ async fn check_rp_filter(
         return;
     }
     let Some(nl) = nl else { return };
-    let cni = RtnlCni::new(nl.clone());
+    let cni = RtnlPod::new(nl.clone());
     let Ok(routes) = cni
         .routes(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
         .await
@@ -799,7 +799,7 @@ async fn check_mtu(
         ));
     }
     if let Ok(nl) = Netlink::current() {
-        let cni = RtnlCni::new(nl);
+        let cni = RtnlPod::new(nl);
         if let Ok(Some(br)) = cni.link(&args.bridge).await {
             if br.mtu.is_some_and(|m| m > s.mtu) {
                 bad.push(format!(
@@ -859,7 +859,7 @@ async fn check_ipam(r: &mut Report, args: &DoctorArgs) {
         return;
     };
     let Ok(nl) = Netlink::current() else { return };
-    let cni = RtnlCni::new(nl);
+    let cni = RtnlPod::new(nl);
     let ports: BTreeSet<String> = match cni.link(&args.bridge).await {
         Ok(Some(br)) => cni
             .bridge_ports(br.index)

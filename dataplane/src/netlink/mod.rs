@@ -1,5 +1,15 @@
-//! A netlink (rtnetlink) connection bound to one network namespace, and the one helper that
-//! bounds every request made through it ([`bounded`]).
+//! The kernel layer's netlink: every rtnetlink socket of the crate is opened here, in the
+//! namespace the caller names, on a short-lived thread ([`NetNs::spawn_in`]) when that is not
+//! the caller's own.
+//!
+//! - [`Netlink`]: an rtnetlink connection bound to one namespace, and the one helper that
+//!   bounds every request made through it ([`bounded`]);
+//! - [`parse`]: link, route and address messages read into typed values, once;
+//! - [`batch`]: several requests sent on one socket before the first answer is read (one
+//!   round trip: the CNI ADD);
+//! - [`sync`]: blocking sockets without a runtime (DEL's link removal), sharing [`encode`],
+//!   and [`sync::BatchSocket`], many writes per datagram (the overlay's peer entries);
+//! - [`errno`]: the kernel's errno behind an rtnetlink error.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +20,51 @@ use rtnetlink::Handle;
 use rtnetlink::packet_route::address::AddressMessage;
 
 use crate::{Error, NetNs, Result};
+
+pub mod batch;
+pub mod parse;
+pub mod sync;
+
+pub use batch::{Answers, Batch};
+
+/// The kernel's errno behind an rtnetlink error (`libc::EEXIST`, ...), if it is one.
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// Whether `e` is the kernel's `errno`.
+pub fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    self::errno(e) == Some(errno)
+}
+
+/// `msg` with `flags` as one netlink datagram (sequence number 1), for a socket that is not
+/// an rtnetlink connection ([`sync`]).
+pub fn encode(msg: rtnetlink::packet_route::RouteNetlinkMessage, flags: u16) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_into(&mut buf, msg, flags, 1);
+    buf
+}
+
+/// Appends `msg` with `flags` and sequence number `seq` to the datagram `buf`, 4-byte
+/// aligned (several messages in one datagram: [`sync::BatchSocket`]).
+pub fn encode_into(
+    buf: &mut Vec<u8>,
+    msg: rtnetlink::packet_route::RouteNetlinkMessage,
+    flags: u16,
+    seq: u32,
+) {
+    let mut nl = rtnetlink::packet_core::NetlinkMessage::from(msg);
+    nl.header.flags = flags;
+    nl.header.sequence_number = seq;
+    nl.finalize();
+    let at = buf.len();
+    buf.resize(at + nl.header.length as usize, 0);
+    nl.serialize(&mut buf[at..]);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
 
 /// How long one netlink request (a write and its ack, or a whole dump) may take by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -86,6 +141,23 @@ impl Netlink {
         })
     }
 
+    /// Starts opening a socket inside `ns` and returns at once: one thread enters the
+    /// namespace, creates the socket (registered with the tokio runtime `rt`) and exits,
+    /// while the caller goes on with other work. `rt` must still run when the result is used.
+    pub fn spawn_open(rt: tokio::runtime::Handle, ns: &NetNs) -> Opening {
+        let path = ns.path().to_path_buf();
+        Opening(ns.spawn_in(move || {
+            let _rt = rt.enter();
+            let (conn, handle, _) = rtnetlink::new_connection()
+                .map_err(|e| Error::io(format!("open netlink socket in {}", path.display()), e))?;
+            tokio::spawn(conn);
+            Ok(Netlink {
+                handle,
+                timeout: DEFAULT_TIMEOUT,
+            })
+        }))
+    }
+
     /// The same socket with another bound on each request (`--netlink-timeout`).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -113,6 +185,18 @@ impl Netlink {
             Ok(Err(e)) => Err(Error::netlink(op(), e)),
             Err(_) => Err(timed_out(op(), self.timeout)),
         }
+    }
+}
+
+/// A socket being opened by [`Netlink::spawn_open`].
+pub struct Opening(Result<std::thread::JoinHandle<Result<Result<Netlink>>>>);
+
+impl Opening {
+    /// Waits for the socket.
+    pub fn join(self) -> Result<Netlink> {
+        self.0?
+            .join()
+            .map_err(|_| Error::Invalid("netns thread panicked".into()))??
     }
 }
 
