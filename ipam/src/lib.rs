@@ -10,3 +10,4 @@ pub mod netconf;
 #[cfg(feature = "etcd")]
 pub mod store;
 pub mod subnet_file;
+pub mod subnets;
