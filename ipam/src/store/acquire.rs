@@ -120,13 +120,11 @@ impl LeaseStore {
         subnet: Ipv4Net,
     ) -> Result<Lease, StoreError> {
         if !cfg.is_valid_subnet(&subnet) {
-            return Err(StoreError::InvalidSubnet {
+            return Err(StoreError::outside_config(
+                cfg,
                 subnet,
-                reason: format!(
-                    "is not a /{} between SubnetMin {} and SubnetMax {} of Network {} (the network config changed?)",
-                    cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.network
-                ),
-            });
+                " (the network config changed?)",
+            ));
         }
         self.acquire_inner(cfg, attrs, ttl, Some(subnet), true)
             .await

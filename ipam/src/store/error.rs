@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
-use crate::netconf::ConfigError;
+use crate::netconf::{ConfigError, NetConfig};
 
 /// Errors of the lease store. Each names the operation and the key or value involved.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +128,17 @@ impl StoreError {
             our_ip: ours,
             reserved,
             fix,
+        }
+    }
+
+    /// `subnet` is not one `cfg` hands out; `hint` follows the reason (may be empty).
+    pub(super) fn outside_config(cfg: &NetConfig, subnet: Ipv4Net, hint: &str) -> Self {
+        StoreError::InvalidSubnet {
+            subnet,
+            reason: format!(
+                "is not a /{} between SubnetMin {} and SubnetMax {} of Network {}{hint}",
+                cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.network
+            ),
         }
     }
 

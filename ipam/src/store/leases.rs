@@ -205,13 +205,7 @@ impl LeaseStore {
         }
         let cfg = self.require_config().await?;
         if !cfg.is_valid_subnet(&subnet) {
-            return Err(StoreError::InvalidSubnet {
-                subnet,
-                reason: format!(
-                    "is not a /{} between SubnetMin {} and SubnetMax {} of Network {}",
-                    cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.network
-                ),
-            });
+            return Err(StoreError::outside_config(&cfg, subnet, ""));
         }
         let key = self.lease_key(&subnet);
         let guard = match self.backend.get(&key).await?.0 {

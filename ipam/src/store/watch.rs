@@ -710,6 +710,58 @@ mod tests {
         assert!(diff(&new, new.clone()).is_empty());
     }
 
+    /// Every applied change bumps the generation; `changed_since` names the subnets
+    /// touched after a generation (removed ones too), and a re-list with no difference
+    /// changes nothing.
+    #[test]
+    fn changed_since_names_the_subnets_changed_after_a_generation() {
+        let mut view = View::default();
+        let listed = |leases: Vec<Lease>| Update::Listed {
+            leases,
+            invalid: vec![],
+            revision: 9,
+        };
+        for ev in view.events_of(listed(vec![
+            lease("10.0.1.0/24", "a", 5),
+            lease("10.0.2.0/24", "b", 6),
+        ])) {
+            view.apply(&ev);
+        }
+        let g0 = view.generation;
+        assert_eq!(g0, 2);
+        assert_eq!(view.changed_since(0).subnets.len(), 2);
+        assert!(view.changed_since(g0).subnets.is_empty());
+        apply_kv(&mut view, "10.0.2.0-24", None);
+        apply_kv(&mut view, "10.0.3.0-24", put("10.0.3.0-24", GOOD, 8));
+        let c = view.changed_since(g0);
+        assert_eq!(c.generation, g0 + 2);
+        let want: BTreeSet<Ipv4Net> = ["10.0.2.0/24", "10.0.3.0/24"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(c.subnets, want);
+        assert!(!c.invalid);
+        apply_kv(&mut view, "junk", put("junk", GOOD, 9));
+        let c2 = view.changed_since(c.generation);
+        assert!(c2.subnets.is_empty() && c2.invalid);
+        // The same state listed again: no event but Synced, the generation stays.
+        let same: Vec<Lease> = view.leases.values().cloned().collect();
+        let g = view.generation;
+        let ev = view.events_of(Update::Listed {
+            leases: same,
+            invalid: view.invalid.values().cloned().collect(),
+            revision: 10,
+        });
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Synced { revision: 10 }]),
+            "{ev:?}"
+        );
+        for e in &ev {
+            view.apply(e);
+        }
+        assert_eq!(view.generation, g);
+    }
+
     /// Counts the bytes allocated and not freed on this thread (the other test threads
     /// allocate too: a global counter would count them).
     mod counting {
