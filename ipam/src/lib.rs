@@ -11,3 +11,4 @@ pub mod netconf;
 #[cfg(feature = "etcd")]
 pub mod store;
 pub mod subnet_file;
+pub mod subnets;

@@ -21,12 +21,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchStream};
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::backend::{EventStream, KeepAlive, Put, WatchEvent, WatchMessage, WatchSpec, Written};
 use super::{Backoff, LeaseStore, StoreError};
 use crate::lease::{Lease, LeaseAttrs};
 use crate::netconf::NetConfig;
@@ -384,8 +384,8 @@ impl Task {
         let mut deadline = Instant::now() + ttl;
         let mut past_deadline_logged = false;
         let mut next_renew = Instant::now() + interval;
-        let mut keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
-        let mut own: Option<WatchStream> = None;
+        let mut keeper: Option<Box<dyn KeepAlive>> = None;
+        let mut own: Option<Box<dyn EventStream>> = None;
         let mut backoff = Backoff::new(interval.clamp(Duration::from_millis(200), RETRY_CAP));
         let mut watch_retry = Instant::now();
         let mut attrs_open = true;
@@ -400,15 +400,13 @@ impl Task {
                 match self.check_own(&key, &lease).await {
                     Ok(Err(lost)) => return lost,
                     Ok(Ok(rev)) => {
-                        let opts = WatchOptions::new().with_start_revision(rev + 1);
-                        match self
-                            .store
-                            .rpc("watch", &key, |c| {
-                                let (k, o) = (key.clone(), opts.clone());
-                                async move { c.watch_client().watch(k, Some(o)).await }
-                            })
-                            .await
-                        {
+                        let spec = WatchSpec {
+                            key: key.clone(),
+                            prefix: false,
+                            from_revision: rev + 1,
+                            progress: false,
+                        };
+                        match self.store.backend.watch(spec).await {
                             Ok(s) => own = Some(s),
                             Err(e) => {
                                 self.error(&e);
@@ -438,6 +436,7 @@ impl Task {
                         continue;
                     }
                     let sent = Instant::now();
+                    let sent_wall = SystemTime::now();
                     match self.renew(&mut keeper, lease.etcd_lease).await {
                         Ok(ttl_left) if ttl_left > 0 => {
                             self.counters.renewals.fetch_add(1, Ordering::Relaxed);
@@ -445,7 +444,9 @@ impl Task {
                             past_deadline_logged = false;
                             next_renew = sent + interval;
                             backoff.reset();
-                            let expires = SystemTime::now() + Duration::from_secs(ttl_left as u64);
+                            // etcd's expiry: the TTL it answered, from when the keep-alive was sent.
+                            let expires = sent_wall + Duration::from_secs(ttl_left as u64);
+                            lease.expires = Some(expires);
                             self.state.send_modify(|s| {
                                 s.healthy = true;
                                 s.last_error = None;
@@ -479,28 +480,28 @@ impl Task {
                         }
                     }
                 }
-                msg = async { own.as_mut().expect("guarded").message().await }, if own.is_some() => {
+                msg = async { own.as_mut().expect("guarded").next().await }, if own.is_some() => {
                     match msg {
-                        Ok(Some(resp)) => {
-                            if resp.canceled() {
-                                own = None;
-                                continue;
-                            }
-                            for ev in resp.events() {
-                                let Some(kv) = ev.kv() else { continue };
-                                match ev.event_type() {
-                                    EventType::Delete => return Lost::Deleted,
-                                    EventType::Put => {
-                                        let a = LeaseAttrs::from_json(&key, kv.value());
+                        Ok(Some(WatchMessage::Compacted { .. } | WatchMessage::Cancelled { .. })) => {
+                            own = None;
+                            continue;
+                        }
+                        Ok(Some(WatchMessage::Events(events))) => {
+                            for ev in events {
+                                match ev {
+                                    WatchEvent::Delete(_) => return Lost::Deleted,
+                                    WatchEvent::Put(kv) => {
+                                        let a = LeaseAttrs::from_json(&key, &kv.value);
                                         let node = a.as_ref().map(|a| a.node_name.clone()).unwrap_or_default();
-                                        if node != self.attrs.borrow().node_name || kv.lease() != lease.etcd_lease {
-                                            return Lost::TakenOver(format!("node {node:?}, etcd lease {:x}", kv.lease()));
+                                        if node != self.attrs.borrow().node_name || kv.lease != lease.etcd_lease {
+                                            return Lost::TakenOver(format!("node {node:?}, etcd lease {:x}", kv.lease));
                                         }
-                                        lease.mod_revision = kv.mod_revision();
+                                        lease.mod_revision = kv.mod_revision;
                                     }
                                 }
                             }
                         }
+                        Ok(Some(WatchMessage::Started { .. } | WatchMessage::Progress { .. })) => {}
                         Ok(None) | Err(_) => {
                             // etcd restarted or the connection broke: re-check and re-watch.
                             own = None;
@@ -544,18 +545,17 @@ impl Task {
 
     /// Ok(Ok(revision)) if the key is still ours; Ok(Err(lost)) if not.
     async fn check_own(&self, key: &str, lease: &Lease) -> Result<Result<i64, Lost>, StoreError> {
-        let resp = self.store.kv_get(key, None).await?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let Some(k) = resp.kvs().first() else {
+        let (kv, rev) = self.store.backend.get(key).await?;
+        let Some(k) = kv else {
             return Ok(Err(Lost::Deleted));
         };
-        let node = LeaseAttrs::from_json(key, k.value())
+        let node = LeaseAttrs::from_json(key, &k.value)
             .map(|a| a.node_name)
             .unwrap_or_default();
-        if node != self.attrs.borrow().node_name || k.lease() != lease.etcd_lease {
+        if node != self.attrs.borrow().node_name || k.lease != lease.etcd_lease {
             return Ok(Err(Lost::TakenOver(format!(
                 "node {node:?}, etcd lease {:x}",
-                k.lease()
+                k.lease
             ))));
         }
         Ok(Ok(rev))
@@ -564,42 +564,17 @@ impl Task {
     /// One keep-alive round trip; returns the remaining TTL (0: the lease is gone).
     async fn renew(
         &self,
-        keeper: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+        keeper: &mut Option<Box<dyn KeepAlive>>,
         id: i64,
     ) -> Result<i64, StoreError> {
-        let what = format!("lease {id:x}");
         if keeper.is_none() {
-            *keeper = Some(
-                self.store
-                    .rpc("lease-keepalive", &what, |c| async move {
-                        c.lease_client().keep_alive(id).await
-                    })
-                    .await?,
-            );
+            *keeper = Some(self.store.backend.keep_alive(id).await?);
         }
-        let (k, s) = keeper.as_mut().expect("set above");
-        let res = self
-            .store
-            .timed("lease-keepalive", &what, async {
-                k.keep_alive().await?;
-                s.message().await
-            })
-            .await;
-        match res {
-            Ok(Some(resp)) => Ok(resp.ttl()),
-            Ok(None) => {
-                *keeper = None;
-                Err(StoreError::Etcd {
-                    op: "lease-keepalive",
-                    key: what,
-                    source: etcd_client::Error::LeaseKeepAliveError("stream closed".into()),
-                })
-            }
-            Err(e) => {
-                *keeper = None;
-                Err(e)
-            }
+        let res = keeper.as_mut().expect("set above").renew().await;
+        if res.is_err() {
+            *keeper = None;
         }
+        res
     }
 
     /// Writes new attrs if the key is still ours. Ok(None) if it is not.
@@ -609,22 +584,19 @@ impl Task {
         lease: &Lease,
         attrs: &LeaseAttrs,
     ) -> Result<Option<i64>, StoreError> {
-        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
-        let opts = (!lease.reserved).then(|| PutOptions::new().with_lease(lease.etcd_lease));
-        let txn = Txn::new()
-            .when(vec![Compare::mod_revision(
-                key.to_string(),
-                CompareOp::Equal,
-                lease.mod_revision,
-            )])
-            .and_then(vec![TxnOp::put(
-                key.to_string(),
-                attrs.keeping_unknown_fields_of(&lease.attrs).to_json(),
-                opts,
-            )]);
-        let resp = self.store.kv_txn(key, txn).await?;
-        Ok(resp
-            .succeeded()
-            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+        let put = Put {
+            key: key.to_string(),
+            value: attrs.keeping_unknown_fields_of(&lease.attrs).to_json(),
+            lease: if lease.reserved { 0 } else { lease.etcd_lease },
+        };
+        let written = self
+            .store
+            .backend
+            .compare_and_put(lease.mod_revision, vec![put], None)
+            .await?;
+        Ok(match written {
+            Written::Done { revision } => Some(revision),
+            Written::Refused { .. } => None,
+        })
     }
 }

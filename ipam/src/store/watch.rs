@@ -6,22 +6,29 @@
 //! it delivered + 1, so nothing is lost or repeated; when etcd answers that this revision is
 //! compacted it re-lists and emits the diff. It retries with backoff forever.
 //!
+//! The lease map is kept once, on the receiving side: the background task sends what it read
+//! (a list, or one key's put or delete) and [`LeaseWatch`] turns it into events against its
+//! map, one update at a time. Besides the events, the map can be read level-triggered: every
+//! change bumps a generation, and [`LeaseWatch::changed_since`] names the subnets changed
+//! after a generation the caller saw ([`LeaseWatch::update`] applies what arrived without
+//! producing events).
+//!
 //! Key-values under the prefix that are not leases (a key that is not canonical, a value
 //! that is not lease JSON) are kept apart, keyed by their key, and reported with
 //! `LeaseEvent::Invalid`: they are rejected leases, never dropped silently, and they never
 //! change the lease map (an alias key cannot replace or delete the real lease).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions};
 use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{Backoff, LeaseStore, by_subnet};
+use super::backend::{WatchEvent, WatchMessage, WatchSpec};
+use super::{Backoff, LeaseStore};
 use crate::lease::{InvalidKind, InvalidLease, Lease, LeaseEvent, key_to_subnet, parse_lease};
 
 /// Counters of a [`LeaseWatch`] (for metrics).
@@ -48,14 +55,140 @@ struct Counters {
     events: AtomicU64,
 }
 
-/// Events of the lease set; see the module doc. Dropping it stops the background task.
+/// What the background task read, sent to [`LeaseWatch`] to be applied to its map.
+// Moved through the channel once; a Kv holds one lease inline, as LeaseEvent does.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub struct LeaseWatch {
-    rx: mpsc::Receiver<LeaseEvent>,
-    state: BTreeMap<Ipv4Net, Lease>,
+enum Update {
+    /// A full list at `revision`.
+    Listed {
+        leases: Vec<Lease>,
+        invalid: Vec<InvalidLease>,
+        revision: i64,
+    },
+    /// A put (`Some`) or delete of key `name` under the prefix.
+    Kv {
+        name: String,
+        put: Option<Result<Lease, InvalidLease>>,
+    },
+}
+
+/// The subnets changed after a generation (see [`LeaseWatch::changed_since`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The watch's generation now: pass it to the next `changed_since`.
+    pub generation: u64,
+    /// Subnets whose lease was added, changed or removed since.
+    pub subnets: BTreeSet<Ipv4Net>,
+    /// Whether the set of invalid key-values changed since.
+    pub invalid: bool,
+}
+
+/// The one copy of the lease set, with what has changed when.
+#[derive(Debug, Default)]
+struct View {
+    leases: BTreeMap<Ipv4Net, Lease>,
     invalid: BTreeMap<String, InvalidLease>,
     synced: bool,
     revision: i64,
+    /// Bumped by every applied change.
+    generation: u64,
+    /// The generation of each subnet's last change (removed subnets stay, so that their
+    /// removal is reported).
+    changed: BTreeMap<Ipv4Net, u64>,
+    /// The generation of the last change of `invalid`.
+    invalid_changed: u64,
+    /// Events of the last update not yet returned (and not yet applied).
+    pending: VecDeque<LeaseEvent>,
+}
+
+impl View {
+    /// The events of `u` against the map (which already holds every earlier event).
+    fn events_of(&self, u: Update) -> Vec<LeaseEvent> {
+        match u {
+            Update::Listed {
+                leases,
+                invalid,
+                revision,
+            } => {
+                let new: BTreeMap<Ipv4Net, Lease> =
+                    leases.into_iter().map(|l| (l.subnet, l)).collect();
+                let new_invalid: BTreeMap<String, InvalidLease> =
+                    invalid.into_iter().map(|i| (i.key.clone(), i)).collect();
+                let mut out = diff(&self.leases, new);
+                out.extend(diff_invalid(&self.invalid, &new_invalid));
+                out.push(LeaseEvent::Synced { revision });
+                out
+            }
+            Update::Kv { name, put } => kv_events(&self.leases, &self.invalid, &name, put),
+        }
+    }
+
+    /// Applies one event of [`View::events_of`].
+    fn apply(&mut self, ev: &LeaseEvent) {
+        let mut touched = |subnet: Ipv4Net, generation: &mut u64| {
+            *generation += 1;
+            self.changed.insert(subnet, *generation);
+        };
+        match ev {
+            LeaseEvent::Added(l) => {
+                self.revision = self.revision.max(l.mod_revision);
+                touched(l.subnet, &mut self.generation);
+                self.leases.insert(l.subnet, l.clone());
+            }
+            LeaseEvent::Changed { new, .. } => {
+                self.revision = self.revision.max(new.mod_revision);
+                touched(new.subnet, &mut self.generation);
+                self.leases.insert(new.subnet, new.clone());
+            }
+            LeaseEvent::Removed(l) => {
+                touched(l.subnet, &mut self.generation);
+                self.leases.remove(&l.subnet);
+            }
+            LeaseEvent::Invalid { key, entry } => {
+                self.generation += 1;
+                self.invalid_changed = self.generation;
+                match entry {
+                    Some(i) => {
+                        self.revision = self.revision.max(i.mod_revision);
+                        self.invalid.insert(key.clone(), i.clone());
+                    }
+                    None => {
+                        self.invalid.remove(key);
+                    }
+                }
+            }
+            LeaseEvent::Synced { revision } => {
+                // A full state: after a re-list of a restored etcd the revision may go down.
+                self.synced = true;
+                self.revision = *revision;
+                // Inserting in key order leaves the B-tree's nodes half empty; rebuilt from
+                // a sorted iterator they are full (about 40 % less memory per lease).
+                self.leases = std::mem::take(&mut self.leases).into_iter().collect();
+                self.changed = std::mem::take(&mut self.changed).into_iter().collect();
+            }
+        }
+    }
+
+    fn changed_since(&self, generation: u64) -> Changes {
+        Changes {
+            generation: self.generation,
+            subnets: self
+                .changed
+                .iter()
+                .filter(|(_, g)| **g > generation)
+                .map(|(s, _)| *s)
+                .collect(),
+            invalid: self.invalid_changed > generation,
+        }
+    }
+}
+
+/// Events of the lease set; see the module doc. Dropping it stops the background task.
+#[derive(Debug)]
+pub struct LeaseWatch {
+    rx: mpsc::Receiver<Update>,
+    view: View,
     counters: Arc<Counters>,
     task: JoinHandle<()>,
 }
@@ -73,75 +206,98 @@ impl LeaseWatch {
         let task = tokio::spawn(run(store, tx, counters.clone()));
         LeaseWatch {
             rx,
-            state: BTreeMap::new(),
-            invalid: BTreeMap::new(),
-            synced: false,
-            revision: 0,
+            view: View::default(),
             counters,
             task,
         }
     }
 
+    /// Turns an update into pending events.
+    fn absorb(&mut self, u: Update) {
+        let from_stream = matches!(u, Update::Kv { .. });
+        let events = self.view.events_of(u);
+        if from_stream {
+            self.counters
+                .events
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+        }
+        self.view.pending.extend(events);
+    }
+
     /// The next event. Cancel-safe. `None` only if the background task is gone.
     pub async fn next(&mut self) -> Option<LeaseEvent> {
-        let ev = self.rx.recv().await?;
-        match &ev {
-            LeaseEvent::Added(l) => {
-                self.revision = self.revision.max(l.mod_revision);
-                self.state.insert(l.subnet, l.clone());
+        loop {
+            if let Some(ev) = self.view.pending.pop_front() {
+                self.view.apply(&ev);
+                return Some(ev);
             }
-            LeaseEvent::Changed { new, .. } => {
-                self.revision = self.revision.max(new.mod_revision);
-                self.state.insert(new.subnet, new.clone());
+            let u = self.rx.recv().await?;
+            self.absorb(u);
+        }
+    }
+
+    /// Level-triggered: waits until something arrived (unless events are pending), applies
+    /// everything that has arrived without returning the events, and returns the generation
+    /// (see [`LeaseWatch::changed_since`]). Cancel-safe. `None` only if the background task is
+    /// gone.
+    pub async fn update(&mut self) -> Option<u64> {
+        if self.view.pending.is_empty() {
+            let u = self.rx.recv().await?;
+            self.absorb(u);
+        }
+        loop {
+            while let Some(ev) = self.view.pending.pop_front() {
+                self.view.apply(&ev);
             }
-            LeaseEvent::Removed(l) => {
-                self.state.remove(&l.subnet);
-            }
-            LeaseEvent::Invalid { key, entry } => match entry {
-                Some(i) => {
-                    self.revision = self.revision.max(i.mod_revision);
-                    self.invalid.insert(key.clone(), i.clone());
-                }
-                None => {
-                    self.invalid.remove(key);
-                }
-            },
-            LeaseEvent::Synced { revision } => {
-                // A full state: after a re-list of a restored etcd the revision may go down.
-                self.synced = true;
-                self.revision = *revision;
+            match self.rx.try_recv() {
+                Ok(u) => self.absorb(u),
+                Err(_) => break,
             }
         }
-        Some(ev)
+        Some(self.view.generation)
     }
 
     /// Consumes events until the first `Synced` (if not synced yet) and returns the state.
     pub async fn wait_synced(&mut self) -> Option<&BTreeMap<Ipv4Net, Lease>> {
-        while !self.synced {
+        while !self.view.synced {
             self.next().await?;
         }
-        Some(&self.state)
+        Some(&self.view.leases)
     }
 
-    /// The lease set as of the events returned so far by [`LeaseWatch::next`].
+    /// The lease set as of the events returned so far by [`LeaseWatch::next`] (or applied by
+    /// [`LeaseWatch::update`]).
     pub fn state(&self) -> &BTreeMap<Ipv4Net, Lease> {
-        &self.state
+        &self.view.leases
     }
 
     /// The key-values under `<prefix>/subnets/` that are not leases, by key name, as of the
     /// events returned so far.
     pub fn invalid(&self) -> &BTreeMap<String, InvalidLease> {
-        &self.invalid
+        &self.view.invalid
     }
 
     /// Whether a `Synced` event has been returned (the state is complete).
     pub fn is_synced(&self) -> bool {
-        self.synced
+        self.view.synced
     }
 
     /// The highest revision seen in the events returned so far.
     pub fn revision(&self) -> i64 {
-        self.revision
+        self.view.revision
+    }
+
+    /// The generation of the state: 0 at the start, +1 per applied change (a lease added,
+    /// changed or removed, an invalid key-value put or gone).
+    pub fn generation(&self) -> u64 {
+        self.view.generation
+    }
+
+    /// The subnets changed after `generation` (one returned by [`LeaseWatch::generation`],
+    /// [`LeaseWatch::update`] or an earlier `changed_since`), and the generation now. With
+    /// 0: every subnet seen.
+    pub fn changed_since(&self, generation: u64) -> Changes {
+        self.view.changed_since(generation)
     }
 
     /// Counters.
@@ -158,26 +314,22 @@ impl LeaseWatch {
 }
 
 /// Differences from `known` to `new`, ordered by subnet.
-fn diff(known: &HashMap<Ipv4Net, Lease>, new: &HashMap<Ipv4Net, Lease>) -> Vec<LeaseEvent> {
+fn diff(known: &BTreeMap<Ipv4Net, Lease>, mut new: BTreeMap<Ipv4Net, Lease>) -> Vec<LeaseEvent> {
     let mut out: Vec<(Ipv4Net, LeaseEvent)> = Vec::new();
     for (s, old) in known {
-        if !new.contains_key(s) {
-            out.push((*s, LeaseEvent::Removed(old.clone())));
-        }
-    }
-    for (s, l) in new {
-        match known.get(s) {
-            None => out.push((*s, LeaseEvent::Added(l.clone()))),
-            Some(old) if old.mod_revision != l.mod_revision || !old.same_content(l) => out.push((
+        match new.remove(s) {
+            None => out.push((*s, LeaseEvent::Removed(old.clone()))),
+            Some(l) if old.mod_revision != l.mod_revision || !old.same_content(&l) => out.push((
                 *s,
                 LeaseEvent::Changed {
                     old: old.clone(),
-                    new: l.clone(),
+                    new: l,
                 },
             )),
             Some(_) => {}
         }
     }
+    out.extend(new.into_iter().map(|(s, l)| (s, LeaseEvent::Added(l))));
     out.sort_by_key(|(s, _)| *s);
     out.into_iter().map(|(_, e)| e).collect()
 }
@@ -206,18 +358,18 @@ fn diff_invalid(
         .collect()
 }
 
-/// The events of one put or delete of key `name` (under the prefix), applied to `known` and
+/// The events of one put or delete of key `name` (under the prefix) against `known` and
 /// `invalid`. A non-canonical key only ever touches `invalid`.
-fn apply_kv(
-    known: &mut HashMap<Ipv4Net, Lease>,
-    invalid: &mut BTreeMap<String, InvalidLease>,
+fn kv_events(
+    known: &BTreeMap<Ipv4Net, Lease>,
+    invalid: &BTreeMap<String, InvalidLease>,
     name: &str,
     put: Option<Result<Lease, InvalidLease>>,
 ) -> Vec<LeaseEvent> {
     let mut out = Vec::new();
     let subnet = key_to_subnet(name).ok();
-    let gone_invalid = |invalid: &mut BTreeMap<String, InvalidLease>, out: &mut Vec<LeaseEvent>| {
-        if invalid.remove(name).is_some() {
+    let gone_invalid = |out: &mut Vec<LeaseEvent>| {
+        if invalid.contains_key(name) {
             out.push(LeaseEvent::Invalid {
                 key: name.to_string(),
                 entry: None,
@@ -226,9 +378,12 @@ fn apply_kv(
     };
     match put {
         Some(Ok(l)) => {
-            gone_invalid(invalid, &mut out);
-            out.push(match known.insert(l.subnet, l.clone()) {
-                Some(old) => LeaseEvent::Changed { old, new: l },
+            gone_invalid(&mut out);
+            out.push(match known.get(&l.subnet) {
+                Some(old) => LeaseEvent::Changed {
+                    old: old.clone(),
+                    new: l,
+                },
                 None => LeaseEvent::Added(l),
             });
         }
@@ -236,60 +391,50 @@ fn apply_kv(
             // A canonical key whose value became unreadable: that lease is no longer usable.
             if i.kind == InvalidKind::Value
                 && let Some(s) = subnet
-                && let Some(old) = known.remove(&s)
+                && let Some(old) = known.get(&s)
             {
-                out.push(LeaseEvent::Removed(old));
+                out.push(LeaseEvent::Removed(old.clone()));
             }
-            invalid.insert(name.to_string(), i.clone());
             out.push(LeaseEvent::Invalid {
                 key: name.to_string(),
                 entry: Some(i),
             });
         }
         None => {
-            gone_invalid(invalid, &mut out);
+            gone_invalid(&mut out);
             if let Some(s) = subnet
-                && let Some(old) = known.remove(&s)
+                && let Some(old) = known.get(&s)
             {
-                out.push(LeaseEvent::Removed(old));
+                out.push(LeaseEvent::Removed(old.clone()));
             }
         }
     }
     out
 }
 
-async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Counters>) {
+async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<Counters>) {
     let prefix = store.subnets_prefix();
-    let mut known: HashMap<Ipv4Net, Lease> = HashMap::new();
-    let mut invalid: BTreeMap<String, InvalidLease> = BTreeMap::new();
-    // The last revision whose events have all been delivered.
+    // The last revision whose changes have all been sent.
     let mut rev: i64 = 0;
     let mut need_list = true;
     let mut backoff = Backoff::new(Duration::from_secs(5));
     loop {
         if need_list {
             match store.list_all().await {
-                Ok((leases, bad, r)) => {
+                Ok((leases, invalid, r)) => {
                     counters.lists.fetch_add(1, Ordering::Relaxed);
-                    let new = by_subnet(leases);
-                    let new_invalid: BTreeMap<String, InvalidLease> =
-                        bad.into_iter().map(|i| (i.key.clone(), i)).collect();
-                    for ev in diff(&known, &new)
-                        .into_iter()
-                        .chain(diff_invalid(&invalid, &new_invalid))
-                    {
-                        if tx.send(ev).await.is_err() {
-                            return;
-                        }
-                    }
-                    known = new;
-                    invalid = new_invalid;
-                    rev = r;
-                    need_list = false;
-                    if tx.send(LeaseEvent::Synced { revision: r }).await.is_err() {
+                    let n = leases.len();
+                    let listed = Update::Listed {
+                        leases,
+                        invalid,
+                        revision: r,
+                    };
+                    if tx.send(listed).await.is_err() {
                         return;
                     }
-                    tracing::debug!(revision = r, leases = known.len(), "lease list delivered");
+                    rev = r;
+                    need_list = false;
+                    tracing::debug!(revision = r, leases = n, "lease list delivered");
                 }
                 Err(e) => {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -301,18 +446,13 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Coun
             }
         }
 
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(rev + 1)
-            .with_prev_key()
-            .with_progress_notify();
-        let mut stream = match store
-            .rpc("watch", &prefix, |c| {
-                let (k, o) = (prefix.clone(), opts.clone());
-                async move { c.watch_client().watch(k, Some(o)).await }
-            })
-            .await
-        {
+        let spec = WatchSpec {
+            key: prefix.clone(),
+            prefix: true,
+            from_revision: rev + 1,
+            progress: true,
+        };
+        let mut stream = match store.backend.watch(spec).await {
             Ok(s) => s,
             Err(e) => {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -326,7 +466,7 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Coun
         generation.mark_unchanged();
         loop {
             let msg = tokio::select! {
-                m = stream.message() => m,
+                m = stream.next() => m,
                 r = generation.changed() => {
                     if r.is_err() {
                         // The store is gone: keep the stream we have.
@@ -339,72 +479,65 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Coun
                 }
             };
             match msg {
-                Ok(Some(resp)) => {
-                    if resp.canceled() {
-                        if resp.compact_revision() > 0 {
-                            counters.compactions.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(
-                                from_revision = rev + 1,
-                                compacted_to = resp.compact_revision(),
-                                "lease watch revision compacted: re-listing"
-                            );
-                            need_list = true;
-                        } else {
-                            counters.errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(
-                                reason = resp.cancel_reason(),
-                                "etcd cancelled the lease watch"
-                            );
-                        }
-                        break;
-                    }
-                    // A store whose revision went backwards (etcd restored from a backup, or
-                    // wiped): the history we resume from is not this store's; start over.
-                    if resp.created()
-                        && let Some(h) = resp.header()
-                        && h.revision() < rev
-                    {
-                        counters.compactions.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            store_revision = h.revision(),
-                            delivered_revision = rev,
-                            "etcd's revision went backwards (restored or replaced): re-listing"
-                        );
-                        need_list = true;
-                        break;
-                    }
+                Ok(Some(WatchMessage::Compacted { compact_revision })) => {
+                    counters.compactions.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        from_revision = rev + 1,
+                        compacted_to = compact_revision,
+                        "lease watch revision compacted: re-listing"
+                    );
+                    need_list = true;
+                    break;
+                }
+                Ok(Some(WatchMessage::Cancelled { reason })) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(reason, "etcd cancelled the lease watch");
+                    break;
+                }
+                // A store whose revision went backwards (etcd restored from a backup, or
+                // wiped): the history we resume from is not this store's; start over.
+                Ok(Some(WatchMessage::Started { revision })) if revision < rev => {
+                    counters.compactions.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        store_revision = revision,
+                        delivered_revision = rev,
+                        "etcd's revision went backwards (restored or replaced): re-listing"
+                    );
+                    need_list = true;
+                    break;
+                }
+                Ok(Some(WatchMessage::Started { .. })) => backoff.reset(),
+                Ok(Some(WatchMessage::Events(events))) => {
                     backoff.reset();
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        rev = rev.max(kv.mod_revision());
-                        let key = String::from_utf8_lossy(kv.key());
-                        let Some(name) = key.strip_prefix(&prefix) else {
+                    for ev in events {
+                        let kv = ev.kv();
+                        rev = rev.max(kv.mod_revision);
+                        let Some(name) = kv.key.strip_prefix(&prefix) else {
                             continue;
                         };
-                        let put = match ev.event_type() {
-                            EventType::Put => Some(parse_lease(
+                        let put = match &ev {
+                            WatchEvent::Put(kv) => Some(parse_lease(
                                 name,
-                                kv.value(),
-                                kv.lease(),
-                                kv.create_revision(),
-                                kv.mod_revision(),
+                                &kv.value,
+                                kv.lease,
+                                kv.create_revision,
+                                kv.mod_revision,
                             )),
-                            EventType::Delete => None,
+                            WatchEvent::Delete(_) => None,
                         };
-                        for out in apply_kv(&mut known, &mut invalid, name, put) {
-                            counters.events.fetch_add(1, Ordering::Relaxed);
-                            if tx.send(out).await.is_err() {
-                                return;
-                            }
+                        let update = Update::Kv {
+                            name: name.to_string(),
+                            put,
+                        };
+                        if tx.send(update).await.is_err() {
+                            return;
                         }
                     }
-                    // A progress notification: every event up to its revision was sent.
-                    if resp.events().is_empty()
-                        && !resp.created()
-                        && let Some(h) = resp.header()
-                    {
-                        rev = rev.max(h.revision());
-                    }
+                }
+                // Every event up to its revision was sent.
+                Ok(Some(WatchMessage::Progress { revision })) => {
+                    backoff.reset();
+                    rev = rev.max(revision);
                 }
                 Ok(None) => {
                     counters.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -428,6 +561,26 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<LeaseEvent>, counters: Arc<Coun
 mod tests {
     use super::*;
     use crate::lease::LeaseAttrs;
+
+    fn by_subnet(leases: Vec<Lease>) -> BTreeMap<Ipv4Net, Lease> {
+        leases.into_iter().map(|l| (l.subnet, l)).collect()
+    }
+
+    /// One put or delete through the view, as `next` applies it: the events, applied.
+    fn apply_kv(
+        view: &mut View,
+        name: &str,
+        put: Option<Result<Lease, InvalidLease>>,
+    ) -> Vec<LeaseEvent> {
+        let ev = view.events_of(Update::Kv {
+            name: name.to_string(),
+            put,
+        });
+        for e in &ev {
+            view.apply(e);
+        }
+        ev
+    }
 
     fn lease(s: &str, node: &str, rev: i64) -> Lease {
         Lease {
@@ -456,69 +609,47 @@ mod tests {
     /// deleting it leave the real lease in the map exactly as it was.
     #[test]
     fn alias_key_never_touches_the_real_lease() {
-        let mut known = HashMap::new();
-        let mut invalid = BTreeMap::new();
-        let ev = apply_kv(
-            &mut known,
-            &mut invalid,
-            "10.0.2.0-24",
-            put("10.0.2.0-24", GOOD, 5),
-        );
+        let mut view = View::default();
+        let ev = apply_kv(&mut view, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 5));
         assert!(matches!(&ev[..], [LeaseEvent::Added(_)]), "{ev:?}");
-        let real = known.clone();
+        let real = view.leases.clone();
         for alias in [
             "10.0.2.0-024",
             "10.0.2.0-00000000000000000024",
             "10.0.02.0-24",
         ] {
-            let ev = apply_kv(&mut known, &mut invalid, alias, put(alias, GOOD, 6));
+            let ev = apply_kv(&mut view, alias, put(alias, GOOD, 6));
             assert!(
                 matches!(&ev[..], [LeaseEvent::Invalid { key, entry: Some(i) }] if key == alias && i.kind == InvalidKind::Key),
                 "{ev:?}"
             );
-            assert_eq!(known, real);
-            let ev = apply_kv(&mut known, &mut invalid, alias, None);
+            assert_eq!(view.leases, real);
+            let ev = apply_kv(&mut view, alias, None);
             assert!(
                 matches!(&ev[..], [LeaseEvent::Invalid { key, entry: None }] if key == alias),
                 "{ev:?}"
             );
-            assert_eq!(known, real);
+            assert_eq!(view.leases, real);
         }
-        assert!(invalid.is_empty());
+        assert!(view.invalid.is_empty());
         // Deleting a key that was never there changes nothing.
-        assert!(apply_kv(&mut known, &mut invalid, "junk", None).is_empty());
+        assert!(apply_kv(&mut view, "junk", None).is_empty());
     }
 
     /// A canonical key whose value is not lease JSON: the lease is removed and the key is
     /// reported as invalid (kind Value); a good value again makes it a lease again.
     #[test]
     fn unreadable_value_is_reported_not_dropped() {
-        let mut known = HashMap::new();
-        let mut invalid = BTreeMap::new();
-        apply_kv(
-            &mut known,
-            &mut invalid,
-            "10.0.2.0-24",
-            put("10.0.2.0-24", GOOD, 5),
-        );
-        let ev = apply_kv(
-            &mut known,
-            &mut invalid,
-            "10.0.2.0-24",
-            put("10.0.2.0-24", "{", 6),
-        );
+        let mut view = View::default();
+        apply_kv(&mut view, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 5));
+        let ev = apply_kv(&mut view, "10.0.2.0-24", put("10.0.2.0-24", "{", 6));
         assert!(
             matches!(&ev[..], [LeaseEvent::Removed(_), LeaseEvent::Invalid { entry: Some(i), .. }] if i.kind == InvalidKind::Value),
             "{ev:?}"
         );
-        assert!(known.is_empty());
-        assert_eq!(invalid.len(), 1);
-        let ev = apply_kv(
-            &mut known,
-            &mut invalid,
-            "10.0.2.0-24",
-            put("10.0.2.0-24", GOOD, 7),
-        );
+        assert!(view.leases.is_empty());
+        assert_eq!(view.invalid.len(), 1);
+        let ev = apply_kv(&mut view, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 7));
         assert!(
             matches!(
                 &ev[..],
@@ -529,7 +660,7 @@ mod tests {
             ),
             "{ev:?}"
         );
-        assert!(invalid.is_empty());
+        assert!(view.invalid.is_empty());
     }
 
     #[test]
@@ -569,13 +700,163 @@ mod tests {
             lease("10.0.3.0/24", "c2", 9),
             lease("10.0.4.0/24", "d", 10),
         ]);
-        let ev = diff(&known, &new);
+        let ev = diff(&known, new.clone());
         assert_eq!(ev.len(), 3);
         assert!(matches!(&ev[0], LeaseEvent::Removed(l) if l.attrs.node_name == "a"));
         assert!(
             matches!(&ev[1], LeaseEvent::Changed { old, new } if old.attrs.node_name == "c" && new.attrs.node_name == "c2")
         );
         assert!(matches!(&ev[2], LeaseEvent::Added(l) if l.attrs.node_name == "d"));
-        assert!(diff(&new, &new).is_empty());
+        assert!(diff(&new, new.clone()).is_empty());
+    }
+
+    /// Every applied change bumps the generation; `changed_since` names the subnets
+    /// touched after a generation (removed ones too), and a re-list with no difference
+    /// changes nothing.
+    #[test]
+    fn changed_since_names_the_subnets_changed_after_a_generation() {
+        let mut view = View::default();
+        let listed = |leases: Vec<Lease>| Update::Listed {
+            leases,
+            invalid: vec![],
+            revision: 9,
+        };
+        for ev in view.events_of(listed(vec![
+            lease("10.0.1.0/24", "a", 5),
+            lease("10.0.2.0/24", "b", 6),
+        ])) {
+            view.apply(&ev);
+        }
+        let g0 = view.generation;
+        assert_eq!(g0, 2);
+        assert_eq!(view.changed_since(0).subnets.len(), 2);
+        assert!(view.changed_since(g0).subnets.is_empty());
+        apply_kv(&mut view, "10.0.2.0-24", None);
+        apply_kv(&mut view, "10.0.3.0-24", put("10.0.3.0-24", GOOD, 8));
+        let c = view.changed_since(g0);
+        assert_eq!(c.generation, g0 + 2);
+        let want: BTreeSet<Ipv4Net> = ["10.0.2.0/24", "10.0.3.0/24"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(c.subnets, want);
+        assert!(!c.invalid);
+        apply_kv(&mut view, "junk", put("junk", GOOD, 9));
+        let c2 = view.changed_since(c.generation);
+        assert!(c2.subnets.is_empty() && c2.invalid);
+        // The same state listed again: no event but Synced, the generation stays.
+        let same: Vec<Lease> = view.leases.values().cloned().collect();
+        let g = view.generation;
+        let ev = view.events_of(Update::Listed {
+            leases: same,
+            invalid: view.invalid.values().cloned().collect(),
+            revision: 10,
+        });
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Synced { revision: 10 }]),
+            "{ev:?}"
+        );
+        for e in &ev {
+            view.apply(e);
+        }
+        assert_eq!(view.generation, g);
+    }
+
+    /// Counts the bytes allocated and not freed on this thread (the other test threads
+    /// allocate too: a global counter would count them).
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static LIVE: Cell<isize> = const { Cell::new(0) };
+        }
+
+        struct Counting;
+
+        fn add(n: isize) {
+            let _ = LIVE.try_with(|c| c.set(c.get() + n));
+        }
+
+        // SAFETY: forwards to the system allocator unchanged; only counts.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+                // SAFETY: the caller's layout, as given.
+                let p = unsafe { System.alloc(l) };
+                if !p.is_null() {
+                    add(l.size() as isize);
+                }
+                p
+            }
+            unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+                // SAFETY: `p` came from `alloc` with this layout.
+                unsafe { System.dealloc(p, l) };
+                add(-(l.size() as isize));
+            }
+        }
+
+        #[global_allocator]
+        static A: Counting = Counting;
+
+        pub fn live() -> isize {
+            LIVE.with(|c| c.get())
+        }
+    }
+
+    fn many(n: u32) -> Vec<Lease> {
+        (0..n)
+            .map(|i| {
+                let (a, b) = (i / 256, i % 256);
+                let name = format!("10.{a}.{b}.0-24");
+                let value = format!(
+                    r#"{{"PublicIP":"192.168.{a}.{b}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:42:c0:a8:{a:02x}:{b:02x}"}},"NodeName":"worker-{i:05}.cluster.example.com"}}"#
+                );
+                parse_lease(&name, value.as_bytes(), 0x7000 + i64::from(i), 10, 10).unwrap()
+            })
+            .collect()
+    }
+
+    /// Memory of the watch's lease state for 5,000 parsed leases: the map kept once (with
+    /// its per-subnet generations), against the layout before, where the task's HashMap
+    /// (collected from the list) and the receiver's BTreeMap (inserted event by event) each
+    /// held a copy. `cargo test -p twill-ipam --features etcd
+    /// watch_memory -- --nocapture` prints the figures (docs/benchmarks.md).
+    #[test]
+    fn watch_memory_per_lease() {
+        const N: u32 = 5_000;
+        let base = counting::live();
+        let old = {
+            let known: std::collections::HashMap<Ipv4Net, Lease> =
+                many(N).into_iter().map(|l| (l.subnet, l)).collect();
+            // The receiver inserted one event at a time, in subnet order.
+            let mut sorted: Vec<&Lease> = known.values().collect();
+            sorted.sort_by_key(|l| l.subnet);
+            let mut state = BTreeMap::new();
+            for l in sorted {
+                state.insert(l.subnet, l.clone());
+            }
+            let bytes = counting::live() - base;
+            assert_eq!((known.len(), state.len()), (N as usize, N as usize));
+            bytes
+        };
+        assert_eq!(counting::live(), base, "the old layout freed");
+        let mut view = View::default();
+        for ev in view.events_of(Update::Listed {
+            leases: many(N),
+            invalid: vec![],
+            revision: 10,
+        }) {
+            view.apply(&ev);
+        }
+        let new = counting::live() - base;
+        assert_eq!(view.leases.len(), N as usize);
+        assert!(view.synced);
+        let per = |b: isize| b as f64 / f64::from(N);
+        eprintln!(
+            "watch state, {N} leases: before {:.0} bytes/lease (two maps), after {:.0} bytes/lease (one map + generations)",
+            per(old),
+            per(new)
+        );
+        assert!(new * 10 < old * 6, "old {old} B, new {new} B");
     }
 }

@@ -524,7 +524,7 @@ async fn net_config(
         }
         None => None,
     };
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = twill_ipam::store::Backoff::new(Duration::from_secs(5));
     loop {
         let got = match store.get_config().await {
             Ok(Some(etcd)) => match &from_file {
@@ -578,8 +578,7 @@ async fn net_config(
             }
             warn!(error = %e, "etcd unreachable; retrying");
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

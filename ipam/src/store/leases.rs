@@ -1,0 +1,245 @@
+//! Lease I/O: the keys under `<prefix>/subnets/` (list, get, reserve, release), and the
+//! grace and move keys beside them.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use ipnet::Ipv4Net;
+
+use super::backend::{Guard, KeyValue, Listing, Put, Written};
+use super::{LeaseStore, MoveRequest, StoreError};
+use crate::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, parse_lease};
+
+impl LeaseStore {
+    /// Renews the etcd lease of `subnet`'s grace key if it names `node` (one keep-alive;
+    /// best effort: a failure is retried with the next renewal of the lease).
+    pub(crate) async fn renew_grace(&self, subnet: &Ipv4Net, node: &str) {
+        let key = self.grace_key(subnet);
+        let Ok((Some(k), _)) = self.backend.get(&key).await else {
+            return;
+        };
+        let id = k.lease;
+        if id == 0 || !LeaseAttrs::from_json(&key, &k.value).is_ok_and(|a| a.node_name == node) {
+            return;
+        }
+        if let Err(e) = self.backend.keep_alive_once(id).await {
+            tracing::debug!(%subnet, error = %e, "renewing the grace key's lease failed");
+        }
+    }
+
+    /// Subnets whose grace key names another node than `node`, with that node's name.
+    pub(super) async fn in_grace_of_others(
+        &self,
+        node: &str,
+    ) -> Result<HashMap<Ipv4Net, String>, StoreError> {
+        let prefix = self.grace_prefix();
+        let listing = self.backend.list(&prefix).await?;
+        Ok(listing
+            .kvs
+            .iter()
+            .filter_map(|k| {
+                let subnet = key_to_subnet(k.key.strip_prefix(&prefix)?).ok()?;
+                let a = LeaseAttrs::from_json(&k.key, &k.value).ok()?;
+                (a.node_name != node).then_some((subnet, a.node_name))
+            })
+            .collect())
+    }
+
+    /// Parses one lease key-value: the lease, or why it is none (`None` only for a key
+    /// outside `<prefix>/subnets/`).
+    pub(super) fn parse_kv(&self, kv: &KeyValue) -> Option<Result<Lease, InvalidLease>> {
+        let name = kv.key.strip_prefix(&self.subnets_prefix())?;
+        Some(parse_lease(
+            name,
+            &kv.value,
+            kv.lease,
+            kv.create_revision,
+            kv.mod_revision,
+        ))
+    }
+
+    /// All readable leases (sorted by subnet) and the revision they were read at. The
+    /// key-values that are not leases are left out: [`LeaseStore::list_all`] has them.
+    pub async fn list(&self) -> Result<(Vec<Lease>, i64), StoreError> {
+        let (leases, _, rev) = self.list_all().await?;
+        Ok((leases, rev))
+    }
+
+    /// All key-values under `<prefix>/subnets/`: the leases (sorted by subnet), the ones
+    /// that are not leases (bad key or value, sorted by key) and the revision.
+    pub async fn list_all(&self) -> Result<(Vec<Lease>, Vec<InvalidLease>, i64), StoreError> {
+        let listing = self.list_raw().await?;
+        let mut leases = Vec::new();
+        let mut invalid = Vec::new();
+        for r in listing.kvs.iter().filter_map(|k| self.parse_kv(k)) {
+            match r {
+                Ok(l) => leases.push(l),
+                Err(i) => invalid.push(i),
+            }
+        }
+        leases.sort_by_key(|l| l.subnet);
+        invalid.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok((leases, invalid, listing.revision))
+    }
+
+    pub(super) async fn list_raw(&self) -> Result<Listing, StoreError> {
+        self.backend.list(&self.subnets_prefix()).await
+    }
+
+    /// [`LeaseStore::list`] with `expires` filled in (one extra request per TTL lease).
+    pub async fn list_with_ttl(&self) -> Result<(Vec<Lease>, i64), StoreError> {
+        let (mut leases, rev) = self.list().await?;
+        for l in leases.iter_mut().filter(|l| !l.reserved) {
+            l.expires = self.expires(l.etcd_lease).await?;
+        }
+        Ok((leases, rev))
+    }
+
+    /// When etcd lease `id` expires (`None`: it is gone).
+    pub async fn expires(&self, id: i64) -> Result<Option<SystemTime>, StoreError> {
+        let asked = SystemTime::now();
+        let ttl = self.backend.time_to_live(id).await?;
+        Ok((ttl > 0).then(|| asked + Duration::from_secs(ttl as u64)))
+    }
+
+    /// The lease of `subnet`, if any.
+    pub async fn get(&self, subnet: &Ipv4Net) -> Result<Option<Lease>, StoreError> {
+        let key = self.lease_key(subnet);
+        let (kv, _) = self.backend.get(&key).await?;
+        Ok(kv.and_then(|k| self.parse_kv(&k)).and_then(|r| r.ok()))
+    }
+
+    /// Deletes `key` and revokes the etcd lease it was attached to, if any. False if the key
+    /// did not exist.
+    async fn delete_revoking(&self, key: &str) -> Result<bool, StoreError> {
+        let prev = self.backend.delete(key).await?;
+        if let Some(p) = &prev
+            && p.lease != 0
+        {
+            self.revoke(p.lease).await;
+        }
+        Ok(prev.is_some())
+    }
+
+    /// Deletes the lease of `subnet` (and revokes its etcd lease). False if there was none.
+    pub async fn release(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
+        let key = self.lease_key(&subnet);
+        let deleted = self.delete_revoking(&key).await?;
+        // An explicit release frees the subnet at once: no grace period.
+        self.backend.delete(&self.grace_key(&subnet)).await?;
+        Ok(deleted)
+    }
+
+    /// Writes the move permission of `node` (only for leaving `from`, if given), bound to an
+    /// etcd lease of `ttl`: a permission nobody used does not linger.
+    pub async fn request_move(
+        &self,
+        node: &str,
+        from: Option<Ipv4Net>,
+        ttl: Duration,
+    ) -> Result<MoveRequest, StoreError> {
+        if node.is_empty() || node.contains('/') {
+            return Err(StoreError::InvalidAttrs(format!(
+                "node name {node:?} must be non-empty and without '/'"
+            )));
+        }
+        let req = MoveRequest {
+            node_name: node.to_string(),
+            from,
+        };
+        let secs = (ttl.as_secs() as i64).max(1);
+        let id = self.backend.grant(secs).await?.id;
+        let put = Put {
+            key: self.move_key(node),
+            value: serde_json::to_string(&req).expect("a move request serializes"),
+            lease: id,
+        };
+        if let Err(e) = self.backend.put(put).await {
+            self.revoke(id).await;
+            return Err(e);
+        }
+        Ok(req)
+    }
+
+    /// The move permission of `node`, if any. A value that does not parse, or names another
+    /// node, is no permission: `Ok(Err(why))`.
+    pub async fn move_request(
+        &self,
+        node: &str,
+    ) -> Result<Option<Result<MoveRequest, String>>, StoreError> {
+        let key = self.move_key(node);
+        let (kv, _) = self.backend.get(&key).await?;
+        Ok(kv.map(|k| {
+            let r: MoveRequest = serde_json::from_slice(&k.value)
+                .map_err(|e| format!("{key}: value is not a move request: {e}"))?;
+            if r.node_name != node {
+                return Err(format!(
+                    "{key}: NodeName is {:?}, not {node:?}",
+                    r.node_name
+                ));
+            }
+            Ok(r)
+        }))
+    }
+
+    /// Deletes the move permission of `node` (and revokes its etcd lease). False if none.
+    pub async fn clear_move(&self, node: &str) -> Result<bool, StoreError> {
+        let key = self.move_key(node);
+        self.delete_revoking(&key).await
+    }
+
+    /// Best-effort revoke of an etcd lease that no key uses any more.
+    pub(crate) async fn revoke(&self, id: i64) {
+        if let Err(e) = self.backend.revoke(id).await {
+            tracing::debug!(lease = id, error = %e, "revoking an unused etcd lease failed (it expires by itself)");
+        }
+    }
+
+    /// Reserves `subnet` for `attrs.node_name`: a key without TTL. Allowed when the subnet is
+    /// free or already held by that node; the subnet must be valid under the stored config.
+    pub async fn reserve(&self, subnet: Ipv4Net, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
+        if attrs.node_name.is_empty() {
+            return Err(StoreError::InvalidAttrs(
+                "a reservation needs a NodeName".into(),
+            ));
+        }
+        let cfg = self.require_config().await?;
+        if !cfg.is_valid_subnet(&subnet) {
+            return Err(StoreError::outside_config(&cfg, subnet, ""));
+        }
+        let key = self.lease_key(&subnet);
+        let guard = match self.backend.get(&key).await?.0 {
+            None => Guard::Absent,
+            Some(k) => {
+                let holder = LeaseAttrs::from_json(&key, &k.value)
+                    .map(|a| a.node_name)
+                    .unwrap_or_default();
+                if holder != attrs.node_name {
+                    return Err(StoreError::Conflict { key, holder });
+                }
+                Guard::ModRevision(k.mod_revision)
+            }
+        };
+        let put = Put {
+            key,
+            value: attrs.to_json(),
+            lease: 0,
+        };
+        let Written::Done { revision: rev } = self.backend.put_if(guard, vec![put], None).await?
+        else {
+            return Err(StoreError::Contention {
+                what: "reserving (the key changed concurrently)",
+                attempts: 1,
+            });
+        };
+        Ok(Lease {
+            subnet,
+            attrs: attrs.clone(),
+            reserved: true,
+            etcd_lease: 0,
+            expires: None,
+            mod_revision: rev,
+            create_revision: rev,
+        })
+    }
+}
