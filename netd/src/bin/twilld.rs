@@ -34,6 +34,12 @@ fn main() -> Result<()> {
         Some(Command::InstallCni(args)) => twill_netd::install_cni::run(&args),
         Some(Command::UninstallCni(args)) => twill_netd::install_cni::uninstall(&args).map(|_| ()),
         Some(Command::Run) | None => {
+            // One malloc arena: the few blocking threads (nft, large netlink batches) would
+            // each get an arena of their own, and memory freed in one is not reused by another.
+            // SAFETY: called before any other thread exists; mallopt only sets a parameter.
+            unsafe {
+                libc::mallopt(libc::M_ARENA_MAX, 1);
+            }
             // One thread: netlink replies, etcd streams and HTTP are all I/O-bound; no
             // cross-thread wake-ups per netlink message, and a smaller RSS.
             let rt = tokio::runtime::Builder::new_current_thread()
