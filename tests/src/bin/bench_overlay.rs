@@ -59,11 +59,17 @@ fn peer_attrs(i: u32) -> LeaseAttrs {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` line of /proc/<pid>/status (VmRSS, RssAnon: the heap and stacks, RssFile: the
+/// binary's and libraries' pages).
+fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -403,6 +409,7 @@ async fn main() -> Result<()> {
     let fresh_reconcile = reconcile_us_from_log(&c.nodes[j].log_text(), 3 * n as usize);
     let pid2 = c.nodes[j].daemon.as_ref().and_then(|d| d.pid()).unwrap();
     let rss_fresh = rss_kib(pid2);
+    let (anon_fresh, file_fresh) = (status_kib(pid2, "RssAnon:"), status_kib(pid2, "RssFile:"));
 
     let mut batch = Vec::new();
     for _ in 0..3 {
@@ -445,6 +452,11 @@ async fn main() -> Result<()> {
         mib(rss_running),
         mib(rss_fresh),
         rss_fresh.saturating_sub(rss_base) as f64 / f64::from(n.max(1))
+    );
+    println!(
+        "fresh node RSS split: {:.1} MiB anonymous (heap, stacks), {:.1} MiB file-backed (the binary's pages)",
+        mib(anon_fresh),
+        mib(file_fresh)
     );
     let ka0 = keepalives.load(std::sync::atomic::Ordering::Relaxed);
     let cpu_s0 = cpu_time(etcd_pid);
