@@ -170,6 +170,45 @@ pub struct Programmed {
 }
 
 impl Programmed {
+    /// The neighbours of `ip` (one, unless the kernel was changed by hand).
+    pub fn neighs_of(&self, ip: Ipv4Addr) -> impl Iterator<Item = &Neigh> {
+        let lo = Neigh {
+            ip,
+            mac: Mac([0; 6]),
+        };
+        let hi = Neigh {
+            ip,
+            mac: Mac([0xff; 6]),
+        };
+        self.neighs.range(lo..=hi)
+    }
+
+    /// The FDB remotes of `mac`.
+    pub fn fdbs_of(&self, mac: Mac) -> impl Iterator<Item = &Fdb> {
+        let lo = Fdb {
+            mac,
+            dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let hi = Fdb {
+            mac,
+            dst: IpAddr::V6(std::net::Ipv6Addr::from(u128::MAX)),
+        };
+        self.fdbs.range(lo..=hi)
+    }
+
+    /// The routes to `dst`.
+    pub fn routes_to(&self, dst: Ipv4Net) -> impl Iterator<Item = &Route> {
+        let lo = Route {
+            dst,
+            via: Ipv4Addr::UNSPECIFIED,
+        };
+        let hi = Route {
+            dst,
+            via: Ipv4Addr::BROADCAST,
+        };
+        self.routes.range(lo..=hi)
+    }
+
     /// Only twill's own entries.
     pub fn owned(&self) -> Programmed {
         Programmed {
@@ -242,45 +281,21 @@ impl Op {
             // One entry per key: the others with the same key go (a range of the ordered
             // set, not a walk over every entry).
             Op::ReplaceFdb(f) => {
-                let lo = Fdb {
-                    mac: f.mac,
-                    dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                };
-                let hi = Fdb {
-                    mac: f.mac,
-                    dst: IpAddr::V6(std::net::Ipv6Addr::from(u128::MAX)),
-                };
-                let same: Vec<Fdb> = p.fdbs.range(lo..=hi).copied().collect();
+                let same: Vec<Fdb> = p.fdbs_of(f.mac).copied().collect();
                 for x in same {
                     p.fdbs.remove(&x);
                 }
                 p.fdbs.insert(*f);
             }
             Op::ReplaceNeigh(n) => {
-                let lo = Neigh {
-                    ip: n.ip,
-                    mac: Mac([0; 6]),
-                };
-                let hi = Neigh {
-                    ip: n.ip,
-                    mac: Mac([0xff; 6]),
-                };
-                let same: Vec<Neigh> = p.neighs.range(lo..=hi).copied().collect();
+                let same: Vec<Neigh> = p.neighs_of(n.ip).copied().collect();
                 for x in same {
                     p.neighs.remove(&x);
                 }
                 p.neighs.insert(*n);
             }
             Op::ReplaceRoute(r) => {
-                let lo = Route {
-                    dst: r.dst,
-                    via: Ipv4Addr::UNSPECIFIED,
-                };
-                let hi = Route {
-                    dst: r.dst,
-                    via: Ipv4Addr::BROADCAST,
-                };
-                let same: Vec<Route> = p.routes.range(lo..=hi).copied().collect();
+                let same: Vec<Route> = p.routes_to(r.dst).copied().collect();
                 for x in same {
                     p.routes.remove(&x);
                 }

@@ -720,35 +720,9 @@ pub fn diff_touched(desired: &Programmed, actual: &Programmed, touched: &[Peer])
     let restrict = |p: &Programmed| {
         let mut r = Programmed::default();
         for t in touched {
-            let ip = t.subnet.network();
-            let lo = Neigh {
-                ip,
-                mac: Mac([0; 6]),
-            };
-            let hi = Neigh {
-                ip,
-                mac: Mac([0xff; 6]),
-            };
-            r.neighs.extend(p.neighs.range(lo..=hi));
-            let lo = Fdb {
-                mac: t.vtep_mac,
-                dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            };
-            let hi = Fdb {
-                mac: t.vtep_mac,
-                dst: IpAddr::V6(std::net::Ipv6Addr::from(u128::MAX)),
-            };
-            r.fdbs.extend(p.fdbs.range(lo..=hi));
-            let dst = t.subnet.trunc();
-            let lo = Route {
-                dst,
-                via: Ipv4Addr::UNSPECIFIED,
-            };
-            let hi = Route {
-                dst,
-                via: Ipv4Addr::BROADCAST,
-            };
-            r.routes.extend(p.routes.range(lo..=hi));
+            r.neighs.extend(p.neighs_of(t.subnet.network()));
+            r.fdbs.extend(p.fdbs_of(t.vtep_mac));
+            r.routes.extend(p.routes_to(t.subnet.trunc()));
         }
         r
     };
