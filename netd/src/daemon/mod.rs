@@ -333,6 +333,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 timeout: args.health_timeout,
                 max_rate: args.health_max_rate,
                 publish: args.health_publish,
+                report_timeout: args.etcd.etcd_timeout,
             },
             health_rx,
             health_metrics,
