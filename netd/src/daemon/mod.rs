@@ -106,10 +106,6 @@ struct Daemon {
     conflicts: BTreeSet<Ipv4Net>,
     /// The drop counter as last read (it restarts at 0 when the table is rewritten).
     last_vxlan_dropped: u64,
-    last_renewals: u64,
-    last_losses: u64,
-    last_etcd_errors: u64,
-    last_netlink_timeouts: u64,
     /// Rejected leases already logged (each is logged once).
     reject_log: RejectLog,
     /// The validated peers, kept between lease events (an event costs its own leases only).
@@ -260,6 +256,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => return Ok(()),
         }
     };
+    let holder = Arc::new(holder);
+    metrics.counted.set_holder(&holder);
     info!(subnet = %lease.subnet, "lease held");
     metrics.lease_blocked.set(0);
     if let Some(exp) = lease.expires {
@@ -295,10 +293,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         nft_members: None,
         conflicts: BTreeSet::new(),
         last_vxlan_dropped: 0,
-        last_renewals: 0,
-        last_losses: 0,
-        last_etcd_errors: 0,
-        last_netlink_timeouts: 0,
         reject_log: RejectLog::default(),
         valid: ValidPeers::default(),
         want: Programmed::default(),
@@ -432,7 +426,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 d.update_ready(&holder);
             }
             _ = stats_tick.tick() => {
-                d.update_stats(&holder, &watch);
+                d.copy_watch_errors(&watch);
                 d.update_ready(&holder);
                 if d.need_dump && retry_at.is_none() {
                     retry_at = Some(tokio::time::Instant::now());
@@ -573,7 +567,9 @@ async fn net_config(
             Err(e) => Err(e),
         };
         if let Err(e) = got {
-            m.etcd_errors.inc();
+            m.counted
+                .etcd_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if !e.is_transient() {
                 return Err(e).context("read the network config from etcd");
             }
@@ -1134,35 +1130,12 @@ impl Daemon {
         self.metrics.ready.set(i64::from(ready));
     }
 
-    fn update_stats(&mut self, holder: &LeaseHolder, watch: &LeaseWatch) {
-        let hs = holder.stats();
-        let ws = watch.stats();
-        if hs.renewals > self.last_renewals {
-            self.metrics
-                .lease_renewals
-                .inc_by(hs.renewals - self.last_renewals);
-            self.last_renewals = hs.renewals;
-            set_expiry(&self.metrics, SystemTime::now() + self.args.lease_ttl);
-        }
-        if hs.losses > self.last_losses {
-            self.metrics
-                .lease_losses
-                .inc_by(hs.losses - self.last_losses);
-            self.last_losses = hs.losses;
-        }
-        let t = twill_dataplane::netlink::timeouts();
-        if t > self.last_netlink_timeouts {
-            self.metrics
-                .netlink_timeouts
-                .inc_by(t - self.last_netlink_timeouts);
-            self.last_netlink_timeouts = t;
-        }
-        let errs = hs.errors + ws.errors;
-        if errs > self.last_etcd_errors {
-            self.metrics
-                .etcd_errors
-                .inc_by(errs - self.last_etcd_errors);
-            self.last_etcd_errors = errs;
-        }
+    /// The lease watch's failed requests, for `twill_etcd_errors` (the holder's and the
+    /// netlink layer's counters are read at scrape time; the watch's have no shared handle).
+    fn copy_watch_errors(&self, watch: &LeaseWatch) {
+        self.metrics
+            .counted
+            .watch_errors
+            .store(watch.stats().errors, std::sync::atomic::Ordering::Relaxed);
     }
 }
