@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use twill_ipam::store::LeaseStore;
-use twill_ipam::store::etcd_client;
+use twill_ipam::store::backend::Put;
+use twill_ipam::store::{LeaseStore, StoreError};
 
 use super::metrics::Shared;
 
@@ -50,6 +50,8 @@ pub struct HealthConfig {
     pub timeout: Duration,
     pub max_rate: u32,
     pub publish: Duration,
+    /// Bounds one publication of the report (the store's request timeout).
+    pub report_timeout: Duration,
 }
 
 impl HealthConfig {
@@ -454,7 +456,7 @@ pub fn spawn(
         let mut sock: Option<(Ipv4Addr, UdpSocket)> = None;
         let mut publish = tokio::time::interval(cfg.publish);
         publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut publisher = Publisher::new(store, cfg.publish * 3);
+        let mut publisher = Publisher::new(store, cfg.publish * 3, cfg.report_timeout);
         let mut buf = [0u8; 64];
         loop {
             let own = {
@@ -583,29 +585,31 @@ pub fn pod_usage(data_dir: &std::path::Path, own: Ipv4Net) -> (Option<u64>, Opti
     (Some(used), Some(capacity))
 }
 
-/// Puts the report under an etcd lease of its own, kept alive by each put.
+/// Puts the report under a store lease of its own, kept alive by each put.
 struct Publisher {
     store: LeaseStore,
     ttl: Duration,
+    /// Bounds one publication (a keep-alive or grant, then the put): the prober waits for it.
+    timeout: Duration,
     lease: Option<i64>,
 }
 
 impl Publisher {
-    fn new(store: LeaseStore, ttl: Duration) -> Self {
+    fn new(store: LeaseStore, ttl: Duration, timeout: Duration) -> Self {
         Publisher {
             store,
             ttl,
+            timeout,
             lease: None,
         }
     }
 
     async fn put(&mut self, node: &str, report: &NodeReport) {
-        let key = format!("{}{node}", health_prefix(&self.store.options().prefix));
+        let key = report_key(&self.store, node);
         let Ok(value) = serde_json::to_string(report) else {
             return;
         };
-        let timeout = self.store.options().timeout;
-        let r = tokio::time::timeout(timeout, self.put_inner(&key, value)).await;
+        let r = tokio::time::timeout(self.timeout, self.put_inner(key, value)).await;
         match r {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -619,45 +623,48 @@ impl Publisher {
         }
     }
 
-    async fn put_inner(&mut self, key: &str, value: String) -> Result<(), etcd_client::Error> {
-        let mut client = self.store.client().clone();
-        let lease = match self.lease {
+    async fn put_inner(&mut self, key: String, value: String) -> Result<(), StoreError> {
+        let backend = self.store.backend();
+        let renewed = match self.lease {
             Some(id) => {
-                let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
-                keeper.keep_alive().await?;
-                match stream.message().await? {
-                    Some(r) if r.ttl() > 0 => id,
-                    _ => client
-                        .lease_grant(self.ttl.as_secs() as i64, None)
-                        .await?
-                        .id(),
-                }
+                let mut keeper = backend.keep_alive(id).await?;
+                (keeper.renew().await? > 0).then_some(id)
             }
-            None => client
-                .lease_grant(self.ttl.as_secs() as i64, None)
-                .await?
-                .id(),
+            None => None,
+        };
+        let lease = match renewed {
+            Some(id) => id,
+            None => backend.grant(self.ttl.as_secs() as i64).await?.id,
         };
         self.lease = Some(lease);
-        client
-            .put(
-                key,
-                value,
-                Some(etcd_client::PutOptions::new().with_lease(lease)),
-            )
-            .await?;
+        backend.put(Put { key, value, lease }).await?;
         Ok(())
     }
 }
 
+/// The store's key prefix (`<prefix>` of `<prefix>/config`).
+fn store_prefix(store: &LeaseStore) -> String {
+    let config = store.config_key();
+    config
+        .strip_suffix("/config")
+        .unwrap_or(&config)
+        .to_string()
+}
+
+/// `<prefix>/health/<node>`.
+fn report_key(store: &LeaseStore, node: &str) -> String {
+    format!("{}{node}", health_prefix(&store_prefix(store)))
+}
+
 /// Every node's report, from etcd. A value that does not parse is left out (it is
 /// untrusted input; `twillctl cluster status` shows the node as not reporting).
-pub async fn read_reports(store: &LeaseStore) -> Result<Vec<NodeReport>, etcd_client::Error> {
-    let prefix = health_prefix(&store.options().prefix);
-    let kvs = get_reports(store, &prefix, true).await?;
-    Ok(kvs
+pub async fn read_reports(store: &LeaseStore) -> Result<Vec<NodeReport>, StoreError> {
+    let prefix = health_prefix(&store_prefix(store));
+    let listing = store.backend().list(&prefix).await?;
+    Ok(listing
+        .kvs
         .iter()
-        .filter_map(|(_, v)| parse_report(v).ok())
+        .filter_map(|kv| parse_report(&kv.value).ok())
         .collect())
 }
 
@@ -666,37 +673,17 @@ pub async fn read_reports(store: &LeaseStore) -> Result<Vec<NodeReport>, etcd_cl
 pub async fn read_report(
     store: &LeaseStore,
     node: &str,
-) -> Result<Option<Result<NodeReport, String>>, etcd_client::Error> {
-    let key = format!("{}{node}", health_prefix(&store.options().prefix));
-    let kvs = get_reports(store, &key, false).await?;
-    Ok(kvs.into_iter().next().map(|(k, v)| {
-        parse_report(&v).map_err(|e| format!("the report at {k} does not parse: {e}"))
+) -> Result<Option<Result<NodeReport, String>>, StoreError> {
+    let key = report_key(store, node);
+    let (kv, _) = store.backend().get(&key).await?;
+    Ok(kv.map(|kv| {
+        parse_report(&kv.value).map_err(|e| format!("the report at {} does not parse: {e}", kv.key))
     }))
 }
 
 /// The parse both readers use: a report of an older twilld (fewer fields) still reads.
 pub fn parse_report(value: &[u8]) -> Result<NodeReport, serde_json::Error> {
     serde_json::from_slice(value)
-}
-
-async fn get_reports(
-    store: &LeaseStore,
-    key: &str,
-    prefix: bool,
-) -> Result<Vec<(String, Vec<u8>)>, etcd_client::Error> {
-    let mut client = store.client().clone();
-    let opts = prefix.then(|| etcd_client::GetOptions::new().with_prefix());
-    let resp = client.get(key, opts).await?;
-    Ok(resp
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            )
-        })
-        .collect())
 }
 
 #[cfg(test)]
@@ -710,6 +697,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_rate: 200,
             publish: Duration::from_secs(10),
+            report_timeout: Duration::from_secs(5),
         }
     }
 

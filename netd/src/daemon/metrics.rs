@@ -3,21 +3,24 @@
 //! and `/metrics`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use twill_ipam::store::{HolderStats, LeaseHolder};
 
 /// Every metric of twilld, cheap to clone (the metrics are shared handles).
 #[derive(Clone)]
@@ -35,10 +38,7 @@ pub struct Metrics {
     pub ops_applied: Counter,
     pub op_errors: Counter,
     pub drift_repaired: Counter,
-    pub etcd_errors: Counter,
     pub lease_expiry: Gauge<f64, AtomicU64>,
-    pub lease_renewals: Counter,
-    pub lease_losses: Counter,
     pub netlink_overruns: Counter,
     pub vxlan_recreated: Counter,
     pub ready: Gauge,
@@ -50,7 +50,8 @@ pub struct Metrics {
     pub route_conflicts: Gauge,
     pub vxlan_dropped: Counter,
     pub nft_errors: Counter,
-    pub netlink_timeouts: Counter,
+    /// The counters kept where the work happens, read at scrape time.
+    pub counted: Arc<Counted>,
 }
 
 impl Metrics {
@@ -69,10 +70,7 @@ impl Metrics {
             ops_applied: Counter::default(),
             op_errors: Counter::default(),
             drift_repaired: Counter::default(),
-            etcd_errors: Counter::default(),
             lease_expiry: Gauge::default(),
-            lease_renewals: Counter::default(),
-            lease_losses: Counter::default(),
             netlink_overruns: Counter::default(),
             vxlan_recreated: Counter::default(),
             ready: Gauge::default(),
@@ -81,7 +79,7 @@ impl Metrics {
             route_conflicts: Gauge::default(),
             vxlan_dropped: Counter::default(),
             nft_errors: Counter::default(),
-            netlink_timeouts: Counter::default(),
+            counted: Arc::new(Counted::default()),
         };
         reg.register(
             "twill_peers",
@@ -140,24 +138,9 @@ impl Metrics {
             m.drift_repaired.clone(),
         );
         reg.register(
-            "twill_etcd_errors",
-            "Failed requests to etcd",
-            m.etcd_errors.clone(),
-        );
-        reg.register(
             "twill_lease_expiry_timestamp_seconds",
             "When this node's lease expires unless renewed (Unix time)",
             m.lease_expiry.clone(),
-        );
-        reg.register(
-            "twill_lease_renewals",
-            "Lease keep-alives that succeeded",
-            m.lease_renewals.clone(),
-        );
-        reg.register(
-            "twill_lease_losses",
-            "Leases lost (expired, deleted, taken over)",
-            m.lease_losses.clone(),
         );
         reg.register(
             "twill_lease_blocked",
@@ -205,11 +188,7 @@ impl Metrics {
             "nft runs and peer set changes that failed or timed out",
             m.nft_errors.clone(),
         );
-        reg.register(
-            "twill_netlink_timeouts",
-            "netlink requests (routes, neighbours, FDB, links, addresses, dumps, peer set changes) that got no answer within --netlink-timeout",
-            m.netlink_timeouts.clone(),
-        );
+        reg.register_collector(Box::new(m.counted.clone()));
         m
     }
 
@@ -221,6 +200,66 @@ impl Metrics {
                 .get_or_create(&vec![("reason".to_string(), reason.to_string())])
                 .set(n as i64);
         }
+    }
+}
+
+/// The counters that the lease holder, the lease watch and the netlink layer keep
+/// themselves, encoded at scrape time (no copy to keep in step).
+#[derive(Debug, Default)]
+pub struct Counted {
+    /// Failed etcd requests of twilld's own (the network config at start-up).
+    pub etcd_errors: AtomicU64,
+    /// The lease watch's failed requests, as last read from it (its counters have no shared
+    /// handle; the daemon's one-second tick copies them).
+    pub watch_errors: AtomicU64,
+    /// The lease holder, once there is one (weak: dropping the daemon's stops renewing).
+    holder: OnceLock<Weak<LeaseHolder>>,
+}
+
+impl Counted {
+    /// From now on the holder's counters are the lease metrics.
+    pub fn set_holder(&self, holder: &Arc<LeaseHolder>) {
+        let _ = self.holder.set(Arc::downgrade(holder));
+    }
+
+    fn holder_stats(&self) -> HolderStats {
+        self.holder
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|h| h.stats())
+            .unwrap_or_default()
+    }
+}
+
+impl Collector for Counted {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let hs = self.holder_stats();
+        let etcd = self.etcd_errors.load(Ordering::Relaxed)
+            + self.watch_errors.load(Ordering::Relaxed)
+            + hs.errors;
+        let counters = [
+            ("twill_etcd_errors", "Failed requests to etcd", etcd),
+            (
+                "twill_lease_renewals",
+                "Lease keep-alives that succeeded",
+                hs.renewals,
+            ),
+            (
+                "twill_lease_losses",
+                "Leases lost (expired, deleted, taken over)",
+                hs.losses,
+            ),
+            (
+                "twill_netlink_timeouts",
+                "netlink requests (routes, neighbours, FDB, links, addresses, dumps, peer set changes) that got no answer within --netlink-timeout",
+                twill_dataplane::netlink::timeouts(),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let c = ConstCounter::new(v);
+            c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 
@@ -390,4 +429,32 @@ async fn serve_app(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr>
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod counted_tests {
+    use super::*;
+
+    #[test]
+    fn counted_metrics_keep_their_names_and_types() {
+        let mut reg = Registry::default();
+        let m = Metrics::new(&mut reg);
+        m.counted.etcd_errors.fetch_add(2, Ordering::Relaxed);
+        m.counted.watch_errors.store(3, Ordering::Relaxed);
+        let mut text = String::new();
+        encode(&mut text, &reg).unwrap();
+        assert!(
+            text.contains("# TYPE twill_etcd_errors counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("\ntwill_etcd_errors_total 5\n"), "{text}");
+        for name in [
+            "twill_lease_renewals",
+            "twill_lease_losses",
+            "twill_netlink_timeouts",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{text}");
+            assert!(text.contains(&format!("\n{name}_total ")), "{text}");
+        }
+    }
 }

@@ -39,7 +39,7 @@ use twill_dataplane::overlay::{
 };
 use twill_ipam::lease::LeaseAttrs;
 use twill_ipam::netconf::NetConfig;
-use twill_ipam::store::{EtcdOptions, LeaseHolder, LeaseStore, LeaseWatch, Pin};
+use twill_ipam::store::{EtcdOptions, HolderState, LeaseHolder, LeaseStore, LeaseWatch, Pin};
 use twill_ipam::subnet_file::SubnetFile;
 
 use crate::cli::{EtcdArgs, RunArgs};
@@ -73,6 +73,16 @@ pub fn node_name(args: &RunArgs) -> Result<String> {
     }
 }
 
+/// The context of a failed VXLAN device setup (no reconcile can run without the device).
+#[derive(Debug)]
+struct DeviceFailed;
+
+impl std::fmt::Display for DeviceFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the VXLAN device is not in place")
+    }
+}
+
 /// Why a reconcile runs (drift is counted only for the ones that are not lease changes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Cause {
@@ -80,6 +90,22 @@ enum Cause {
     Leases,
     Netlink,
     Resync,
+}
+
+/// What the main loop found to do; [`Daemon::step`] does it.
+enum Work {
+    /// Lease events, every queued one merged: the incremental reconcile.
+    Leases(LeaseChanges),
+    /// Netlink events left the cache different from what is expected (or need a dump).
+    Netlink,
+    /// The periodic resync: fresh dump, full reconcile, the drop counter.
+    Resync,
+    /// A retry after a failed node setup or a reconcile that needs a dump.
+    Retry,
+    /// The lease holder's state changed (renewal, loss, a move to another subnet).
+    Holder(Box<HolderState>),
+    /// The one-second tick: readiness, the watch's error count, a pending dump.
+    Tick,
 }
 
 struct Daemon {
@@ -97,6 +123,8 @@ struct Daemon {
     actual: Programmed,
     /// A fresh dump is needed before the next reconcile (overrun, failed op, recreated link).
     need_dump: bool,
+    /// When [`Work::Retry`] is due (see [`Daemon::ensure_or_retry`]).
+    retry_at: Option<tokio::time::Instant>,
     programmed_once: bool,
     nft: Nft,
     /// Adds and deletes the peer set's members over netlink (no `nft` process per join).
@@ -107,10 +135,6 @@ struct Daemon {
     conflicts: BTreeSet<Ipv4Net>,
     /// The drop counter as last read (it restarts at 0 when the table is rewritten).
     last_vxlan_dropped: u64,
-    last_renewals: u64,
-    last_losses: u64,
-    last_etcd_errors: u64,
-    last_netlink_timeouts: u64,
     /// Rejected leases already logged (each is logged once).
     reject_log: RejectLog,
     /// The validated peers, kept between lease events (an event costs its own leases only).
@@ -261,6 +285,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => return Ok(()),
         }
     };
+    let holder = Arc::new(holder);
+    metrics.counted.set_holder(&holder);
     info!(subnet = %lease.subnet, "lease held");
     metrics.lease_blocked.set(0);
     if let Some(exp) = lease.expires {
@@ -290,16 +316,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         own: lease.subnet,
         actual: Programmed::default(),
         need_dump: true,
+        retry_at: None,
         programmed_once: false,
         nft: Nft::new(),
         peer_set,
         nft_members: None,
         conflicts: BTreeSet::new(),
         last_vxlan_dropped: 0,
-        last_renewals: 0,
-        last_losses: 0,
-        last_etcd_errors: 0,
-        last_netlink_timeouts: 0,
         reject_log: RejectLog::default(),
         valid: ValidPeers::default(),
         want: Programmed::default(),
@@ -334,6 +357,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 timeout: args.health_timeout,
                 max_rate: args.health_max_rate,
                 publish: args.health_publish,
+                report_timeout: args.etcd.etcd_timeout,
             },
             health_rx,
             health_metrics,
@@ -352,17 +376,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
     resync.tick().await;
     let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
     let mut holder_rx = holder.subscribe();
-    let mut retry_at: Option<tokio::time::Instant> = None;
 
     loop {
         shared.heartbeat();
+        // The arms only record what there is to do; `step` does it.
+        let retry_at = d.retry_at;
         let retry = async {
             match retry_at {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => futures::future::pending().await,
             }
         };
-        tokio::select! {
+        let work = tokio::select! {
             ev = watch.next() => {
                 let Some(ev) = ev else { bail!("lease watch ended") };
                 debug!(?ev, "lease event");
@@ -373,7 +398,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     debug!(?ev, "lease event");
                     changes.note(&ev);
                 }
-                d.reconcile_leases(&watch, &changes).await;
+                Work::Leases(changes)
             }
             ev = monitor.next() => {
                 let Some(ev) = ev else { bail!("netlink monitor socket closed") };
@@ -381,66 +406,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 while let Some(ev) = monitor.try_next() {
                     dirty |= d.on_netlink(ev);
                 }
-                if dirty {
-                    if d.need_link_check()
-                        && let Err(e) = d.ensure_node().await
-                    {
-                        warn!(error = %format!("{e:#}"), "repairing the VXLAN device failed; retrying");
-                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                        continue;
-                    }
-                    d.reconcile(&watch, Cause::Netlink).await;
-                }
+                if !dirty { continue }
+                Work::Netlink
             }
-            _ = resync.tick() => {
-                d.need_dump = true;
-                if let Err(e) = d.ensure_node().await {
-                    warn!(error = %format!("{e:#}"), "resync: node setup failed");
-                }
-                d.reconcile(&watch, Cause::Resync).await;
-                d.read_vxlan_drops().await;
-            }
-            _ = retry => {
-                retry_at = None;
-                d.need_dump = true;
-                if let Err(e) = d.ensure_node().await {
-                    warn!(error = %format!("{e:#}"), "retry: node setup failed");
-                    retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                    continue;
-                }
-                d.reconcile(&watch, Cause::Resync).await;
-            }
+            _ = resync.tick() => Work::Resync,
+            _ = retry => Work::Retry,
             r = holder_rx.changed() => {
                 if r.is_err() { bail!("lease holder stopped") }
-                let st = holder_rx.borrow_and_update().clone();
-                if let Some(l) = &st.lease
-                    && st.held
-                    && l.subnet != d.own
-                {
-                    warn!(old = %d.own, new = %l.subnet, "lease re-acquired with another subnet: moving the node");
-                    d.remove_old_gateway(d.own).await;
-                    d.own = l.subnet;
-                    d.spec.address = l.net_addr();
-                    if let Err(e) = d.ensure_node().await {
-                        warn!(error = %format!("{e:#}"), "moving to the new subnet failed; retrying");
-                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                    }
-                    d.reconcile(&watch, Cause::Leases).await;
-                    if let Err(e) = d.write_subnet_file() { error!(error = %format!("{e:#}"), "subnet file"); }
-                }
-                if let Some(l) = &st.lease && let Some(exp) = l.expires { set_expiry(&d.metrics, exp); }
-                d.update_ready(&holder);
+                Work::Holder(Box::new(holder_rx.borrow_and_update().clone()))
             }
-            _ = stats_tick.tick() => {
-                d.update_stats(&holder, &watch);
-                d.update_ready(&holder);
-                if d.need_dump && retry_at.is_none() {
-                    retry_at = Some(tokio::time::Instant::now());
-                }
-            }
+            _ = stats_tick.tick() => Work::Tick,
             _ = sigterm.recv() => { info!("SIGTERM: exiting, the data plane stays in place"); break; }
             _ = sigint.recv() => { info!("SIGINT: exiting, the data plane stays in place"); break; }
-        }
+        };
+        d.step(work, &watch, &holder).await;
     }
     // Dropping the holder stops the keep-alive; the lease stays until its TTL, so a restart
     // gets the same subnet back.
@@ -573,7 +552,9 @@ async fn net_config(
             Err(e) => Err(e),
         };
         if let Err(e) = got {
-            m.etcd_errors.inc();
+            m.counted
+                .etcd_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if !e.is_transient() {
                 return Err(e).context("read the network config from etcd");
             }
@@ -584,12 +565,87 @@ async fn net_config(
 }
 
 impl Daemon {
+    /// Does one piece of work. Lease events take the incremental reconcile; netlink events,
+    /// the resync and retries the full one.
+    async fn step(&mut self, work: Work, watch: &LeaseWatch, holder: &LeaseHolder) {
+        match work {
+            Work::Leases(changes) => self.reconcile_leases(watch, &changes).await,
+            Work::Netlink => {
+                if self.need_link_check()
+                    && !self.ensure_or_retry("repairing the VXLAN device").await
+                {
+                    return;
+                }
+                self.reconcile(watch, Cause::Netlink).await;
+            }
+            Work::Resync => {
+                self.need_dump = true;
+                if self.ensure_or_retry("resync: node setup").await {
+                    self.reconcile(watch, Cause::Resync).await;
+                }
+                self.read_vxlan_drops().await;
+            }
+            Work::Retry => {
+                self.retry_at = None;
+                self.need_dump = true;
+                if self.ensure_or_retry("retry: node setup").await {
+                    self.reconcile(watch, Cause::Resync).await;
+                }
+            }
+            Work::Holder(st) => {
+                if let Some(l) = &st.lease
+                    && st.held
+                    && l.subnet != self.own
+                {
+                    warn!(old = %self.own, new = %l.subnet, "lease re-acquired with another subnet: moving the node");
+                    self.remove_old_gateway(self.own).await;
+                    self.own = l.subnet;
+                    self.spec.address = l.net_addr();
+                    if self.ensure_or_retry("moving to the new subnet").await {
+                        self.reconcile(watch, Cause::Leases).await;
+                    }
+                    if let Err(e) = self.write_subnet_file() {
+                        error!(error = %format!("{e:#}"), "subnet file");
+                    }
+                }
+                if let Some(l) = &st.lease
+                    && let Some(exp) = l.expires
+                {
+                    set_expiry(&self.metrics, exp);
+                }
+                self.update_ready(holder);
+            }
+            Work::Tick => {
+                self.copy_watch_errors(watch);
+                self.update_ready(holder);
+                if self.need_dump && self.retry_at.is_none() {
+                    self.retry_at = Some(tokio::time::Instant::now());
+                }
+            }
+        }
+    }
+
+    /// The one retry policy of the node setup: a failure is logged and [`Work::Retry`]
+    /// comes in a second. Returns whether a reconcile can run: the VXLAN device is in
+    /// place (a failed sysctl or nft write does not hold the peers' entries back).
+    async fn ensure_or_retry(&mut self, what: &str) -> bool {
+        match self.ensure_node().await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "{what} failed; retrying");
+                self.retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                e.downcast_ref::<DeviceFailed>().is_none()
+            }
+        }
+    }
+
     /// The VXLAN device, forwarding sysctls, nftables: compared first, changed only if wrong.
     async fn ensure_node(&mut self) -> Result<()> {
         let (link, outcome) = self
             .ov
             .ensure_vxlan(&self.spec)
             .await
+            .map_err(|e| anyhow::Error::new(e).context(DeviceFailed))
             .with_context(|| format!("ensure VXLAN device {}", self.spec.name()))?;
         match &outcome {
             EnsureOutcome::Adopted => debug!(link = %link.name, "VXLAN device adopted"),
@@ -1147,35 +1203,12 @@ impl Daemon {
         self.metrics.ready.set(i64::from(ready));
     }
 
-    fn update_stats(&mut self, holder: &LeaseHolder, watch: &LeaseWatch) {
-        let hs = holder.stats();
-        let ws = watch.stats();
-        if hs.renewals > self.last_renewals {
-            self.metrics
-                .lease_renewals
-                .inc_by(hs.renewals - self.last_renewals);
-            self.last_renewals = hs.renewals;
-            set_expiry(&self.metrics, SystemTime::now() + self.args.lease_ttl);
-        }
-        if hs.losses > self.last_losses {
-            self.metrics
-                .lease_losses
-                .inc_by(hs.losses - self.last_losses);
-            self.last_losses = hs.losses;
-        }
-        let t = twill_dataplane::netlink::timeouts();
-        if t > self.last_netlink_timeouts {
-            self.metrics
-                .netlink_timeouts
-                .inc_by(t - self.last_netlink_timeouts);
-            self.last_netlink_timeouts = t;
-        }
-        let errs = hs.errors + ws.errors;
-        if errs > self.last_etcd_errors {
-            self.metrics
-                .etcd_errors
-                .inc_by(errs - self.last_etcd_errors);
-            self.last_etcd_errors = errs;
-        }
+    /// The lease watch's failed requests, for `twill_etcd_errors` (the holder's and the
+    /// netlink layer's counters are read at scrape time; the watch's have no shared handle).
+    fn copy_watch_errors(&self, watch: &LeaseWatch) {
+        self.metrics
+            .counted
+            .watch_errors
+            .store(watch.stats().errors, std::sync::atomic::Ordering::Relaxed);
     }
 }
