@@ -3,14 +3,15 @@
 //! input filter that drops VXLAN (UDP to the VXLAN port) from any source that is not in the
 //! set `peers` of the accepted peers' public IPs, counting the drops in `vxlan_dropped`.
 //!
-//! Idempotent: the table is listed first (stateless and terse: without counter values and
-//! set elements) and left alone when it already reads exactly as rendered; otherwise it is
+//! Idempotent: the table is listed first as `nft -j` JSON (terse: without set elements) and
+//! left alone when it has the same objects and rules as [`expected`] (compared structurally,
+//! not as text, so another nft version's print format cannot cause a rewrite); otherwise it is
 //! replaced in one atomic `nft -f -` transaction (create-if-absent, delete, create, the set's
 //! members), so there is never a moment without the rules or without the members.
 //! The set itself changes by element ([`Nft::add_peers`], [`Nft::set_peers`]), never by
 //! rewriting the table. Every `nft` run is bounded by a timeout (the child is killed).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
+use serde_json::{Value, json};
 
 use crate::{Error, Result};
 
@@ -97,6 +99,164 @@ pub fn render(cfg: &NftConfig) -> String {
     t.push_str("\t}\n");
     t.push_str("}\n");
     t
+}
+
+/// The table as objects, what [`Nft::ensure`] compares: names, types, hooks, priorities,
+/// policies and each rule's expressions (libnftables' JSON schema); no handles, no counter
+/// values, no set elements.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct TableState {
+    /// `None` when nft does not print it (nft 1.0.6's JSON has no table comment).
+    pub comment: Option<String>,
+    pub counters: BTreeSet<String>,
+    /// Set name → element type.
+    pub sets: BTreeMap<String, String>,
+    pub chains: BTreeMap<String, ChainState>,
+}
+
+/// One base chain and its rules in order.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ChainState {
+    pub kind: String,
+    pub hook: String,
+    pub prio: i64,
+    pub policy: String,
+    /// Each rule's `expr` array.
+    pub rules: Vec<Value>,
+}
+
+impl TableState {
+    /// Whether the listed table (`self`) is `want`; a comment nft did not print is not a
+    /// difference.
+    pub fn matches(&self, want: &TableState) -> bool {
+        let comment_ok = self.comment.is_none() || self.comment == want.comment;
+        comment_ok
+            && self.counters == want.counters
+            && self.sets == want.sets
+            && self.chains == want.chains
+    }
+
+    /// Parses `nft -j list table ip twill`.
+    pub fn from_json(listing: &str) -> Result<TableState> {
+        let bad = |what: &str| Error::Nft(format!("nft -j listing: {what}"));
+        let v: Value = serde_json::from_str(listing).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        let objs = v["nftables"]
+            .as_array()
+            .ok_or_else(|| bad("no \"nftables\" array"))?;
+        let text = |o: &Value, k: &str| -> Result<String> {
+            o[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(&format!("{k} missing in {o}")))
+        };
+        let mut t = TableState::default();
+        for o in objs {
+            if let Some(tab) = o.get("table") {
+                t.comment = tab["comment"].as_str().map(str::to_string);
+            } else if let Some(c) = o.get("counter") {
+                t.counters.insert(text(c, "name")?);
+            } else if let Some(s) = o.get("set") {
+                // A concatenated type is an array: kept as its JSON text.
+                let ty = match &s["type"] {
+                    Value::String(x) => x.clone(),
+                    other => other.to_string(),
+                };
+                t.sets.insert(text(s, "name")?, ty);
+            } else if let Some(c) = o.get("chain") {
+                let chain = ChainState {
+                    kind: c["type"].as_str().unwrap_or_default().to_string(),
+                    hook: c["hook"].as_str().unwrap_or_default().to_string(),
+                    prio: c["prio"].as_i64().unwrap_or_default(),
+                    policy: c["policy"].as_str().unwrap_or_default().to_string(),
+                    rules: Vec::new(),
+                };
+                t.chains.insert(text(c, "name")?, chain);
+            } else if let Some(r) = o.get("rule") {
+                let name = text(r, "chain")?;
+                let chain = t
+                    .chains
+                    .get_mut(&name)
+                    .ok_or_else(|| bad(&format!("rule of unknown chain {name}")))?;
+                chain.rules.push(r["expr"].clone());
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// `ip <field> [!=] <net>`: a prefix, or the bare address for a /32 (as nft prints it).
+fn ip_match(field: &str, op: &str, net: Ipv4Net) -> Value {
+    let right = if net.prefix_len() == 32 {
+        json!(net.addr().to_string())
+    } else {
+        json!({"prefix": {"addr": net.addr().to_string(), "len": net.prefix_len()}})
+    };
+    json!({"match": {"op": op, "left": {"payload": {"protocol": "ip", "field": field}}, "right": right}})
+}
+
+/// The objects of [`render`]`(cfg)`, as `nft -j` lists them.
+pub fn expected(cfg: &NftConfig) -> TableState {
+    let n = cfg.network.trunc();
+    let s = cfg.node_subnet.trunc();
+    let verdict = |v: &str| json!({ v: null });
+    let masq = json!({"masquerade": {"flags": "fully-random"}});
+    let chain = |kind: &str, hook: &str, prio: i64, rules: Vec<Value>| ChainState {
+        kind: kind.into(),
+        hook: hook.into(),
+        prio,
+        policy: "accept".into(),
+        rules,
+    };
+    let input = vec![json!([
+        {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": cfg.vxlan_port}},
+        {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": format!("@{PEER_SET}")}},
+        {"counter": DROP_COUNTER},
+        verdict("drop"),
+    ])];
+    let mut post = Vec::new();
+    if cfg.masquerade {
+        let multicast: Ipv4Net = "224.0.0.0/4".parse().expect("a prefix");
+        post = vec![
+            json!([
+                ip_match("saddr", "==", n),
+                ip_match("daddr", "==", n),
+                verdict("return")
+            ]),
+            json!([
+                ip_match("saddr", "==", n),
+                ip_match("daddr", "==", multicast),
+                verdict("return")
+            ]),
+            json!([ip_match("saddr", "==", n), masq]),
+            json!([
+                ip_match("saddr", "!=", n),
+                ip_match("daddr", "==", s),
+                verdict("return")
+            ]),
+            json!([ip_match("saddr", "!=", n), ip_match("daddr", "==", n), masq]),
+        ];
+    }
+    let forward = vec![
+        json!([ip_match("saddr", "==", n), verdict("accept")]),
+        json!([ip_match("daddr", "==", n), verdict("accept")]),
+    ];
+    // Priorities: filter = 0, srcnat = 100 (nft -j prints them as numbers).
+    TableState {
+        comment: Some("managed by twilld".into()),
+        counters: [DROP_COUNTER.to_string()].into(),
+        sets: [(PEER_SET.to_string(), "ipv4_addr".to_string())].into(),
+        chains: [
+            ("input".to_string(), chain("filter", "input", 0, input)),
+            (
+                "postrouting".to_string(),
+                chain("nat", "postrouting", 100, post),
+            ),
+            (
+                "forward".to_string(),
+                chain("filter", "forward", 0, forward),
+            ),
+        ]
+        .into(),
+    }
 }
 
 /// `{ a, b, c }` for an nft element list.
@@ -244,6 +404,14 @@ impl Nft {
         self.list_with(&["list", "table", "ip", TABLE])
     }
 
+    /// The table as objects (from `nft -j -t list`), `None` if it does not exist.
+    pub fn state(&self) -> Result<Option<TableState>> {
+        match self.list_with(&["-j", "-t", "list", "table", "ip", TABLE])? {
+            Some(s) => TableState::from_json(&s).map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn list_with(&self, args: &[&str]) -> Result<Option<String>> {
         match self.run(args, None) {
             Ok(s) => Ok(Some(s)),
@@ -253,14 +421,16 @@ impl Nft {
         }
     }
 
-    /// Makes the table read as [`render`]`(cfg)`: nothing is written when it already does
-    /// (the set's members are then left as they are). A rewrite fills the set with
+    /// Makes the table hold [`render`]`(cfg)`: nothing is written when its objects already
+    /// match [`expected`]`(cfg)` (the set's members are then left as they are). A rewrite fills the set with
     /// `members` in the same transaction, so that no member is dropped meanwhile.
     pub fn ensure(&self, cfg: &NftConfig, members: &BTreeSet<Ipv4Addr>) -> Result<NftOutcome> {
-        let want = render(cfg);
-        if self.list()?.as_deref() == Some(want.as_str()) {
+        if let Some(have) = self.state()?
+            && have.matches(&expected(cfg))
+        {
             return Ok(NftOutcome::Unchanged);
         }
+        let want = render(cfg);
         // One transaction: `table` creates it if absent so that `delete` cannot fail, then
         // the new table and its members; nft applies all of it or nothing.
         let mut tx = format!("table ip {TABLE} {{ }}\ndelete table ip {TABLE}\n{want}");
@@ -392,6 +562,72 @@ mod tests {
             "the return must come before the masquerade:\n{t}"
         );
         assert!(t.contains("ip daddr 10.244.0.0/16 accept"));
+    }
+
+    fn cfg(masquerade: bool) -> NftConfig {
+        NftConfig {
+            network: "10.244.0.0/16".parse().unwrap(),
+            node_subnet: "10.244.3.0/24".parse().unwrap(),
+            masquerade,
+            vxlan_port: 8472,
+        }
+    }
+
+    /// `nft -j -s -t list table ip twill` of nft 1.0.6 (Debian 12) after `nft -f` of
+    /// `render(&cfg(true))` and one member added to the set.
+    const LISTING_1_0_6: &str = include_str!("nft_list_1.0.6.json");
+
+    #[test]
+    fn a_listing_of_the_rendered_table_matches_what_is_expected() {
+        let have = TableState::from_json(LISTING_1_0_6).unwrap();
+        assert_eq!(
+            have.comment, None,
+            "nft 1.0.6 prints no table comment in JSON"
+        );
+        assert!(have.matches(&expected(&cfg(true))), "{have:#?}");
+        assert!(!have.matches(&expected(&cfg(false))));
+        // The same table listed by an nft that prints the comment.
+        let mut with_comment = have.clone();
+        with_comment.comment = Some("managed by twilld".into());
+        assert!(with_comment.matches(&expected(&cfg(true))));
+        with_comment.comment = Some("someone else's".into());
+        assert!(!with_comment.matches(&expected(&cfg(true))));
+    }
+
+    #[test]
+    fn a_changed_rule_or_object_is_a_difference() {
+        let want = expected(&cfg(true));
+        let edits: [(&str, &str); 6] = [
+            ("\"right\": 8472", "\"right\": 8473"),
+            ("\"len\": 24", "\"len\": 25"),
+            ("\"prio\": 100", "\"prio\": 99"),
+            ("\"type\": \"ipv4_addr\"", "\"type\": \"ipv6_addr\""),
+            ("\"name\": \"vxlan_dropped\"", "\"name\": \"other\""),
+            ("\"policy\": \"accept\"", "\"policy\": \"drop\""),
+        ];
+        for (from, to) in edits {
+            assert!(LISTING_1_0_6.contains(from), "{from}");
+            let changed = LISTING_1_0_6.replacen(from, to, 1);
+            let have = TableState::from_json(&changed).unwrap();
+            assert!(!have.matches(&want), "{from} -> {to} went unnoticed");
+        }
+        // A rule removed, or the rules of a chain reordered.
+        let mut v: Value = serde_json::from_str(LISTING_1_0_6).unwrap();
+        let objs = v["nftables"].as_array_mut().unwrap();
+        let last = objs.iter().rposition(|o| o.get("rule").is_some()).unwrap();
+        let dropped = objs.remove(last);
+        let fewer = TableState::from_json(&v.to_string()).unwrap();
+        assert!(!fewer.matches(&want));
+        let objs = v["nftables"].as_array_mut().unwrap();
+        let first_post = objs
+            .iter()
+            .position(|o| o["rule"]["chain"] == "postrouting")
+            .unwrap();
+        objs.swap(first_post, first_post + 1);
+        objs.push(dropped);
+        let swapped = TableState::from_json(&v.to_string()).unwrap();
+        assert!(!swapped.matches(&want));
+        assert!(TableState::from_json("not json").is_err());
     }
 
     #[test]

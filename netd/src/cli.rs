@@ -1,11 +1,13 @@
 //! twilld's command line: every flag is also an environment variable `TWILLD_<NAME>`.
 //! This struct is the contract that deploy/ (DaemonSet env, systemd env file) relies on.
 
+use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use twill_ipam::store::EtcdOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,32 +34,94 @@ pub enum Command {
     UninstallCni(UninstallCniArgs),
 }
 
-/// Connection to etcd, shared by twilld (`TWILLD_*`) and twillctl (`TWILLCTL_*`).
+/// The program-specific half of [`EtcdArgs`]: each program's environment variables and
+/// whether the flags are global (accepted after a subcommand too).
+pub trait EtcdEnv: Clone + std::fmt::Debug + 'static {
+    const ENDPOINTS: &'static str;
+    const PREFIX: &'static str;
+    const CAFILE: &'static str;
+    const CERTFILE: &'static str;
+    const KEYFILE: &'static str;
+    const TIMEOUT: &'static str;
+    /// Help of `--etcd-prefix` (no final period: clap strips it from doc comments only).
+    const PREFIX_HELP: &'static str;
+    const GLOBAL: bool;
+}
+
+/// twilld's etcd flags: `TWILLD_*`, before the subcommand only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Twilld;
+
+impl EtcdEnv for Twilld {
+    const ENDPOINTS: &'static str = "TWILLD_ETCD_ENDPOINTS";
+    const PREFIX: &'static str = "TWILLD_ETCD_PREFIX";
+    const CAFILE: &'static str = "TWILLD_ETCD_CAFILE";
+    const CERTFILE: &'static str = "TWILLD_ETCD_CERTFILE";
+    const KEYFILE: &'static str = "TWILLD_ETCD_KEYFILE";
+    const TIMEOUT: &'static str = "TWILLD_ETCD_TIMEOUT";
+    const PREFIX_HELP: &'static str =
+        "Key prefix of the network in etcd (`/coreos.com/network` to share with flanneld)";
+    const GLOBAL: bool = false;
+}
+
+/// twillctl's etcd flags: `TWILLCTL_*`, global (before or after the command).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Twillctl;
+
+impl EtcdEnv for Twillctl {
+    const ENDPOINTS: &'static str = "TWILLCTL_ETCD_ENDPOINTS";
+    const PREFIX: &'static str = "TWILLCTL_ETCD_PREFIX";
+    const CAFILE: &'static str = "TWILLCTL_ETCD_CAFILE";
+    const CERTFILE: &'static str = "TWILLCTL_ETCD_CERTFILE";
+    const KEYFILE: &'static str = "TWILLCTL_ETCD_KEYFILE";
+    const TIMEOUT: &'static str = "TWILLCTL_ETCD_TIMEOUT";
+    const PREFIX_HELP: &'static str = "Key prefix of the network in etcd";
+    const GLOBAL: bool = true;
+}
+
+/// Connection to etcd, one set of flags for twilld (`EtcdArgs<Twilld>`, the default) and
+/// twillctl (`EtcdArgs<Twillctl>`): the same names, help and defaults.
 #[derive(Debug, Clone, Args)]
-pub struct EtcdArgs {
+pub struct EtcdArgs<E: EtcdEnv = Twilld> {
     /// etcd endpoints, comma separated (http:// or https://).
     #[arg(
         long,
-        env = "TWILLD_ETCD_ENDPOINTS",
+        global = E::GLOBAL,
+        env = E::ENDPOINTS,
         value_delimiter = ',',
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd_endpoints: Vec<String>,
-    /// Key prefix of the network in etcd (`/coreos.com/network` to share with flanneld).
-    #[arg(long, env = "TWILLD_ETCD_PREFIX", default_value = "/twill/network")]
+    #[arg(long, global = E::GLOBAL, env = E::PREFIX, help = E::PREFIX_HELP, default_value = "/twill/network")]
     pub etcd_prefix: String,
     /// CA certificate (PEM) that signed etcd's server certificate.
-    #[arg(long, env = "TWILLD_ETCD_CAFILE")]
+    #[arg(long, global = E::GLOBAL, env = E::CAFILE)]
     pub etcd_cafile: Option<PathBuf>,
     /// Client certificate (PEM) for etcd mTLS.
-    #[arg(long, env = "TWILLD_ETCD_CERTFILE")]
+    #[arg(long, global = E::GLOBAL, env = E::CERTFILE)]
     pub etcd_certfile: Option<PathBuf>,
     /// Client key (PEM) for etcd mTLS.
-    #[arg(long, env = "TWILLD_ETCD_KEYFILE")]
+    #[arg(long, global = E::GLOBAL, env = E::KEYFILE)]
     pub etcd_keyfile: Option<PathBuf>,
     /// Timeout of one etcd request (and of connecting).
-    #[arg(long, env = "TWILLD_ETCD_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = E::GLOBAL, env = E::TIMEOUT, default_value = "5s", value_parser = humantime::parse_duration)]
     pub etcd_timeout: Duration,
+    #[arg(skip)]
+    _env: PhantomData<E>,
+}
+
+impl<E: EtcdEnv> EtcdArgs<E> {
+    /// The store options.
+    pub fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            timeout: self.etcd_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -202,4 +266,105 @@ pub struct UninstallCniArgs {
     /// then still be torn down by their runtime's DEL).
     #[arg(long, env = "TWILLD_CNI_KEEP_PLUGIN", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub keep_plugin: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// One etcd connection flag of a command.
+    #[derive(Debug)]
+    struct Flag {
+        long: String,
+        help: String,
+        default: Vec<String>,
+        env: String,
+        global: bool,
+    }
+
+    fn etcd_flags(cmd: &clap::Command) -> Vec<Flag> {
+        cmd.get_arguments()
+            .filter(|a| {
+                a.get_id().as_str().starts_with("etcd_") && a.get_id() != "etcd_tls_reload_interval"
+            })
+            .map(|a| Flag {
+                long: a.get_long().unwrap().to_string(),
+                help: a.get_help().unwrap().to_string(),
+                default: a
+                    .get_default_values()
+                    .iter()
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .collect(),
+                env: a.get_env().unwrap().to_string_lossy().into_owned(),
+                global: a.is_global_set(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn twilld_and_twillctl_share_the_etcd_flags_with_their_own_env_prefix() {
+        let d = etcd_flags(&super::Cli::command());
+        let c = etcd_flags(&crate::ctl::Cli::command());
+        let names: Vec<&str> = d.iter().map(|f| f.long.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "etcd-endpoints",
+                "etcd-prefix",
+                "etcd-cafile",
+                "etcd-certfile",
+                "etcd-keyfile",
+                "etcd-timeout"
+            ]
+        );
+        assert_eq!(d.len(), c.len());
+        for (d, c) in d.iter().zip(&c) {
+            assert_eq!((&d.long, &d.default), (&c.long, &c.default));
+            // Only --etcd-prefix's help differs: twilld's names flanneld.
+            if d.long != "etcd-prefix" {
+                assert_eq!(d.help, c.help, "{}", d.long);
+            }
+            let name = d.env.strip_prefix("TWILLD_").unwrap();
+            assert_eq!(c.env.strip_prefix("TWILLCTL_"), Some(name));
+            // twillctl's are global, twilld's are not.
+            assert!(!d.global && c.global, "{}", d.long);
+        }
+    }
+
+    #[test]
+    fn twillctl_takes_the_etcd_flags_before_or_after_the_command() {
+        for argv in [
+            &[
+                "twillctl",
+                "--etcd-prefix",
+                "/p/",
+                "--etcd-timeout",
+                "2s",
+                "leases",
+                "list",
+            ][..],
+            &[
+                "twillctl",
+                "leases",
+                "list",
+                "--etcd-prefix",
+                "/p/",
+                "--etcd-timeout",
+                "2s",
+            ][..],
+        ] {
+            let cli = crate::ctl::Cli::try_parse_from(argv).unwrap();
+            let o = cli.etcd.options();
+            assert_eq!(o.prefix, "/p/");
+            assert_eq!(o.timeout, std::time::Duration::from_secs(2));
+            assert_eq!(o.endpoints, ["http://127.0.0.1:2379"]);
+        }
+        // twilld's stay before the subcommand.
+        assert!(
+            super::Cli::try_parse_from(["twilld", "install-cni", "--etcd-prefix", "/p"]).is_err()
+        );
+        let d = super::Cli::try_parse_from(["twilld", "--etcd-endpoints", "http://a:1,http://b:2"])
+            .unwrap();
+        assert_eq!(d.run.etcd.options().endpoints, ["http://a:1", "http://b:2"]);
+    }
 }

@@ -18,11 +18,10 @@ pub mod network;
 pub mod status;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use twill_ipam::netconf::ConfigError;
-use twill_ipam::store::{EtcdOptions, LeaseStore, StoreError};
+use twill_ipam::store::{LeaseStore, StoreError};
 
 /// Exit code: success.
 pub const EXIT_OK: i32 = 0;
@@ -86,53 +85,8 @@ pub enum Command {
     },
 }
 
-/// twilld's `EtcdArgs` with `TWILLCTL_*` environment variables, global.
-#[derive(Debug, Clone, Args)]
-pub struct CtlEtcdArgs {
-    /// etcd endpoints, comma separated (http:// or https://).
-    #[arg(
-        long,
-        global = true,
-        env = "TWILLCTL_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    pub etcd_endpoints: Vec<String>,
-    /// Key prefix of the network in etcd.
-    #[arg(
-        long,
-        global = true,
-        env = "TWILLCTL_ETCD_PREFIX",
-        default_value = "/twill/network"
-    )]
-    pub etcd_prefix: String,
-    /// CA certificate (PEM) that signed etcd's server certificate.
-    #[arg(long, global = true, env = "TWILLCTL_ETCD_CAFILE")]
-    pub etcd_cafile: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd mTLS.
-    #[arg(long, global = true, env = "TWILLCTL_ETCD_CERTFILE")]
-    pub etcd_certfile: Option<PathBuf>,
-    /// Client key (PEM) for etcd mTLS.
-    #[arg(long, global = true, env = "TWILLCTL_ETCD_KEYFILE")]
-    pub etcd_keyfile: Option<PathBuf>,
-    /// Timeout of one etcd request (and of connecting).
-    #[arg(long, global = true, env = "TWILLCTL_ETCD_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub etcd_timeout: Duration,
-}
-
-impl CtlEtcdArgs {
-    /// The store options.
-    pub fn options(&self) -> EtcdOptions {
-        EtcdOptions {
-            endpoints: self.etcd_endpoints.clone(),
-            prefix: self.etcd_prefix.clone(),
-            ca_file: self.etcd_cafile.clone(),
-            cert_file: self.etcd_certfile.clone(),
-            key_file: self.etcd_keyfile.clone(),
-            timeout: self.etcd_timeout,
-        }
-    }
-}
+/// The etcd connection flags with `TWILLCTL_*` environment variables, global.
+pub type CtlEtcdArgs = crate::cli::EtcdArgs<crate::cli::Twillctl>;
 
 /// Where this node's twill pieces are, as twilld and the CNI config name them: shared by
 /// `doctor` and `diag`.
