@@ -1,9 +1,10 @@
 //! The VXLAN overlay: one `twill.<VNI>` device per node and, per peer node, a neighbour, an
 //! FDB entry and an onlink route. [`Overlay`] is the small set of domain verbs that twilld
-//! uses; [`RtnlOverlay`] implements it with rtnetlink, [`FakeOverlay`] records calls for unit
-//! tests. [`Monitor`] listens to the kernel's link/neighbour/route events.
+//! uses; [`RtnlOverlay`] implements it with rtnetlink, `FakeOverlay` (only with `cfg(test)` or
+//! the `fakes` feature) records calls for unit tests. [`Monitor`] listens to the kernel's link/neighbour/route events.
 
 mod batch;
+#[cfg(any(test, feature = "fakes"))]
 mod fake;
 mod monitor;
 mod rtnl;
@@ -17,6 +18,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
+#[cfg(any(test, feature = "fakes"))]
 pub use fake::{FakeCall, FakeOverlay};
 pub use monitor::{Monitor, MonitorEvent};
 pub use rtnl::RtnlOverlay;
