@@ -39,10 +39,10 @@ use twill_dataplane::overlay::{
 };
 use twill_ipam::lease::LeaseAttrs;
 use twill_ipam::netconf::NetConfig;
-use twill_ipam::store::{EtcdOptions, HolderState, LeaseHolder, LeaseStore, LeaseWatch, Pin};
+use twill_ipam::store::{HolderState, LeaseHolder, LeaseStore, LeaseWatch, Pin};
 use twill_ipam::subnet_file::SubnetFile;
 
-use crate::cli::{EtcdArgs, RunArgs};
+use crate::cli::RunArgs;
 use metrics::{Metrics, Shared};
 use reconcile::{
     LeaseChanges, PeerDelta, RejectLog, ValidPeers, Validation, desired, diff, diff_touched,
@@ -51,16 +51,6 @@ use reconcile::{
 
 /// Netlink requests in flight when applying many ops.
 const PARALLEL_OPS: usize = 64;
-
-/// The etcd options of the shared connection flags.
-pub fn etcd_options(a: &EtcdArgs) -> EtcdOptions {
-    let mut o = EtcdOptions::new(a.etcd_endpoints.clone()).with_prefix(a.etcd_prefix.clone());
-    o.ca_file = a.etcd_cafile.clone();
-    o.cert_file = a.etcd_certfile.clone();
-    o.key_file = a.etcd_keyfile.clone();
-    o.timeout = a.etcd_timeout;
-    o
-}
 
 /// The node name: `--node-name`, else the hostname.
 pub fn node_name(args: &RunArgs) -> Result<String> {
@@ -187,7 +177,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     info!(iface = %under.name, index = under.index, mtu = under.mtu, public_ip = %under.ip, "underlay");
 
-    let store = LeaseStore::new(etcd_options(&args.etcd))
+    let store = LeaseStore::new(args.etcd.options())
         .await
         .context("etcd client")?
         .with_grace(args.lease_grace);
