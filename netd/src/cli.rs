@@ -184,6 +184,10 @@ pub struct RunArgs {
     /// Publish this node's health report to etcd this often (it expires after 3 times).
     #[arg(long, env = "TWILLD_HEALTH_PUBLISH", default_value = "10s", value_parser = humantime::parse_duration)]
     pub health_publish: Duration,
+    /// List peers one by one (health report rows, per-peer metric series) while there are
+    /// at most this many; above, only unreachable peers, at most this many.
+    #[arg(long, env = "TWILLD_HEALTH_DETAIL_MAX", default_value_t = 250)]
+    pub health_detail_max: usize,
     /// The CNI plugin's data dir (its `dataDir`), for the pod IPs used in the report.
     #[arg(
         long,

@@ -91,10 +91,8 @@ pub async fn run(cli: &Cli, cmd: &ClusterCmd) -> Result<(), Failure> {
                 if !r.ready {
                     row.problems.push(format!("not ready: {}", r.reason));
                 }
-                let down: Vec<&str> = r.unreachable().map(|p| p.node.as_str()).collect();
-                if !down.is_empty() {
-                    row.problems
-                        .push(format!("cannot reach {}", down.join(", ")));
+                if let Some(down) = unreachable_summary(r) {
+                    row.problems.push(format!("cannot reach {down}"));
                 }
                 if let (Some(u), Some(c)) = (r.pods_used, r.pods_capacity)
                     && c > 0
@@ -127,6 +125,8 @@ pub async fn run(cli: &Cli, cmd: &ClusterCmd) -> Result<(), Failure> {
                     "pods_used": rep.and_then(|x| x.pods_used),
                     "pods_capacity": rep.and_then(|x| x.pods_capacity),
                     "unreachable": rep.map(|x| x.unreachable().map(|p| p.node.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+                    "unreachable_count": rep.map(|x| x.unreachable_count()),
+                    "peers": rep.map(|x| x.peer_count()),
                     "problems": r.problems,
                 })
             }).collect::<Vec<_>>(),
@@ -185,4 +185,24 @@ pub async fn run(cli: &Cli, cmd: &ClusterCmd) -> Result<(), Failure> {
             format!("{n} node(s) with problems"),
         ))
     }
+}
+
+/// The peers a report cannot reach, for the problems column: at most 10 names, then how
+/// many more (the report's count also covers peers it does not list).
+fn unreachable_summary(r: &NodeReport) -> Option<String> {
+    const SHOWN: usize = 10;
+    let names: Vec<&str> = r.unreachable().map(|p| p.node.as_str()).collect();
+    let total = (r.unreachable_count() as usize).max(names.len());
+    if total == 0 {
+        return None;
+    }
+    let mut s = names[..names.len().min(SHOWN)].join(", ");
+    let more = total - names.len().min(SHOWN);
+    if more > 0 {
+        if !s.is_empty() {
+            s.push_str(", ");
+        }
+        s.push_str(&format!("{more} more"));
+    }
+    Some(s)
 }

@@ -748,7 +748,7 @@ async fn check_peers(r: &mut Report, cli: &Cli, node: &str) {
     if down.is_empty() {
         r.ok(
             "vxlan-peers",
-            format!("{} peer(s) answer through the overlay", mine.peers.len()),
+            format!("{} peer(s) answer through the overlay", mine.peer_count()),
         );
     } else {
         r.problem(

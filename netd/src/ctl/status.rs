@@ -7,6 +7,7 @@
 //! published about it (its report `<prefix>/health/<node>`, read as `twillctl cluster
 //! status` reads them): reachable through the overlay or not, RTT, when it last answered.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +17,9 @@ use twill_dataplane::Netlink;
 use twill_dataplane::overlay::{Overlay, Programmed, RtnlOverlay};
 
 use super::{Cli, EXIT_ERROR, EXIT_NOT_FOUND, Failure, Output, connect, print_json, print_table};
-use crate::daemon::health::{NodeReport, PATH_VXLAN, health_prefix, read_report};
+use crate::daemon::health::{
+    NodeReport, PATH_VXLAN, PeerView, PeersListed, health_prefix, read_report,
+};
 use crate::daemon::reconcile::{Peer, Skipped, Validation, desired, peers, status};
 use twill_ipam::lease::Lease;
 
@@ -307,24 +310,37 @@ fn peer_rows(
     report: Option<&NodeReport>,
     now: u64,
 ) -> Vec<PeerRow> {
+    // Maps, not a search per peer: 5,000 peers must not cost 25 million comparisons.
+    let names: HashMap<ipnet::Ipv4Net, &str> = leases
+        .iter()
+        .map(|l| (l.subnet, l.attrs.node_name.as_str()))
+        .collect();
+    let mut views: HashMap<ipnet::Ipv4Net, &PeerView> = HashMap::new();
+    for v in report.iter().flat_map(|r| &r.peers) {
+        if let Ok(subnet) = v.subnet.parse() {
+            views.entry(subnet).or_insert(v); // the first row of a subnet, as before
+        }
+    }
+    // A report that lists only unreachable peers (a node with more than
+    // --health-detail-max peers) says that every peer it leaves out answers.
+    let unlisted = match report.map(|r| r.peers_listed) {
+        Some(PeersListed::Unreachable) => "yes",
+        _ => "unknown",
+    };
     let mut rows: Vec<PeerRow> = peers
         .iter()
         .map(|p| {
-            let node = leases
-                .iter()
-                .find(|l| l.subnet == p.subnet)
-                .map(|l| l.attrs.node_name.clone())
-                .unwrap_or_default();
-            let view = report.and_then(|r| {
-                r.peers
-                    .iter()
-                    .find(|v| v.subnet.parse::<ipnet::Ipv4Net>().ok() == Some(p.subnet))
-            });
+            let node = names
+                .get(&p.subnet)
+                .copied()
+                .unwrap_or_default()
+                .to_string();
+            let view = views.get(&p.subnet).copied();
             PeerRow {
                 node,
                 subnet: p.subnet.to_string(),
                 vtep: p.subnet.network().to_string(),
-                reachable: view.map_or("unknown", |v| v.verdict()),
+                reachable: view.map_or(unlisted, |v| v.verdict()),
                 rtt_ms: view
                     .and_then(|v| v.rtt_ms)
                     .filter(|ms| ms.is_finite() && *ms >= 0.0),
@@ -356,12 +372,18 @@ fn peer_health_json(
             "report_time": null,
             "report_age_seconds": null,
             "reason": why,
+            "peers_listed": null,
+            "peers_total": null,
+            "peers_unreachable": null,
             "peers": null,
         }),
         Ok(r) => json!({
             "report_time": r.time,
             "report_age_seconds": now.saturating_sub(r.time),
             "reason": null,
+            "peers_listed": r.peers_listed,
+            "peers_total": r.peer_count(),
+            "peers_unreachable": r.unreachable_count(),
             "peers": rows.iter().map(|p| json!({
                 "node": p.node,
                 "subnet": p.subnet,

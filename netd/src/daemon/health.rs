@@ -16,7 +16,7 @@
 //!   `--health-publish` under an etcd lease of three times that, so a node that stops
 //!   publishing disappears instead of showing stale data.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
@@ -52,6 +53,9 @@ pub struct HealthConfig {
     pub publish: Duration,
     /// Bounds one publication of the report (the store's request timeout).
     pub report_timeout: Duration,
+    /// Peers listed one by one (report rows, per-peer series) while the node has at most
+    /// this many; above it only unreachable peers are, at most this many of them.
+    pub detail_max: usize,
 }
 
 impl HealthConfig {
@@ -151,12 +155,47 @@ pub struct NodeReport {
     pub pods_used: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods_capacity: Option<u64>,
+    /// Which peers `peers` lists (reports of older twillds lack it: all of them).
+    #[serde(default)]
+    pub peers_listed: PeersListed,
+    /// All the peers this node probes, and how many of them are unreachable (also those
+    /// that `peers` leaves out). Reports of older twillds lack them: count `peers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_unreachable: Option<u64>,
     pub peers: Vec<PeerView>,
+}
+
+/// Which peers a report lists one by one: a node with more than `--health-detail-max`
+/// peers lists only the unreachable ones (at most that many), so that a report stays small
+/// in a large cluster (5,000 rows × 5,000 nodes would not fit etcd).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PeersListed {
+    #[default]
+    All,
+    /// A peer missing from `peers` answered its last probes.
+    Unreachable,
+    /// A value this twill does not know (a newer twilld): trust only the rows.
+    #[serde(other)]
+    Unknown,
 }
 
 impl NodeReport {
     pub fn unreachable(&self) -> impl Iterator<Item = &PeerView> {
         self.peers.iter().filter(|p| !p.reachable)
+    }
+
+    /// The peers this node probes, listed or not.
+    pub fn peer_count(&self) -> u64 {
+        self.peers_total.unwrap_or(self.peers.len() as u64)
+    }
+
+    /// The unreachable peers, listed or not.
+    pub fn unreachable_count(&self) -> u64 {
+        self.peers_unreachable
+            .unwrap_or_else(|| self.unreachable().count() as u64)
     }
 }
 
@@ -171,10 +210,12 @@ pub struct PeerLabel {
 }
 
 /// The peer-health metrics.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct HealthMetrics {
     pub reachable: Family<PeerLabel, Gauge>,
     pub rtt: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Every answered probe's round-trip time, all peers together (bounded at any size).
+    pub rtt_all: Histogram,
     pub unreachable: Gauge,
     pub probes: Counter,
     pub lost: Counter,
@@ -183,18 +224,39 @@ pub struct HealthMetrics {
     pub pod_ips_capacity: Gauge,
 }
 
+impl Default for HealthMetrics {
+    fn default() -> Self {
+        HealthMetrics {
+            reachable: Family::default(),
+            rtt: Family::default(),
+            // 0.1 ms to 0.8 s.
+            rtt_all: Histogram::new(exponential_buckets(0.0001, 2.0, 14)),
+            unreachable: Gauge::default(),
+            probes: Counter::default(),
+            lost: Counter::default(),
+            pod_ips_used: Gauge::default(),
+            pod_ips_capacity: Gauge::default(),
+        }
+    }
+}
+
 impl HealthMetrics {
     pub fn register(reg: &mut Registry) -> HealthMetrics {
         let m = HealthMetrics::default();
         reg.register(
             "twill_peer_reachable",
-            "1 when the peer answers probes through the overlay, 0 after 3 lost in a row",
+            "1 when the peer answers probes through the overlay, 0 after 3 lost in a row (above --health-detail-max peers: only unreachable peers, at most that many)",
             m.reachable.clone(),
         );
         reg.register(
             "twill_peer_rtt_seconds",
-            "Round-trip time of the last answered probe to the peer, through the overlay",
+            "Round-trip time of the last answered probe to the peer, through the overlay (only up to --health-detail-max peers)",
             m.rtt.clone(),
+        );
+        reg.register(
+            "twill_health_probe_rtt_seconds",
+            "Round-trip time of answered probes to all peers, through the overlay",
+            m.rtt_all.clone(),
         );
         reg.register(
             "twill_peers_unreachable",
@@ -245,6 +307,8 @@ struct Prober {
     /// The last peer probed (round robin).
     cursor: Option<Ipv4Net>,
     nonce: u64,
+    /// The peers that have per-peer series now (see [`Prober::detailed`]).
+    series: BTreeSet<Ipv4Net>,
 }
 
 impl Prober {
@@ -265,11 +329,7 @@ impl Prober {
         for s in &gone {
             self.peers.remove(s);
             self.by_addr.remove(&s.network());
-            let l = PeerLabel {
-                peer: s.to_string(),
-            };
-            self.metrics.reachable.remove(&l);
-            self.metrics.rtt.remove(&l);
+            self.drop_series(*s);
         }
         for target in &t.peers {
             if let Some(st) = self.peers.get_mut(&target.subnet) {
@@ -292,33 +352,68 @@ impl Prober {
                 },
             );
             self.by_addr.insert(target.subnet.network(), target.subnet);
-            let l = PeerLabel {
-                peer: target.subnet.to_string(),
-            };
-            self.metrics.reachable.get_or_create(&l).set(1);
+        }
+        self.sync_series();
+    }
+
+    /// Whether every peer is listed (report rows, per-peer series): at most
+    /// `--health-detail-max` peers. Above, only unreachable peers are, at most that many:
+    /// 5,000 peers would be 10,000 series per node and a report of 5,000 rows per node.
+    fn detailed(&self) -> bool {
+        self.peers.len() <= self.cfg.detail_max
+    }
+
+    /// The peers to list: all of them, or the first `detail_max` unreachable ones.
+    fn listed(&self) -> impl Iterator<Item = (&Ipv4Net, &PeerState)> {
+        let all = self.detailed();
+        self.peers
+            .iter()
+            .filter(move |(_, p)| all || !p.reachable)
+            .take(self.cfg.detail_max)
+    }
+
+    /// Makes the per-peer series those of [`Prober::listed`], with their values, and sets
+    /// the unreachable count. A walk over the peers: called when the peer set changes or a
+    /// peer's verdict flips, never per answer.
+    fn sync_series(&mut self) {
+        let want: BTreeSet<Ipv4Net> = self.listed().map(|(s, _)| *s).collect();
+        let stale: Vec<Ipv4Net> = self.series.difference(&want).copied().collect();
+        for s in stale {
+            self.drop_series(s);
+        }
+        for s in want {
+            self.set_series(s);
         }
         let down = self.peers.values().filter(|p| !p.reachable).count();
         self.metrics.unreachable.set(down as i64);
     }
 
-    fn publish_metrics(&self) {
-        let mut down = 0;
-        for (s, p) in &self.peers {
-            let l = PeerLabel {
-                peer: s.to_string(),
-            };
-            self.metrics
-                .reachable
-                .get_or_create(&l)
-                .set(i64::from(p.reachable));
-            if let Some(rtt) = p.rtt {
-                self.metrics.rtt.get_or_create(&l).set(rtt.as_secs_f64());
-            }
-            if !p.reachable {
-                down += 1;
-            }
+    /// Creates or updates one peer's series from its state.
+    fn set_series(&mut self, subnet: Ipv4Net) {
+        let Some(p) = self.peers.get(&subnet) else {
+            return;
+        };
+        let l = PeerLabel {
+            peer: subnet.to_string(),
+        };
+        self.metrics
+            .reachable
+            .get_or_create(&l)
+            .set(i64::from(p.reachable));
+        if let Some(rtt) = p.rtt {
+            self.metrics.rtt.get_or_create(&l).set(rtt.as_secs_f64());
         }
-        self.metrics.unreachable.set(down);
+        self.series.insert(subnet);
+    }
+
+    fn drop_series(&mut self, subnet: Ipv4Net) {
+        if self.series.remove(&subnet) {
+            let l = PeerLabel {
+                peer: subnet.to_string(),
+            };
+            self.metrics.reachable.remove(&l);
+            self.metrics.rtt.remove(&l);
+        }
     }
 
     /// Times out the pending probe of `subnet` if it is older than the timeout.
@@ -340,7 +435,7 @@ impl Prober {
             }
         }
         if changed {
-            self.publish_metrics();
+            self.sync_series();
         }
     }
 
@@ -364,19 +459,15 @@ impl Prober {
             p.reachable = true;
             info!(peer = %subnet, node = %p.node, "peer reachable again through the overlay");
         }
-        let rtt = p.rtt;
+        self.metrics
+            .rtt_all
+            .observe(now.duration_since(at).as_secs_f64());
         // Only this peer's series: an answer is the common case, at up to --health-max-rate
         // per second, and must not walk every peer.
-        let l = PeerLabel {
-            peer: subnet.to_string(),
-        };
-        self.metrics.reachable.get_or_create(&l).set(1);
-        if let Some(rtt) = rtt {
-            self.metrics.rtt.get_or_create(&l).set(rtt.as_secs_f64());
-        }
         if flipped {
-            let down = self.peers.values().filter(|p| !p.reachable).count();
-            self.metrics.unreachable.set(down as i64);
+            self.sync_series();
+        } else if self.series.contains(&subnet) {
+            self.set_series(subnet);
         }
     }
 
@@ -404,9 +495,9 @@ impl Prober {
         Some((subnet.network(), self.nonce))
     }
 
+    /// The report's rows: the [`Prober::listed`] peers.
     fn views(&self) -> Vec<PeerView> {
-        self.peers
-            .iter()
+        self.listed()
             .map(|(s, p)| PeerView {
                 subnet: s.to_string(),
                 node: p.node.clone(),
@@ -448,6 +539,7 @@ pub fn spawn(
             peers: BTreeMap::new(),
             by_addr: HashMap::new(),
             cursor: None,
+            series: BTreeSet::new(),
             nonce: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -520,7 +612,7 @@ pub fn spawn(
                     }
                     _ = publish.tick() => {
                         let own_subnet = targets.borrow().own;
-                        let report = build_report(&ctx, own_subnet, prober.views());
+                        let report = build_report(&ctx, own_subnet, &prober);
                         if let (Some(u), Some(c)) = (report.pods_used, report.pods_capacity) {
                             prober.metrics.pod_ips_used.set(u as i64);
                             prober.metrics.pod_ips_capacity.set(c as i64);
@@ -540,7 +632,7 @@ async fn recv(sock: &Option<(Ipv4Addr, UdpSocket)>, buf: &mut [u8]) -> Option<(u
     }
 }
 
-fn build_report(ctx: &ReportContext, own: Option<Ipv4Net>, peers: Vec<PeerView>) -> NodeReport {
+fn build_report(ctx: &ReportContext, own: Option<Ipv4Net>, prober: &Prober) -> NodeReport {
     let (ready, reason) = ctx.shared.readiness();
     let (pods_used, pods_capacity) = match own {
         Some(own) => pod_usage(&ctx.cni_data_dir, own),
@@ -559,7 +651,14 @@ fn build_report(ctx: &ReportContext, own: Option<Ipv4Net>, peers: Vec<PeerView>)
             .unwrap_or(0),
         pods_used,
         pods_capacity,
-        peers,
+        peers_listed: if prober.detailed() {
+            PeersListed::All
+        } else {
+            PeersListed::Unreachable
+        },
+        peers_total: Some(prober.peers.len() as u64),
+        peers_unreachable: Some(prober.peers.values().filter(|p| !p.reachable).count() as u64),
+        peers: prober.views(),
     }
 }
 
@@ -698,6 +797,7 @@ mod tests {
             max_rate: 200,
             publish: Duration::from_secs(10),
             report_timeout: Duration::from_secs(5),
+            detail_max: 4,
         }
     }
 
@@ -719,6 +819,7 @@ mod tests {
             by_addr: HashMap::new(),
             cursor: None,
             nonce: 0,
+            series: BTreeSet::new(),
         };
         let subnet: Ipv4Net = "10.244.2.0/24".parse().unwrap();
         p.set_targets(&Targets {
@@ -752,6 +853,116 @@ mod tests {
         assert_eq!(v.verdict(), "yes");
         assert_eq!(v.vtep.as_deref(), Some("10.244.2.0"));
         assert_eq!(v.path, "vxlan");
+    }
+
+    /// Above `detail_max` peers (4 here) only unreachable peers have series and report
+    /// rows, at most `detail_max` of them, and the counts still cover every peer; back at
+    /// or below it, every peer is listed again.
+    #[test]
+    fn above_detail_max_only_unreachable_peers_are_listed() {
+        let mut p = Prober {
+            cfg: cfg(),
+            metrics: HealthMetrics::default(),
+            peers: BTreeMap::new(),
+            by_addr: HashMap::new(),
+            cursor: None,
+            nonce: 0,
+            series: BTreeSet::new(),
+        };
+        let subnet = |i: u8| -> Ipv4Net { format!("10.244.{i}.0/24").parse().unwrap() };
+        let targets = |n: u8| Targets {
+            own: Some(subnet(200)),
+            peers: (1..=n)
+                .map(|i| Target {
+                    subnet: subnet(i),
+                    node: format!("n{i}"),
+                })
+                .collect(),
+        };
+        let label = |i: u8| PeerLabel {
+            peer: subnet(i).to_string(),
+        };
+        let ctx = ReportContext {
+            node: "me".into(),
+            public_ip: "192.0.2.1".into(),
+            shared: Arc::new(Shared::new(Registry::default(), Duration::from_secs(30))),
+            cni_data_dir: "/nonexistent".into(),
+        };
+        p.set_targets(&targets(4));
+        assert!(p.detailed());
+        assert_eq!(p.series.len(), 4);
+        assert_eq!(p.metrics.reachable.get(&label(1)).map(|g| g.get()), Some(1));
+        p.set_targets(&targets(6));
+        assert!(!p.detailed());
+        assert!(p.series.is_empty(), "every peer answers: none listed");
+        assert!(p.metrics.reachable.get(&label(1)).is_none());
+        let r = build_report(&ctx, Some(subnet(200)), &p);
+        assert_eq!(r.peers_listed, PeersListed::Unreachable);
+        assert_eq!((r.peer_count(), r.unreachable_count()), (6, 0));
+        assert!(r.peers.is_empty());
+
+        // Peers 2..=6 lose 3 probes each: 5 unreachable, only 4 listed.
+        let t0 = Instant::now();
+        for round in 0..3u64 {
+            for _ in 0..6 {
+                let at = t0 + Duration::from_secs(10 * round);
+                if let Some((dst, nonce)) = p.next_probe(at)
+                    && dst == subnet(1).network()
+                {
+                    p.on_answer(dst, nonce, at + Duration::from_millis(1));
+                }
+            }
+            p.expire(t0 + Duration::from_secs(10 * round + 5));
+        }
+        assert_eq!(p.metrics.unreachable.get(), 5);
+        assert_eq!(
+            p.series,
+            (2..=5).map(subnet).collect::<BTreeSet<_>>(),
+            "the first 4 unreachable"
+        );
+        assert_eq!(p.metrics.reachable.get(&label(2)).map(|g| g.get()), Some(0));
+        assert!(p.metrics.reachable.get(&label(1)).is_none());
+        assert!(p.metrics.rtt.get(&label(1)).is_none());
+        let r = build_report(&ctx, Some(subnet(200)), &p);
+        assert_eq!((r.peer_count(), r.unreachable_count()), (6, 5));
+        assert_eq!(r.peers.len(), 4);
+        assert!(r.peers.iter().all(|v| v.verdict() == "no"));
+        let back = parse_report(serde_json::to_string(&r).unwrap().as_bytes()).unwrap();
+        assert_eq!(back, r);
+
+        // Peer 2 answers again: its series goes, peer 6 takes the free place.
+        let at = t0 + Duration::from_secs(100);
+        let (dst, nonce) = loop {
+            let (dst, nonce) = p.next_probe(at).unwrap();
+            if dst == subnet(2).network() {
+                break (dst, nonce);
+            }
+            p.expire(at + Duration::from_secs(5));
+        };
+        p.on_answer(dst, nonce, at + Duration::from_millis(2));
+        assert_eq!(p.series, [3, 4, 5, 6].map(subnet).into());
+
+        // Back to 4 peers: all listed, with their state.
+        p.set_targets(&targets(4));
+        assert!(p.detailed());
+        assert_eq!(p.series, (1..=4).map(subnet).collect::<BTreeSet<_>>());
+        assert_eq!(p.metrics.reachable.get(&label(3)).map(|g| g.get()), Some(0));
+        assert_eq!(p.metrics.reachable.get(&label(2)).map(|g| g.get()), Some(1));
+        assert!(p.metrics.reachable.get(&label(6)).is_none());
+        let r = build_report(&ctx, Some(subnet(200)), &p);
+        assert_eq!(r.peers_listed, PeersListed::All);
+        assert_eq!(r.peers.len(), 4);
+    }
+
+    /// A report with a `peers_listed` value of a newer twilld still reads.
+    #[test]
+    fn an_unknown_peers_listed_value_reads() {
+        let r = parse_report(
+            br#"{"node":"a","subnet":null,"public_ip":"x","version":"v","ready":true,"time":1,
+            "peers_listed":"sampled","peers":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.peers_listed, PeersListed::Unknown);
     }
 
     /// A report of an older twilld (no `vtep`, no `path`) still reads, with the VTEP derived

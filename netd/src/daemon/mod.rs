@@ -348,6 +348,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 max_rate: args.health_max_rate,
                 publish: args.health_publish,
                 report_timeout: args.etcd.etcd_timeout,
+                detail_max: args.health_detail_max,
             },
             health_rx,
             health_metrics,
