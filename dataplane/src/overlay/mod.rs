@@ -1,7 +1,11 @@
 //! The VXLAN overlay: one `twill.<VNI>` device per node and, per peer node, a neighbour, an
 //! FDB entry and an onlink route. [`Overlay`] is the small set of domain verbs that twilld
-//! uses; [`RtnlOverlay`] implements it with rtnetlink, `FakeOverlay` (only with `cfg(test)` or
-//! the `fakes` feature) records calls for unit tests. [`Monitor`] listens to the kernel's link/neighbour/route events.
+//! uses; [`RtnlOverlay`] implements it with rtnetlink (its batches through `batch`), and
+//! `FakeOverlay` (only with `cfg(test)` or the `fakes` feature) records calls for unit tests.
+//! [`Monitor`] turns the kernel's link/neighbour/route notifications into events;
+//! [`underlay`] finds the device and address the VXLAN traffic leaves by; [`sysctl`] sets
+//! the node's forwarding. Kernel messages are read by [`crate::netlink::parse`]; this module
+//! only decides which of them are twill's (`rtnl`: `neigh_on`, `fdb_on`, `route_on`).
 
 mod batch;
 #[cfg(any(test, feature = "fakes"))]
