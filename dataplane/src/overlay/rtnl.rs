@@ -228,6 +228,32 @@ impl RtnlOverlay {
         Ok(())
     }
 
+    /// Writes the neighbour or FDB entry `msg` (NLM_F_CREATE | NLM_F_REPLACE): rtnetlink's
+    /// request (flags, answer) around the message that the batches send too.
+    async fn replace_neighbour(
+        &self,
+        op: impl FnOnce() -> String,
+        msg: NeighbourMessage,
+    ) -> Result<()> {
+        // `add_bridge` only carries the request here: its message is replaced whole.
+        let mut req = self.nl.handle().neighbours().add_bridge(0, &[]).replace();
+        *req.message_mut() = msg;
+        self.nl.run(op, req.execute()).await
+    }
+
+    /// Runs the delete request `req` (named by `op`); deleting what is already gone is
+    /// success (idempotent deletes).
+    async fn delete(
+        &self,
+        op: impl FnOnce() -> String,
+        req: impl std::future::Future<Output = std::result::Result<(), rtnetlink::Error>>,
+    ) -> Result<()> {
+        match self.nl.run(op, req).await {
+            Err(e) if e.is_missing() => Ok(()),
+            r => r,
+        }
+    }
+
     async fn neigh_dump(&self, family: AddressFamily) -> Result<Vec<NeighbourMessage>> {
         self.nl
             .run(
@@ -255,14 +281,6 @@ impl RtnlOverlay {
                     .try_collect(),
             )
             .await
-    }
-}
-
-fn ignore_missing(r: Result<()>) -> Result<()> {
-    match r {
-        // Deleting what is already gone is success (idempotent deletes).
-        Err(e) if e.is_missing() => Ok(()),
-        r => r,
     }
 }
 
@@ -471,59 +489,28 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn replace_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .neighbours()
-            .add(link, IpAddr::V4(n.ip))
-            .link_layer_address(&n.mac.0)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute();
-        self.nl
-            .run(|| format!("replace neigh {} lladdr {}", n.ip, n.mac), req)
-            .await
+        let op = || format!("replace neigh {} lladdr {}", n.ip, n.mac);
+        self.replace_neighbour(op, neigh_add_msg(link, n)).await
     }
 
     async fn delete_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .neighbours()
-            .del(neigh_del_msg(link, n))
-            .execute();
-        ignore_missing(self.nl.run(|| format!("delete neigh {}", n.ip), req).await)
-    }
-
-    async fn replace_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .neighbours()
-            .add_bridge(link, &f.mac.0)
-            .destination(f.dst)
-            // NTF_SELF: the entry belongs to the VXLAN device's own FDB, not to a bridge.
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute();
-        self.nl
-            .run(|| format!("replace fdb {} dst {}", f.mac, f.dst), req)
+        let req = self.nl.handle().neighbours().del(neigh_del_msg(link, n));
+        self.delete(|| format!("delete neigh {}", n.ip), req.execute())
             .await
     }
 
+    async fn replace_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
+        let op = || format!("replace fdb {} dst {}", f.mac, f.dst);
+        self.replace_neighbour(op, fdb_add_msg(link, f)).await
+    }
+
     async fn delete_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .neighbours()
-            .del(fdb_del_msg(link, f))
-            .execute();
-        ignore_missing(
-            self.nl
-                .run(|| format!("delete fdb {} dst {}", f.mac, f.dst), req)
-                .await,
+        let req = self.nl.handle().neighbours().del(fdb_del_msg(link, f));
+        self.delete(
+            || format!("delete fdb {} dst {}", f.mac, f.dst),
+            req.execute(),
         )
+        .await
     }
 
     async fn replace_route(&self, link: u32, r: &Route) -> Result<()> {
@@ -569,13 +556,9 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn delete_route(&self, link: u32, r: &Route) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .route()
-            .del(route_del_msg(link, r))
-            .execute();
-        ignore_missing(self.nl.run(|| format!("delete route {}", r.dst), req).await)
+        let req = self.nl.handle().route().del(route_del_msg(link, r));
+        self.delete(|| format!("delete route {}", r.dst), req.execute())
+            .await
     }
 
     async fn remove_address(&self, addr: Ipv4Net) -> Result<Vec<u32>> {
