@@ -60,12 +60,22 @@ impl Error {
         matches!(self, Error::Timeout { .. })
     }
 
-    /// The kernel's errno behind a netlink error, if there is one (e.g. `libc::EEXIST`).
+    /// The kernel's errno behind a netlink error, if there is one (e.g. `libc::EEXIST`): the
+    /// one errno check of the crate and its callers.
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Netlink { source, .. } => crate::netlink::errno(source),
             Error::Io { source, .. } | Error::Netns { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+
+    /// The kernel's answer that the object is not there (ENOENT, ESRCH, ENODEV): what a delete
+    /// of something already gone gets.
+    pub fn is_missing(&self) -> bool {
+        matches!(
+            self.errno(),
+            Some(libc::ENOENT | libc::ESRCH | libc::ENODEV)
+        )
     }
 }

@@ -3,18 +3,27 @@
 //! Knows nothing of etcd, and of CNI only what a pod's network is made of ([`pod`]: a bridge,
 //! a veth pair, addresses and routes); the CNI protocol lives in the plugin's crate.
 //!
-//! - [`netlink`]: opens the rtnetlink sockets (in the namespace the caller names, on a
-//!   short-lived thread that [`NetNs::spawn_in`] starts, never a tokio worker), parses
-//!   link, route and address messages once, sends batches, owns the errno helper;
-//! - [`pod`]: the verbs of a pod's network (types and trait, the rtnetlink implementation,
-//!   a fake for tests); [`unlink`]: removing a link without waiting out the kernel's
-//!   teardown;
-//! - [`overlay`]: the node's VXLAN device, routes, neighbours and FDB entries of its peers;
-//! - [`nft`], [`nft_set`]: the nftables table and the peer set.
+//! Who owns which kernel object:
+//! - [`pod`]: the bridge (`cni0`), the veth pairs, a pod's address and routes in its namespace
+//!   (types and trait, the rtnetlink implementation, a fake for tests); [`unlink`]: removing
+//!   a link (a pod's veth) without waiting out the kernel's teardown;
+//! - [`overlay`]: the node's VXLAN device (`twill.<VNI>`) and its /32 address, and per peer a
+//!   neighbour, an FDB entry and an onlink route (marked with twill's route protocol); its
+//!   monitor reads the kernel's notifications of them; [`overlay::underlay`] only reads the
+//!   underlay device; [`overlay::sysctl`]: the node's forwarding sysctls;
+//! - [`nft`], [`nft_set`]: the nftables table and its peer set.
 //!
-//! `setns` is called in one place, [`NetNs::spawn_in`], on a thread that exits afterwards.
-//! The overlay's multicast listener and the nftables set socket open their own sockets
-//! there too (`overlay::monitor`, [`nft_set`]).
+//! Underneath them:
+//! - [`netlink`]: opens every netlink route socket (an rtnetlink connection, the multicast
+//!   subscription, the blocking and batch sockets), in the namespace the caller names;
+//!   encodes raw requests ([`netlink::encode`]); parses link, route, address and neighbour
+//!   messages into typed values once ([`netlink::parse`]); sends batches; owns the errno
+//!   helper under [`Error::errno`];
+//! - [`netns`]: [`NetNs`], the namespace handle. `setns` is called in one place,
+//!   [`NetNs::spawn_in`], on a thread that exits afterwards (never a tokio worker); the
+//!   netlink sockets enter a namespace through [`netlink`], the sysctls through
+//!   [`overlay::sysctl`], and the nftables set socket (another netlink protocol) through
+//!   [`nft_set`].
 
 pub mod error;
 pub mod netlink;

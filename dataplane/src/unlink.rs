@@ -8,6 +8,10 @@
 //! caller watches the namespace's link notifications for the kernel's `RTM_DELLINK` and goes
 //! on. The child outlives a short-lived caller (the CNI plugin) by those milliseconds and is
 //! reaped by init; even a SIGKILL cannot stop the kernel from finishing the deletion.
+//!
+//! The sockets and the request are [`crate::netlink`]'s: the request is encoded by
+//! [`crate::netlink::encode`] before the fork and sent by [`crate::netlink::sync::send_from_child`],
+//! the link is read by [`get_link`], the notifications by [`crate::netlink::sync::LinkEvents`].
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};

@@ -1,23 +1,32 @@
-//! The kernel layer's netlink: every rtnetlink socket of the crate is opened here, in the
+//! The kernel layer's netlink: every netlink route socket of the crate is opened here, in the
 //! namespace the caller names, on a short-lived thread ([`NetNs::spawn_in`]) when that is not
-//! the caller's own.
+//! the caller's own. (The nftables set socket is of another protocol: [`crate::nft_set`].)
 //!
 //! - [`Netlink`]: an rtnetlink connection bound to one namespace, and the one helper that
 //!   bounds every request made through it ([`bounded`]);
-//! - [`parse`]: link, route and address messages read into typed values, once;
+//! - [`subscribe`]: a connection to rtnetlink's multicast groups (the overlay's monitor);
+//! - [`route_socket`]: a plain blocking socket, for [`sync`];
+//! - [`parse`]: link, route, address and neighbour messages read into typed values, once;
 //! - [`batch`]: several requests sent on one socket before the first answer is read (one
 //!   round trip: the CNI ADD);
-//! - [`sync`]: blocking sockets without a runtime (DEL's link removal), sharing [`encode`],
-//!   and [`sync::BatchSocket`], many writes per datagram (the overlay's peer entries);
-//! - [`errno`]: the kernel's errno behind an rtnetlink error.
+//! - [`sync`]: blocking sockets without a runtime (DEL's link removal, and the request sent
+//!   from a forked child), sharing [`encode`], and [`sync::BatchSocket`], many writes per
+//!   datagram (the overlay's peer entries);
+//! - [`errno`]: the kernel's errno behind an rtnetlink error, under [`Error::errno`].
 
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use rtnetlink::Handle;
+use futures::channel::mpsc::UnboundedReceiver;
+use rtnetlink::packet_core::NetlinkMessage;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::sys::constants::NETLINK_ROUTE;
+use rtnetlink::sys::{AsyncSocket, Socket, SocketAddr};
+use rtnetlink::{Handle, MulticastGroup};
 
 use crate::{Error, NetNs, Result};
 
@@ -27,7 +36,8 @@ pub mod sync;
 
 pub use batch::{Answers, Batch};
 
-/// The kernel's errno behind an rtnetlink error (`libc::EEXIST`, ...), if it is one.
+/// The kernel's errno behind an rtnetlink error (`libc::EEXIST`, ...), if it is one. Callers
+/// check a crate [`Error`] with [`Error::errno`], which reads this.
 pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
@@ -35,14 +45,9 @@ pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-/// Whether `e` is the kernel's `errno`.
-pub fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
-    self::errno(e) == Some(errno)
-}
-
 /// `msg` with `flags` as one netlink datagram (sequence number 1), for a socket that is not
 /// an rtnetlink connection ([`sync`]).
-pub fn encode(msg: rtnetlink::packet_route::RouteNetlinkMessage, flags: u16) -> Vec<u8> {
+pub fn encode(msg: RouteNetlinkMessage, flags: u16) -> Vec<u8> {
     let mut buf = Vec::new();
     encode_into(&mut buf, msg, flags, 1);
     buf
@@ -50,13 +55,8 @@ pub fn encode(msg: rtnetlink::packet_route::RouteNetlinkMessage, flags: u16) -> 
 
 /// Appends `msg` with `flags` and sequence number `seq` to the datagram `buf`, 4-byte
 /// aligned (several messages in one datagram: [`sync::BatchSocket`]).
-pub fn encode_into(
-    buf: &mut Vec<u8>,
-    msg: rtnetlink::packet_route::RouteNetlinkMessage,
-    flags: u16,
-    seq: u32,
-) {
-    let mut nl = rtnetlink::packet_core::NetlinkMessage::from(msg);
+pub fn encode_into(buf: &mut Vec<u8>, msg: RouteNetlinkMessage, flags: u16, seq: u32) {
+    let mut nl = NetlinkMessage::from(msg);
     nl.header.flags = flags;
     nl.header.sequence_number = seq;
     nl.finalize();
@@ -64,6 +64,13 @@ pub fn encode_into(
     buf.resize(at + nl.header.length as usize, 0);
     nl.serialize(&mut buf[at..]);
     buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+/// A blocking netlink route socket in the calling thread's namespace, neither bound nor
+/// connected: [`sync`]'s sockets. Makes one system call and allocates nothing, so a forked
+/// child may call it ([`sync::send_from_child`]).
+pub fn route_socket() -> std::io::Result<Socket> {
+    Socket::new(NETLINK_ROUTE)
 }
 
 /// How long one netlink request (a write and its ack, or a whole dump) may take by default.
@@ -112,10 +119,10 @@ pub struct Netlink {
 }
 
 impl Netlink {
-    /// Opens a socket in the caller's own namespace. Must be called inside a tokio runtime.
-    pub fn current() -> Result<Self> {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| Error::io("open netlink socket", e))?;
+    /// Opens a socket in the calling thread's namespace, its connection task spawned on the
+    /// runtime that the thread has entered.
+    fn connect(what: impl FnOnce() -> String) -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::io(what(), e))?;
         tokio::spawn(conn);
         Ok(Netlink {
             handle,
@@ -123,22 +130,16 @@ impl Netlink {
         })
     }
 
+    /// Opens a socket in the caller's own namespace. Must be called inside a tokio runtime.
+    pub fn current() -> Result<Self> {
+        Self::connect(|| "open netlink socket".into())
+    }
+
     /// Opens a socket inside `ns`: a short-lived thread enters the namespace, creates the
     /// socket (registered with the caller's runtime) and exits. Must be called inside a
     /// tokio runtime.
     pub fn open(ns: &NetNs) -> Result<Self> {
-        let rt = tokio::runtime::Handle::current();
-        let (conn, handle, _) = ns
-            .run_in(move || {
-                let _guard = rt.enter();
-                rtnetlink::new_connection()
-            })?
-            .map_err(|e| Error::io(format!("open netlink socket in {}", ns.path().display()), e))?;
-        tokio::spawn(conn);
-        Ok(Netlink {
-            handle,
-            timeout: DEFAULT_TIMEOUT,
-        })
+        Self::spawn_open(tokio::runtime::Handle::current(), ns).join()
     }
 
     /// Starts opening a socket inside `ns` and returns at once: one thread enters the
@@ -148,13 +149,7 @@ impl Netlink {
         let path = ns.path().to_path_buf();
         Opening(ns.spawn_in(move || {
             let _rt = rt.enter();
-            let (conn, handle, _) = rtnetlink::new_connection()
-                .map_err(|e| Error::io(format!("open netlink socket in {}", path.display()), e))?;
-            tokio::spawn(conn);
-            Ok(Netlink {
-                handle,
-                timeout: DEFAULT_TIMEOUT,
-            })
+            Self::connect(|| format!("open netlink socket in {}", path.display()))
         }))
     }
 
@@ -197,6 +192,55 @@ impl Opening {
         self.0?
             .join()
             .map_err(|_| Error::Invalid("netns thread panicked".into()))??
+    }
+}
+
+/// A connection subscribed to rtnetlink's multicast `groups`: its handle (the connection
+/// task lives as long as one is kept) and the notifications as they come.
+pub struct Subscription {
+    pub handle: Handle,
+    pub rx: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+}
+
+/// Subscribes to `groups` inside `ns`, or in the caller's own namespace for `None` (the socket
+/// is created on a short-lived thread in `ns`), with a receive buffer of `rcvbuf` bytes
+/// (SO_RCVBUFFORCE as root, else SO_RCVBUF capped by rmem_max): a full buffer loses
+/// notifications. Must be called inside a tokio runtime.
+pub fn subscribe(
+    ns: Option<&NetNs>,
+    groups: &'static [MulticastGroup],
+    rcvbuf: libc::c_int,
+) -> Result<Subscription> {
+    let connect = move || {
+        let (mut conn, handle, rx) = rtnetlink::new_multicast_connection(groups)
+            .map_err(|e| Error::io("open netlink multicast socket", e))?;
+        let sock = conn.socket_mut().socket_mut();
+        // SO_RCVBUFFORCE ignores net.core.rmem_max (needs CAP_NET_ADMIN); fall back to SO_RCVBUF.
+        // SAFETY: setsockopt on a valid fd with a c_int option value.
+        let forced = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&rcvbuf as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if forced != 0 {
+            let _ = sock.set_rx_buf_sz(rcvbuf as usize);
+        }
+        tokio::spawn(conn);
+        Ok(Subscription { handle, rx })
+    };
+    match ns {
+        None => connect(),
+        Some(ns) => {
+            let rt = tokio::runtime::Handle::current();
+            ns.run_in(move || {
+                let _g = rt.enter();
+                connect()
+            })?
+        }
     }
 }
 

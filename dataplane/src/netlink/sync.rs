@@ -1,7 +1,9 @@
 //! Blocking netlink sockets, for code that runs without a tokio runtime (DEL, and the undo
 //! of an ADD): one request and its answer, a subscription to the namespace's link
-//! notifications, and the request sent from a forked child ([`crate::unlink`]). Messages are
-//! encoded by [`super::encode`] and decoded by netlink-packet-core.
+//! notifications, and the request sent from a forked child ([`crate::unlink`]); and
+//! [`BatchSocket`], the overlay's many writes per datagram. Every socket is a
+//! [`super::route_socket`]; messages are encoded by [`super::encode`] and decoded by
+//! netlink-packet-core, and an answer is read by [`super::parse`].
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -10,10 +12,10 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::sys::constants::NETLINK_ROUTE;
 use rtnetlink::sys::{Socket, SocketAddr};
 
 use super::parse::{self, Link};
+use super::route_socket;
 use crate::{Error, Result};
 
 /// RTMGRP_LINK: the link notifications of the socket's namespace.
@@ -46,7 +48,7 @@ pub fn decode(mut buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
 
 /// Link `name` in the caller's namespace, `None` if there is none.
 pub fn get_link(name: &str) -> Result<Option<Link>> {
-    let sock = Socket::new(NETLINK_ROUTE).map_err(io("open netlink socket"))?;
+    let sock = route_socket().map_err(io("open netlink socket"))?;
     sock.connect(&SocketAddr::new(0, 0))
         .map_err(io("connect netlink socket"))?;
     let mut get = LinkMessage::default();
@@ -65,12 +67,12 @@ pub fn get_link(name: &str) -> Result<Option<Link>> {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
                 return Ok(Some(parse::link(l)));
             }
-            NetlinkPayload::Error(e) => match e.code {
-                Some(c) if -c.get() == libc::ENODEV => return Ok(None),
+            NetlinkPayload::Error(e) => match super::errno(&rtnetlink::Error::NetlinkError(e)) {
+                Some(libc::ENODEV) => return Ok(None),
                 Some(c) => {
                     return Err(Error::io(
                         format!("get link {name}"),
-                        std::io::Error::from_raw_os_error(-c.get()),
+                        std::io::Error::from_raw_os_error(c),
                     ));
                 }
                 None => {}
@@ -88,7 +90,7 @@ pub struct LinkEvents(Socket);
 
 impl LinkEvents {
     pub fn subscribe() -> Result<Self> {
-        let mut s = Socket::new(NETLINK_ROUTE).map_err(io("open netlink socket"))?;
+        let mut s = route_socket().map_err(io("open netlink socket"))?;
         s.bind(&SocketAddr::new(0, RTMGRP_LINK))
             .map_err(io("subscribe to link notifications"))?;
         let _ = s.set_rx_buf_sz(1 << 20);
@@ -113,9 +115,9 @@ impl LinkEvents {
 }
 
 /// The body of a forked child: sends the encoded request `req`, waits for the kernel's
-/// answer and exits with its errno (0 on success, 100-102 when netlink itself failed). Raw
-/// system calls only, no allocation: it runs between fork and exit of a process that may
-/// have other threads.
+/// answer and exits with its errno (0 on success, 100-102 when netlink itself failed). System
+/// calls only, no allocation: it runs between fork and exit of a process that may have other
+/// threads.
 pub fn send_from_child(req: &[u8]) -> ! {
     // SAFETY: system calls on memory this process owns; the request buffer was filled
     // before the fork and is only read. Every descriptor is closed first, so the child holds
@@ -127,32 +129,25 @@ pub fn send_from_child(req: &[u8]) -> ! {
                 libc::close(fd);
             }
         }
-        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            libc::_exit(100);
-        }
-        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        let sent = libc::sendto(
-            fd,
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            (&sa as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        );
-        if sent < 0 {
-            libc::_exit(101);
-        }
-        let mut ack = [0u8; 256];
-        let n = libc::recv(fd, ack.as_mut_ptr().cast(), ack.len(), 0);
-        // nlmsghdr (16 bytes), then nlmsgerr's error: 0 or -errno.
-        if n >= 20 && u16::from_ne_bytes([ack[4], ack[5]]) == libc::NLMSG_ERROR as u16 {
-            let err = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
-            libc::_exit((-err).clamp(0, 99));
-        }
-        libc::_exit(102)
     }
+    let Ok(sock) = route_socket() else {
+        // SAFETY: ends the child without running any of the parent's code.
+        unsafe { libc::_exit(100) }
+    };
+    if sock.send_to(req, &SocketAddr::new(0, 0), 0).is_err() {
+        // SAFETY: as above.
+        unsafe { libc::_exit(101) }
+    }
+    let mut ack = [0u8; 256];
+    let n = sock.recv(&mut &mut ack[..], 0).unwrap_or(0);
+    // nlmsghdr (16 bytes), then nlmsgerr's error: 0 or -errno.
+    let code = if n >= 20 && u16::from_ne_bytes([ack[4], ack[5]]) == libc::NLMSG_ERROR as u16 {
+        (-i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]])).clamp(0, 99)
+    } else {
+        102
+    };
+    // SAFETY: as above.
+    unsafe { libc::_exit(code) }
 }
 
 #[cfg(test)]
@@ -203,7 +198,7 @@ pub struct BatchSocket {
 impl BatchSocket {
     /// Opens it in the calling thread's namespace; every receive waits at most `timeout`.
     pub fn current(timeout: std::time::Duration) -> Result<Self> {
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(io("open batch netlink socket"))?;
+        let mut sock = route_socket().map_err(io("open batch netlink socket"))?;
         sock.bind_auto().map_err(io("bind batch netlink socket"))?;
         sock.connect(&SocketAddr::new(0, 0))
             .map_err(io("connect batch netlink socket"))?;

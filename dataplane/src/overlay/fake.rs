@@ -66,6 +66,13 @@ impl FakeOverlay {
     fn record(&self, c: FakeCall) {
         self.st.lock().unwrap().calls.push(c);
     }
+
+    /// Records the verb's call `c` and applies its `op` to the programmed state.
+    fn apply(&self, c: FakeCall, op: super::Op) -> Result<()> {
+        self.record(c);
+        op.apply_to(&mut self.st.lock().unwrap().programmed);
+        Ok(())
+    }
 }
 
 impl Overlay for FakeOverlay {
@@ -109,39 +116,27 @@ impl Overlay for FakeOverlay {
     }
 
     async fn replace_neigh(&self, _link: u32, n: &Neigh) -> Result<()> {
-        self.record(FakeCall::ReplaceNeigh(*n));
-        super::Op::ReplaceNeigh(*n).apply_to(&mut self.st.lock().unwrap().programmed);
-        Ok(())
+        self.apply(FakeCall::ReplaceNeigh(*n), super::Op::ReplaceNeigh(*n))
     }
 
     async fn delete_neigh(&self, _link: u32, n: &Neigh) -> Result<()> {
-        self.record(FakeCall::DeleteNeigh(*n));
-        super::Op::DeleteNeigh(*n).apply_to(&mut self.st.lock().unwrap().programmed);
-        Ok(())
+        self.apply(FakeCall::DeleteNeigh(*n), super::Op::DeleteNeigh(*n))
     }
 
     async fn replace_fdb(&self, _link: u32, f: &Fdb) -> Result<()> {
-        self.record(FakeCall::ReplaceFdb(*f));
-        super::Op::ReplaceFdb(*f).apply_to(&mut self.st.lock().unwrap().programmed);
-        Ok(())
+        self.apply(FakeCall::ReplaceFdb(*f), super::Op::ReplaceFdb(*f))
     }
 
     async fn delete_fdb(&self, _link: u32, f: &Fdb) -> Result<()> {
-        self.record(FakeCall::DeleteFdb(*f));
-        super::Op::DeleteFdb(*f).apply_to(&mut self.st.lock().unwrap().programmed);
-        Ok(())
+        self.apply(FakeCall::DeleteFdb(*f), super::Op::DeleteFdb(*f))
     }
 
     async fn replace_route(&self, _link: u32, r: &Route) -> Result<()> {
-        self.record(FakeCall::ReplaceRoute(*r));
-        super::Op::ReplaceRoute(*r).apply_to(&mut self.st.lock().unwrap().programmed);
-        Ok(())
+        self.apply(FakeCall::ReplaceRoute(*r), super::Op::ReplaceRoute(*r))
     }
 
     async fn delete_route(&self, _link: u32, r: &Route) -> Result<()> {
-        self.record(FakeCall::DeleteRoute(*r));
-        super::Op::DeleteRoute(*r).apply_to(&mut self.st.lock().unwrap().programmed);
-        Ok(())
+        self.apply(FakeCall::DeleteRoute(*r), super::Op::DeleteRoute(*r))
     }
 
     async fn remove_address(&self, _addr: ipnet::Ipv4Net) -> Result<Vec<u32>> {

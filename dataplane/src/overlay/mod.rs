@@ -1,7 +1,11 @@
 //! The VXLAN overlay: one `twill.<VNI>` device per node and, per peer node, a neighbour, an
 //! FDB entry and an onlink route. [`Overlay`] is the small set of domain verbs that twilld
-//! uses; [`RtnlOverlay`] implements it with rtnetlink, `FakeOverlay` (only with `cfg(test)` or
-//! the `fakes` feature) records calls for unit tests. [`Monitor`] listens to the kernel's link/neighbour/route events.
+//! uses; [`RtnlOverlay`] implements it with rtnetlink (its batches through `batch`), and
+//! `FakeOverlay` (only with `cfg(test)` or the `fakes` feature) records calls for unit tests.
+//! [`Monitor`] turns the kernel's link/neighbour/route notifications into events;
+//! [`underlay`] finds the device and address the VXLAN traffic leaves by; [`sysctl`] sets
+//! the node's forwarding. Kernel messages are read by [`crate::netlink::parse`]; this module
+//! only decides which of them are twill's (`rtnl`: `neigh_on`, `fdb_on`, `route_on`).
 
 mod batch;
 #[cfg(any(test, feature = "fakes"))]
@@ -283,25 +287,16 @@ impl Op {
             // One entry per key: the others with the same key go (a range of the ordered
             // set, not a walk over every entry).
             Op::ReplaceFdb(f) => {
-                let same: Vec<Fdb> = p.fdbs_of(f.mac).copied().collect();
-                for x in same {
-                    p.fdbs.remove(&x);
-                }
-                p.fdbs.insert(*f);
+                let same = p.fdbs_of(f.mac).copied().collect();
+                replace_key(&mut p.fdbs, same, *f);
             }
             Op::ReplaceNeigh(n) => {
-                let same: Vec<Neigh> = p.neighs_of(n.ip).copied().collect();
-                for x in same {
-                    p.neighs.remove(&x);
-                }
-                p.neighs.insert(*n);
+                let same = p.neighs_of(n.ip).copied().collect();
+                replace_key(&mut p.neighs, same, *n);
             }
             Op::ReplaceRoute(r) => {
-                let same: Vec<Route> = p.routes_to(r.dst).copied().collect();
-                for x in same {
-                    p.routes.remove(&x);
-                }
-                p.routes.insert(*r);
+                let same = p.routes_to(r.dst).copied().collect();
+                replace_key(&mut p.routes, same, *r);
             }
             Op::DeleteRoute(r) => {
                 p.routes.remove(r);
@@ -314,6 +309,14 @@ impl Op {
             }
         }
     }
+}
+
+/// Puts `x` into `set` in place of `same`, the entries with its key.
+fn replace_key<T: Ord>(set: &mut BTreeSet<T>, same: Vec<T>, x: T) {
+    for old in same {
+        set.remove(&old);
+    }
+    set.insert(x);
 }
 
 impl fmt::Display for Op {

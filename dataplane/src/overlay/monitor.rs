@@ -1,25 +1,30 @@
-//! The kernel's link, neighbour and IPv4 route notifications (rtnetlink multicast groups),
-//! turned into typed events. A full receive buffer loses events: that comes out as
+//! The kernel's link, neighbour and IPv4 route notifications (rtnetlink multicast groups, on
+//! the socket that [`crate::netlink::subscribe`] opens), read by [`crate::netlink::parse`]
+//! and turned into typed events. A full receive buffer loses events: that comes out as
 //! [`MonitorEvent::Overrun`], after which the caller must dump everything again.
-
-use std::os::fd::AsRawFd;
 
 use futures::StreamExt;
 use futures::channel::mpsc::UnboundedReceiver;
+use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
-use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
-use rtnetlink::sys::{AsyncSocket, SocketAddr};
-use rtnetlink::{Handle, MulticastGroup};
+use rtnetlink::packet_route::neighbour::NeighbourState;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::sys::SocketAddr;
 
-use super::rtnl::{parse_fdb, parse_neigh, parse_route};
+use super::rtnl::{fdb_on, neigh_on, route_on};
 use super::{Fdb, Neigh, Route};
-use crate::{Error, NetNs, Result};
+use crate::netlink::{self, Subscription, parse};
+use crate::{NetNs, Result};
 
 /// Receive buffer asked for (SO_RCVBUFFORCE as root, else SO_RCVBUF capped by rmem_max).
 const RCVBUF: libc::c_int = 8 << 20;
+
+/// The groups the overlay listens to.
+const GROUPS: &[MulticastGroup] = &[
+    MulticastGroup::Link,
+    MulticastGroup::Neigh,
+    MulticastGroup::Ipv4Route,
+];
 
 /// One notification that concerns the overlay.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,14 +72,14 @@ pub enum MonitorEvent {
 pub struct Monitor {
     rx: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
     // Keeps the connection task alive (it shuts down when every handle is gone).
-    _handle: Handle,
+    _handle: rtnetlink::Handle,
     pending: std::collections::VecDeque<MonitorEvent>,
 }
 
 impl Monitor {
     /// Subscribes in the caller's own namespace. Must be called inside a tokio runtime.
     pub fn current() -> Result<Monitor> {
-        Self::connect()
+        Self::subscribe(None, RCVBUF)
     }
 
     /// Subscribes inside `ns` (the socket is created on a short-lived thread in `ns`).
@@ -85,41 +90,11 @@ impl Monitor {
     /// [`Monitor::open`] with a given receive buffer (tests use a tiny one to provoke an
     /// overrun).
     pub fn open_with_rcvbuf(ns: &NetNs, rcvbuf: libc::c_int) -> Result<Monitor> {
-        let rt = tokio::runtime::Handle::current();
-        ns.run_in(move || {
-            let _g = rt.enter();
-            Self::connect_with(rcvbuf)
-        })?
+        Self::subscribe(Some(ns), rcvbuf)
     }
 
-    fn connect() -> Result<Monitor> {
-        Self::connect_with(RCVBUF)
-    }
-
-    fn connect_with(rcvbuf: libc::c_int) -> Result<Monitor> {
-        let (mut conn, handle, rx) = rtnetlink::new_multicast_connection(&[
-            MulticastGroup::Link,
-            MulticastGroup::Neigh,
-            MulticastGroup::Ipv4Route,
-        ])
-        .map_err(|e| Error::io("open netlink multicast socket", e))?;
-        let sock = conn.socket_mut().socket_mut();
-        let fd = sock.as_raw_fd();
-        // SO_RCVBUFFORCE ignores net.core.rmem_max (needs CAP_NET_ADMIN); fall back to SO_RCVBUF.
-        // SAFETY: setsockopt on a valid fd with a c_int option value.
-        let forced = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&rcvbuf as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if forced != 0 {
-            let _ = sock.set_rx_buf_sz(rcvbuf as usize);
-        }
-        tokio::spawn(conn);
+    fn subscribe(ns: Option<&NetNs>, rcvbuf: libc::c_int) -> Result<Monitor> {
+        let Subscription { handle, rx } = netlink::subscribe(ns, GROUPS, rcvbuf)?;
         Ok(Monitor {
             rx,
             _handle: handle,
@@ -158,68 +133,55 @@ impl Monitor {
     }
 }
 
-fn link_name(m: &LinkMessage) -> String {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::IfName(n) => Some(n.clone()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-fn route_oif(m: &RouteMessage) -> Option<u32> {
-    m.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(i) => Some(*i),
-        _ => None,
-    })
-}
-
-fn neigh_ip(m: &NeighbourMessage) -> Option<std::net::Ipv4Addr> {
-    m.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-        _ => None,
-    })
-}
-
 fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
-    use rtnetlink::packet_route::AddressFamily;
     match m {
-        RouteNetlinkMessage::NewLink(l) => Some(MonitorEvent::Link {
-            index: l.header.index,
-            name: link_name(&l),
-        }),
-        RouteNetlinkMessage::DelLink(l) => Some(MonitorEvent::LinkGone {
-            index: l.header.index,
-            name: link_name(&l),
-        }),
+        RouteNetlinkMessage::NewLink(l) => {
+            let l = parse::link(l);
+            Some(MonitorEvent::Link {
+                index: l.index,
+                name: l.name,
+            })
+        }
+        RouteNetlinkMessage::DelLink(l) => {
+            let l = parse::link(l);
+            Some(MonitorEvent::LinkGone {
+                index: l.index,
+                name: l.name,
+            })
+        }
         RouteNetlinkMessage::NewNeighbour(n) => {
-            let link = n.header.ifindex;
-            if n.header.family == AddressFamily::Bridge {
-                parse_fdb(&n, link).map(|fdb| MonitorEvent::FdbUp { link, fdb })
+            let n = parse::neighbour(&n);
+            let link = n.index;
+            if n.family == AddressFamily::Bridge {
+                fdb_on(&n, link).map(|fdb| MonitorEvent::FdbUp { link, fdb })
             } else {
-                parse_neigh(&n, link).map(|neigh| MonitorEvent::NeighUp { link, neigh })
+                neigh_on(&n, link).map(|neigh| MonitorEvent::NeighUp { link, neigh })
             }
         }
-        RouteNetlinkMessage::DelNeighbour(mut n) => {
-            let link = n.header.ifindex;
-            if n.header.family == AddressFamily::Bridge {
-                // The deletion notice carries the state at removal; parse as if permanent.
-                n.header.state = rtnetlink::packet_route::neighbour::NeighbourState::Permanent;
-                parse_fdb(&n, link).map(|fdb| MonitorEvent::FdbGone { link, fdb })
-            } else if n.header.family == AddressFamily::Inet {
-                neigh_ip(&n).map(|ip| MonitorEvent::NeighGone { link, ip })
-            } else {
-                None
+        RouteNetlinkMessage::DelNeighbour(n) => {
+            let mut n = parse::neighbour(&n);
+            let link = n.index;
+            match (n.family, n.dst) {
+                (AddressFamily::Bridge, _) => {
+                    // The deletion notice carries the state at removal; read it as permanent.
+                    n.state = NeighbourState::Permanent;
+                    fdb_on(&n, link).map(|fdb| MonitorEvent::FdbGone { link, fdb })
+                }
+                (AddressFamily::Inet, Some(std::net::IpAddr::V4(ip))) => {
+                    Some(MonitorEvent::NeighGone { link, ip })
+                }
+                _ => None,
             }
         }
         RouteNetlinkMessage::NewRoute(r) => {
-            let link = route_oif(&r)?;
-            parse_route(&r, link).map(|route| MonitorEvent::RouteUp { link, route })
+            let r = parse::route(&r)?;
+            let link = r.oif?;
+            route_on(&r, link).map(|route| MonitorEvent::RouteUp { link, route })
         }
         RouteNetlinkMessage::DelRoute(r) => {
-            let link = route_oif(&r)?;
-            parse_route(&r, link).map(|route| MonitorEvent::RouteGone { link, route })
+            let r = parse::route(&r)?;
+            let link = r.oif?;
+            route_on(&r, link).map(|route| MonitorEvent::RouteGone { link, route })
         }
         _ => None,
     }

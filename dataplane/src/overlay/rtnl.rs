@@ -1,36 +1,30 @@
 //! [`Overlay`] over rtnetlink. The only file that knows rtnetlink's request builders for
-//! the overlay, so that its API churn stays here.
+//! the overlay, so that its API churn stays here, and the one that builds the overlay's
+//! messages (also for `batch`) and tells from parsed messages ([`crate::netlink::parse`])
+//! which entries are twill's.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
+use rtnetlink::packet_route::address::AddressMessage;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
-
-use std::sync::{Arc, Mutex};
 
 use super::batch::BatchSocket;
 use super::{
     EnsureOutcome, Fdb, Mac, Neigh, Op, Overlay, Programmed, Route, TWILL_ROUTE_PROTOCOL,
     VxlanLink, VxlanSpec,
 };
+use crate::netlink::parse;
 use crate::{Error, Netlink, Result};
-
-const EEXIST: i32 = libc::EEXIST;
-const ENODEV: i32 = libc::ENODEV;
-const ENOENT: i32 = libc::ENOENT;
-const ESRCH: i32 = libc::ESRCH;
 
 /// The rtnetlink implementation of [`Overlay`], acting on the namespace that its
 /// [`Netlink`] socket was opened in.
@@ -82,16 +76,14 @@ impl RtnlOverlay {
                 .unwrap_or_default()
             };
             for (op, e) in sent {
-                match (op, e.errno()) {
-                    (Op::ReplaceRoute(r), Some(EEXIST)) => {
+                match op {
+                    Op::ReplaceRoute(r) if e.errno() == Some(libc::EEXIST) => {
                         if let Err(e) = self.replace_route(link, &r).await {
                             failed.push((op, e));
                         }
                     }
-                    (
-                        Op::DeleteRoute(_) | Op::DeleteNeigh(_) | Op::DeleteFdb(_),
-                        Some(ENOENT | ESRCH | ENODEV),
-                    ) => {}
+                    Op::DeleteRoute(_) | Op::DeleteNeigh(_) | Op::DeleteFdb(_)
+                        if e.is_missing() => {}
                     _ => failed.push((op, e)),
                 }
             }
@@ -107,93 +99,54 @@ impl RtnlOverlay {
         &self.nl
     }
 
-    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
+    async fn link_by_name(&self, name: &str) -> Result<Option<parse::Link>> {
         let mut s = self.nl.handle().link().get().match_name(name).execute();
         match self
             .nl
             .run(|| format!("get link {name}"), s.try_next())
             .await
         {
-            Ok(m) => Ok(m),
-            Err(e) if e.errno() == Some(ENODEV) => Ok(None),
+            Ok(m) => Ok(m.map(parse::link)),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
+    /// The IPv4 addresses of link `index` (its own: IFA_LOCAL, else IFA_ADDRESS), each with
+    /// its message (to delete it by).
     async fn v4_addresses(&self, index: u32) -> Result<Vec<(Ipv4Net, AddressMessage)>> {
         let msgs = self.nl.link_addresses(index).await?;
-        let mut out = Vec::new();
-        for m in msgs {
-            if m.header.family != AddressFamily::Inet {
-                continue;
-            }
-            // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on p2p links.
-            let ip = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match parse::address(&m).own() {
+                Some(IpNet::V4(net)) => Some((net, m)),
                 _ => None,
-            });
-            let ip = ip.or_else(|| {
-                m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                    _ => None,
-                })
-            });
-            if let Some(ip) = ip
-                && let Ok(net) = Ipv4Net::new(ip, m.header.prefix_len)
-            {
-                out.push((net, m));
-            }
-        }
-        Ok(out)
+            })
+            .collect())
     }
 
-    async fn to_vxlan_link(&self, m: &LinkMessage) -> Result<VxlanLink> {
-        let mut l = VxlanLink {
-            index: m.header.index,
-            up: m.header.flags.contains(LinkFlags::Up),
-            ..VxlanLink::default()
-        };
-        let mut is_vxlan = false;
-        for a in &m.attributes {
-            match a {
-                LinkAttribute::IfName(n) => l.name = n.clone(),
-                LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
-                LinkAttribute::Address(a) => l.mac = Mac::from_slice(a).unwrap_or_default(),
-                LinkAttribute::LinkInfo(infos) => {
-                    for i in infos {
-                        match i {
-                            LinkInfo::Kind(InfoKind::Vxlan) => is_vxlan = true,
-                            LinkInfo::Data(InfoData::Vxlan(d)) => {
-                                for x in d {
-                                    match x {
-                                        InfoVxlan::Id(v) => l.vni = Some(*v),
-                                        InfoVxlan::Port(p) => l.port = Some(*p),
-                                        InfoVxlan::Link(i) => l.underlay_index = Some(*i),
-                                        InfoVxlan::Local(ip) => l.local = Some(IpAddr::V4(*ip)),
-                                        InfoVxlan::Local6(ip) => l.local = Some(IpAddr::V6(*ip)),
-                                        InfoVxlan::Learning(b) => l.learning = Some(*b),
-                                        _ => {}
-                                    }
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        if !is_vxlan {
-            // Leave vni None: `mismatch` then asks for a recreate.
-            l.vni = None;
-        }
-        l.addresses = self
+    async fn to_vxlan_link(&self, l: parse::Link) -> Result<VxlanLink> {
+        let vx = l.vxlan.unwrap_or_default();
+        let addresses = self
             .v4_addresses(l.index)
             .await?
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        Ok(l)
+        Ok(VxlanLink {
+            index: l.index,
+            // Not a VXLAN device: vni None, and `mismatch` asks for a recreate.
+            vni: vx.vni.filter(|_| l.kind.as_deref() == Some("vxlan")),
+            port: vx.port,
+            underlay_index: vx.underlay,
+            local: vx.local,
+            learning: vx.learning,
+            mtu: l.mtu.unwrap_or(0),
+            mac: Mac::from_slice(&l.mac).unwrap_or_default(),
+            up: l.up,
+            name: l.name,
+            addresses,
+        })
     }
 
     async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<()> {
@@ -227,7 +180,7 @@ impl RtnlOverlay {
             )
             .await;
         match r {
-            Err(e) if e.errno() == Some(ENODEV) => Ok(()),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
             r => r,
         }
     }
@@ -275,6 +228,32 @@ impl RtnlOverlay {
         Ok(())
     }
 
+    /// Writes the neighbour or FDB entry `msg` (NLM_F_CREATE | NLM_F_REPLACE): rtnetlink's
+    /// request (flags, answer) around the message that the batches send too.
+    async fn replace_neighbour(
+        &self,
+        op: impl FnOnce() -> String,
+        msg: NeighbourMessage,
+    ) -> Result<()> {
+        // `add_bridge` only carries the request here: its message is replaced whole.
+        let mut req = self.nl.handle().neighbours().add_bridge(0, &[]).replace();
+        *req.message_mut() = msg;
+        self.nl.run(op, req.execute()).await
+    }
+
+    /// Runs the delete request `req` (named by `op`); deleting what is already gone is
+    /// success (idempotent deletes).
+    async fn delete(
+        &self,
+        op: impl FnOnce() -> String,
+        req: impl std::future::Future<Output = std::result::Result<(), rtnetlink::Error>>,
+    ) -> Result<()> {
+        match self.nl.run(op, req).await {
+            Err(e) if e.is_missing() => Ok(()),
+            r => r,
+        }
+    }
+
     async fn neigh_dump(&self, family: AddressFamily) -> Result<Vec<NeighbourMessage>> {
         self.nl
             .run(
@@ -305,138 +284,66 @@ impl RtnlOverlay {
     }
 }
 
-fn ignore_missing(r: Result<()>) -> Result<()> {
-    match r {
-        // Deleting what is already gone is success (idempotent deletes).
-        Err(e) if matches!(e.errno(), Some(ENOENT) | Some(ESRCH) | Some(ENODEV)) => Ok(()),
-        r => r,
+/// The neighbour that twill manages (IPv4, permanent) in `n`, if it is on `link`.
+pub(crate) fn neigh_on(n: &parse::Neighbour, link: u32) -> Option<Neigh> {
+    if n.index != link || n.family != AddressFamily::Inet || n.state != NeighbourState::Permanent {
+        return None;
+    }
+    match n.dst? {
+        IpAddr::V4(ip) => Some(Neigh { ip, mac: n.mac? }),
+        IpAddr::V6(_) => None,
     }
 }
 
-/// The neighbour (IPv4, permanent) in `m` if it is on `link`.
-pub(crate) fn parse_neigh(m: &NeighbourMessage, link: u32) -> Option<Neigh> {
-    if m.header.ifindex != link
-        || m.header.family != AddressFamily::Inet
-        || m.header.state != NeighbourState::Permanent
+/// The FDB entry that twill manages (bridge family, permanent, with a destination) in `n`,
+/// if it is on `link`.
+pub(crate) fn fdb_on(n: &parse::Neighbour, link: u32) -> Option<Fdb> {
+    if n.index != link || n.family != AddressFamily::Bridge || n.state != NeighbourState::Permanent
     {
         return None;
     }
-    let mut ip = None;
-    let mut mac = None;
-    for a in &m.attributes {
-        match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
-            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
-            _ => {}
-        }
-    }
-    Some(Neigh { ip: ip?, mac: mac? })
-}
-
-/// The FDB entry (bridge family, permanent, with a destination) in `m` if it is on `link`.
-pub(crate) fn parse_fdb(m: &NeighbourMessage, link: u32) -> Option<Fdb> {
-    if m.header.ifindex != link
-        || m.header.family != AddressFamily::Bridge
-        || m.header.state != NeighbourState::Permanent
-    {
-        return None;
-    }
-    let mut dst = None;
-    let mut mac = None;
-    for a in &m.attributes {
-        match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
-                dst = Some(IpAddr::V4(*v))
-            }
-            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
-                dst = Some(IpAddr::V6(*v))
-            }
-            // In an AF_BRIDGE message the parser cannot tell NDA_DST's family: raw bytes.
-            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                dst = match b.len() {
-                    4 => <[u8; 4]>::try_from(&b[..]).ok().map(IpAddr::from),
-                    16 => <[u8; 16]>::try_from(&b[..]).ok().map(IpAddr::from),
-                    _ => None,
-                }
-            }
-            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
-            _ => {}
-        }
-    }
-    let mac = mac?;
+    let mac = n.mac?;
     if mac.is_zero() {
         return None;
     }
-    Some(Fdb { mac, dst: dst? })
+    Some(Fdb { mac, dst: n.dst? })
 }
 
-/// The IPv4 main-table unicast route in `m` if it is twill's (protocol
-/// [`TWILL_ROUTE_PROTOCOL`]) and its output device is `link`.
-pub(crate) fn parse_route(m: &RouteMessage, link: u32) -> Option<Route> {
-    if m.header.protocol != RouteProtocol::Other(TWILL_ROUTE_PROTOCOL) {
-        return None;
-    }
-    parse_main_route(m, link)
+/// Whether `r` carries twill's mark, [`TWILL_ROUTE_PROTOCOL`].
+fn is_twills(r: &parse::Route) -> bool {
+    r.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTOCOL)
 }
 
-/// The destination of an IPv4 main-table unicast route in `m` that is not twill's: a
-/// route of someone else (kernel, boot, dhcp, a routing daemon) whatever its device.
-pub(crate) fn parse_foreign_dst(m: &RouteMessage) -> Option<Ipv4Net> {
-    if m.header.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTOCOL)
-        || m.header.address_family != AddressFamily::Inet
-    {
+/// `r` as an IPv4 unicast route on `link`, whoever made it. A route without a gateway on the
+/// device is not one of ours; it comes out with via = its own network address so that the
+/// diff replaces or deletes it.
+fn on_link(r: &parse::Route, link: u32) -> Option<Route> {
+    let IpNet::V4(dst) = r.dst else { return None };
+    if r.kind != RouteType::Unicast || r.oif != Some(link) {
         return None;
     }
-    let mut table = u32::from(m.header.table);
-    let mut dst = Ipv4Addr::UNSPECIFIED;
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-            _ => {}
-        }
-    }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
-        return None;
-    }
-    Ipv4Net::new(dst, m.header.destination_prefix_length).ok()
+    let via = match r.gateway {
+        Some(IpAddr::V4(g)) => g,
+        _ => dst.network(),
+    };
+    Some(Route { dst, via })
 }
 
-/// The output device of a route message.
-fn route_oif(m: &RouteMessage) -> Option<u32> {
-    m.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(i) => Some(*i),
+/// `r` if it is twill's (protocol [`TWILL_ROUTE_PROTOCOL`]), IPv4 unicast, on `link`.
+pub(crate) fn route_on(r: &parse::Route, link: u32) -> Option<Route> {
+    if !is_twills(r) {
+        return None;
+    }
+    on_link(r, link)
+}
+
+/// The destination of `r` if it is an IPv4 route that is not twill's: a route of someone else
+/// (kernel, boot, dhcp, a routing daemon) whatever its device.
+fn foreign_dst(r: &parse::Route) -> Option<Ipv4Net> {
+    match r.dst {
+        IpNet::V4(dst) if !is_twills(r) => Some(dst),
         _ => None,
-    })
-}
-
-fn parse_main_route(m: &RouteMessage, link: u32) -> Option<Route> {
-    if m.header.address_family != AddressFamily::Inet || m.header.kind != RouteType::Unicast {
-        return None;
     }
-    let mut table = u32::from(m.header.table);
-    let mut oif = None;
-    let mut dst = Ipv4Addr::UNSPECIFIED;
-    let mut via = None;
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
-            _ => {}
-        }
-    }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || oif != Some(link) {
-        return None;
-    }
-    let dst = Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?;
-    // A route without a gateway on the device is not one of ours; report it with
-    // via = its own network address so that the diff replaces or deletes it.
-    Some(Route {
-        dst,
-        via: via.unwrap_or(dst.network()),
-    })
 }
 
 pub(super) fn route_msg(link: u32, r: &Route) -> RouteMessage {
@@ -519,7 +426,7 @@ impl Overlay for RtnlOverlay {
     async fn get_vxlan(&self, vni: u32) -> Result<Option<VxlanLink>> {
         let name = super::vxlan_name(vni);
         match self.link_by_name(&name).await? {
-            Some(m) => Ok(Some(self.to_vxlan_link(&m).await?)),
+            Some(l) => Ok(Some(self.to_vxlan_link(l).await?)),
             None => Ok(None),
         }
     }
@@ -560,20 +467,20 @@ impl Overlay for RtnlOverlay {
     async fn dump(&self, link: u32) -> Result<Programmed> {
         let mut p = Programmed::default();
         for m in self.neigh_dump(AddressFamily::Inet).await? {
-            if let Some(n) = parse_neigh(&m, link) {
+            if let Some(n) = neigh_on(&parse::neighbour(&m), link) {
                 p.neighs.insert(n);
             }
         }
         for m in self.neigh_dump(AddressFamily::Bridge).await? {
-            if let Some(f) = parse_fdb(&m, link) {
+            if let Some(f) = fdb_on(&parse::neighbour(&m), link) {
                 p.fdbs.insert(f);
             }
         }
-        for m in self.route_dump().await? {
-            if let Some(r) = parse_route(&m, link) {
-                p.routes.insert(r);
-            } else if let Some(dst) = parse_foreign_dst(&m)
-                && route_oif(&m) != Some(link)
+        for r in self.route_dump().await?.iter().filter_map(parse::route) {
+            if let Some(x) = route_on(&r, link) {
+                p.routes.insert(x);
+            } else if let Some(dst) = foreign_dst(&r)
+                && r.oif != Some(link)
             {
                 p.foreign_routes.insert(dst);
             }
@@ -582,59 +489,28 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn replace_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .neighbours()
-            .add(link, IpAddr::V4(n.ip))
-            .link_layer_address(&n.mac.0)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute();
-        self.nl
-            .run(|| format!("replace neigh {} lladdr {}", n.ip, n.mac), req)
-            .await
+        let op = || format!("replace neigh {} lladdr {}", n.ip, n.mac);
+        self.replace_neighbour(op, neigh_add_msg(link, n)).await
     }
 
     async fn delete_neigh(&self, link: u32, n: &Neigh) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .neighbours()
-            .del(neigh_del_msg(link, n))
-            .execute();
-        ignore_missing(self.nl.run(|| format!("delete neigh {}", n.ip), req).await)
-    }
-
-    async fn replace_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .neighbours()
-            .add_bridge(link, &f.mac.0)
-            .destination(f.dst)
-            // NTF_SELF: the entry belongs to the VXLAN device's own FDB, not to a bridge.
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute();
-        self.nl
-            .run(|| format!("replace fdb {} dst {}", f.mac, f.dst), req)
+        let req = self.nl.handle().neighbours().del(neigh_del_msg(link, n));
+        self.delete(|| format!("delete neigh {}", n.ip), req.execute())
             .await
     }
 
+    async fn replace_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
+        let op = || format!("replace fdb {} dst {}", f.mac, f.dst);
+        self.replace_neighbour(op, fdb_add_msg(link, f)).await
+    }
+
     async fn delete_fdb(&self, link: u32, f: &Fdb) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .neighbours()
-            .del(fdb_del_msg(link, f))
-            .execute();
-        ignore_missing(
-            self.nl
-                .run(|| format!("delete fdb {} dst {}", f.mac, f.dst), req)
-                .await,
+        let req = self.nl.handle().neighbours().del(fdb_del_msg(link, f));
+        self.delete(
+            || format!("delete fdb {} dst {}", f.mac, f.dst),
+            req.execute(),
         )
+        .await
     }
 
     async fn replace_route(&self, link: u32, r: &Route) -> Result<()> {
@@ -646,26 +522,27 @@ impl Overlay for RtnlOverlay {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        if e.errno() != Some(EEXIST) {
+        if e.errno() != Some(libc::EEXIST) {
             return Err(e);
         }
         // Replace only a route that is twill's, or that is on twill's own device (an older
         // twilld's route, with another protocol): anything else is a conflict.
-        let owner = self.route_dump().await?.into_iter().find(|m| {
-            m.header.address_family == AddressFamily::Inet
-                && parse_foreign_dst(m).or_else(|| parse_main_route(m, link).map(|x| x.dst))
-                    == Some(r.dst)
-        });
+        let owner = self
+            .route_dump()
+            .await?
+            .iter()
+            .filter_map(parse::route)
+            .find(|m| foreign_dst(m).or_else(|| on_link(m, link).map(|x| x.dst)) == Some(r.dst));
         if let Some(m) = owner
-            && m.header.protocol != RouteProtocol::Other(TWILL_ROUTE_PROTOCOL)
-            && route_oif(&m) != Some(link)
+            && !is_twills(&m)
+            && m.oif != Some(link)
         {
             return Err(Error::Conflict(format!(
                 "route {}: the main table has a route of protocol {} on device index {}: \
                  not twill's, left alone",
                 r.dst,
-                m.header.protocol,
-                route_oif(&m).map_or("none".into(), |i| i.to_string())
+                m.protocol,
+                m.oif.map_or("none".into(), |i| i.to_string())
             )));
         }
         let req = self
@@ -679,13 +556,9 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn delete_route(&self, link: u32, r: &Route) -> Result<()> {
-        let req = self
-            .nl
-            .handle()
-            .route()
-            .del(route_del_msg(link, r))
-            .execute();
-        ignore_missing(self.nl.run(|| format!("delete route {}", r.dst), req).await)
+        let req = self.nl.handle().route().del(route_del_msg(link, r));
+        self.delete(|| format!("delete route {}", r.dst), req.execute())
+            .await
     }
 
     async fn remove_address(&self, addr: Ipv4Net) -> Result<Vec<u32>> {
@@ -703,14 +576,7 @@ impl Overlay for RtnlOverlay {
             .await?;
         let mut from = Vec::new();
         for m in msgs {
-            if m.header.family != AddressFamily::Inet || m.header.prefix_len != addr.prefix_len() {
-                continue;
-            }
-            let local = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            if local != Some(addr.addr()) {
+            if parse::address(&m).local != Some(IpNet::V4(addr)) {
                 continue;
             }
             let index = m.header.index;

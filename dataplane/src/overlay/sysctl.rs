@@ -28,7 +28,7 @@ pub fn read(key: &str) -> Result<String> {
         .map_err(|e| Error::io(format!("read {}", path.display()), e))
 }
 
-/// [`write`] from a thread inside `ns`.
+/// [`write()`] from a thread inside `ns`.
 pub fn write_in(ns: &NetNs, key: &str, value: &str) -> Result<()> {
     let (k, v) = (key.to_string(), value.to_string());
     ns.run_in(move || write(&k, &v))?

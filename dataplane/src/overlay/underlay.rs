@@ -3,12 +3,10 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
+use ipnet::IpNet;
 use rtnetlink::RouteMessageBuilder;
-use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader};
 
+use crate::netlink::parse;
 use crate::{Error, Netlink, Result};
 
 /// The resolved underlay.
@@ -29,19 +27,6 @@ impl Underlay {
             IpAddr::V6(_) => self.mtu.saturating_sub(super::VXLAN_OVERHEAD_V6),
         }
     }
-}
-
-fn parse_link(m: &LinkMessage) -> (String, u32) {
-    let mut name = String::new();
-    let mut mtu = 0;
-    for a in &m.attributes {
-        match a {
-            LinkAttribute::IfName(n) => name = n.clone(),
-            LinkAttribute::Mtu(v) => mtu = *v,
-            _ => {}
-        }
-    }
-    (name, mtu)
 }
 
 /// Finds the underlay: `iface` by name, else the output interface of the main table's IPv4
@@ -72,16 +57,9 @@ pub async fn resolve(
                 .await?;
             let oif = routes
                 .iter()
-                .filter(|r| {
-                    r.header.destination_prefix_length == 0
-                        && r.header.table == RouteHeader::RT_TABLE_MAIN
-                })
-                .find_map(|r| {
-                    r.attributes.iter().find_map(|a| match a {
-                        RouteAttribute::Oif(i) => Some(*i),
-                        _ => None,
-                    })
-                })
+                .filter_map(parse::route)
+                .filter(|r| r.dst.prefix_len() == 0)
+                .find_map(|r| r.oif)
                 .ok_or_else(|| {
                     Error::Invalid(
                         "no IPv4 default route to find the underlay interface: give --iface".into(),
@@ -95,39 +73,30 @@ pub async fn resolve(
             .ok_or_else(|| Error::LinkNotFound(format!("index {oif}")))?
         }
     };
-    let index = link.header.index;
-    let (name, mtu) = parse_link(&link);
+    let link = parse::link(link);
     let ip = match public_ip {
         Some(ip) => ip,
         None => {
-            let addrs = nl.link_addresses(index).await?;
-            let pick = |fam: AddressFamily| {
-                addrs
-                    .iter()
-                    .filter(|m| m.header.family == fam)
-                    .find_map(|m| {
-                        m.attributes.iter().find_map(|a| match a {
-                            AddressAttribute::Local(ip) => Some(*ip),
-                            AddressAttribute::Address(ip) if fam == AddressFamily::Inet6 => {
-                                Some(*ip)
-                            }
-                            _ => None,
-                        })
-                    })
-            };
-            pick(AddressFamily::Inet)
-                .or_else(|| pick(AddressFamily::Inet6))
-                .ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "underlay {name} has no IP address: give --public-ip"
-                    ))
-                })?
+            let addrs: Vec<IpNet> = nl
+                .link_addresses(link.index)
+                .await?
+                .iter()
+                .filter_map(|m| parse::address(m).own())
+                .collect();
+            let v4 = addrs.iter().find(|a| matches!(a, IpNet::V4(_)));
+            let v6 = addrs.iter().find(|a| matches!(a, IpNet::V6(_)));
+            v4.or(v6).map(IpNet::addr).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "underlay {} has no IP address: give --public-ip",
+                    link.name
+                ))
+            })?
         }
     };
     Ok(Underlay {
-        index,
-        name,
-        mtu,
+        index: link.index,
+        name: link.name,
+        mtu: link.mtu.unwrap_or(0),
         ip,
     })
 }

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
+use rtnetlink::packet_route::route::{RouteProtocol, RouteType};
 
 use super::{AttachedVeth, Link, PodDataplane, Removal, Route, VethOwner, VethSpec};
 use crate::{Error, Result};
@@ -71,6 +72,7 @@ impl Recording {
             kind: Some(kind.into()),
             peer: None,
             alias: None,
+            vxlan: None,
         };
         links.insert(name.into(), l.clone());
         l
@@ -193,6 +195,9 @@ impl PodDataplane for Recording {
                 dst: *dst,
                 gateway: Some(gateway),
                 oif: Some(index),
+                // What `ip route add` and rtnetlink's builder give a route.
+                protocol: RouteProtocol::Static,
+                kind: RouteType::Unicast,
             });
         }
         Ok(())

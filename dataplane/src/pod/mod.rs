@@ -215,6 +215,7 @@ mod tests {
             kind: Some("veth".into()),
             peer: Some(2),
             alias: alias.map(str::to_string),
+            vxlan: None,
         }
     }
 

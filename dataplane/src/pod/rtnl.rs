@@ -15,7 +15,7 @@ use rtnetlink::{
 };
 
 use super::{AttachedVeth, Link, PodDataplane, Removal, Route, Undo, VethOwner, VethSpec};
-use crate::netlink::{Batch, is_errno, parse};
+use crate::netlink::{Batch, errno, parse};
 use crate::{Error, NetNs, Netlink, Result, unlink};
 
 /// [`PodDataplane`] over an rtnetlink socket bound to one namespace. The socket of
@@ -101,7 +101,7 @@ impl PodDataplane for RtnlPod {
                 match self.handle()?.link().add(msg).execute().await {
                     Ok(()) => {}
                     // Another plugin process created it at the same moment.
-                    Err(e) if is_errno(&e, libc::EEXIST) => {}
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
                     Err(e) => return Err(Error::netlink(format!("create bridge {name}"), e)),
                 }
                 self.link(name)
@@ -269,7 +269,7 @@ impl PodDataplane for RtnlPod {
         let mut s = self.handle()?.link().get().match_name(name).execute();
         match s.try_next().await {
             Ok(m) => Ok(m.map(parse::link)),
-            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(Error::netlink(format!("get link {name}"), e)),
         }
     }
@@ -278,7 +278,7 @@ impl PodDataplane for RtnlPod {
         let msg = LinkUnspec::new_with_name(name).build();
         match self.handle()?.link().del_with_message(msg).execute().await {
             Ok(()) => Ok(true),
-            Err(e) if is_errno(&e, libc::ENODEV) => Ok(false),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
             Err(e) => Err(Error::netlink(format!("delete link {name}"), e)),
         }
     }
@@ -302,7 +302,10 @@ impl PodDataplane for RtnlPod {
 
     async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
         let msgs = crate::netlink::link_addresses(self.handle()?, index).await?;
-        Ok(msgs.into_iter().filter_map(parse::address).collect())
+        Ok(msgs
+            .iter()
+            .filter_map(|m| parse::address(m).address)
+            .collect())
     }
 
     async fn routes(&self, family_of: IpAddr) -> Result<Vec<Route>> {
