@@ -980,11 +980,7 @@ impl Daemon {
                 true
             }
             MonitorEvent::NeighUp { link: l, neigh } if l == link => {
-                let cached = self.actual.neighs.contains(&neigh);
-                if !cached {
-                    Op::ReplaceNeigh(neigh).apply_to(&mut self.actual);
-                }
-                !cached
+                self.cache_new(self.actual.neighs.contains(&neigh), Op::ReplaceNeigh(neigh))
             }
             MonitorEvent::NeighGone { link: l, ip } if l == link => {
                 let before = self.actual.neighs.len();
@@ -994,17 +990,22 @@ impl Daemon {
             MonitorEvent::FdbUp { link: l, fdb } if l == link => self.actual.fdbs.insert(fdb),
             MonitorEvent::FdbGone { link: l, fdb } if l == link => self.actual.fdbs.remove(&fdb),
             MonitorEvent::RouteUp { link: l, route } if l == link => {
-                let cached = self.actual.routes.contains(&route);
-                if !cached {
-                    Op::ReplaceRoute(route).apply_to(&mut self.actual);
-                }
-                !cached
+                self.cache_new(self.actual.routes.contains(&route), Op::ReplaceRoute(route))
             }
             MonitorEvent::RouteGone { link: l, route } if l == link => {
                 self.actual.routes.remove(&route)
             }
             _ => false,
         }
+    }
+
+    /// An entry that an event reports: put in the cache as `op` writes it unless `cached`;
+    /// true if it was not cached.
+    fn cache_new(&mut self, cached: bool, op: Op) -> bool {
+        if !cached {
+            op.apply_to(&mut self.actual);
+        }
+        !cached
     }
 
     /// Diff the leases against the programmed entries and apply the ops.
