@@ -37,7 +37,7 @@ pub use backoff::Backoff;
 pub use error::StoreError;
 pub use etcd::{EtcdBackend, EtcdOptions, TlsMaterial, inner_error};
 pub use holder::{Blocked, EXPIRY_MARGIN, HolderState, HolderStats, LeaseHolder, Pin, RETRY_CAP};
-pub use watch::{Changes, LeaseWatch, WatchStats};
+pub use watch::{LeaseWatch, WatchCounters, WatchStats};
 
 use crate::lease::{LeaseAttrs, subnet_to_key};
 use crate::netconf::NetConfig;
@@ -202,6 +202,11 @@ impl LeaseStore {
     /// The grace period (see [`LeaseStore::with_grace`]).
     pub fn grace(&self) -> Duration {
         self.grace
+    }
+
+    /// The key prefix, without a trailing `/` (`<prefix>` of `<prefix>/config`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// `<prefix>/config`.

@@ -8,17 +8,15 @@
 //!
 //! The lease map is kept once, on the receiving side: the background task sends what it read
 //! (a list, or one key's put or delete) and [`LeaseWatch`] turns it into events against its
-//! map, one update at a time. Besides the events, the map can be read level-triggered: every
-//! change bumps a generation, and [`LeaseWatch::changed_since`] names the subnets changed
-//! after a generation the caller saw ([`LeaseWatch::update`] applies what arrived without
-//! producing events).
+//! map, one update at a time. Besides the events, the map can be read as of the events
+//! returned so far ([`LeaseWatch::state`], [`LeaseWatch::invalid`]).
 //!
 //! Key-values under the prefix that are not leases (a key that is not canonical, a value
 //! that is not lease JSON) are kept apart, keyed by their key, and reported with
 //! `LeaseEvent::Invalid`: they are rejected leases, never dropped silently, and they never
 //! change the lease map (an alias key cannot replace or delete the real lease).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -46,13 +44,29 @@ pub struct WatchStats {
     pub events: u64,
 }
 
+/// The live counters of a [`LeaseWatch`], shared with its background task: a handle
+/// ([`LeaseWatch::counters`]) can be read at any time, e.g. by a metrics collector at scrape
+/// time, and outlives the watch.
 #[derive(Debug, Default)]
-struct Counters {
+pub struct WatchCounters {
     lists: AtomicU64,
     compactions: AtomicU64,
     reconnects: AtomicU64,
     errors: AtomicU64,
     events: AtomicU64,
+}
+
+impl WatchCounters {
+    /// The counters now.
+    pub fn stats(&self) -> WatchStats {
+        WatchStats {
+            lists: self.lists.load(Ordering::Relaxed),
+            compactions: self.compactions.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// What the background task read, sent to [`LeaseWatch`] to be applied to its map.
@@ -73,31 +87,13 @@ enum Update {
     },
 }
 
-/// The subnets changed after a generation (see [`LeaseWatch::changed_since`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Changes {
-    /// The watch's generation now: pass it to the next `changed_since`.
-    pub generation: u64,
-    /// Subnets whose lease was added, changed or removed since.
-    pub subnets: BTreeSet<Ipv4Net>,
-    /// Whether the set of invalid key-values changed since.
-    pub invalid: bool,
-}
-
-/// The one copy of the lease set, with what has changed when.
+/// The one copy of the lease set.
 #[derive(Debug, Default)]
 struct View {
     leases: BTreeMap<Ipv4Net, Lease>,
     invalid: BTreeMap<String, InvalidLease>,
     synced: bool,
     revision: i64,
-    /// Bumped by every applied change.
-    generation: u64,
-    /// The generation of each subnet's last change (removed subnets stay, so that their
-    /// removal is reported).
-    changed: BTreeMap<Ipv4Net, u64>,
-    /// The generation of the last change of `invalid`.
-    invalid_changed: u64,
     /// Events of the last update not yet returned (and not yet applied).
     pending: VecDeque<LeaseEvent>,
 }
@@ -126,37 +122,23 @@ impl View {
 
     /// Applies one event of [`View::events_of`].
     fn apply(&mut self, ev: &LeaseEvent) {
-        let mut touched = |subnet: Ipv4Net, generation: &mut u64| {
-            *generation += 1;
-            self.changed.insert(subnet, *generation);
-        };
         match ev {
-            LeaseEvent::Added(l) => {
+            LeaseEvent::Added(l) | LeaseEvent::Changed { new: l, .. } => {
                 self.revision = self.revision.max(l.mod_revision);
-                touched(l.subnet, &mut self.generation);
                 self.leases.insert(l.subnet, l.clone());
             }
-            LeaseEvent::Changed { new, .. } => {
-                self.revision = self.revision.max(new.mod_revision);
-                touched(new.subnet, &mut self.generation);
-                self.leases.insert(new.subnet, new.clone());
-            }
             LeaseEvent::Removed(l) => {
-                touched(l.subnet, &mut self.generation);
                 self.leases.remove(&l.subnet);
             }
-            LeaseEvent::Invalid { key, entry } => {
-                self.generation += 1;
-                self.invalid_changed = self.generation;
-                match entry {
-                    Some(i) => {
-                        self.revision = self.revision.max(i.mod_revision);
-                        self.invalid.insert(key.clone(), i.clone());
-                    }
-                    None => {
-                        self.invalid.remove(key);
-                    }
-                }
+            LeaseEvent::Invalid {
+                key,
+                entry: Some(i),
+            } => {
+                self.revision = self.revision.max(i.mod_revision);
+                self.invalid.insert(key.clone(), i.clone());
+            }
+            LeaseEvent::Invalid { key, entry: None } => {
+                self.invalid.remove(key);
             }
             LeaseEvent::Synced { revision } => {
                 // A full state: after a re-list of a restored etcd the revision may go down.
@@ -165,21 +147,7 @@ impl View {
                 // Inserting in key order leaves the B-tree's nodes half empty; rebuilt from
                 // a sorted iterator they are full (about 40 % less memory per lease).
                 self.leases = std::mem::take(&mut self.leases).into_iter().collect();
-                self.changed = std::mem::take(&mut self.changed).into_iter().collect();
             }
-        }
-    }
-
-    fn changed_since(&self, generation: u64) -> Changes {
-        Changes {
-            generation: self.generation,
-            subnets: self
-                .changed
-                .iter()
-                .filter(|(_, g)| **g > generation)
-                .map(|(s, _)| *s)
-                .collect(),
-            invalid: self.invalid_changed > generation,
         }
     }
 }
@@ -189,7 +157,7 @@ impl View {
 pub struct LeaseWatch {
     rx: mpsc::Receiver<Update>,
     view: View,
-    counters: Arc<Counters>,
+    counters: Arc<WatchCounters>,
     task: JoinHandle<()>,
 }
 
@@ -202,7 +170,7 @@ impl Drop for LeaseWatch {
 impl LeaseWatch {
     pub(super) fn spawn(store: LeaseStore) -> Self {
         let (tx, rx) = mpsc::channel(1024);
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(WatchCounters::default());
         let task = tokio::spawn(run(store, tx, counters.clone()));
         LeaseWatch {
             rx,
@@ -236,27 +204,6 @@ impl LeaseWatch {
         }
     }
 
-    /// Level-triggered: waits until something arrived (unless events are pending), applies
-    /// everything that has arrived without returning the events, and returns the generation
-    /// (see [`LeaseWatch::changed_since`]). Cancel-safe. `None` only if the background task is
-    /// gone.
-    pub async fn update(&mut self) -> Option<u64> {
-        if self.view.pending.is_empty() {
-            let u = self.rx.recv().await?;
-            self.absorb(u);
-        }
-        loop {
-            while let Some(ev) = self.view.pending.pop_front() {
-                self.view.apply(&ev);
-            }
-            match self.rx.try_recv() {
-                Ok(u) => self.absorb(u),
-                Err(_) => break,
-            }
-        }
-        Some(self.view.generation)
-    }
-
     /// Consumes events until the first `Synced` (if not synced yet) and returns the state.
     pub async fn wait_synced(&mut self) -> Option<&BTreeMap<Ipv4Net, Lease>> {
         while !self.view.synced {
@@ -265,8 +212,7 @@ impl LeaseWatch {
         Some(&self.view.leases)
     }
 
-    /// The lease set as of the events returned so far by [`LeaseWatch::next`] (or applied by
-    /// [`LeaseWatch::update`]).
+    /// The lease set as of the events returned so far by [`LeaseWatch::next`].
     pub fn state(&self) -> &BTreeMap<Ipv4Net, Lease> {
         &self.view.leases
     }
@@ -287,29 +233,14 @@ impl LeaseWatch {
         self.view.revision
     }
 
-    /// The generation of the state: 0 at the start, +1 per applied change (a lease added,
-    /// changed or removed, an invalid key-value put or gone).
-    pub fn generation(&self) -> u64 {
-        self.view.generation
-    }
-
-    /// The subnets changed after `generation` (one returned by [`LeaseWatch::generation`],
-    /// [`LeaseWatch::update`] or an earlier `changed_since`), and the generation now. With
-    /// 0: every subnet seen.
-    pub fn changed_since(&self, generation: u64) -> Changes {
-        self.view.changed_since(generation)
-    }
-
     /// Counters.
     pub fn stats(&self) -> WatchStats {
-        let c = &self.counters;
-        WatchStats {
-            lists: c.lists.load(Ordering::Relaxed),
-            compactions: c.compactions.load(Ordering::Relaxed),
-            reconnects: c.reconnects.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
-            events: c.events.load(Ordering::Relaxed),
-        }
+        self.counters.stats()
+    }
+
+    /// A handle on the live counters (see [`WatchCounters`]).
+    pub fn counters(&self) -> Arc<WatchCounters> {
+        self.counters.clone()
     }
 }
 
@@ -412,7 +343,7 @@ fn kv_events(
     out
 }
 
-async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<Counters>) {
+async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<WatchCounters>) {
     let prefix = store.subnets_prefix();
     // The last revision whose changes have all been sent.
     let mut rev: i64 = 0;
@@ -710,58 +641,6 @@ mod tests {
         assert!(diff(&new, new.clone()).is_empty());
     }
 
-    /// Every applied change bumps the generation; `changed_since` names the subnets
-    /// touched after a generation (removed ones too), and a re-list with no difference
-    /// changes nothing.
-    #[test]
-    fn changed_since_names_the_subnets_changed_after_a_generation() {
-        let mut view = View::default();
-        let listed = |leases: Vec<Lease>| Update::Listed {
-            leases,
-            invalid: vec![],
-            revision: 9,
-        };
-        for ev in view.events_of(listed(vec![
-            lease("10.0.1.0/24", "a", 5),
-            lease("10.0.2.0/24", "b", 6),
-        ])) {
-            view.apply(&ev);
-        }
-        let g0 = view.generation;
-        assert_eq!(g0, 2);
-        assert_eq!(view.changed_since(0).subnets.len(), 2);
-        assert!(view.changed_since(g0).subnets.is_empty());
-        apply_kv(&mut view, "10.0.2.0-24", None);
-        apply_kv(&mut view, "10.0.3.0-24", put("10.0.3.0-24", GOOD, 8));
-        let c = view.changed_since(g0);
-        assert_eq!(c.generation, g0 + 2);
-        let want: BTreeSet<Ipv4Net> = ["10.0.2.0/24", "10.0.3.0/24"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert_eq!(c.subnets, want);
-        assert!(!c.invalid);
-        apply_kv(&mut view, "junk", put("junk", GOOD, 9));
-        let c2 = view.changed_since(c.generation);
-        assert!(c2.subnets.is_empty() && c2.invalid);
-        // The same state listed again: no event but Synced, the generation stays.
-        let same: Vec<Lease> = view.leases.values().cloned().collect();
-        let g = view.generation;
-        let ev = view.events_of(Update::Listed {
-            leases: same,
-            invalid: view.invalid.values().cloned().collect(),
-            revision: 10,
-        });
-        assert!(
-            matches!(&ev[..], [LeaseEvent::Synced { revision: 10 }]),
-            "{ev:?}"
-        );
-        for e in &ev {
-            view.apply(e);
-        }
-        assert_eq!(view.generation, g);
-    }
-
     /// Counts the bytes allocated and not freed on this thread (the other test threads
     /// allocate too: a global counter would count them).
     mod counting {
@@ -816,8 +695,7 @@ mod tests {
             .collect()
     }
 
-    /// Memory of the watch's lease state for 5,000 parsed leases: the map kept once (with
-    /// its per-subnet generations), against the layout before, where the task's HashMap
+    /// Memory of the watch's lease state for 5,000 parsed leases: the map kept once, against the layout before, where the task's HashMap
     /// (collected from the list) and the receiver's BTreeMap (inserted event by event) each
     /// held a copy. `cargo test -p twill-ipam --features etcd
     /// watch_memory -- --nocapture` prints the figures (docs/benchmarks.md).
@@ -853,7 +731,7 @@ mod tests {
         assert!(view.synced);
         let per = |b: isize| b as f64 / f64::from(N);
         eprintln!(
-            "watch state, {N} leases: before {:.0} bytes/lease (two maps), after {:.0} bytes/lease (one map + generations)",
+            "watch state, {N} leases: before {:.0} bytes/lease (two maps), after {:.0} bytes/lease (one map)",
             per(old),
             per(new)
         );

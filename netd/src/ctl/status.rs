@@ -118,11 +118,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     // No report is not an error: twilld may run without health, or be down.
-    let key = format!(
-        "{}{}",
-        health_prefix(&store.options().prefix),
-        own.attrs.node_name
-    );
+    let key = format!("{}{}", health_prefix(store.prefix()), own.attrs.node_name);
     let health: Result<NodeReport, String> = match read_report(&store, &own.attrs.node_name).await {
         Ok(Some(r)) => r,
         Ok(None) => Err(format!(

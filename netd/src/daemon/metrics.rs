@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-use twill_ipam::store::{HolderStats, LeaseHolder};
+use twill_ipam::store::{HolderStats, LeaseHolder, WatchCounters};
 
 /// Every metric of twilld, cheap to clone (the metrics are shared handles).
 #[derive(Clone)]
@@ -209,9 +209,8 @@ impl Metrics {
 pub struct Counted {
     /// Failed etcd requests of twilld's own (the network config at start-up).
     pub etcd_errors: AtomicU64,
-    /// The lease watch's failed requests, as last read from it (its counters have no shared
-    /// handle; the daemon's one-second tick copies them).
-    pub watch_errors: AtomicU64,
+    /// The lease watch's counters, once there is one.
+    watch: OnceLock<Arc<WatchCounters>>,
     /// The lease holder, once there is one (weak: dropping the daemon's stops renewing).
     holder: OnceLock<Weak<LeaseHolder>>,
 }
@@ -220,6 +219,11 @@ impl Counted {
     /// From now on the holder's counters are the lease metrics.
     pub fn set_holder(&self, holder: &Arc<LeaseHolder>) {
         let _ = self.holder.set(Arc::downgrade(holder));
+    }
+
+    /// From now on the watch's counters are part of the etcd metrics.
+    pub fn set_watch(&self, counters: Arc<WatchCounters>) {
+        let _ = self.watch.set(counters);
     }
 
     fn holder_stats(&self) -> HolderStats {
@@ -234,9 +238,8 @@ impl Counted {
 impl Collector for Counted {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let hs = self.holder_stats();
-        let etcd = self.etcd_errors.load(Ordering::Relaxed)
-            + self.watch_errors.load(Ordering::Relaxed)
-            + hs.errors;
+        let watch_errors = self.watch.get().map_or(0, |w| w.stats().errors);
+        let etcd = self.etcd_errors.load(Ordering::Relaxed) + watch_errors + hs.errors;
         let counters = [
             ("twill_etcd_errors", "Failed requests to etcd", etcd),
             (
@@ -440,14 +443,14 @@ mod counted_tests {
         let mut reg = Registry::default();
         let m = Metrics::new(&mut reg);
         m.counted.etcd_errors.fetch_add(2, Ordering::Relaxed);
-        m.counted.watch_errors.store(3, Ordering::Relaxed);
+        m.counted.set_watch(Arc::default());
         let mut text = String::new();
         encode(&mut text, &reg).unwrap();
         assert!(
             text.contains("# TYPE twill_etcd_errors counter\n"),
             "{text}"
         );
-        assert!(text.contains("\ntwill_etcd_errors_total 5\n"), "{text}");
+        assert!(text.contains("\ntwill_etcd_errors_total 2\n"), "{text}");
         for name in [
             "twill_lease_renewals",
             "twill_lease_losses",

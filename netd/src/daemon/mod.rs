@@ -1,11 +1,14 @@
 //! twilld: the node daemon.
 //!
-//! Start-up: underlay and public IP → network config (etcd, `--net-conf`) → the node's
-//! lease (sticky, kept by a [`LeaseHolder`]) → `twill.<VNI>` (adopted if right) →
-//! forwarding sysctls → nftables → the lease watch and a netlink dump → the first reconcile
-//! → the subnet file (only now: the data plane is ready) → `/readyz` says ready.
+//! Start-up ([`startup`], one phase per function): the metrics and HTTP endpoints →
+//! netlink, the underlay and public IP → the lease store (and its TLS reload) → the network
+//! config (etcd, `--net-conf`; a refused one waits, not ready) → the node's lease (sticky,
+//! kept by a [`LeaseHolder`]) → `twill.<VNI>` (adopted if right) → forwarding sysctls →
+//! nftables → the lease watch and a netlink dump → the first reconcile → the subnet file
+//! (only now: the data plane is ready) → `/readyz` says ready → the peer health prober.
 //!
-//! Then a loop reconciles on lease events (desired state), netlink events (the programmed
+//! Then a loop ([`Inputs::next_work`]) records what there is to do, and [`Daemon::step`]
+//! does it: reconciles on lease events (desired state), netlink events (the programmed
 //! state, kept in a cache that events update; a fresh dump after an overrun) and on a
 //! periodic resync (fresh dump, repairs drift). Stopping (SIGTERM, SIGINT, kill -9) never
 //! tears the data plane down: the next start adopts it.
@@ -18,6 +21,7 @@ pub mod tls_reload;
 mod underlay_check;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
@@ -27,17 +31,18 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures::FutureExt;
 use ipnet::{IpNet, Ipv4Net};
 use prometheus_client::registry::Registry;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use twill_dataplane::Netlink;
 use twill_dataplane::nft::{Nft, NftConfig, NftOutcome};
 use twill_dataplane::nft_set::PeerSet;
+use twill_dataplane::overlay::underlay::{self, Underlay};
 use twill_dataplane::overlay::{
     EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, RtnlOverlay, VxlanLink,
-    VxlanSpec, sysctl, underlay,
+    VxlanSpec, sysctl,
 };
-use twill_ipam::lease::LeaseAttrs;
+use twill_ipam::lease::{Lease, LeaseAttrs};
 use twill_ipam::netconf::NetConfig;
 use twill_ipam::store::{HolderState, LeaseHolder, LeaseStore, LeaseWatch, Pin};
 use twill_ipam::subnet_file::SubnetFile;
@@ -45,7 +50,7 @@ use twill_ipam::subnet_file::SubnetFile;
 use crate::cli::RunArgs;
 use metrics::{Metrics, Shared};
 use reconcile::{
-    LeaseChanges, PeerDelta, RejectLog, ValidPeers, Validation, desired, diff, diff_touched,
+    LeaseChanges, Peer, PeerDelta, RejectLog, ValidPeers, Validation, desired, diff, diff_touched,
     patch_desired, rejected_counts,
 };
 
@@ -94,7 +99,7 @@ enum Work {
     Retry,
     /// The lease holder's state changed (renewal, loss, a move to another subnet).
     Holder(Box<HolderState>),
-    /// The one-second tick: readiness, the watch's error count, a pending dump.
+    /// The one-second tick: readiness, a pending dump.
     Tick,
 }
 
@@ -120,6 +125,8 @@ struct Daemon {
     /// Adds and deletes the peer set's members over netlink (no `nft` process per join).
     peer_set: PeerSet,
     /// The members of nft's peer set as last written; `None`: not known (rewrite it).
+    /// The members it must have are the valid peers' IPv4 public IPs
+    /// ([`ValidPeers::public_v4s`]).
     nft_members: Option<BTreeSet<Ipv4Addr>>,
     /// Peer subnets whose route is not programmed: someone else's route holds the dst.
     conflicts: BTreeSet<Ipv4Net>,
@@ -131,215 +138,384 @@ struct Daemon {
     valid: ValidPeers,
     /// The entries that `valid` asks for.
     want: Programmed,
-    /// The peers' public IPs (the members nft's peer set must have).
-    want_ips: BTreeSet<Ipv4Addr>,
+}
+
+/// SIGTERM and SIGINT: twilld exits on either, in every phase.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        })
+    }
+
+    /// The name of the next signal.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    /// `f`'s output, or `None` if a signal comes first (start-up then ends quietly).
+    async fn unless<T>(&mut self, f: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            v = f => Some(v),
+            _ = self.recv() => None,
+        }
+    }
+}
+
+/// What the main loop waits on (besides the daemon's retry timer).
+struct Inputs {
+    watch: LeaseWatch,
+    monitor: Monitor,
+    holder: Arc<LeaseHolder>,
+    holder_rx: tokio::sync::watch::Receiver<HolderState>,
+    resync: tokio::time::Interval,
+    stats_tick: tokio::time::Interval,
+    signals: Signals,
 }
 
 /// Runs twilld until SIGTERM/SIGINT. Never removes the data plane.
 pub async fn run(args: RunArgs) -> Result<()> {
+    let Some((mut d, mut inputs)) = startup(args).await? else {
+        return Ok(());
+    };
+    while let Some(work) = inputs.next_work(&mut d).await? {
+        d.step(work, &inputs.watch, &inputs.holder).await;
+    }
+    // Dropping the holder stops the keep-alive; the lease stays until its TTL, so a restart
+    // gets the same subnet back.
+    drop(inputs);
+    Ok(())
+}
+
+/// Start-up, phase by phase (see the module doc). `None`: SIGTERM or SIGINT came while it
+/// waited (for etcd and the network config, after a refused config, for the lease or the
+/// first lease list).
+async fn startup(args: RunArgs) -> Result<Option<(Daemon, Inputs)>> {
     let node = node_name(&args)?;
-    let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
-    let health_metrics = health::HealthMetrics::register(&mut registry);
-    let tls_metrics = tls_reload::TlsMetrics::register(&mut registry);
-    let shared = Arc::new(Shared::new(registry, args.liveness_timeout));
-    let bound = metrics::serve(args.metrics_addr, shared.clone())
-        .await
-        .with_context(|| format!("listen on --metrics-addr {}", args.metrics_addr))?;
-    info!(node = %node, metrics = %bound, "twilld starting");
-    if let Some(addr) = args.metrics_scrape_addr {
-        let scrape = metrics::serve_scrape(addr, shared.clone())
-            .await
-            .with_context(|| format!("listen on --metrics-scrape-addr {addr}"))?;
-        info!(metrics = %scrape, "serving /metrics for scraping");
-    }
-
-    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-
-    let nl = Netlink::current()
-        .context("open netlink socket")?
-        .with_timeout(args.netlink_timeout);
-    let peer_set = PeerSet::current()
-        .context("open the nftables netlink socket")?
-        .with_timeout(args.netlink_timeout);
-    let ov = RtnlOverlay::new(nl.clone())
-        .with_batch()
-        .context("open the netlink batch socket")?;
-    let under = underlay::resolve(&nl, args.iface.as_deref(), args.public_ip)
-        .await
-        .context("find the underlay interface and public IP")?;
-    let IpAddr::V4(public_v4) = under.ip else {
-        bail!(
-            "public IP {} is IPv6: only an IPv4 underlay is supported (give --public-ip)",
-            under.ip
-        );
+    let tele = Telemetry::serve(&args, &node).await?;
+    let mut s = Startup {
+        signals: Signals::install()?,
+        metrics: tele.metrics,
+        shared: tele.shared,
+        args,
+        node,
     };
-    info!(iface = %under.name, index = under.index, mtu = under.mtu, public_ip = %under.ip, "underlay");
-
-    let store = LeaseStore::new(args.etcd.options())
-        .await
-        .context("etcd client")?
-        .with_grace(args.lease_grace);
-    // New etcd TLS files replace the clients of `store` and of all its clones.
-    tls_reload::spawn(
-        tls_reload::TlsFiles {
-            ca: args.etcd.etcd_cafile.clone(),
-            cert: args.etcd.etcd_certfile.clone(),
-            key: args.etcd.etcd_keyfile.clone(),
-            interval: args.etcd_tls_reload_interval,
-        },
-        store.clone(),
-        tls_metrics,
-        shared.clone(),
-    );
-    let cfg = tokio::select! {
-        c = net_config(&store, args.net_conf.as_deref(), &metrics) => c?,
-        _ = sigterm.recv() => return Ok(()),
-        _ = sigint.recv() => return Ok(()),
+    let kernel = Kernel::open(&s.args).await?;
+    let store = s.open_store(tele.tls).await?;
+    let Some(cfg) = s.network_config(&store, &kernel).await? else {
+        return Ok(None);
     };
-    // A Network overlapping the underlay's own subnet is refused here (issue 15 item 5).
-    let cfg = match cfg {
-        Ok(c) => underlay_check::check(&nl, &under, c).await?,
-        Err(r) => Err(r),
-    };
-    let cfg = match cfg {
-        Ok(c) => c,
-        Err(refused) => {
-            // Stay up, not ready: the node's data plane stays as it is, /readyz tells why,
-            // and a DaemonSet rollout stops here instead of crash-looping through the cluster.
-            error!("{refused}");
-            shared.set_ready(false, &refused);
-            tokio::select! {
-                _ = sigterm.recv() => {}
-                _ = sigint.recv() => {}
-            }
-            return Ok(());
-        }
-    };
-    let vni = cfg.backend.vxlan().vni;
-    info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni, port = cfg.backend.vxlan().port, "network config");
-    let unsupported = cfg.unsupported_keys();
-    if !unsupported.is_empty() {
-        warn!(keys = %unsupported.join(", "), "the network config sets keys that this twill does not implement: they have no effect");
-    }
     // The peers' leases are listed (and then watched) by a task of their own from here on,
     // while this node takes its lease and sets up its device and nftables.
     let mut watch = store.watch();
-
-    // The VTEP MAC: the existing device's (a restart keeps what peers have), else derived
-    // from the node name (the same on every start, also after a reboot).
-    let existing = ov
-        .get_vxlan(vni)
-        .await
-        .context("look for the VXLAN device")?;
-    let mac = match &existing {
-        Some(l) if l.vni == Some(vni) && !l.mac.is_zero() => l.mac,
-        _ => Mac::derive(&node),
+    s.metrics.counted.set_watch(watch.counters());
+    let Some((holder, lease, mac)) = s.take_lease(&store, &cfg, &kernel).await? else {
+        return Ok(None);
     };
-    // The subnet this node had: its subnet file's, else the one its pods' addresses are in
-    // (/run is tmpfs; the allocator state survives a twilld restart and drops the pods of a
-    // previous boot).
-    let prefer = SubnetFile::read(&args.subnet_file)
-        .ok()
-        .and_then(|f| match f.node_subnet() {
-            IpNet::V4(n) => Some(n),
-            IpNet::V6(_) => None,
-        })
-        .or_else(|| allocator_subnet(&args.cni_data_dir, cfg.subnet_len));
-    let attrs = LeaseAttrs::vxlan(&node, public_v4, vni, mac);
-    // Never leave a subnet whose addresses pods here still hold (issue 14): the holder takes
-    // that subnet only, and is blocked while another node has it.
-    let data_dir = args.cni_data_dir.clone();
-    let pin: Pin = Arc::new(move |subnet| pods_in(&data_dir, subnet));
-    let mut holder = store.hold_pinned(cfg.clone(), attrs, args.lease_ttl, prefer, pin);
-    shared.set_ready(false, "waiting for the lease");
-    // While waiting, /readyz names why the lease is not held yet (e.g. a duplicate node name:
-    // the message names the other node's IP).
-    let mut waiting = holder.subscribe();
-    let lease = loop {
-        tokio::select! {
-            l = holder.acquired() => break l,
-            r = waiting.changed() => {
-                if r.is_err() { bail!("lease holder stopped") }
-                let st = waiting.borrow_and_update().clone();
-                metrics.lease_blocked.set(i64::from(st.blocked.is_some()));
-                let why = match (&st.blocked, &st.last_error) {
-                    (Some(b), _) => format!("lease blocked: {b}"),
-                    (None, Some(e)) => format!("waiting for the lease: {e}"),
-                    (None, None) => "waiting for the lease".to_string(),
-                };
-                shared.set_ready(false, &why);
-            }
-            _ = sigterm.recv() => return Ok(()),
-            _ = sigint.recv() => return Ok(()),
-        }
-    };
-    let holder = Arc::new(holder);
-    metrics.counted.set_holder(&holder);
-    info!(subnet = %lease.subnet, "lease held");
-    metrics.lease_blocked.set(0);
-    if let Some(exp) = lease.expires {
-        set_expiry(&metrics, exp);
-    }
-
-    let mtu = args.mtu.unwrap_or_else(|| under.vxlan_mtu());
-    let spec = VxlanSpec {
-        vni,
-        port: cfg.backend.vxlan().port,
-        underlay_index: under.index,
-        local: under.ip,
-        mtu,
-        mac,
-        address: lease.net_addr(),
-    };
-    let (health_tx, health_rx) = tokio::sync::watch::channel(health::Targets::default());
-    let mut d = Daemon {
-        health: health_tx,
-        args: args.clone(),
+    let Kernel {
         ov,
-        metrics: metrics.clone(),
-        shared: shared.clone(),
-        cfg,
-        spec,
-        link: VxlanLink::default(),
-        own: lease.subnet,
-        actual: Programmed::default(),
-        need_dump: true,
-        retry_at: None,
-        programmed_once: false,
-        nft: Nft::new(),
         peer_set,
-        nft_members: None,
-        conflicts: BTreeSet::new(),
-        last_vxlan_dropped: 0,
-        reject_log: RejectLog::default(),
-        valid: ValidPeers::default(),
-        want: Programmed::default(),
-        want_ips: BTreeSet::new(),
-    };
+        under,
+        ..
+    } = kernel;
+    let spec = s.vxlan_spec(&under, &cfg, mac, &lease);
+    let (health_tx, health_rx) = tokio::sync::watch::channel(health::Targets::default());
+    let mut d = s.daemon(ov, peer_set, cfg, spec, lease.subnet, health_tx);
     // Subscribe before the first dump so that no change between the two is missed.
-    let mut monitor = Monitor::current().context("subscribe to netlink events")?;
+    let monitor = Monitor::current().context("subscribe to netlink events")?;
     d.ensure_node().await?;
+    let Some(listed) = s.signals.unless(watch.wait_synced()).await else {
+        return Ok(None);
+    };
+    listed.ok_or_else(|| anyhow!("lease watch ended"))?;
+    d.first_reconcile(&watch, &holder).await?;
+    s.spawn_health(health_rx, tele.health, store, under.ip);
 
-    tokio::select! {
-        r = watch.wait_synced() => { r.ok_or_else(|| anyhow!("lease watch ended"))?; }
-        _ = sigterm.recv() => return Ok(()),
-        _ = sigint.recv() => return Ok(()),
+    let mut resync = tokio::time::interval(s.args.resync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    let inputs = Inputs {
+        watch,
+        monitor,
+        holder_rx: holder.subscribe(),
+        holder,
+        resync,
+        stats_tick: tokio::time::interval(Duration::from_secs(1)),
+        signals: s.signals,
+    };
+    Ok(Some((d, inputs)))
+}
+
+/// The metrics registry and the HTTP endpoints, served first (so /readyz tells every phase).
+struct Telemetry {
+    metrics: Metrics,
+    health: health::HealthMetrics,
+    tls: tls_reload::TlsMetrics,
+    shared: Arc<Shared>,
+}
+
+impl Telemetry {
+    async fn serve(args: &RunArgs, node: &str) -> Result<Telemetry> {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let health = health::HealthMetrics::register(&mut registry);
+        let tls = tls_reload::TlsMetrics::register(&mut registry);
+        let shared = Arc::new(Shared::new(registry, args.liveness_timeout));
+        let bound = metrics::serve(args.metrics_addr, shared.clone())
+            .await
+            .with_context(|| format!("listen on --metrics-addr {}", args.metrics_addr))?;
+        info!(node = %node, metrics = %bound, "twilld starting");
+        if let Some(addr) = args.metrics_scrape_addr {
+            let scrape = metrics::serve_scrape(addr, shared.clone())
+                .await
+                .with_context(|| format!("listen on --metrics-scrape-addr {addr}"))?;
+            info!(metrics = %scrape, "serving /metrics for scraping");
+        }
+        Ok(Telemetry {
+            metrics,
+            health,
+            tls,
+            shared,
+        })
     }
-    d.reconcile(&watch, Cause::Start).await;
-    d.write_subnet_file()?;
-    d.programmed_once = true;
-    d.update_ready(&holder);
-    info!(
-        peers = d.metrics.peers.get(),
-        entries = d.actual.len(),
-        "data plane ready"
-    );
-    // --health-interval 0: no prober, no responder, no report (the benchmark's reference).
-    if args.health_interval.is_zero() {
-        info!("peer health disabled (--health-interval 0)");
-    } else {
+}
+
+/// The kernel side: the netlink sockets, the underlay and this node's public IP.
+struct Kernel {
+    nl: Netlink,
+    peer_set: PeerSet,
+    ov: RtnlOverlay,
+    under: Underlay,
+    public_v4: Ipv4Addr,
+}
+
+impl Kernel {
+    async fn open(args: &RunArgs) -> Result<Kernel> {
+        let nl = Netlink::current()
+            .context("open netlink socket")?
+            .with_timeout(args.netlink_timeout);
+        let peer_set = PeerSet::current()
+            .context("open the nftables netlink socket")?
+            .with_timeout(args.netlink_timeout);
+        let ov = RtnlOverlay::new(nl.clone())
+            .with_batch()
+            .context("open the netlink batch socket")?;
+        let under = underlay::resolve(&nl, args.iface.as_deref(), args.public_ip)
+            .await
+            .context("find the underlay interface and public IP")?;
+        let IpAddr::V4(public_v4) = under.ip else {
+            bail!(
+                "public IP {} is IPv6: only an IPv4 underlay is supported (give --public-ip)",
+                under.ip
+            );
+        };
+        info!(iface = %under.name, index = under.index, mtu = under.mtu, public_ip = %under.ip, "underlay");
+        Ok(Kernel {
+            nl,
+            peer_set,
+            ov,
+            under,
+            public_v4,
+        })
+    }
+}
+
+/// What every start-up phase may use.
+struct Startup {
+    args: RunArgs,
+    node: String,
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    signals: Signals,
+}
+
+impl Startup {
+    /// The lease store; new etcd TLS files replace the clients of it and of all its clones.
+    async fn open_store(&self, tls_metrics: tls_reload::TlsMetrics) -> Result<LeaseStore> {
+        let store = LeaseStore::new(self.args.etcd.options())
+            .await
+            .context("etcd client")?
+            .with_grace(self.args.lease_grace);
+        let etcd = &self.args.etcd;
+        tls_reload::spawn(
+            tls_reload::TlsFiles {
+                ca: etcd.etcd_cafile.clone(),
+                cert: etcd.etcd_certfile.clone(),
+                key: etcd.etcd_keyfile.clone(),
+                interval: self.args.etcd_tls_reload_interval,
+            },
+            store.clone(),
+            tls_metrics,
+            self.shared.clone(),
+        );
+        Ok(store)
+    }
+
+    /// The network config (see [`net_config`]) that the underlay accepts. A refused one
+    /// keeps twilld up and not ready until a signal (`None`): the node's data plane stays
+    /// as it is, /readyz tells why, and a DaemonSet rollout stops here instead of
+    /// crash-looping through the cluster.
+    async fn network_config(
+        &mut self,
+        store: &LeaseStore,
+        k: &Kernel,
+    ) -> Result<Option<NetConfig>> {
+        let file = self.args.net_conf.as_deref();
+        let Some(cfg) = self
+            .signals
+            .unless(net_config(store, file, &self.metrics))
+            .await
+        else {
+            return Ok(None);
+        };
+        // A Network overlapping the underlay's own subnet is refused here (issue 15 item 5).
+        let cfg = match cfg? {
+            Ok(c) => underlay_check::check(&k.nl, &k.under, c).await?,
+            Err(r) => Err(r),
+        };
+        let cfg = match cfg {
+            Ok(c) => c,
+            Err(refused) => {
+                error!("{refused}");
+                self.shared.set_ready(false, &refused);
+                self.signals.recv().await;
+                return Ok(None);
+            }
+        };
+        let vxlan = cfg.backend.vxlan();
+        info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = vxlan.vni, port = vxlan.port, "network config");
+        let unsupported = cfg.unsupported_keys();
+        if !unsupported.is_empty() {
+            warn!(keys = %unsupported.join(", "), "the network config sets keys that this twill does not implement: they have no effect");
+        }
+        Ok(Some(cfg))
+    }
+
+    /// This node's lease, kept by a holder from now on, and the VTEP MAC it names. `None`:
+    /// a signal came while waiting for it.
+    async fn take_lease(
+        &mut self,
+        store: &LeaseStore,
+        cfg: &NetConfig,
+        k: &Kernel,
+    ) -> Result<Option<(Arc<LeaseHolder>, Lease, Mac)>> {
+        let vni = cfg.backend.vxlan().vni;
+        let mac = vtep_mac(&k.ov, vni, &self.node).await?;
+        let prefer = previous_subnet(&self.args, cfg.subnet_len);
+        let attrs = LeaseAttrs::vxlan(&self.node, k.public_v4, vni, mac);
+        // Never leave a subnet whose addresses pods here still hold (issue 14): the holder takes
+        // that subnet only, and is blocked while another node has it.
+        let data_dir = self.args.cni_data_dir.clone();
+        let pin: Pin = Arc::new(move |subnet| pods_in(&data_dir, subnet));
+        let mut holder = store.hold_pinned(cfg.clone(), attrs, self.args.lease_ttl, prefer, pin);
+        let Some(lease) = self.wait_for_lease(&mut holder).await? else {
+            return Ok(None);
+        };
+        let holder = Arc::new(holder);
+        self.metrics.counted.set_holder(&holder);
+        info!(subnet = %lease.subnet, "lease held");
+        self.metrics.lease_blocked.set(0);
+        if let Some(exp) = lease.expires {
+            set_expiry(&self.metrics, exp);
+        }
+        Ok(Some((holder, lease, mac)))
+    }
+
+    /// Waits for the holder's lease. Meanwhile /readyz names why it is not held yet (e.g. a
+    /// duplicate node name: the message names the other node's IP). `None`: a signal.
+    async fn wait_for_lease(&mut self, holder: &mut LeaseHolder) -> Result<Option<Lease>> {
+        self.shared.set_ready(false, "waiting for the lease");
+        let mut waiting = holder.subscribe();
+        loop {
+            tokio::select! {
+                l = holder.acquired() => return Ok(Some(l)),
+                r = waiting.changed() => {
+                    if r.is_err() { bail!("lease holder stopped") }
+                    let st = waiting.borrow_and_update().clone();
+                    self.metrics.lease_blocked.set(i64::from(st.blocked.is_some()));
+                    let why = match (&st.blocked, &st.last_error) {
+                        (Some(b), _) => format!("lease blocked: {b}"),
+                        (None, Some(e)) => format!("waiting for the lease: {e}"),
+                        (None, None) => "waiting for the lease".to_string(),
+                    };
+                    self.shared.set_ready(false, &why);
+                }
+                _ = self.signals.recv() => return Ok(None),
+            }
+        }
+    }
+
+    fn vxlan_spec(&self, under: &Underlay, cfg: &NetConfig, mac: Mac, lease: &Lease) -> VxlanSpec {
+        let vxlan = cfg.backend.vxlan();
+        VxlanSpec {
+            vni: vxlan.vni,
+            port: vxlan.port,
+            underlay_index: under.index,
+            local: under.ip,
+            mtu: self.args.mtu.unwrap_or_else(|| under.vxlan_mtu()),
+            mac,
+            address: lease.net_addr(),
+        }
+    }
+
+    /// The daemon on its lease, before its device is set up.
+    fn daemon(
+        &self,
+        ov: RtnlOverlay,
+        peer_set: PeerSet,
+        cfg: NetConfig,
+        spec: VxlanSpec,
+        own: Ipv4Net,
+        health: tokio::sync::watch::Sender<health::Targets>,
+    ) -> Daemon {
+        Daemon {
+            health,
+            args: self.args.clone(),
+            ov,
+            metrics: self.metrics.clone(),
+            shared: self.shared.clone(),
+            cfg,
+            spec,
+            link: VxlanLink::default(),
+            own,
+            actual: Programmed::default(),
+            need_dump: true,
+            retry_at: None,
+            programmed_once: false,
+            nft: Nft::new(),
+            peer_set,
+            nft_members: None,
+            conflicts: BTreeSet::new(),
+            last_vxlan_dropped: 0,
+            reject_log: RejectLog::default(),
+            valid: ValidPeers::default(),
+            want: Programmed::default(),
+        }
+    }
+
+    /// The peer health prober and responder; `--health-interval 0`: none, and no report
+    /// (the benchmark's reference).
+    fn spawn_health(
+        &self,
+        targets: tokio::sync::watch::Receiver<health::Targets>,
+        metrics: health::HealthMetrics,
+        store: LeaseStore,
+        public_ip: IpAddr,
+    ) {
+        let args = &self.args;
+        if args.health_interval.is_zero() {
+            info!("peer health disabled (--health-interval 0)");
+            return;
+        }
         health::spawn(
             health::HealthConfig {
                 port: args.health_port,
@@ -350,72 +526,95 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 report_timeout: args.etcd.etcd_timeout,
                 detail_max: args.health_detail_max,
             },
-            health_rx,
-            health_metrics,
-            store.clone(),
+            targets,
+            metrics,
+            store,
             health::ReportContext {
-                node: node.clone(),
-                public_ip: under.ip.to_string(),
-                shared: shared.clone(),
+                node: self.node.clone(),
+                public_ip: public_ip.to_string(),
+                shared: self.shared.clone(),
                 cni_data_dir: args.cni_data_dir.clone(),
             },
         );
     }
+}
 
-    let mut resync = tokio::time::interval(args.resync_period);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    resync.tick().await;
-    let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut holder_rx = holder.subscribe();
-
-    loop {
-        shared.heartbeat();
-        // The arms only record what there is to do; `step` does it.
-        let retry_at = d.retry_at;
-        let retry = async {
-            match retry_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => futures::future::pending().await,
-            }
-        };
-        let work = tokio::select! {
-            ev = watch.next() => {
-                let Some(ev) = ev else { bail!("lease watch ended") };
-                debug!(?ev, "lease event");
-                let mut changes = LeaseChanges::default();
-                changes.note(&ev);
-                // Take every event already queued, then reconcile once.
-                while let Some(Some(ev)) = watch.next().now_or_never() {
+impl Inputs {
+    /// Waits for the next piece of work: the arms only record it (netlink events update the
+    /// cache, which is cheap). `None`: SIGTERM or SIGINT.
+    async fn next_work(&mut self, d: &mut Daemon) -> Result<Option<Work>> {
+        loop {
+            d.shared.heartbeat();
+            let retry_at = d.retry_at;
+            let retry = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => futures::future::pending().await,
+                }
+            };
+            let work = tokio::select! {
+                ev = self.watch.next() => {
+                    let Some(ev) = ev else { bail!("lease watch ended") };
                     debug!(?ev, "lease event");
+                    let mut changes = LeaseChanges::default();
                     changes.note(&ev);
+                    // Take every event already queued, then reconcile once.
+                    while let Some(Some(ev)) = self.watch.next().now_or_never() {
+                        debug!(?ev, "lease event");
+                        changes.note(&ev);
+                    }
+                    Work::Leases(changes)
                 }
-                Work::Leases(changes)
-            }
-            ev = monitor.next() => {
-                let Some(ev) = ev else { bail!("netlink monitor socket closed") };
-                let mut dirty = d.on_netlink(ev);
-                while let Some(ev) = monitor.try_next() {
-                    dirty |= d.on_netlink(ev);
+                ev = self.monitor.next() => {
+                    let Some(ev) = ev else { bail!("netlink monitor socket closed") };
+                    let mut dirty = d.on_netlink(ev);
+                    while let Some(ev) = self.monitor.try_next() {
+                        dirty |= d.on_netlink(ev);
+                    }
+                    if !dirty { continue }
+                    Work::Netlink
                 }
-                if !dirty { continue }
-                Work::Netlink
-            }
-            _ = resync.tick() => Work::Resync,
-            _ = retry => Work::Retry,
-            r = holder_rx.changed() => {
-                if r.is_err() { bail!("lease holder stopped") }
-                Work::Holder(Box::new(holder_rx.borrow_and_update().clone()))
-            }
-            _ = stats_tick.tick() => Work::Tick,
-            _ = sigterm.recv() => { info!("SIGTERM: exiting, the data plane stays in place"); break; }
-            _ = sigint.recv() => { info!("SIGINT: exiting, the data plane stays in place"); break; }
-        };
-        d.step(work, &watch, &holder).await;
+                _ = self.resync.tick() => Work::Resync,
+                _ = retry => Work::Retry,
+                r = self.holder_rx.changed() => {
+                    if r.is_err() { bail!("lease holder stopped") }
+                    Work::Holder(Box::new(self.holder_rx.borrow_and_update().clone()))
+                }
+                _ = self.stats_tick.tick() => Work::Tick,
+                name = self.signals.recv() => {
+                    info!("{name}: exiting, the data plane stays in place");
+                    return Ok(None);
+                }
+            };
+            return Ok(Some(work));
+        }
     }
-    // Dropping the holder stops the keep-alive; the lease stays until its TTL, so a restart
-    // gets the same subnet back.
-    drop(holder);
-    Ok(())
+}
+
+/// The VTEP MAC: the existing device's (a restart keeps what peers have), else derived from
+/// the node name (the same on every start, also after a reboot).
+async fn vtep_mac(ov: &RtnlOverlay, vni: u32, node: &str) -> Result<Mac> {
+    let existing = ov
+        .get_vxlan(vni)
+        .await
+        .context("look for the VXLAN device")?;
+    Ok(match &existing {
+        Some(l) if l.vni == Some(vni) && !l.mac.is_zero() => l.mac,
+        _ => Mac::derive(node),
+    })
+}
+
+/// The subnet this node had: its subnet file's, else the one its pods' addresses are in
+/// (/run is tmpfs; the allocator state survives a twilld restart and drops the pods of a
+/// previous boot).
+fn previous_subnet(args: &RunArgs, subnet_len: u8) -> Option<Ipv4Net> {
+    SubnetFile::read(&args.subnet_file)
+        .ok()
+        .and_then(|f| match f.node_subnet() {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        })
+        .or_else(|| allocator_subnet(&args.cni_data_dir, subnet_len))
 }
 
 /// The CNI plugin's allocators under `data_dir`: one directory per network name.
@@ -555,7 +754,29 @@ async fn net_config(
     }
 }
 
+/// What writing the ops of a reconcile did.
+struct Written {
+    applied: u64,
+    failed: usize,
+    route_delete_failed: bool,
+}
+
 impl Daemon {
+    /// The first reconcile (the watch has listed the leases), then the subnet file: the
+    /// data plane is ready.
+    async fn first_reconcile(&mut self, watch: &LeaseWatch, holder: &LeaseHolder) -> Result<()> {
+        self.reconcile(watch, Cause::Start).await;
+        self.write_subnet_file()?;
+        self.programmed_once = true;
+        self.update_ready(holder);
+        info!(
+            peers = self.metrics.peers.get(),
+            entries = self.actual.len(),
+            "data plane ready"
+        );
+        Ok(())
+    }
+
     /// Does one piece of work. Lease events take the incremental reconcile; netlink events,
     /// the resync and retries the full one.
     async fn step(&mut self, work: Work, watch: &LeaseWatch, holder: &LeaseHolder) {
@@ -607,7 +828,6 @@ impl Daemon {
                 self.update_ready(holder);
             }
             Work::Tick => {
-                self.copy_watch_errors(watch);
                 self.update_ready(holder);
                 if self.need_dump && self.retry_at.is_none() {
                     self.retry_at = Some(tokio::time::Instant::now());
@@ -761,11 +981,7 @@ impl Daemon {
                 true
             }
             MonitorEvent::NeighUp { link: l, neigh } if l == link => {
-                let cached = self.actual.neighs.contains(&neigh);
-                if !cached {
-                    Op::ReplaceNeigh(neigh).apply_to(&mut self.actual);
-                }
-                !cached
+                self.cache_new(self.actual.neighs.contains(&neigh), Op::ReplaceNeigh(neigh))
             }
             MonitorEvent::NeighGone { link: l, ip } if l == link => {
                 let before = self.actual.neighs.len();
@@ -775,17 +991,22 @@ impl Daemon {
             MonitorEvent::FdbUp { link: l, fdb } if l == link => self.actual.fdbs.insert(fdb),
             MonitorEvent::FdbGone { link: l, fdb } if l == link => self.actual.fdbs.remove(&fdb),
             MonitorEvent::RouteUp { link: l, route } if l == link => {
-                let cached = self.actual.routes.contains(&route);
-                if !cached {
-                    Op::ReplaceRoute(route).apply_to(&mut self.actual);
-                }
-                !cached
+                self.cache_new(self.actual.routes.contains(&route), Op::ReplaceRoute(route))
             }
             MonitorEvent::RouteGone { link: l, route } if l == link => {
                 self.actual.routes.remove(&route)
             }
             _ => false,
         }
+    }
+
+    /// An entry that an event reports: put in the cache as `op` writes it unless `cached`;
+    /// true if it was not cached.
+    fn cache_new(&mut self, cached: bool, op: Op) -> bool {
+        if !cached {
+            op.apply_to(&mut self.actual);
+        }
+        !cached
     }
 
     /// Diff the leases against the programmed entries and apply the ops.
@@ -808,18 +1029,95 @@ impl Daemon {
     ) {
         let t0 = Instant::now();
         let dumped = self.need_dump;
-        if self.need_dump {
-            match self.ov.dump(self.link.index).await {
-                Ok(p) => {
-                    self.actual = p;
-                    self.need_dump = false;
-                }
-                Err(e) => {
-                    warn!(error = %e, "netlink dump failed; will retry");
-                    return;
-                }
+        if !self.refresh_actual().await {
+            return;
+        }
+        let (delta, diff_all) = self.validate(watch, cause, changes);
+        let peer_count = self.valid.peers().len();
+        if delta.full {
+            let peers: Vec<_> = self.valid.peers().values().copied().collect();
+            self.want = desired(&peers);
+        } else {
+            patch_desired(&mut self.want, &delta);
+        }
+        let touched: Vec<Peer> = delta.removed.iter().chain(&delta.added).copied().collect();
+        let t_valid = t0.elapsed();
+        self.admit_joining(&touched, diff_all).await;
+        let t_set = t0.elapsed();
+        let (ops, mut conflicts) = self.ops(diff_all, &touched);
+        let mut route_delete_failed = false;
+        if !ops.is_empty() {
+            let t_diff = t0.elapsed();
+            let written = self.write_ops(&ops, &mut conflicts).await;
+            let t_written = t0.elapsed();
+            route_delete_failed = written.route_delete_failed;
+            if matches!(cause, Cause::Netlink | Cause::Resync) {
+                self.metrics.drift_repaired.inc_by(written.applied);
+                info!(?cause, repaired = written.applied, "drift repaired");
+            } else {
+                info!(
+                    ?cause,
+                    ops = ops.len(),
+                    failed = written.failed,
+                    peers = peer_count,
+                    incremental = !diff_all,
+                    elapsed_us = t0.elapsed().as_micros() as u64,
+                    // Phases, from the start: validated, peer set updated, diffed, written.
+                    validated_us = t_valid.as_micros() as u64,
+                    peer_set_us = t_set.as_micros() as u64,
+                    diffed_us = t_diff.as_micros() as u64,
+                    written_us = t_written.as_micros() as u64,
+                    "reconciled"
+                );
+            }
+            for op in ops.iter().take(20) {
+                debug!(%op, "applied");
             }
         }
+        self.record_conflicts(conflicts, diff_all, &touched);
+        if !route_delete_failed {
+            self.drop_leaving(&delta, diff_all).await;
+            self.rewrite_peer_set(diff_all).await;
+        }
+        // The prober learns of the peers after their entries are written (its work never
+        // delays a join's netlink writes).
+        self.update_health_targets(watch, &delta, changes);
+        self.set_entry_metrics(peer_count);
+        if delta.full || dumped {
+            memory::release_freed();
+        }
+        self.metrics.reconciles.inc();
+        self.metrics
+            .reconcile_seconds
+            .observe(t0.elapsed().as_secs_f64());
+    }
+
+    /// A fresh dump when one is needed; false if it failed (no reconcile without one).
+    async fn refresh_actual(&mut self) -> bool {
+        if !self.need_dump {
+            return true;
+        }
+        match self.ov.dump(self.link.index).await {
+            Ok(p) => {
+                self.actual = p;
+                self.need_dump = false;
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "netlink dump failed; will retry");
+                false
+            }
+        }
+    }
+
+    /// Validates the leases into `valid`; logs new rejections and sets their metric.
+    /// Returns what changed and whether everything is to be diffed.
+    fn validate(
+        &mut self,
+        watch: &LeaseWatch,
+        cause: Cause,
+        changes: Option<&LeaseChanges>,
+    ) -> (PeerDelta, bool) {
         let v = Validation::new(
             &self.cfg,
             Some(self.own),
@@ -851,61 +1149,42 @@ impl Daemon {
                 .into_iter()
                 .map(|(r, n)| (r.as_str(), n)),
         );
-        let peer_count = self.valid.peers().len();
-        if delta.full {
-            let peers: Vec<_> = self.valid.peers().values().copied().collect();
-            self.want = desired(&peers);
-            self.want_ips = peers
-                .iter()
-                .filter_map(|p| match p.public_ip {
-                    IpAddr::V4(ip) => Some(ip),
-                    IpAddr::V6(_) => None,
-                })
-                .collect();
-        } else {
-            patch_desired(&mut self.want, &delta);
-            for p in &delta.removed {
-                if let IpAddr::V4(ip) = p.public_ip {
-                    self.want_ips.remove(&ip);
-                }
-            }
-            for p in &delta.added {
-                if let IpAddr::V4(ip) = p.public_ip {
-                    self.want_ips.insert(ip);
-                }
-            }
-        }
-        let touched: Vec<reconcile::Peer> =
-            delta.removed.iter().chain(&delta.added).copied().collect();
-        let t_valid = t0.elapsed();
-        // A joining peer is accepted (its IP in nft's peer set) before its entries exist.
+        (delta, diff_all)
+    }
+
+    /// A joining peer is accepted (its IP in nft's peer set) before its entries exist. Over
+    /// netlink, without an `nft` process: a join costs one batch.
+    async fn admit_joining(&mut self, touched: &[Peer], diff_all: bool) {
+        let valid = &self.valid;
         let joining: BTreeSet<Ipv4Addr> = match &self.nft_members {
             Some(m) if !diff_all => touched
                 .iter()
-                .filter_map(|p| match p.public_ip {
-                    IpAddr::V4(ip) if self.want_ips.contains(&ip) && !m.contains(&ip) => Some(ip),
-                    _ => None,
-                })
+                .filter_map(Peer::public_v4)
+                .filter(|ip| valid.has_public_ip(*ip) && !m.contains(ip))
                 .collect(),
-            Some(m) => self.want_ips.difference(m).copied().collect(),
-            None => self.want_ips.clone(),
+            Some(m) => valid.public_v4s().filter(|ip| !m.contains(ip)).collect(),
+            None => valid.public_v4s().collect(),
         };
-        // Over netlink, without an `nft` process: a join costs one batch.
-        if !joining.is_empty() {
-            match self.peer_set.add(&joining).await {
-                Ok(()) => {
-                    if let Some(m) = &mut self.nft_members {
-                        m.extend(joining);
-                    }
-                }
-                Err(e) => self.peer_set_failed("add peers to the VXLAN filter", &e),
-            }
+        if joining.is_empty() {
+            return;
         }
-        let t_set = t0.elapsed();
+        match self.peer_set.add(&joining).await {
+            Ok(()) => {
+                if let Some(m) = &mut self.nft_members {
+                    m.extend(joining);
+                }
+            }
+            Err(e) => self.peer_set_failed("add peers to the VXLAN filter", &e),
+        }
+    }
+
+    /// The ops from the programmed entries to the wanted ones (the touched peers' only,
+    /// unless `diff_all`), and apart from them the routes not written, with why.
+    fn ops(&self, diff_all: bool, touched: &[Peer]) -> (Vec<Op>, BTreeMap<Ipv4Net, String>) {
         let mut ops = if diff_all {
             diff(&self.want, &self.actual)
         } else {
-            diff_touched(&self.want, &self.actual, &touched)
+            diff_touched(&self.want, &self.actual, touched)
         };
         // Never write a route over someone else's (connected, default, cni0, host route).
         let mut conflicts: BTreeMap<Ipv4Net, String> = BTreeMap::new();
@@ -919,56 +1198,54 @@ impl Daemon {
             }
             _ => true,
         });
-        let mut route_delete_failed = false;
-        if !ops.is_empty() {
-            let t_diff = t0.elapsed();
-            let failed = self.ov.apply_ops(self.link.index, &ops, PARALLEL_OPS).await;
-            let t_written = t0.elapsed();
-            let failed_ops: Vec<Op> = failed.iter().map(|(o, _)| *o).collect();
-            for op in &ops {
-                if !failed_ops.contains(op) {
-                    op.apply_to(&mut self.actual);
-                }
-            }
-            let mut errors = 0u64;
-            for (op, e) in &failed {
-                if let (Op::ReplaceRoute(r), twill_dataplane::Error::Conflict(why)) = (op, e) {
-                    conflicts.insert(r.dst, why.clone());
-                    continue;
-                }
-                route_delete_failed |= matches!(op, Op::DeleteRoute(_));
-                errors += 1;
-                warn!(%op, error = %e, "netlink write failed; will retry");
-            }
-            if errors > 0 {
-                self.need_dump = true;
-                self.metrics.op_errors.inc_by(errors);
-            }
-            let applied = (ops.len() - failed.len()) as u64;
-            self.metrics.ops_applied.inc_by(applied);
-            if matches!(cause, Cause::Netlink | Cause::Resync) {
-                self.metrics.drift_repaired.inc_by(applied);
-                info!(?cause, repaired = applied, "drift repaired");
-            } else {
-                info!(
-                    ?cause,
-                    ops = ops.len(),
-                    failed = failed.len(),
-                    peers = peer_count,
-                    incremental = !diff_all,
-                    elapsed_us = t0.elapsed().as_micros() as u64,
-                    // Phases, from the start: validated, peer set updated, diffed, written.
-                    validated_us = t_valid.as_micros() as u64,
-                    peer_set_us = t_set.as_micros() as u64,
-                    diffed_us = t_diff.as_micros() as u64,
-                    written_us = t_written.as_micros() as u64,
-                    "reconciled"
-                );
-            }
-            for op in ops.iter().take(20) {
-                debug!(%op, "applied");
+        (ops, conflicts)
+    }
+
+    /// Writes `ops` and updates the cache by the ones that succeeded. A route refused as a
+    /// conflict goes to `conflicts`; any other failure asks for a dump.
+    async fn write_ops(
+        &mut self,
+        ops: &[Op],
+        conflicts: &mut BTreeMap<Ipv4Net, String>,
+    ) -> Written {
+        let failed = self.ov.apply_ops(self.link.index, ops, PARALLEL_OPS).await;
+        let failed_ops: Vec<Op> = failed.iter().map(|(o, _)| *o).collect();
+        for op in ops {
+            if !failed_ops.contains(op) {
+                op.apply_to(&mut self.actual);
             }
         }
+        let mut errors = 0u64;
+        let mut route_delete_failed = false;
+        for (op, e) in &failed {
+            if let (Op::ReplaceRoute(r), twill_dataplane::Error::Conflict(why)) = (op, e) {
+                conflicts.insert(r.dst, why.clone());
+                continue;
+            }
+            route_delete_failed |= matches!(op, Op::DeleteRoute(_));
+            errors += 1;
+            warn!(%op, error = %e, "netlink write failed; will retry");
+        }
+        if errors > 0 {
+            self.need_dump = true;
+            self.metrics.op_errors.inc_by(errors);
+        }
+        let applied = (ops.len() - failed.len()) as u64;
+        self.metrics.ops_applied.inc_by(applied);
+        Written {
+            applied,
+            failed: failed.len(),
+            route_delete_failed,
+        }
+    }
+
+    /// Logs each new route conflict once and keeps them for the metric.
+    fn record_conflicts(
+        &mut self,
+        mut conflicts: BTreeMap<Ipv4Net, String>,
+        diff_all: bool,
+        touched: &[Peer],
+    ) {
         for (dst, why) in &conflicts {
             if !self.conflicts.contains(dst) {
                 warn!(subnet = %dst, reason = %why, "peer route not programmed: the main table routes this subnet elsewhere and twill never replaces a route it did not make (logged once)");
@@ -977,7 +1254,7 @@ impl Daemon {
         if !diff_all {
             // The other peers' conflicts stand: only the touched routes were looked at.
             let mut kept = std::mem::take(&mut self.conflicts);
-            for p in &touched {
+            for p in touched {
                 kept.remove(&p.subnet.trunc());
             }
             conflicts.extend(kept.into_iter().map(|d| (d, String::new())));
@@ -986,61 +1263,76 @@ impl Daemon {
         self.metrics
             .route_conflicts
             .set(self.conflicts.len() as i64);
-        // A leaving peer is dropped from the set after its route went: by element over
-        // netlink when the members are known, else the whole set is rewritten through nft
-        // (flush and add in one transaction, so the members that stay are never missing).
-        if !route_delete_failed && let Some(m) = &self.nft_members {
-            let (leaving, missing): (BTreeSet<Ipv4Addr>, bool) = if diff_all {
-                (
-                    m.difference(&self.want_ips).copied().collect(),
-                    self.want_ips.difference(m).next().is_some(),
-                )
-            } else {
-                let v4 = |p: &reconcile::Peer| match p.public_ip {
-                    IpAddr::V4(ip) => Some(ip),
-                    IpAddr::V6(_) => None,
-                };
-                (
-                    delta
-                        .removed
-                        .iter()
-                        .filter_map(v4)
-                        .filter(|ip| m.contains(ip) && !self.want_ips.contains(ip))
-                        .collect(),
-                    delta.added.iter().filter_map(v4).any(|ip| !m.contains(&ip)),
-                )
-            };
-            if missing {
-                // A join whose add failed above: the full rewrite below.
-                self.nft_members = None;
-            } else if !leaving.is_empty() {
-                match self.peer_set.delete(&leaving).await {
-                    Ok(()) => {
-                        if let Some(m) = &mut self.nft_members {
-                            m.retain(|ip| !leaving.contains(ip));
-                        }
+    }
+
+    /// A leaving peer is dropped from the set after its route went: by element over
+    /// netlink when the members are known, else the whole set is rewritten through nft
+    /// (flush and add in one transaction, so the members that stay are never missing).
+    async fn drop_leaving(&mut self, delta: &PeerDelta, diff_all: bool) {
+        let Some(m) = &self.nft_members else { return };
+        let valid = &self.valid;
+        let (leaving, missing): (BTreeSet<Ipv4Addr>, bool) = if diff_all {
+            (
+                m.iter()
+                    .copied()
+                    .filter(|ip| !valid.has_public_ip(*ip))
+                    .collect(),
+                valid.public_v4s().any(|ip| !m.contains(&ip)),
+            )
+        } else {
+            (
+                delta
+                    .removed
+                    .iter()
+                    .filter_map(Peer::public_v4)
+                    .filter(|ip| m.contains(ip) && !valid.has_public_ip(*ip))
+                    .collect(),
+                delta
+                    .added
+                    .iter()
+                    .filter_map(Peer::public_v4)
+                    .any(|ip| !m.contains(&ip)),
+            )
+        };
+        if missing {
+            // A join whose add failed: the full rewrite comes next.
+            self.nft_members = None;
+        } else if !leaving.is_empty() {
+            match self.peer_set.delete(&leaving).await {
+                Ok(()) => {
+                    if let Some(m) = &mut self.nft_members {
+                        m.retain(|ip| !leaving.contains(ip));
                     }
-                    Err(e) => self.peer_set_failed("drop peers from the VXLAN filter", &e),
                 }
+                Err(e) => self.peer_set_failed("drop peers from the VXLAN filter", &e),
             }
         }
-        let rewrite = self.nft_members.is_none()
-            || (diff_all && self.nft_members.as_ref() != Some(&self.want_ips));
-        if !route_delete_failed && rewrite {
-            let ips = self.want_ips.clone();
-            if self
-                .nft_call("update the VXLAN filter's peers", move |n| {
-                    n.set_peers(&ips)
-                })
-                .await
-                .is_some()
-            {
-                self.nft_members = Some(self.want_ips.clone());
-            }
+    }
+
+    /// Rewrites nft's peer set in full when its members are not known, or (after a full
+    /// diff) are not the valid peers' public IPs.
+    async fn rewrite_peer_set(&mut self, diff_all: bool) {
+        let rewrite = match &self.nft_members {
+            None => true,
+            Some(m) => diff_all && !m.iter().copied().eq(self.valid.public_v4s()),
+        };
+        if !rewrite {
+            return;
         }
-        // The prober learns of the peers after their entries are written (its work never
-        // delays a join's netlink writes).
-        self.update_health_targets(watch, &delta, changes);
+        let ips: BTreeSet<Ipv4Addr> = self.valid.public_v4s().collect();
+        let members = ips.clone();
+        if self
+            .nft_call("update the VXLAN filter's peers", move |n| {
+                n.set_peers(&ips)
+            })
+            .await
+            .is_some()
+        {
+            self.nft_members = Some(members);
+        }
+    }
+
+    fn set_entry_metrics(&self, peer_count: usize) {
         self.metrics.peers.set(peer_count as i64);
         let routes_expected = self.want.routes.len().saturating_sub(self.conflicts.len());
         self.metrics.routes_expected.set(routes_expected as i64);
@@ -1051,13 +1343,6 @@ impl Daemon {
         self.metrics.routes.set(self.actual.routes.len() as i64);
         self.metrics.fdb.set(self.actual.fdbs.len() as i64);
         self.metrics.neighs.set(self.actual.neighs.len() as i64);
-        if delta.full || dumped {
-            memory::release_freed();
-        }
-        self.metrics.reconciles.inc();
-        self.metrics
-            .reconcile_seconds
-            .observe(t0.elapsed().as_secs_f64());
     }
 
     /// The health prober's targets: rebuilt after a full validation, patched by the peers
@@ -1192,14 +1477,5 @@ impl Daemon {
         };
         self.shared.set_ready(ready, &why);
         self.metrics.ready.set(i64::from(ready));
-    }
-
-    /// The lease watch's failed requests, for `twill_etcd_errors` (the holder's and the
-    /// netlink layer's counters are read at scrape time; the watch's have no shared handle).
-    fn copy_watch_errors(&self, watch: &LeaseWatch) {
-        self.metrics
-            .counted
-            .watch_errors
-            .store(watch.stats().errors, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -39,6 +39,18 @@ impl Peer {
             via: self.subnet.network(),
         }
     }
+
+    /// The public IP if it is IPv4 (nft's peer set holds IPv4 addresses).
+    pub fn public_v4(&self) -> Option<Ipv4Addr> {
+        ipv4(&self.public_ip)
+    }
+}
+
+fn ipv4(ip: &IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(ip) => Some(*ip),
+        IpAddr::V6(_) => None,
+    }
 }
 
 /// Why a lease gives no peer: a stable machine label (metrics, `-o json`, docs/leases.md).
@@ -488,7 +500,8 @@ pub struct ValidPeers {
     peers: BTreeMap<Ipv4Net, Peer>,
     /// Accepted subnets by network address, for the overlap check.
     taken: BTreeMap<Ipv4Addr, Ipv4Net>,
-    ips: HashSet<IpAddr>,
+    /// The accepted peers' public IPs (one per peer: a shared one is a conflict), ordered.
+    ips: BTreeSet<IpAddr>,
     macs: HashSet<Mac>,
     skipped: BTreeMap<String, Skipped>,
     /// How many skipped leases lost a conflict: while there is one, a removal may let it in
@@ -507,6 +520,16 @@ impl ValidPeers {
     /// The accepted peers, by subnet.
     pub fn peers(&self) -> &BTreeMap<Ipv4Net, Peer> {
         &self.peers
+    }
+
+    /// Whether an accepted peer has the public IP `ip`.
+    pub fn has_public_ip(&self, ip: impl Into<IpAddr>) -> bool {
+        self.ips.contains(&ip.into())
+    }
+
+    /// The accepted peers' IPv4 public IPs, in order (the members nft's peer set must have).
+    pub fn public_v4s(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.ips.iter().filter_map(ipv4)
     }
 
     /// The keys that give no peer, by key, with their reason.
@@ -1293,6 +1316,18 @@ mod tests {
             assert_eq!(got, full_peers, "step {step}");
             let got_skipped: Vec<Skipped> = set.skipped().cloned().collect();
             assert_eq!(got_skipped, full_skipped, "step {step}");
+            let mut full_ips: Vec<Ipv4Addr> =
+                full_peers.iter().filter_map(Peer::public_v4).collect();
+            full_ips.sort();
+            assert_eq!(
+                set.public_v4s().collect::<Vec<_>>(),
+                full_ips,
+                "step {step}"
+            );
+            assert!(
+                full_ips.iter().all(|ip| set.has_public_ip(*ip)),
+                "step {step}"
+            );
             let ops = if delta.full {
                 want = desired(&full_peers);
                 diff(&want, &actual)
