@@ -741,24 +741,15 @@ impl Publisher {
     }
 }
 
-/// The store's key prefix (`<prefix>` of `<prefix>/config`).
-fn store_prefix(store: &LeaseStore) -> String {
-    let config = store.config_key();
-    config
-        .strip_suffix("/config")
-        .unwrap_or(&config)
-        .to_string()
-}
-
 /// `<prefix>/health/<node>`.
 fn report_key(store: &LeaseStore, node: &str) -> String {
-    format!("{}{node}", health_prefix(&store_prefix(store)))
+    format!("{}{node}", health_prefix(store.prefix()))
 }
 
 /// Every node's report, from etcd. A value that does not parse is left out (it is
 /// untrusted input; `twillctl cluster status` shows the node as not reporting).
 pub async fn read_reports(store: &LeaseStore) -> Result<Vec<NodeReport>, StoreError> {
-    let prefix = health_prefix(&store_prefix(store));
+    let prefix = health_prefix(store.prefix());
     let listing = store.backend().list(&prefix).await?;
     Ok(listing
         .kvs
