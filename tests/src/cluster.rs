@@ -6,49 +6,23 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
+use crate::netns::{checked, next_seq};
+pub use crate::netns::{require_root, run_host as run};
 
 /// A unique short prefix `tw<pid><n>` for names of this process (namespaces, links).
 /// Kept short: link names are at most 15 bytes.
 pub fn unique_prefix() -> String {
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    format!("tw{}{}", std::process::id() % 100_000, n)
+    format!("tw{}{}", std::process::id() % 100_000, next_seq())
 }
 
-/// Fails the test unless it runs as root (kernel tests must not silently skip).
-pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this kernel test needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root"
-    );
-}
-
-/// Runs a command and fails with its stderr if it fails.
-pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("spawn {cmd}"))?;
-    check(cmd, args, out)
-}
-
+/// `checked` with the command line as the description.
 fn check(cmd: &str, args: &[&str], out: Output) -> Result<String> {
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}: {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    checked(&format!("{cmd} {}", args.join(" ")), out)
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop with everything in it.

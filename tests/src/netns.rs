@@ -12,23 +12,26 @@ use anyhow::{Context, Result, bail};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// A name unique to this process and call: `tw<pid>n<seq>` + `tag`.
-pub fn unique_name(tag: &str) -> String {
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    format!("tw{}n{n}{tag}", std::process::id())
+/// The next number of this process's one sequence of test names.
+pub(crate) fn next_seq() -> u32 {
+    SEQ.fetch_add(1, Ordering::SeqCst)
 }
 
-/// Fails (never skips) unless the test runs as root.
+/// A name unique to this process and call: `tw<pid>n<seq>` + `tag`.
+pub fn unique_name(tag: &str) -> String {
+    format!("tw{}n{}{tag}", std::process::id(), next_seq())
+}
+
+/// Fails the test unless it runs as root (kernel tests must not silently skip).
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this kernel test needs root: run the tests as root"
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this kernel test needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root"
     );
 }
 
-fn checked(what: &str, out: Output) -> Result<String> {
+/// The stdout of a finished command, or an error with `what`, its status, stderr and stdout.
+pub(crate) fn checked(what: &str, out: Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "{what}: {}: {}{}",

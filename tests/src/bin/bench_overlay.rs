@@ -25,71 +25,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use ipnet::Ipv4Net;
-use twill_dataplane::overlay::{Mac, Monitor, MonitorEvent, Overlay, RtnlOverlay};
+use twill_dataplane::overlay::{Monitor, MonitorEvent, Overlay, RtnlOverlay};
 use twill_dataplane::{NetNs, Netlink};
-use twill_ipam::lease::LeaseAttrs;
 use twill_ipam::store::LeaseStore;
+use twill_tests::bench::{
+    cpu_time, env_u32, iperf, peer_attrs, peer_subnet, status_kib, vxlan_index, wait_entries,
+};
 use twill_tests::cluster::{Cluster, ClusterOpts, Ns, unique_prefix};
-
-fn env_u32(k: &str, d: u32) -> u32 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-/// Peer i: subnet 10.244.(i/256+100).(i%256)... as /24s from 10.244.100.0 upward would run out
-/// at 155; use a /8-sized network instead: 10.(100 + i/256).(i%256).0/24.
-fn peer_subnet(i: u32) -> Ipv4Net {
-    Ipv4Net::new(
-        Ipv4Addr::new(10, 100 + (i / 256) as u8, (i % 256) as u8, 0),
-        24,
-    )
-    .unwrap()
-}
-
-fn peer_attrs(i: u32) -> LeaseAttrs {
-    LeaseAttrs::vxlan(
-        &format!("peer-{i}"),
-        Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i),
-        1,
-        Mac::derive(&format!("peer-{i}")),
-    )
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// A `kB` line of /proc/<pid>/status (VmRSS, RssAnon: the heap and stacks, RssFile: the
-/// binary's and libraries' pages).
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, from /proc/<pid>/stat.
-fn cpu_time(pid: u32) -> Duration {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // The command name (field 2) may hold spaces: count from after its ')'.
-    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
-}
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -134,41 +76,6 @@ fn spawn_keepalives(
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
-}
-
-async fn count_entries(o: &RtnlOverlay, idx: u32) -> usize {
-    o.dump(idx).await.map(|p| p.len()).unwrap_or(0)
-}
-
-async fn wait_entries(
-    o: &RtnlOverlay,
-    idx: u32,
-    want: usize,
-    timeout: Duration,
-) -> Result<Instant> {
-    let end = Instant::now() + timeout;
-    loop {
-        if count_entries(o, idx).await >= want {
-            return Ok(Instant::now());
-        }
-        if Instant::now() > end {
-            bail!(
-                "only {} of {want} entries after {timeout:?}",
-                count_entries(o, idx).await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-async fn vxlan_index(o: &RtnlOverlay) -> Result<u32> {
-    for _ in 0..500 {
-        if let Some(l) = o.get_vxlan(1).await? {
-            return Ok(l.index);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!("twill.1 did not appear")
 }
 
 /// The `elapsed_us` of twilld's first "reconciled" log line with ≥ `ops` ops.
@@ -266,34 +173,6 @@ fn ip_batch(n: u32) -> Result<Duration> {
     Ok(took)
 }
 
-fn iperf(client: &Ns, server: &Ns, dst: IpAddr, secs: u32) -> Result<f64> {
-    let mut srv = server
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let out = client
-        .command("iperf3")
-        .args([
-            "-c",
-            &dst.to_string(),
-            "-p",
-            "5201",
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ])
-        .output()?;
-    let _ = srv.kill();
-    let _ = srv.wait();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("no throughput in {v}"))
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     twill_tests::cluster::require_root();
@@ -344,9 +223,9 @@ async fn main() -> Result<()> {
     let idx = vxlan_index(&o).await?;
 
     let pid = c.nodes[0].daemon.as_ref().and_then(|d| d.pid()).unwrap();
-    let rss_base = rss_kib(pid);
-    let etcd_cpu0 = cpu_time(etcd_pid);
-    let etcd_rss0 = rss_kib(etcd_pid);
+    let rss_base = status_kib(pid, "VmRSS:").unwrap_or(0);
+    let etcd_cpu0 = cpu_time(etcd_pid).unwrap_or_default();
+    let etcd_rss0 = status_kib(etcd_pid, "VmRSS:").unwrap_or(0);
     let t_write0 = Instant::now();
     // Each simulated holder: an etcd lease with the TTL, the lease key put under it.
     let results: Vec<Result<i64>> = futures::stream::iter(0..n)
@@ -391,11 +270,13 @@ async fn main() -> Result<()> {
     let write = t_written - t_write0;
     let total = t_done - t_write0;
     let lag = t_done.saturating_duration_since(t_written);
-    let etcd_cpu_writes = cpu_time(etcd_pid).saturating_sub(etcd_cpu0);
+    let etcd_cpu_writes = cpu_time(etcd_pid)
+        .unwrap_or_default()
+        .saturating_sub(etcd_cpu0);
     let (keepalive_task, keepalives) = spawn_keepalives(client.clone(), ids, ttl);
 
     std::thread::sleep(Duration::from_millis(500));
-    let rss_running = rss_kib(pid);
+    let rss_running = status_kib(pid, "VmRSS:").unwrap_or(0);
 
     // A fresh node joining a cluster of N: twilld start → all 3N entries programmed.
     let t_start = Instant::now();
@@ -408,8 +289,11 @@ async fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let fresh_reconcile = reconcile_us_from_log(&c.nodes[j].log_text(), 3 * n as usize);
     let pid2 = c.nodes[j].daemon.as_ref().and_then(|d| d.pid()).unwrap();
-    let rss_fresh = rss_kib(pid2);
-    let (anon_fresh, file_fresh) = (status_kib(pid2, "RssAnon:"), status_kib(pid2, "RssFile:"));
+    let rss_fresh = status_kib(pid2, "VmRSS:").unwrap_or(0);
+    let (anon_fresh, file_fresh) = (
+        status_kib(pid2, "RssAnon:").unwrap_or(0),
+        status_kib(pid2, "RssFile:").unwrap_or(0),
+    );
 
     let mut batch = Vec::new();
     for _ in 0..3 {
@@ -459,13 +343,15 @@ async fn main() -> Result<()> {
         mib(file_fresh)
     );
     let ka0 = keepalives.load(std::sync::atomic::Ordering::Relaxed);
-    let cpu_s0 = cpu_time(etcd_pid);
+    let cpu_s0 = cpu_time(etcd_pid).unwrap_or_default();
     let t_s0 = Instant::now();
     tokio::time::sleep(steady).await;
-    let cpu_steady = cpu_time(etcd_pid).saturating_sub(cpu_s0);
+    let cpu_steady = cpu_time(etcd_pid)
+        .unwrap_or_default()
+        .saturating_sub(cpu_s0);
     let secs = t_s0.elapsed().as_secs_f64();
     let ka = keepalives.load(std::sync::atomic::Ordering::Relaxed) - ka0;
-    let etcd_rss = rss_kib(etcd_pid);
+    let etcd_rss = status_kib(etcd_pid, "VmRSS:").unwrap_or(0);
     println!(
         "etcd RSS: {:.1} MiB before the peers, {:.1} MiB with {n} leases and their keep-alives",
         mib(etcd_rss0),
@@ -593,7 +479,7 @@ async fn main() -> Result<()> {
     store.reserve(marker, &peer_attrs(n + joins + 50)).await?;
     let (_, rev) = store.list().await?;
     client.clone().compact(rev, None).await?;
-    let cpu_r0 = cpu_time(pid);
+    let cpu_r0 = cpu_time(pid).unwrap_or_default();
     let t_r0 = Instant::now();
     ns1.exec("nft", &["delete table inet twbenchcut"])?;
     let mut other_changes = Vec::new();
@@ -623,7 +509,7 @@ async fn main() -> Result<()> {
     }
     let relist = t_r0.elapsed();
     std::thread::sleep(Duration::from_millis(200));
-    let relist_cpu = cpu_time(pid).saturating_sub(cpu_r0);
+    let relist_cpu = cpu_time(pid).unwrap_or_default().saturating_sub(cpu_r0);
     let mut after = o.dump(idx).await?;
     after.neighs.retain(|x| x.ip != marker.network());
     after.routes.retain(|x| x.dst != marker);
