@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use twill_dataplane::overlay::{Mac, Overlay, RtnlOverlay};
 use twill_ipam::lease::LeaseAttrs;
 
-use crate::cluster::Ns;
+use crate::netns::TestNetns;
 
 /// The number in environment variable `k`, `d` when unset or not a number.
 pub fn env_u32(k: &str, d: u32) -> u32 {
@@ -103,7 +103,7 @@ pub async fn wait_entries(
 }
 
 /// TCP throughput (bits/s) of one iperf3 run of `secs` from `client` to `dst` in `server`.
-pub fn iperf(client: &Ns, server: &Ns, dst: IpAddr, secs: u32) -> Result<f64> {
+pub fn iperf(client: &TestNetns, server: &TestNetns, dst: IpAddr, secs: u32) -> Result<f64> {
     let mut srv = server
         .command("iperf3")
         .args(["-s", "-1", "-p", "5201"])

@@ -31,7 +31,8 @@ use twill_ipam::store::LeaseStore;
 use twill_tests::bench::{
     cpu_time, env_u32, iperf, peer_attrs, peer_subnet, status_kib, vxlan_index, wait_entries,
 };
-use twill_tests::cluster::{Cluster, ClusterOpts, Ns, unique_prefix};
+use twill_tests::cluster::{Cluster, ClusterOpts, unique_prefix};
+use twill_tests::netns::TestNetns;
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -105,7 +106,7 @@ fn reconcile_us_from_log(log: &str, ops: usize) -> Option<u64> {
 /// `ip -batch` (neighbours, routes) + `bridge -batch` (FDB) of the same entries in a fresh
 /// namespace with a VXLAN device like twilld's: wall time of the two processes.
 fn ip_batch(n: u32) -> Result<Duration> {
-    let ns = Ns::new(format!("{}-ipb", unique_prefix()))?;
+    let ns = TestNetns::named(format!("{}-ipb", unique_prefix()))?;
     ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])?;
     ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "u0"])?;
     ns.ip(&["link", "set", "u0", "up"])?;
