@@ -10,6 +10,9 @@ use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use twill_dataplane::overlay::{Mac, Overlay, RtnlOverlay};
 use twill_ipam::lease::LeaseAttrs;
+use twill_ipam::store::LeaseStore;
+
+use crate::cluster::{Cluster, ClusterOpts};
 
 use crate::netns::TestNetns;
 
@@ -28,6 +31,30 @@ pub fn peer_subnet(i: u32) -> Ipv4Net {
         24,
     )
     .expect("prefix 24")
+}
+
+/// One node without pods (resync 300 s) whose network is the benches' /8 (10.0.0.0/8, /24s
+/// from 10.1.0.0), so that [`peer_subnet`]s are valid leases: etcd's config and the cluster's
+/// net-conf.json are rewritten, and every twilld started from now on matches them (the
+/// running one still has 10.244/16). Returns the cluster and a store on its etcd.
+pub async fn one_node_on_8() -> Result<(Cluster, LeaseStore)> {
+    let c = Cluster::start(ClusterOpts {
+        nodes: 1,
+        pods_per_node: 0,
+        resync: Duration::from_secs(300),
+        ..ClusterOpts::default()
+    })?;
+    let store = LeaseStore::connect(c.etcd_options()).await?;
+    let mut cfg = store.require_config().await?;
+    cfg.network = "10.0.0.0/8".parse()?;
+    cfg.subnet_min = Ipv4Addr::new(10, 1, 0, 0);
+    cfg.subnet_max = Ipv4Addr::new(10, 255, 255, 0);
+    store.put_config(&cfg, true).await?;
+    std::fs::write(
+        c.dir.path().join("net-conf.json"),
+        r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.1.0.0","SubnetMax":"10.255.255.0","Backend":{"Type":"vxlan","VNI":1}}"#,
+    )?;
+    Ok((c, store))
 }
 
 /// Peer i's lease: node `peer-<i>`, public IP 172.16.0.0 + i, VNI 1, its derived MAC.

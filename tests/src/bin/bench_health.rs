@@ -19,18 +19,17 @@
 //! underlay namespace, which does not forward, drops them. Namespaces and etcd go away when
 //! the benchmark ends, also on an error (no panics: every failure is an `Err` out of main).
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use twill_dataplane::overlay::RtnlOverlay;
 use twill_dataplane::{NetNs, Netlink};
-use twill_ipam::store::LeaseStore;
 use twill_tests::bench::{
-    cpu_time, env_u32, peer_attrs, peer_subnet, status_kib, vxlan_index, wait_entries,
+    cpu_time, env_u32, one_node_on_8, peer_attrs, peer_subnet, status_kib, vxlan_index,
+    wait_entries,
 };
-use twill_tests::cluster::{Cluster, ClusterOpts, metric};
+use twill_tests::cluster::{Cluster, metric};
 
 struct Phase {
     name: &'static str,
@@ -115,23 +114,8 @@ async fn main() -> Result<()> {
          --health-max-rate {max_rate}, warm-up {warmup:?}, window {window:?}"
     );
 
-    let mut c = Cluster::start(ClusterOpts {
-        nodes: 1,
-        pods_per_node: 0,
-        resync: Duration::from_secs(300),
-        ..ClusterOpts::default()
-    })?;
-    let store = LeaseStore::connect(c.etcd_options()).await?;
-    let mut cfg = store.require_config().await?;
-    cfg.network = "10.0.0.0/8".parse()?;
-    cfg.subnet_min = Ipv4Addr::new(10, 1, 0, 0);
-    cfg.subnet_max = Ipv4Addr::new(10, 255, 255, 0);
-    store.put_config(&cfg, true).await?;
-    // Every restarted twilld's --net-conf must match the bench-only /8 config.
-    std::fs::write(
-        c.dir.path().join("net-conf.json"),
-        r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.1.0.0","SubnetMax":"10.255.255.0","Backend":{"Type":"vxlan","VNI":1}}"#,
-    )?;
+    // Every restarted twilld's --net-conf matches the bench-only /8 config.
+    let (mut c, store) = one_node_on_8().await?;
     let results: Vec<_> = futures::stream::iter(0..peers)
         .map(|i| {
             let store = store.clone();

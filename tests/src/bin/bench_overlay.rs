@@ -19,20 +19,41 @@
 //! 5. iperf3 (bounded, -t T; BENCH_IPERF_SECS=0 skips it) pod↔pod across nodes against
 //!    node↔node over the underlay.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
+use ipnet::Ipv4Net;
 use twill_dataplane::overlay::{Monitor, MonitorEvent, Overlay, RtnlOverlay};
 use twill_dataplane::{NetNs, Netlink};
-use twill_ipam::store::LeaseStore;
 use twill_tests::bench::{
-    cpu_time, env_u32, iperf, peer_attrs, peer_subnet, status_kib, vxlan_index, wait_entries,
+    cpu_time, env_u32, iperf, one_node_on_8, peer_attrs, peer_subnet, status_kib, vxlan_index,
+    wait_entries,
 };
 use twill_tests::cluster::{Cluster, ClusterOpts, unique_prefix};
 use twill_tests::netns::TestNetns;
+
+/// Waits (5 s at most) for the monitor's event of the route to `subnet` on device `idx`:
+/// its arrival if `up`, else its removal.
+async fn wait_route(mon: &mut Monitor, idx: u32, subnet: Ipv4Net, up: bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, mon.next())
+            .await
+            .with_context(|| format!("route {subnet} (up: {up}) within 5 s"))?
+            .context("monitor closed")?;
+        let (link, route) = match ev {
+            MonitorEvent::RouteUp { link, route } if up => (link, route),
+            MonitorEvent::RouteGone { link, route } if !up => (link, route),
+            _ => continue,
+        };
+        if link == idx && route.dst == subnet {
+            return Ok(());
+        }
+    }
+}
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -77,6 +98,17 @@ fn spawn_keepalives(
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
+}
+
+/// "p50 ..  p90 ..  p99 ..  max .." of sorted latencies.
+fn spread(sorted: &[Duration]) -> String {
+    format!(
+        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+        pct(sorted, 0.5),
+        pct(sorted, 0.9),
+        pct(sorted, 0.99),
+        sorted[sorted.len() - 1]
+    )
 }
 
 /// The `elapsed_us` of twilld's first "reconciled" log line with ≥ `ops` ops.
@@ -193,28 +225,13 @@ async fn main() -> Result<()> {
     println!("load average at start: {}", load.trim());
 
     // ---------- 1. convergence ----------
-    let mut c = Cluster::start(ClusterOpts {
-        nodes: 1,
-        pods_per_node: 0,
-        resync: Duration::from_secs(300),
-        ..ClusterOpts::default()
-    })?;
-    let etcd_pid = c.etcd.pid().context("etcd pid")?;
     // The peers' subnets are outside 10.244/16: the config must allow them. Use a /8 network
-    // only for the bench: rewrite etcd's config before writing the peers.
-    let store = LeaseStore::connect(c.etcd_options()).await?;
-    let mut cfg = store.require_config().await?;
-    cfg.network = "10.0.0.0/8".parse()?;
-    cfg.subnet_min = Ipv4Addr::new(10, 1, 0, 0);
-    cfg.subnet_max = Ipv4Addr::new(10, 255, 255, 0);
-    store.put_config(&cfg, true).await?;
+    // only for the bench, before writing the peers.
+    let (mut c, store) = one_node_on_8().await?;
+    let etcd_pid = c.etcd.pid().context("etcd pid")?;
     let client = store.client().clone();
     // twilld validates peers against the config it started with: restart node 1 on the /8
     // (its --net-conf, and every later node's, matches what etcd has now).
-    std::fs::write(
-        c.dir.path().join("net-conf.json"),
-        r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.1.0.0","SubnetMax":"10.255.255.0","Backend":{"Type":"vxlan","VNI":1}}"#,
-    )?;
     c.nodes[0].stop_daemon()?;
     c.start_daemon(0)?;
     c.wait_ready(0, Duration::from_secs(20))?;
@@ -384,40 +401,16 @@ async fn main() -> Result<()> {
         let t0 = Instant::now();
         store.reserve(subnet, &peer_attrs(i)).await?;
         acks.push(t0.elapsed());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let ev = tokio::time::timeout_at(deadline, mon.next())
-                .await
-                .context("route event within 5 s")?
-                .context("monitor closed")?;
-            if let MonitorEvent::RouteUp { link, route } = ev
-                && link == idx
-                && route.dst == subnet
-            {
-                lat.push(t0.elapsed());
-                break;
-            }
-        }
+        wait_route(&mut mon, idx, subnet, true).await?;
+        lat.push(t0.elapsed());
         joined.push(subnet);
     }
     let mut leave = Vec::new();
     for subnet in &joined {
         let t0 = Instant::now();
         store.release(*subnet).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let ev = tokio::time::timeout_at(deadline, mon.next())
-                .await
-                .context("route removal within 5 s")?
-                .context("monitor closed")?;
-            if let MonitorEvent::RouteGone { link, route } = ev
-                && link == idx
-                && route.dst == *subnet
-            {
-                leave.push(t0.elapsed());
-                break;
-            }
-        }
+        wait_route(&mut mon, idx, *subnet, false).await?;
+        leave.push(t0.elapsed());
     }
     lat.sort();
     leave.sort();
@@ -425,29 +418,14 @@ async fn main() -> Result<()> {
         "\n## 2. new lease → route on the node ({} joins, {n} peers present)",
         lat.len()
     );
-    println!(
-        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?} (goal p99 <= 5 ms)",
-        pct(&lat, 0.5),
-        pct(&lat, 0.9),
-        pct(&lat, 0.99),
-        lat[lat.len() - 1]
-    );
+    println!("{} (goal p99 <= 5 ms)", spread(&lat));
     acks.sort();
     println!(
-        "of which the etcd write itself (reserve → its answer): p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
-        pct(&acks, 0.5),
-        pct(&acks, 0.9),
-        pct(&acks, 0.99),
-        acks[acks.len() - 1]
+        "of which the etcd write itself (reserve → its answer): {}",
+        spread(&acks)
     );
     println!("deleted lease → route gone ({} leaves)", leave.len());
-    println!(
-        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
-        pct(&leave, 0.5),
-        pct(&leave, 0.9),
-        pct(&leave, 0.99),
-        leave[leave.len() - 1]
-    );
+    println!("{}", spread(&leave));
 
     // ---------- 4. re-list after compaction ----------
     // Cut node 1's etcd connections inside its own namespace: new connections to the proxy
