@@ -6,123 +6,23 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
+use crate::netns::{TestNetns, checked, next_seq, veth_on_bridge};
+pub use crate::netns::{require_root, run_host as run};
 
 /// A unique short prefix `tw<pid><n>` for names of this process (namespaces, links).
 /// Kept short: link names are at most 15 bytes.
 pub fn unique_prefix() -> String {
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    format!("tw{}{}", std::process::id() % 100_000, n)
+    format!("tw{}{}", std::process::id() % 100_000, next_seq())
 }
 
-/// Fails the test unless it runs as root (kernel tests must not silently skip).
-pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this kernel test needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root"
-    );
-}
-
-/// Runs a command and fails with its stderr if it fails.
-pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("spawn {cmd}"))?;
-    check(cmd, args, out)
-}
-
+/// `checked` with the command line as the description.
 fn check(cmd: &str, args: &[&str], out: Output) -> Result<String> {
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}: {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A named network namespace (`ip netns add`), deleted on drop with everything in it.
-#[derive(Debug)]
-pub struct Ns {
-    pub name: String,
-}
-
-impl Ns {
-    pub fn new(name: impl Into<String>) -> Result<Ns> {
-        let name = name.into();
-        run("ip", &["netns", "add", &name])?;
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// The bind mount of the namespace (for `nsenter --net=` and `NetNs::open`).
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// Runs `cmd args` inside the namespace.
-    pub fn exec(&self, cmd: &str, args: &[&str]) -> Result<String> {
-        let out = self.exec_output(cmd, args)?;
-        check(&format!("[{}] {cmd}", self.name), args, out)
-    }
-
-    /// Like [`Ns::exec`] but returns the raw output, failing or not. (nsenter, not
-    /// `ip netns exec`, which remounts /sys and costs milliseconds.)
-    pub fn exec_output(&self, cmd: &str, args: &[&str]) -> Result<Output> {
-        self.command(cmd)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("nsenter {} {cmd}", self.name))
-    }
-
-    /// `ip <args>` inside the namespace.
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        self.exec("ip", args)
-    }
-
-    /// A command to be spawned inside the namespace.
-    pub fn command(&self, cmd: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(cmd);
-        c
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        // Kill what still runs inside (pings, servers) so the namespace can go.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
+    checked(&format!("{cmd} {}", args.join(" ")), out)
 }
 
 /// Polls `f` every 10 ms until it returns `Some` or `timeout` passes.
@@ -193,13 +93,13 @@ impl Drop for ChildGuard {
 }
 
 /// Parses the first IPv4 address of `dev` from `ip -4 -o addr show dev`.
-pub fn first_v4(ns: &Ns, dev: &str) -> Result<Ipv4Addr> {
+pub fn first_v4(ns: &TestNetns, dev: &str) -> Result<Ipv4Addr> {
     let out = ns.ip(&["-4", "-o", "addr", "show", "dev", dev])?;
     let tok = out
         .split_whitespace()
         .skip_while(|t| *t != "inet")
         .nth(1)
-        .with_context(|| format!("no IPv4 address on {dev} in {}: {out}", ns.name))?;
+        .with_context(|| format!("no IPv4 address on {dev} in {}: {out}", ns.name()))?;
     let ip = tok.split('/').next().unwrap_or_default();
     ip.parse()
         .with_context(|| format!("parse address {tok:?} of {dev}"))
@@ -379,7 +279,7 @@ impl Default for ClusterOpts {
 
 /// A pod: a namespace with `eth0` made by the real `twill` CNI plugin.
 pub struct Pod {
-    pub ns: Ns,
+    pub ns: TestNetns,
     pub ip: Ipv4Addr,
     pub id: String,
 }
@@ -387,7 +287,7 @@ pub struct Pod {
 /// A node: a namespace on the underlay, its files, its etcd proxy and its twilld.
 pub struct Node {
     pub name: String,
-    pub ns: Ns,
+    pub ns: TestNetns,
     /// Underlay address on eth0.
     pub ip: Ipv4Addr,
     pub dir: PathBuf,
@@ -476,7 +376,7 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The etcd cluster of `opts.etcd_members` (on the underlay, so before it).
     pub ha: Option<crate::etcd_ha::EtcdHa>,
-    pub underlay: Ns,
+    pub underlay: TestNetns,
     pub etcd: crate::etcd::EtcdServer,
     pub dir: tempfile::TempDir,
     next_node: usize,
@@ -497,7 +397,7 @@ impl Cluster {
         require_root();
         let prefix = unique_prefix();
         let dir = tempfile::Builder::new().prefix("tw-cluster-").tempdir()?;
-        let underlay = Ns::new(format!("{prefix}-u"))?;
+        let underlay = TestNetns::named(format!("{prefix}-u"))?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["addr", "add", "192.168.50.254/24", "dev", "br0"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
@@ -567,25 +467,11 @@ impl Cluster {
         let n = self.next_node;
         self.next_node += 1;
         let name = format!("node-{n}");
-        let ns = Ns::new(format!("{}-n{n}", self.prefix))?;
+        let ns = TestNetns::named(format!("{}-n{n}", self.prefix))?;
         let ip = Ipv4Addr::new(192, 168, 50, 10 + n as u8);
         // The veth is created in the underlay namespace with its peer directly in the node's.
-        self.underlay.ip(&[
-            "link",
-            "add",
-            &format!("n{n}"),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns.path().display().to_string(),
-        ])?;
-        self.underlay
-            .ip(&["link", "set", &format!("n{n}"), "master", "br0", "up"])?;
+        veth_on_bridge(&self.underlay, "br0", &format!("n{n}"), &ns, "eth0")?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", "192.168.50.254"])?;
         let dir = self.dir.path().join(&name);
         std::fs::create_dir_all(&dir)?;
@@ -705,10 +591,10 @@ impl Cluster {
     pub fn add_pod(&mut self, i: usize) -> Result<usize> {
         let node = &mut self.nodes[i];
         let k = node.pods.len() + 1;
-        let ns = Ns::new(format!(
+        let ns = TestNetns::named(format!(
             "{}-{}p{k}",
             self.prefix,
-            &node.ns.name[self.prefix.len() + 1..]
+            &node.ns.name()[self.prefix.len() + 1..]
         ))?;
         let id = format!("{}-pod{k}", node.name);
         let conf = format!(
@@ -776,7 +662,7 @@ impl Cluster {
 }
 
 /// `ping -c <count> -W <wait>` from inside `ns`; true if every reply came back.
-pub fn ping(ns: &Ns, dst: Ipv4Addr, count: u32, wait_s: u32) -> bool {
+pub fn ping(ns: &TestNetns, dst: Ipv4Addr, count: u32, wait_s: u32) -> bool {
     ns.exec_output(
         "ping",
         &[
@@ -804,7 +690,7 @@ pub struct BackgroundPing {
 
 impl BackgroundPing {
     /// Pings `dst` from `ns` every `interval` until [`BackgroundPing::finish`].
-    pub fn start(ns: &Ns, dst: Ipv4Addr, interval: Duration) -> Result<BackgroundPing> {
+    pub fn start(ns: &TestNetns, dst: Ipv4Addr, interval: Duration) -> Result<BackgroundPing> {
         let dir = tempfile::tempdir()?;
         let out = dir.path().join("ping.out");
         let f = std::fs::File::create(&out)?;

@@ -332,23 +332,21 @@ impl EtcdServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if let Some(t) = &self.tls {
+        // Server certificate, key and the CA that client certificates must chain to.
+        let server = |cmd: &mut Command, cert: &Path, key: &Path, ca: &Path| {
             cmd.arg("--cert-file")
-                .arg(&t.server_cert)
+                .arg(cert)
                 .arg("--key-file")
-                .arg(&t.server_key)
+                .arg(key)
                 .arg("--trusted-ca-file")
-                .arg(&t.ca)
+                .arg(ca)
                 .arg("--client-cert-auth");
+        };
+        if let Some(t) = &self.tls {
+            server(&mut cmd, &t.server_cert, &t.server_key, &t.ca);
         }
         if let Some(t) = &self.custom_tls {
-            cmd.arg("--cert-file")
-                .arg(&t.server_cert)
-                .arg("--key-file")
-                .arg(&t.server_key)
-                .arg("--trusted-ca-file")
-                .arg(&t.trusted_ca)
-                .arg("--client-cert-auth");
+            server(&mut cmd, &t.server_cert, &t.server_key, &t.trusted_ca);
             if let Some(crl) = &t.crl {
                 cmd.arg("--client-crl-file").arg(crl);
             }

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cluster::{ChildGuard, Ns, in_netns, wait_for};
+use crate::cluster::{ChildGuard, in_netns, wait_for};
 use crate::etcd::etcd_bin;
+use crate::netns::{TestNetns, veth_on_bridge};
 
 pub const CLIENT_PORT: u16 = 2379;
 pub const PEER_PORT: u16 = 2380;
@@ -20,7 +21,7 @@ pub const PEER_PORT: u16 = 2380;
 /// One member: its namespace on the underlay, address, data dir and process.
 pub struct Member {
     pub name: String,
-    pub ns: Ns,
+    pub ns: TestNetns,
     pub ip: Ipv4Addr,
     data: PathBuf,
     log: PathBuf,
@@ -49,7 +50,7 @@ impl EtcdHa {
     /// Starts `n` members named `<prefix>-e<i>` at `first_ip`, `first_ip + 1`, ... on the
     /// bridge `bridge` of the namespace `underlay`, and waits until the cluster has a leader.
     pub fn start(
-        underlay: &Ns,
+        underlay: &TestNetns,
         bridge: &str,
         prefix: &str,
         n: usize,
@@ -58,24 +59,11 @@ impl EtcdHa {
         let dir = tempfile::Builder::new().prefix("tw-etcd-ha-").tempdir()?;
         let mut members = Vec::new();
         for i in 0..n {
-            let ns = Ns::new(format!("{prefix}-e{i}"))?;
+            let ns = TestNetns::named(format!("{prefix}-e{i}"))?;
             let ip = Ipv4Addr::from(u32::from(first_ip) + i as u32);
             let host_if = format!("e{i}");
-            underlay.ip(&[
-                "link",
-                "add",
-                &host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns.path().display().to_string(),
-            ])?;
-            underlay.ip(&["link", "set", &host_if, "master", bridge, "up"])?;
+            veth_on_bridge(underlay, bridge, &host_if, &ns, "eth0")?;
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
             let name = format!("m{i}");
             members.push(Member {
                 data: dir.path().join(&name).join("data"),

@@ -1,7 +1,8 @@
-//! Network namespaces for kernel tests: [`TestNetns`] creates a uniquely named namespace
-//! (`tw<pid>n<seq><tag>`, via `ip netns add`) and deletes it on drop, also when the test
-//! fails. Commands run inside it through `nsenter --net=/var/run/netns/<name>` (not
-//! `ip netns exec`, which remounts /sys and costs milliseconds).
+//! Network namespaces for kernel and cluster tests: [`TestNetns`] creates a uniquely named
+//! namespace (`tw<pid>n<seq><tag>`, or a name made from [`crate::cluster::unique_prefix`],
+//! via `ip netns add`) and deletes it on drop, also when the test fails. Commands run inside it through
+//! `nsenter --net=/var/run/netns/<name>` (not `ip netns exec`, which remounts /sys and costs
+//! milliseconds).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -12,23 +13,26 @@ use anyhow::{Context, Result, bail};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// A name unique to this process and call: `tw<pid>n<seq>` + `tag`.
-pub fn unique_name(tag: &str) -> String {
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    format!("tw{}n{n}{tag}", std::process::id())
+/// The next number of this process's one sequence of test names.
+pub(crate) fn next_seq() -> u32 {
+    SEQ.fetch_add(1, Ordering::SeqCst)
 }
 
-/// Fails (never skips) unless the test runs as root.
+/// A name unique to this process and call: `tw<pid>n<seq>` + `tag`.
+pub fn unique_name(tag: &str) -> String {
+    format!("tw{}n{}{tag}", std::process::id(), next_seq())
+}
+
+/// Fails the test unless it runs as root (kernel tests must not silently skip).
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this kernel test needs root: run the tests as root"
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this kernel test needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root"
     );
 }
 
-fn checked(what: &str, out: Output) -> Result<String> {
+/// The stdout of a finished command, or an error with `what`, its status, stderr and stdout.
+pub(crate) fn checked(what: &str, out: Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "{what}: {}: {}{}",
@@ -50,7 +54,9 @@ pub fn run_host(program: &str, args: &[&str]) -> Result<String> {
     checked(&format!("{program} {}", args.join(" ")), out)
 }
 
-/// A named network namespace, deleted on drop (with every link inside it).
+/// A named network namespace, deleted on drop with every link inside it (what still runs
+/// inside is killed first, so that the namespace can go). Commands run inside it through
+/// nsenter.
 #[derive(Debug)]
 pub struct TestNetns {
     name: String,
@@ -60,8 +66,14 @@ pub struct TestNetns {
 impl TestNetns {
     /// Creates `tw<pid>n<seq><tag>`; loopback is brought up.
     pub fn new(tag: &str) -> Result<Self> {
+        Self::named(unique_name(tag))
+    }
+
+    /// Creates the namespace `name` (a name the caller made unique, e.g. from
+    /// [`crate::cluster::unique_prefix`]); loopback is brought up.
+    pub fn named(name: impl Into<String>) -> Result<Self> {
         require_root();
-        let name = unique_name(tag);
+        let name = name.into();
         run_host("ip", &["netns", "add", &name])?;
         let ns = TestNetns {
             name,
@@ -75,7 +87,7 @@ impl TestNetns {
         &self.name
     }
 
-    /// `/var/run/netns/<name>`, what CNI_NETNS and `nsenter --net=` take.
+    /// `/var/run/netns/<name>`, what CNI_NETNS, `nsenter --net=` and `NetNs::open` take.
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/var/run/netns").join(&self.name)
     }
@@ -90,30 +102,32 @@ impl TestNetns {
     }
 
     /// Runs `program args` inside; an error carries the exit status and stderr.
-    pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
-        let out = self
-            .command(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("spawn nsenter for {program}"))?;
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = self.exec_output(program, args)?;
         checked(
             &format!("[{}] {program} {}", self.name, args.join(" ")),
             out,
         )
     }
 
-    /// `ip -n <name> args`.
+    /// Like [`TestNetns::exec`] but returns the raw output, failing or not.
+    pub fn exec_output(&self, program: &str, args: &[&str]) -> Result<Output> {
+        self.command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("nsenter {} {program}", self.name))
+    }
+
+    /// `ip <args>` inside.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut a = vec!["-n", &self.name];
-        a.extend_from_slice(args);
-        run_host("ip", &a)
+        self.exec("ip", args)
     }
 
     /// Pings `dst` from inside: `count` packets, `timeout_s` seconds overall. Returns ping's
     /// output; fails if no reply came.
     pub fn ping(&self, dst: IpAddr, count: u32, timeout_s: u32) -> Result<String> {
-        self.run(
+        self.exec(
             "ping",
             &[
                 "-n",
@@ -130,7 +144,7 @@ impl TestNetns {
 
     /// Whether one ping to `dst` gets a reply within `timeout_s` seconds.
     pub fn can_ping(&self, dst: IpAddr, timeout_s: u32) -> bool {
-        self.run(
+        self.exec(
             "ping",
             &[
                 "-n",
@@ -166,10 +180,20 @@ impl TestNetns {
         Ok(())
     }
 
-    /// Deletes the namespace now (e.g. to test DEL after the netns is gone).
+    /// Kills what still runs inside (pings, servers: by the PIDs `ip netns pids` lists)
+    /// and deletes the namespace now (e.g. to test DEL after the netns is gone).
     pub fn delete(&mut self) -> Result<()> {
         if !self.deleted {
             self.deleted = true;
+            let pids = run_host("ip", &["netns", "pids", &self.name]).unwrap_or_default();
+            for pid in pids.split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
             run_host("ip", &["netns", "del", &self.name])?;
         }
         Ok(())
@@ -178,12 +202,7 @@ impl TestNetns {
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
-        if !self.deleted {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .stderr(Stdio::null())
-                .status();
-        }
+        let _ = self.delete();
     }
 }
 
@@ -203,6 +222,20 @@ pub fn veth_between(a: &TestNetns, a_if: &str, b: &TestNetns, b_if: &str) -> Res
     ])?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// A veth pair from `host` to `ns`: `host_if` a port of `bridge` in `host`, `ns_if` in `ns`,
+/// both up.
+pub fn veth_on_bridge(
+    host: &TestNetns,
+    bridge: &str,
+    host_if: &str,
+    ns: &TestNetns,
+    ns_if: &str,
+) -> Result<()> {
+    veth_between(host, host_if, ns, ns_if)?;
+    host.ip(&["link", "set", host_if, "master", bridge])?;
     Ok(())
 }
 

@@ -13,7 +13,8 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use twill_tests::bins::exec_plugin;
-use twill_tests::cluster::{Cluster, ClusterOpts, Ns, first_v4, ping};
+use twill_tests::cluster::{Cluster, ClusterOpts, first_v4, ping};
+use twill_tests::netns::TestNetns;
 
 const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
@@ -72,7 +73,7 @@ fn a_pod_made_by_flannels_delegation_from_twills_subnet_file_reaches_twill_pods(
             "routes": [{"dst": env["FLANNEL_NETWORK"]}],
         },
     });
-    let pod = Ns::new(format!("{}-fp", node.ns.name)).unwrap();
+    let pod = TestNetns::named(format!("{}-fp", node.ns.name())).unwrap();
     let netns = pod.path().display().to_string();
     let run = |command: &str| {
         exec_plugin(

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use twill_dataplane::overlay::Mac;
 use twill_ipam::lease::LeaseAttrs;
 use twill_ipam::store::LeaseStore;
-use twill_tests::cluster::{Cluster, ClusterOpts, Ns, in_netns, metric, wait_for};
+use twill_tests::cluster::{Cluster, ClusterOpts, in_netns, metric, wait_for};
+use twill_tests::netns::TestNetns;
 
 const VXLAN_PORT: u16 = 8472;
 /// The non-member on the underlay: an address on the bridge that holds no lease.
@@ -64,7 +65,7 @@ fn vxlan_echo(dst_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16) -> 
 }
 
 /// Sends `n` copies of `payload` from a UDP socket made inside `ns` to `to`.
-fn send_from(ns: &Ns, to: SocketAddr, payload: Vec<u8>, n: usize) {
+fn send_from(ns: &TestNetns, to: SocketAddr, payload: Vec<u8>, n: usize) {
     let sock = in_netns(&ns.path(), || UdpSocket::bind("0.0.0.0:0"))
         .unwrap()
         .unwrap();
@@ -74,7 +75,7 @@ fn send_from(ns: &Ns, to: SocketAddr, payload: Vec<u8>, n: usize) {
 }
 
 /// The value of the pod's probe counter for ICMP id `id`.
-fn hits(pod: &Ns, id: u16) -> u64 {
+fn hits(pod: &TestNetns, id: u16) -> u64 {
     let out = pod
         .exec(
             "nft",
@@ -90,7 +91,7 @@ fn hits(pod: &Ns, id: u16) -> u64 {
     panic!("no packets in {out}");
 }
 
-fn add_probe(pod: &Ns, ids: &[u16]) {
+fn add_probe(pod: &TestNetns, ids: &[u16]) {
     let mut rules = String::from(
         "table ip probe {\n chain input { type filter hook input priority -300; policy accept; }\n}\n",
     );
@@ -106,7 +107,7 @@ fn add_probe(pod: &Ns, ids: &[u16]) {
     let _ = std::fs::remove_file(&path);
 }
 
-fn vtep_mac(node: &Ns) -> Mac {
+fn vtep_mac(node: &TestNetns) -> Mac {
     let out = node.ip(&["-o", "link", "show", "twill.1"]).unwrap();
     let mac = out
         .split_whitespace()
@@ -116,7 +117,7 @@ fn vtep_mac(node: &Ns) -> Mac {
     mac.parse().unwrap()
 }
 
-fn nft_set(node: &Ns) -> String {
+fn nft_set(node: &TestNetns) -> String {
     node.exec("nft", &["list", "set", "ip", "twill", "peers"])
         .unwrap_or_default()
 }
@@ -138,7 +139,7 @@ async fn vxlan_is_accepted_only_from_member_nodes() {
     let mac1 = vtep_mac(&n1.ns);
 
     // A stranger on the underlay: its own namespace, a port on the bridge, no lease.
-    let stranger = Ns::new(format!("{}-x", c.prefix)).unwrap();
+    let stranger = TestNetns::named(format!("{}-x", c.prefix)).unwrap();
     c.underlay
         .ip(&[
             "link",

@@ -108,7 +108,7 @@ fn add_gives_pods_ips_that_ping_the_gateway_and_each_other() {
     let host = ra["interfaces"][1]["name"].as_str().unwrap();
     let port = node
         .ns
-        .run("bridge", &["-d", "link", "show", "dev", host])
+        .exec("bridge", &["-d", "link", "show", "dev", host])
         .unwrap();
     assert!(
         port.contains("master cni0") && port.contains("hairpin on"),

@@ -77,7 +77,7 @@ fn portmap_chained_after_twill_reaches_the_pod() {
     client.add_addr("up1", "192.168.50.2/24").unwrap();
     // The node routes between its uplink and cni0 (twilld's job on a real node).
     node.ns
-        .run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
         .unwrap();
 
     let pod = node.pod("pm");
@@ -153,7 +153,7 @@ fn portmap_chained_after_twill_reaches_the_pod() {
     }
     assert!(node.reservations().is_empty());
     assert!(node.host_veths().is_empty());
-    let nat = node.ns.run("iptables", &["-t", "nat", "-S"]).unwrap();
+    let nat = node.ns.exec("iptables", &["-t", "nat", "-S"]).unwrap();
     assert!(!nat.contains("dport 8080"), "portmap rules left: {nat}");
     assert!(tcp_fetch(&client_ns, "192.168.50.1:8080".parse().unwrap()).is_err());
 }

@@ -13,10 +13,11 @@ use twill_dataplane::overlay::{
     VxlanSpec, sysctl,
 };
 use twill_dataplane::{NetNs, Netlink};
-use twill_tests::cluster::{Ns, require_root, unique_prefix};
+use twill_tests::cluster::unique_prefix;
+use twill_tests::netns::{TestNetns, require_root};
 
 struct Env {
-    ns: Ns,
+    ns: TestNetns,
     netns: NetNs,
     o: RtnlOverlay,
     underlay: u32,
@@ -27,7 +28,7 @@ struct Env {
 async fn env() -> Env {
     require_root();
     let p = unique_prefix();
-    let ns = Ns::new(format!("{p}-ovl")).unwrap();
+    let ns = TestNetns::named(format!("{p}-ovl")).unwrap();
     ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])
         .unwrap();
     ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "u0"])
@@ -401,7 +402,7 @@ async fn sysctls_are_written_inside_the_namespace_only() {
 #[test]
 fn nft_table_is_idempotent() {
     require_root();
-    let ns = Ns::new(format!("{}-nft", unique_prefix())).unwrap();
+    let ns = TestNetns::named(format!("{}-nft", unique_prefix())).unwrap();
     let nft = Nft::in_netns(ns.path());
     let cfg = NftConfig {
         network: "10.244.0.0/16".parse().unwrap(),
@@ -462,7 +463,7 @@ fn nft_table_is_idempotent() {
 async fn nft_peer_set_changes_over_netlink() {
     use std::collections::BTreeSet;
     require_root();
-    let ns = Ns::new(format!("{}-nfs", unique_prefix())).unwrap();
+    let ns = TestNetns::named(format!("{}-nfs", unique_prefix())).unwrap();
     let netns = NetNs::open(ns.path()).unwrap();
     let nft = Nft::in_netns(ns.path());
     let set = PeerSet::open(&netns).unwrap();

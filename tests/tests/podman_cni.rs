@@ -190,7 +190,7 @@ fn podman_runs_containers_on_twill_through_libcni() {
     );
     let nat = pm
         .node()
-        .run("iptables-save", &["-t", "nat"])
+        .exec("iptables-save", &["-t", "nat"])
         .expect("iptables-save in the node namespace");
     assert!(
         !nat.contains(&a.id) && !nat.contains(&b.id),

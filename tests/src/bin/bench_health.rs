@@ -19,95 +19,17 @@
 //! underlay namespace, which does not forward, drops them. Namespaces and etcd go away when
 //! the benchmark ends, also on an error (no panics: every failure is an `Err` out of main).
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use futures::StreamExt;
-use ipnet::Ipv4Net;
-use twill_dataplane::overlay::{Mac, Overlay, RtnlOverlay};
+use twill_dataplane::overlay::RtnlOverlay;
 use twill_dataplane::{NetNs, Netlink};
-use twill_ipam::lease::LeaseAttrs;
-use twill_ipam::store::LeaseStore;
-use twill_tests::cluster::{Cluster, ClusterOpts, metric};
-
-fn env_u32(k: &str, d: u32) -> u32 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-/// Peer i's subnet: 10.(100 + i/256).(i%256).0/24 (the bench's /8 network).
-fn peer_subnet(i: u32) -> Ipv4Net {
-    Ipv4Net::new(
-        Ipv4Addr::new(10, 100 + (i / 256) as u8, (i % 256) as u8, 0),
-        24,
-    )
-    .expect("prefix 24")
-}
-
-fn peer_attrs(i: u32) -> LeaseAttrs {
-    LeaseAttrs::vxlan(
-        &format!("peer-{i}"),
-        Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i),
-        1,
-        Mac::derive(&format!("peer-{i}")),
-    )
-}
-
-/// utime + stime of `pid`, in seconds.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("/proc/pid/stat format")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): utime is field 14, stime 15.
-    let utime: u64 = f.get(11).context("utime")?.parse()?;
-    let stime: u64 = f.get(12).context("stime")?.parse()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok((utime + stime) as f64 / hz)
-}
-
-/// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("{field} in /proc/{pid}/status"))
-}
-
-async fn vxlan_index(o: &RtnlOverlay) -> Result<u32> {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(l) = o.get_vxlan(1).await? {
-            return Ok(l.index);
-        }
-        if Instant::now() > end {
-            bail!("twill.1 did not appear");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn wait_entries(o: &RtnlOverlay, idx: u32, want: usize, timeout: Duration) -> Result<()> {
-    let end = Instant::now() + timeout;
-    loop {
-        let n = o.dump(idx).await.map(|p| p.len()).unwrap_or(0);
-        if n >= want {
-            return Ok(());
-        }
-        if Instant::now() > end {
-            bail!("only {n} of {want} entries after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use twill_tests::bench::{
+    cpu_time, env_u32, one_node_on_8, peer_attrs, peer_subnet, status_kib, vxlan_index,
+    wait_entries,
+};
+use twill_tests::cluster::{Cluster, metric};
 
 struct Phase {
     name: &'static str,
@@ -144,7 +66,7 @@ async fn phase(
     let m0 = c.nodes[0].metrics();
     let p0 = metric(&m0, "twill_health_probes_total").unwrap_or(0.0);
     let l0 = metric(&m0, "twill_health_probes_lost_total").unwrap_or(0.0);
-    let cpu0 = cpu_secs(pid)?;
+    let cpu0 = cpu_time(pid)?.as_secs_f64();
     let t0 = Instant::now();
     let mut rss = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -153,7 +75,7 @@ async fn phase(
         tick.tick().await;
         rss.push(status_kib(pid, "VmRSS:")?);
     }
-    let cpu1 = cpu_secs(pid)?;
+    let cpu1 = cpu_time(pid)?.as_secs_f64();
     let wall = t0.elapsed().as_secs_f64();
     let m1 = c.nodes[0].metrics();
     let p1 = metric(&m1, "twill_health_probes_total").unwrap_or(0.0);
@@ -192,23 +114,8 @@ async fn main() -> Result<()> {
          --health-max-rate {max_rate}, warm-up {warmup:?}, window {window:?}"
     );
 
-    let mut c = Cluster::start(ClusterOpts {
-        nodes: 1,
-        pods_per_node: 0,
-        resync: Duration::from_secs(300),
-        ..ClusterOpts::default()
-    })?;
-    let store = LeaseStore::connect(c.etcd_options()).await?;
-    let mut cfg = store.require_config().await?;
-    cfg.network = "10.0.0.0/8".parse()?;
-    cfg.subnet_min = Ipv4Addr::new(10, 1, 0, 0);
-    cfg.subnet_max = Ipv4Addr::new(10, 255, 255, 0);
-    store.put_config(&cfg, true).await?;
-    // Every restarted twilld's --net-conf must match the bench-only /8 config.
-    std::fs::write(
-        c.dir.path().join("net-conf.json"),
-        r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.1.0.0","SubnetMax":"10.255.255.0","Backend":{"Type":"vxlan","VNI":1}}"#,
-    )?;
+    // Every restarted twilld's --net-conf matches the bench-only /8 config.
+    let (mut c, store) = one_node_on_8().await?;
     let results: Vec<_> = futures::stream::iter(0..peers)
         .map(|i| {
             let store = store.clone();

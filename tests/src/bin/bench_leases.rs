@@ -11,19 +11,8 @@ use anyhow::{Context, Result};
 use twill_ipam::lease::{LeaseAttrs, subnet_to_key};
 use twill_ipam::netconf::NetConfig;
 use twill_ipam::store::LeaseStore;
+use twill_tests::bench::status_kib;
 use twill_tests::etcd::EtcdServer;
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 fn attrs(i: u32) -> LeaseAttrs {
     LeaseAttrs::vxlan(
@@ -100,7 +89,7 @@ async fn list_and_watch(etcd: &EtcdServer, m: u32) -> Result<()> {
     }
     eprintln!("filled {m} leases in {:.1} s", t0.elapsed().as_secs_f64());
 
-    let rss0 = rss_kib();
+    let rss0 = status_kib("self", "VmRSS:").unwrap_or(0);
     let t = Instant::now();
     let (leases, _) = store.list().await?;
     let list_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -112,7 +101,7 @@ async fn list_and_watch(etcd: &EtcdServer, m: u32) -> Result<()> {
     w.wait_synced().await.context("watch")?;
     let synced_ms = t.elapsed().as_secs_f64() * 1e3;
     assert_eq!(w.state().len(), m as usize);
-    let rss1 = rss_kib();
+    let rss1 = status_kib("self", "VmRSS:").unwrap_or(0);
     // One more change arrives through the watch.
     let t = Instant::now();
     store

@@ -19,76 +19,40 @@
 //! 5. iperf3 (bounded, -t T; BENCH_IPERF_SECS=0 skips it) pod↔pod across nodes against
 //!    node↔node over the underlay.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use ipnet::Ipv4Net;
-use twill_dataplane::overlay::{Mac, Monitor, MonitorEvent, Overlay, RtnlOverlay};
+use twill_dataplane::overlay::{Monitor, MonitorEvent, Overlay, RtnlOverlay};
 use twill_dataplane::{NetNs, Netlink};
-use twill_ipam::lease::LeaseAttrs;
-use twill_ipam::store::LeaseStore;
-use twill_tests::cluster::{Cluster, ClusterOpts, Ns, unique_prefix};
+use twill_tests::bench::{
+    cpu_time, env_u32, iperf, one_node_on_8, peer_attrs, peer_subnet, status_kib, vxlan_index,
+    wait_entries,
+};
+use twill_tests::cluster::{Cluster, ClusterOpts, unique_prefix};
+use twill_tests::netns::TestNetns;
 
-fn env_u32(k: &str, d: u32) -> u32 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-/// Peer i: subnet 10.244.(i/256+100).(i%256)... as /24s from 10.244.100.0 upward would run out
-/// at 155; use a /8-sized network instead: 10.(100 + i/256).(i%256).0/24.
-fn peer_subnet(i: u32) -> Ipv4Net {
-    Ipv4Net::new(
-        Ipv4Addr::new(10, 100 + (i / 256) as u8, (i % 256) as u8, 0),
-        24,
-    )
-    .unwrap()
-}
-
-fn peer_attrs(i: u32) -> LeaseAttrs {
-    LeaseAttrs::vxlan(
-        &format!("peer-{i}"),
-        Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i),
-        1,
-        Mac::derive(&format!("peer-{i}")),
-    )
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// A `kB` line of /proc/<pid>/status (VmRSS, RssAnon: the heap and stacks, RssFile: the
-/// binary's and libraries' pages).
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, from /proc/<pid>/stat.
-fn cpu_time(pid: u32) -> Duration {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // The command name (field 2) may hold spaces: count from after its ')'.
-    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
+/// Waits (5 s at most) for the monitor's event of the route to `subnet` on device `idx`:
+/// its arrival if `up`, else its removal.
+async fn wait_route(mon: &mut Monitor, idx: u32, subnet: Ipv4Net, up: bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, mon.next())
+            .await
+            .with_context(|| format!("route {subnet} (up: {up}) within 5 s"))?
+            .context("monitor closed")?;
+        let (link, route) = match ev {
+            MonitorEvent::RouteUp { link, route } if up => (link, route),
+            MonitorEvent::RouteGone { link, route } if !up => (link, route),
+            _ => continue,
+        };
+        if link == idx && route.dst == subnet {
+            return Ok(());
+        }
+    }
 }
 
 fn mib(kib: u64) -> f64 {
@@ -136,39 +100,15 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-async fn count_entries(o: &RtnlOverlay, idx: u32) -> usize {
-    o.dump(idx).await.map(|p| p.len()).unwrap_or(0)
-}
-
-async fn wait_entries(
-    o: &RtnlOverlay,
-    idx: u32,
-    want: usize,
-    timeout: Duration,
-) -> Result<Instant> {
-    let end = Instant::now() + timeout;
-    loop {
-        if count_entries(o, idx).await >= want {
-            return Ok(Instant::now());
-        }
-        if Instant::now() > end {
-            bail!(
-                "only {} of {want} entries after {timeout:?}",
-                count_entries(o, idx).await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-async fn vxlan_index(o: &RtnlOverlay) -> Result<u32> {
-    for _ in 0..500 {
-        if let Some(l) = o.get_vxlan(1).await? {
-            return Ok(l.index);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!("twill.1 did not appear")
+/// "p50 ..  p90 ..  p99 ..  max .." of sorted latencies.
+fn spread(sorted: &[Duration]) -> String {
+    format!(
+        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+        pct(sorted, 0.5),
+        pct(sorted, 0.9),
+        pct(sorted, 0.99),
+        sorted[sorted.len() - 1]
+    )
 }
 
 /// The `elapsed_us` of twilld's first "reconciled" log line with ≥ `ops` ops.
@@ -198,7 +138,7 @@ fn reconcile_us_from_log(log: &str, ops: usize) -> Option<u64> {
 /// `ip -batch` (neighbours, routes) + `bridge -batch` (FDB) of the same entries in a fresh
 /// namespace with a VXLAN device like twilld's: wall time of the two processes.
 fn ip_batch(n: u32) -> Result<Duration> {
-    let ns = Ns::new(format!("{}-ipb", unique_prefix()))?;
+    let ns = TestNetns::named(format!("{}-ipb", unique_prefix()))?;
     ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])?;
     ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "u0"])?;
     ns.ip(&["link", "set", "u0", "up"])?;
@@ -266,34 +206,6 @@ fn ip_batch(n: u32) -> Result<Duration> {
     Ok(took)
 }
 
-fn iperf(client: &Ns, server: &Ns, dst: IpAddr, secs: u32) -> Result<f64> {
-    let mut srv = server
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let out = client
-        .command("iperf3")
-        .args([
-            "-c",
-            &dst.to_string(),
-            "-p",
-            "5201",
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ])
-        .output()?;
-    let _ = srv.kill();
-    let _ = srv.wait();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("no throughput in {v}"))
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     twill_tests::cluster::require_root();
@@ -313,28 +225,13 @@ async fn main() -> Result<()> {
     println!("load average at start: {}", load.trim());
 
     // ---------- 1. convergence ----------
-    let mut c = Cluster::start(ClusterOpts {
-        nodes: 1,
-        pods_per_node: 0,
-        resync: Duration::from_secs(300),
-        ..ClusterOpts::default()
-    })?;
-    let etcd_pid = c.etcd.pid().context("etcd pid")?;
     // The peers' subnets are outside 10.244/16: the config must allow them. Use a /8 network
-    // only for the bench: rewrite etcd's config before writing the peers.
-    let store = LeaseStore::connect(c.etcd_options()).await?;
-    let mut cfg = store.require_config().await?;
-    cfg.network = "10.0.0.0/8".parse()?;
-    cfg.subnet_min = Ipv4Addr::new(10, 1, 0, 0);
-    cfg.subnet_max = Ipv4Addr::new(10, 255, 255, 0);
-    store.put_config(&cfg, true).await?;
+    // only for the bench, before writing the peers.
+    let (mut c, store) = one_node_on_8().await?;
+    let etcd_pid = c.etcd.pid().context("etcd pid")?;
     let client = store.client().clone();
     // twilld validates peers against the config it started with: restart node 1 on the /8
     // (its --net-conf, and every later node's, matches what etcd has now).
-    std::fs::write(
-        c.dir.path().join("net-conf.json"),
-        r#"{"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.1.0.0","SubnetMax":"10.255.255.0","Backend":{"Type":"vxlan","VNI":1}}"#,
-    )?;
     c.nodes[0].stop_daemon()?;
     c.start_daemon(0)?;
     c.wait_ready(0, Duration::from_secs(20))?;
@@ -344,9 +241,9 @@ async fn main() -> Result<()> {
     let idx = vxlan_index(&o).await?;
 
     let pid = c.nodes[0].daemon.as_ref().and_then(|d| d.pid()).unwrap();
-    let rss_base = rss_kib(pid);
-    let etcd_cpu0 = cpu_time(etcd_pid);
-    let etcd_rss0 = rss_kib(etcd_pid);
+    let rss_base = status_kib(pid, "VmRSS:").unwrap_or(0);
+    let etcd_cpu0 = cpu_time(etcd_pid).unwrap_or_default();
+    let etcd_rss0 = status_kib(etcd_pid, "VmRSS:").unwrap_or(0);
     let t_write0 = Instant::now();
     // Each simulated holder: an etcd lease with the TTL, the lease key put under it.
     let results: Vec<Result<i64>> = futures::stream::iter(0..n)
@@ -391,11 +288,13 @@ async fn main() -> Result<()> {
     let write = t_written - t_write0;
     let total = t_done - t_write0;
     let lag = t_done.saturating_duration_since(t_written);
-    let etcd_cpu_writes = cpu_time(etcd_pid).saturating_sub(etcd_cpu0);
+    let etcd_cpu_writes = cpu_time(etcd_pid)
+        .unwrap_or_default()
+        .saturating_sub(etcd_cpu0);
     let (keepalive_task, keepalives) = spawn_keepalives(client.clone(), ids, ttl);
 
     std::thread::sleep(Duration::from_millis(500));
-    let rss_running = rss_kib(pid);
+    let rss_running = status_kib(pid, "VmRSS:").unwrap_or(0);
 
     // A fresh node joining a cluster of N: twilld start → all 3N entries programmed.
     let t_start = Instant::now();
@@ -408,8 +307,11 @@ async fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let fresh_reconcile = reconcile_us_from_log(&c.nodes[j].log_text(), 3 * n as usize);
     let pid2 = c.nodes[j].daemon.as_ref().and_then(|d| d.pid()).unwrap();
-    let rss_fresh = rss_kib(pid2);
-    let (anon_fresh, file_fresh) = (status_kib(pid2, "RssAnon:"), status_kib(pid2, "RssFile:"));
+    let rss_fresh = status_kib(pid2, "VmRSS:").unwrap_or(0);
+    let (anon_fresh, file_fresh) = (
+        status_kib(pid2, "RssAnon:").unwrap_or(0),
+        status_kib(pid2, "RssFile:").unwrap_or(0),
+    );
 
     let mut batch = Vec::new();
     for _ in 0..3 {
@@ -459,13 +361,15 @@ async fn main() -> Result<()> {
         mib(file_fresh)
     );
     let ka0 = keepalives.load(std::sync::atomic::Ordering::Relaxed);
-    let cpu_s0 = cpu_time(etcd_pid);
+    let cpu_s0 = cpu_time(etcd_pid).unwrap_or_default();
     let t_s0 = Instant::now();
     tokio::time::sleep(steady).await;
-    let cpu_steady = cpu_time(etcd_pid).saturating_sub(cpu_s0);
+    let cpu_steady = cpu_time(etcd_pid)
+        .unwrap_or_default()
+        .saturating_sub(cpu_s0);
     let secs = t_s0.elapsed().as_secs_f64();
     let ka = keepalives.load(std::sync::atomic::Ordering::Relaxed) - ka0;
-    let etcd_rss = rss_kib(etcd_pid);
+    let etcd_rss = status_kib(etcd_pid, "VmRSS:").unwrap_or(0);
     println!(
         "etcd RSS: {:.1} MiB before the peers, {:.1} MiB with {n} leases and their keep-alives",
         mib(etcd_rss0),
@@ -497,40 +401,16 @@ async fn main() -> Result<()> {
         let t0 = Instant::now();
         store.reserve(subnet, &peer_attrs(i)).await?;
         acks.push(t0.elapsed());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let ev = tokio::time::timeout_at(deadline, mon.next())
-                .await
-                .context("route event within 5 s")?
-                .context("monitor closed")?;
-            if let MonitorEvent::RouteUp { link, route } = ev
-                && link == idx
-                && route.dst == subnet
-            {
-                lat.push(t0.elapsed());
-                break;
-            }
-        }
+        wait_route(&mut mon, idx, subnet, true).await?;
+        lat.push(t0.elapsed());
         joined.push(subnet);
     }
     let mut leave = Vec::new();
     for subnet in &joined {
         let t0 = Instant::now();
         store.release(*subnet).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let ev = tokio::time::timeout_at(deadline, mon.next())
-                .await
-                .context("route removal within 5 s")?
-                .context("monitor closed")?;
-            if let MonitorEvent::RouteGone { link, route } = ev
-                && link == idx
-                && route.dst == *subnet
-            {
-                leave.push(t0.elapsed());
-                break;
-            }
-        }
+        wait_route(&mut mon, idx, *subnet, false).await?;
+        leave.push(t0.elapsed());
     }
     lat.sort();
     leave.sort();
@@ -538,29 +418,14 @@ async fn main() -> Result<()> {
         "\n## 2. new lease → route on the node ({} joins, {n} peers present)",
         lat.len()
     );
-    println!(
-        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?} (goal p99 <= 5 ms)",
-        pct(&lat, 0.5),
-        pct(&lat, 0.9),
-        pct(&lat, 0.99),
-        lat[lat.len() - 1]
-    );
+    println!("{} (goal p99 <= 5 ms)", spread(&lat));
     acks.sort();
     println!(
-        "of which the etcd write itself (reserve → its answer): p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
-        pct(&acks, 0.5),
-        pct(&acks, 0.9),
-        pct(&acks, 0.99),
-        acks[acks.len() - 1]
+        "of which the etcd write itself (reserve → its answer): {}",
+        spread(&acks)
     );
     println!("deleted lease → route gone ({} leaves)", leave.len());
-    println!(
-        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
-        pct(&leave, 0.5),
-        pct(&leave, 0.9),
-        pct(&leave, 0.99),
-        leave[leave.len() - 1]
-    );
+    println!("{}", spread(&leave));
 
     // ---------- 4. re-list after compaction ----------
     // Cut node 1's etcd connections inside its own namespace: new connections to the proxy
@@ -593,7 +458,7 @@ async fn main() -> Result<()> {
     store.reserve(marker, &peer_attrs(n + joins + 50)).await?;
     let (_, rev) = store.list().await?;
     client.clone().compact(rev, None).await?;
-    let cpu_r0 = cpu_time(pid);
+    let cpu_r0 = cpu_time(pid).unwrap_or_default();
     let t_r0 = Instant::now();
     ns1.exec("nft", &["delete table inet twbenchcut"])?;
     let mut other_changes = Vec::new();
@@ -623,7 +488,7 @@ async fn main() -> Result<()> {
     }
     let relist = t_r0.elapsed();
     std::thread::sleep(Duration::from_millis(200));
-    let relist_cpu = cpu_time(pid).saturating_sub(cpu_r0);
+    let relist_cpu = cpu_time(pid).unwrap_or_default().saturating_sub(cpu_r0);
     let mut after = o.dump(idx).await?;
     after.neighs.retain(|x| x.ip != marker.network());
     after.routes.retain(|x| x.dst != marker);

@@ -10,64 +10,11 @@
 //! so that it does not restore the table or the sysctl in between.
 
 use std::net::IpAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use twill_tests::cluster::{Cluster, ClusterOpts, Ns};
-
-fn env_u32(k: &str, d: u32) -> u32 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn iperf(client: &Ns, server: &Ns, dst: IpAddr, secs: u32) -> Result<f64> {
-    let mut srv = server
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    // The server's socket: poll for the listener (bounded), not a fixed sleep.
-    let mut ok = false;
-    for _ in 0..200 {
-        let ss = server
-            .exec("ss", &["-Hltn", "sport = :5201"])
-            .unwrap_or_default();
-        if !ss.trim().is_empty() {
-            ok = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if !ok {
-        let _ = srv.kill();
-        let _ = srv.wait();
-        bail!("iperf3 server did not listen");
-    }
-    let out = client
-        .command("timeout")
-        .args([
-            &(secs + 10).to_string(),
-            "iperf3",
-            "-c",
-            &dst.to_string(),
-            "-p",
-            "5201",
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ])
-        .output()?;
-    let _ = srv.kill();
-    let _ = srv.wait();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("no throughput in {v}"))
-}
+use anyhow::Result;
+use twill_tests::bench::{env_u32, iperf};
+use twill_tests::cluster::{Cluster, ClusterOpts};
 
 const RULE: &str = "udp dport 8472 ip saddr != @peers counter name \"vxlan_dropped\" drop";
 

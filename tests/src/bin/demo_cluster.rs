@@ -51,7 +51,7 @@ fn run() -> Result<bool> {
         println!(
             "{}  ns {}  underlay {}  subnet {}",
             n.name,
-            n.ns.name,
+            n.ns.name(),
             n.ip,
             n.subnet().unwrap_or_default()
         );
@@ -170,9 +170,10 @@ fn run() -> Result<bool> {
         .nodes
         .iter()
         .flat_map(|n| {
-            std::iter::once(n.ns.name.clone()).chain(n.pods.iter().map(|p| p.ns.name.clone()))
+            std::iter::once(n.ns.name().to_string())
+                .chain(n.pods.iter().map(|p| p.ns.name().to_string()))
         })
-        .chain(std::iter::once(c.underlay.name.clone()))
+        .chain(std::iter::once(c.underlay.name().to_string()))
         .collect();
     drop(c);
     let left = twill_tests::cluster::run("ip", &["netns", "list"])?;
