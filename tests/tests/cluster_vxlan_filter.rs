@@ -350,3 +350,77 @@ async fn a_lease_never_takes_over_a_foreign_route() {
         n1.metrics()
     );
 }
+
+/// A node that writes its nft table (a fresh node, or a restart after the table was lost)
+/// writes it with its peers already in the peer set, in the same transaction as the drop
+/// rule: a table written with an empty set and filled by a later reconcile dropped the
+/// VXLAN packets of peers that reached the node's lease in between (a peer-health probe
+/// in bench_vxlan_filter). Proved from `nft monitor`, which names each transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nft_table_is_written_with_the_peers_in_it() {
+    let mut c = Cluster::start(ClusterOpts {
+        nodes: 2,
+        pods_per_node: 0,
+        ..ClusterOpts::default()
+    })
+    .unwrap();
+    let peer_ip = c.nodes[0].ip;
+    c.nodes[1].stop_daemon().unwrap();
+    c.nodes[1]
+        .ns
+        .exec("nft", &["delete", "table", "ip", "twill"])
+        .unwrap();
+    let out = c.dir.path().join("nft-monitor.txt");
+    let mut monitor = c.nodes[1].ns.command("nft");
+    monitor
+        .arg("monitor")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null());
+    let mut monitor =
+        twill_tests::cluster::ChildGuard::new(monitor.spawn().unwrap(), "nft monitor");
+    // The monitor is listening once it reports a change of our own.
+    wait_for(Duration::from_secs(10), || {
+        c.nodes[1]
+            .ns
+            .exec("nft", &["add", "table", "ip", "twmark"])
+            .ok()?;
+        let _ = c.nodes[1]
+            .ns
+            .exec("nft", &["delete", "table", "ip", "twmark"]);
+        std::fs::read_to_string(&out)
+            .ok()?
+            .contains("twmark")
+            .then_some(())
+    })
+    .expect("nft monitor listening");
+    c.start_daemon(1).unwrap();
+    c.wait_ready(1, Duration::from_secs(20)).unwrap();
+    let element = format!("{peer_ip}");
+    let text = wait_for(Duration::from_secs(10), || {
+        let t = std::fs::read_to_string(&out).ok()?;
+        let written = t.contains("add table ip twill") && t.contains(&element);
+        written.then_some(t)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no table write with {element} seen:\n{}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        )
+    });
+    monitor.kill();
+    let tx: Vec<&str> = text.split("# new generation").collect();
+    let table_tx = tx
+        .iter()
+        .find(|t| t.contains("add table ip twill"))
+        .expect("the table's transaction");
+    assert!(
+        table_tx.contains("@peers"),
+        "the filter rule is written with the table:\n{table_tx}"
+    );
+    assert!(
+        table_tx
+            .lines()
+            .any(|l| l.starts_with("add element ip twill peers") && l.contains(&element)),
+        "the table is written with peer {element} in its set, not empty and filled later:\n{text}"
+    );
+}

@@ -232,11 +232,14 @@ async fn startup(args: RunArgs) -> Result<Option<(Daemon, Inputs)>> {
     let mut d = s.daemon(ov, peer_set, cfg, spec, lease.subnet, health_tx);
     // Subscribe before the first dump so that no change between the two is missed.
     let monitor = Monitor::current().context("subscribe to netlink events")?;
-    d.ensure_node().await?;
     let Some(listed) = s.signals.unless(watch.wait_synced()).await else {
         return Ok(None);
     };
     listed.ok_or_else(|| anyhow!("lease watch ended"))?;
+    // The peers are known before the nft table is written: a table written with an empty
+    // peer set would drop the VXLAN packets of peers that already reach this node's lease.
+    d.seed_peers(&watch);
+    d.ensure_node().await?;
     d.first_reconcile(&watch, &holder).await?;
     s.spawn_health(health_rx, tele.health, store, under.ip);
 
@@ -762,6 +765,23 @@ struct Written {
 }
 
 impl Daemon {
+    /// Validates the listed leases, so that the node set-up writes nft's peer set with
+    /// the peers in it (the first reconcile validates again and logs what it rejects).
+    fn seed_peers(&mut self, watch: &LeaseWatch) {
+        let v = self.validation();
+        self.valid.rebuild(watch.state(), watch.invalid(), &v);
+    }
+
+    /// The rules a peer lease is checked against, with this node's subnet, IP and MAC.
+    fn validation(&self) -> Validation {
+        Validation::new(
+            &self.cfg,
+            Some(self.own),
+            Some(self.spec.local),
+            Some(self.spec.mac),
+        )
+    }
+
     /// The first reconcile (the watch has listed the leases), then the subnet file: the
     /// data plane is ready.
     async fn first_reconcile(&mut self, watch: &LeaseWatch, holder: &LeaseHolder) -> Result<()> {
@@ -881,8 +901,13 @@ impl Daemon {
             vxlan_port: self.cfg.backend.vxlan().port,
         };
         let nft = self.nft.clone();
-        // A rewrite keeps the members known so far (none before the first reconcile).
-        let members = self.nft_members.clone().unwrap_or_default();
+        // A rewrite keeps the members known so far, else the validated peers' (seeded
+        // before the first one: see `seed_peers`).
+        let members = self
+            .nft_members
+            .clone()
+            .unwrap_or_else(|| self.valid.public_v4s().collect());
+        let written = members.clone();
         let out = tokio::task::spawn_blocking(move || nft.ensure(&nft_cfg, &members))
             .await
             .context("nft task")?;
@@ -896,9 +921,7 @@ impl Daemon {
         };
         if out == NftOutcome::Applied {
             info!(table = "ip twill", "nftables table written");
-            if self.nft_members.is_none() {
-                self.nft_members = Some(BTreeSet::new());
-            }
+            self.nft_members = Some(written);
             self.last_vxlan_dropped = 0;
         }
         Ok(())
@@ -1118,12 +1141,7 @@ impl Daemon {
         cause: Cause,
         changes: Option<&LeaseChanges>,
     ) -> (PeerDelta, bool) {
-        let v = Validation::new(
-            &self.cfg,
-            Some(self.own),
-            Some(self.spec.local),
-            Some(self.spec.mac),
-        );
+        let v = self.validation();
         let (state, invalid) = (watch.state(), watch.invalid());
         // Lease events diff only what they touched; netlink events and the resync diff
         // everything (drift can be anywhere).
