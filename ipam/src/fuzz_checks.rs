@@ -15,7 +15,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value};
 
 use crate::alloc::{AllocError, Allocator, Request};
-use crate::lease::{LeaseAttrs, key_to_subnet, subnet_to_key};
+use crate::lease::{LeaseAttrs, SubnetKey, key_to_subnet, subnet_to_key};
 use crate::netconf::{ConfigError, NetConfig};
 use crate::subnet_file::SubnetFile;
 
@@ -28,10 +28,19 @@ const NETCONF_KEYS: &[&str] = &[
     "EnableIPv6",
     "IPv6Network",
     "IPv6SubnetLen",
+    "IPv6SubnetMin",
+    "IPv6SubnetMax",
     "Backend",
 ];
-const BACKEND_KEYS: &[&str] = &["Type", "VNI", "Port"];
-const LEASE_KEYS: &[&str] = &["PublicIP", "BackendType", "BackendData", "NodeName"];
+const BACKEND_KEYS: &[&str] = &["Type", "VNI", "Port", "DirectRouting", "MTU"];
+const LEASE_KEYS: &[&str] = &[
+    "PublicIP",
+    "PublicIPv6",
+    "BackendType",
+    "BackendData",
+    "BackendV6Data",
+    "NodeName",
+];
 const BACKEND_DATA_KEYS: &[&str] = &["VNI", "VtepMAC"];
 
 /// The fields of `obj` that are not in `known` (what the parser must keep unchanged).
@@ -113,6 +122,10 @@ pub fn netconf(data: &[u8]) {
     let vx = c.backend.vxlan();
     assert!(vx.vni <= 0x00ff_ffff, "VNI {}", vx.vni);
     assert!(vx.port >= 1);
+    if let Some(m) = vx.mtu {
+        let min = if c.enable_ipv6 { 1280 } else { 68 };
+        assert!((min..=65535).contains(&m), "MTU {m} accepted");
+    }
     assert_eq!(c.backend.type_name(), "vxlan");
     assert!(c.enable_ipv4);
     if c.enable_ipv6 {
@@ -125,8 +138,28 @@ pub fn netconf(data: &[u8]) {
             assert_eq!(v6.trunc(), v6);
             assert!(p >= 8 && l >= p + 2 && l <= 126, "IPv6 {v6} / {l}");
             assert!(!reserved_v6(&v6), "reserved IPv6Network {v6} accepted");
+            let (min, max) = (c.ipv6_subnet_min.unwrap(), c.ipv6_subnet_max.unwrap());
+            for (what, a) in [("IPv6SubnetMin", min), ("IPv6SubnetMax", max)] {
+                assert!(v6.contains(&a), "{what} {a} outside {v6}");
+                let s = Ipv6Net::new(a, l).expect("l <= 126");
+                assert_eq!(s.network(), a, "{what} {a} not on a /{l} boundary");
+            }
+            assert!(min <= max, "IPv6SubnetMin > IPv6SubnetMax");
+            if let Some(r) = c.ipv6_range() {
+                let count = r.count();
+                assert!(count >= 1);
+                for i in [0, count - 1] {
+                    let s = r.at(i).expect("index in range");
+                    assert!(c.is_valid_ipv6_subnet(&s) && v6.contains(&s), "{i}: {s}");
+                    assert_eq!(r.index_of(&s), Some(i));
+                }
+                assert_eq!(r.at(count), None);
+            }
         }
         other => panic!("IPv6Network and IPv6SubnetLen disagree: {other:?}"),
+    }
+    if c.ipv6_network.is_none() {
+        assert!(c.ipv6_subnet_min.is_none() && c.ipv6_subnet_max.is_none());
     }
 
     // parse → serialise → parse.
@@ -154,11 +187,37 @@ pub fn netconf(data: &[u8]) {
 }
 
 /// A lease key under `<prefix>/subnets/`: an accepted key is the canonical spelling of its
-/// subnet (issue 15 item 6: `10.244.3.0-024` must not alias `10.244.3.0-24`).
+/// subnet (issue 15 item 6: `10.244.3.0-024` must not alias `10.244.3.0-24`), as an IPv4 key
+/// ([`key_to_subnet`]) and as a dual-stack key ([`SubnetKey`]): every accepted key is
+/// written back as read, so no two keys name the same subnets.
 pub fn lease_key(data: &[u8]) {
     let Ok(key) = std::str::from_utf8(data) else {
         return;
     };
+    if let Ok(k) = SubnetKey::parse(key) {
+        assert_eq!(
+            k.to_string(),
+            key,
+            "dual-stack key {key:?} is not canonical"
+        );
+        assert!(k.v4().is_some() || k.v6().is_some());
+        if let Some(n) = k.v4() {
+            assert_eq!(n.trunc(), n, "key {key:?} has IPv4 host bits");
+        }
+        if let Some(n) = k.v6() {
+            assert_eq!(n.trunc(), n, "key {key:?} has IPv6 host bits");
+        }
+        assert_eq!(SubnetKey::new(k.v4(), k.v6()), Some(k));
+        // An IPv4-only key is the same key to both parsers.
+        if k.v6().is_none() {
+            assert_eq!(key_to_subnet(key).ok(), k.v4(), "{key:?}");
+        }
+    } else {
+        assert!(
+            key_to_subnet(key).is_err(),
+            "{key:?}: IPv4 key, not a SubnetKey"
+        );
+    }
     if let Ok(net) = key_to_subnet(key) {
         assert_eq!(net.trunc(), net, "key {key:?} has host bits");
         assert_eq!(
@@ -190,6 +249,17 @@ pub fn lease_value(data: &[u8]) {
         unknown(&object(inp.get("BackendData")), BACKEND_DATA_KEYS),
         unknown(&object(wr.get("BackendData")), BACKEND_DATA_KEYS)
     );
+    // PublicIPv6 is written back exactly as read (absent, null, an address or anything
+    // else); BackendV6Data's unknown fields are kept (a null one is written as absent).
+    assert_eq!(inp.get("PublicIPv6"), wr.get("PublicIPv6"), "PublicIPv6");
+    assert_eq!(
+        unknown(&object(inp.get("BackendV6Data")), BACKEND_DATA_KEYS),
+        unknown(&object(wr.get("BackendV6Data")), BACKEND_DATA_KEYS)
+    );
+    if let Ok(Some(e)) = a.ipv6_endpoint() {
+        assert_eq!(a.public_ipv6.addr(), Some(e.public_ip));
+        assert!(!e.public_ip.is_unspecified() && !e.public_ip.is_multicast());
+    }
     // The VTEP MAC is written back as read: a MAC in lower case, anything else exactly.
     let mac_in = object(inp.get("BackendData"))
         .get("VtepMAC")
@@ -224,6 +294,20 @@ pub fn subnet_env(data: &[u8]) {
         "gateway {gw} is the network or broadcast address of {node}"
     );
     assert!((68..=65535).contains(&f.mtu), "MTU {}", f.mtu);
+    match (f.ipv6_network, f.ipv6_subnet) {
+        (None, None) => {}
+        (Some(n @ IpNet::V6(_)), Some(s @ IpNet::V6(_))) => {
+            assert!(n.contains(&s), "IPv6 subnet {s} outside {n}");
+            let node6 = f.ipv6_node_subnet().expect("set");
+            assert!(128 - node6.prefix_len() >= 2, "no room: {node6}");
+            assert_ne!(
+                f.ipv6_gateway(),
+                Some(node6.network()),
+                "gateway is {node6}'s network"
+            );
+        }
+        other => panic!("IPv6 keys accepted as {other:?}"),
+    }
     let out = f.render();
     let back = SubnetFile::parse("subnet.env", &out)
         .unwrap_or_else(|e| panic!("render of an accepted file is refused: {e}\n{out}"));

@@ -1,11 +1,16 @@
 //! Subnet leases: the value under `<prefix>/subnets/<net>-<len>`, in Flannel's JSON field
 //! names plus twill's own (`NodeName`). Fields written by another version are kept.
+//!
+//! Dual-stack, in Flannel's format: the key is [`SubnetKey`] (`10.244.3.0-24&fc00:0:0:3::-64`),
+//! the value carries `PublicIPv6` and `BackendV6Data` ([`LeaseAttrs::public_ipv6`],
+//! [`LeaseAttrs::backend_v6_data`]), checked by [`LeaseAttrs::ipv6_endpoint`].
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
 use std::time::SystemTime;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -19,6 +24,25 @@ pub enum LeaseError {
     Key { key: String },
     #[error("lease value of {key:?} is not valid lease JSON: {reason}")]
     Value { key: String, reason: String },
+    #[error(
+        "lease key {key:?} is not of the form <net>-<len>[&<IPv6 net>-<len>] (e.g. 10.244.3.0-24&fc00:0:0:3::-64): {reason}"
+    )]
+    SubnetKey { key: String, reason: String },
+    /// A field of a readable lease that cannot be used ([`LeaseAttrs::ipv6_endpoint`]).
+    #[error("lease field {field}: {value} is invalid: {reason}")]
+    Field {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn field_error(field: &'static str, value: impl ToString, reason: &str) -> LeaseError {
+    LeaseError::Field {
+        field,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// `BackendData.VtepMAC`, parsed once when the lease is read. Written back as read, except
@@ -135,6 +159,75 @@ pub struct BackendData {
     pub extra: Map<String, Value>,
 }
 
+/// `PublicIPv6`, written back as read: absent (twill's IPv4-only leases), `null` (Flannel's
+/// IPv4-only leases: Go writes its nil pointer), an address, or anything else as written (the
+/// lease is still listed; [`LeaseAttrs::ipv6_endpoint`] names the field and the value).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PublicIpv6 {
+    #[default]
+    Absent,
+    Null,
+    Addr(Ipv6Addr),
+    Invalid(Value),
+}
+
+impl PublicIpv6 {
+    /// The address, if the field holds one.
+    pub fn addr(&self) -> Option<Ipv6Addr> {
+        match self {
+            PublicIpv6::Addr(a) => Some(*a),
+            _ => None,
+        }
+    }
+
+    pub fn is_absent(&self) -> bool {
+        matches!(self, PublicIpv6::Absent)
+    }
+}
+
+impl From<Ipv6Addr> for PublicIpv6 {
+    fn from(a: Ipv6Addr) -> Self {
+        PublicIpv6::Addr(a)
+    }
+}
+
+impl Serialize for PublicIpv6 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PublicIpv6::Absent | PublicIpv6::Null => s.serialize_none(),
+            PublicIpv6::Addr(a) => s.collect_str(a),
+            PublicIpv6::Invalid(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicIpv6 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::Null => PublicIpv6::Null,
+            Value::String(s) => match s.parse::<Ipv6Addr>() {
+                // Only the spelling that is written back: `FC00::1` or `::ffff:1.2.3.4`
+                // would otherwise not round-trip as read.
+                Ok(a) if a.to_string() == s => PublicIpv6::Addr(a),
+                _ => PublicIpv6::Invalid(Value::String(s)),
+            },
+            other => PublicIpv6::Invalid(other),
+        })
+    }
+}
+
+/// The IPv6 side of a peer, from a lease whose `PublicIPv6` and `BackendV6Data` are usable
+/// ([`LeaseAttrs::ipv6_endpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Endpoint {
+    /// `PublicIPv6`: where other nodes send IPv6 VXLAN traffic.
+    pub public_ip: Ipv6Addr,
+    /// `BackendV6Data.VNI`.
+    pub vni: u32,
+    /// `BackendV6Data.VtepMAC`.
+    pub vtep_mac: Mac,
+}
+
 /// The content of a lease (its JSON value).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseAttrs {
@@ -142,17 +235,32 @@ pub struct LeaseAttrs {
     /// node has not taken it yet.
     #[serde(rename = "PublicIP", default = "unspecified")]
     pub public_ip: Ipv4Addr,
+    /// `PublicIPv6` (Flannel's, dual-stack): where other nodes send IPv6 VXLAN traffic.
+    #[serde(
+        rename = "PublicIPv6",
+        default,
+        skip_serializing_if = "PublicIpv6::is_absent"
+    )]
+    pub public_ipv6: PublicIpv6,
     /// `BackendType`: "vxlan".
     #[serde(rename = "BackendType", default)]
     pub backend_type: String,
     /// `BackendData`: `VNI`, `VtepMAC`.
     #[serde(rename = "BackendData", default)]
     pub backend_data: BackendData,
+    /// `BackendV6Data` (Flannel's, dual-stack): `VNI`, `VtepMAC` of the IPv6 VXLAN device.
+    /// Absent in IPv4-only leases (Flannel omits it, and so does twill).
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_v6_data: Option<BackendData>,
     /// twill's `NodeName`: the node that holds (or for which is reserved) the subnet; the
     /// key of stickiness. Empty in leases written by flanneld.
     #[serde(rename = "NodeName", default, skip_serializing_if = "String::is_empty")]
     pub node_name: String,
-    /// Other fields (`PublicIPv6`, `BackendV6Data`, newer fields...), kept as written.
+    /// Other fields (newer fields...), kept as written.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -177,7 +285,111 @@ impl LeaseAttrs {
                 .entry(k.clone())
                 .or_insert_with(|| v.clone());
         }
+        if let (Some(new), Some(old)) = (&mut merged.backend_v6_data, &older.backend_v6_data) {
+            for (k, v) in &old.extra {
+                new.extra.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
         merged
+    }
+
+    /// These attributes with the IPv6 side of a dual-stack node: `PublicIPv6` and
+    /// `BackendV6Data` (`VNI`, `VtepMAC` of its IPv6 VXLAN device).
+    pub fn with_ipv6(
+        mut self,
+        public_ipv6: Ipv6Addr,
+        vni: u32,
+        vtep_mac: impl Into<VtepMac>,
+    ) -> Self {
+        self.public_ipv6 = PublicIpv6::Addr(public_ipv6);
+        self.backend_v6_data = Some(BackendData {
+            vni,
+            vtep_mac: vtep_mac.into(),
+            extra: Map::new(),
+        });
+        self
+    }
+
+    /// The IPv6 side of this lease: `None` when it has none (no `PublicIPv6` address, no
+    /// `BackendV6Data`: an IPv4-only lease), else the checked values. Untrusted input: a
+    /// `PublicIPv6` that is not a unicast address another node can reach, one of the two
+    /// fields without the other, a `VtepMAC` that is not a unicast MAC, or a `VNI` of more
+    /// than 24 bits is an error naming the field and the value.
+    pub fn ipv6_endpoint(&self) -> Result<Option<Ipv6Endpoint>, LeaseError> {
+        let data = self.backend_v6_data.as_ref();
+        let ip = match (&self.public_ipv6, data) {
+            (PublicIpv6::Absent | PublicIpv6::Null, None) => return Ok(None),
+            (PublicIpv6::Invalid(v), _) => {
+                return Err(field_error("PublicIPv6", v, "not an IPv6 address"));
+            }
+            (PublicIpv6::Absent, Some(_)) => {
+                return Err(field_error(
+                    "PublicIPv6",
+                    "absent",
+                    "required with BackendV6Data",
+                ));
+            }
+            (PublicIpv6::Null, Some(_)) => {
+                return Err(field_error(
+                    "PublicIPv6",
+                    "null",
+                    "required with BackendV6Data",
+                ));
+            }
+            (PublicIpv6::Addr(a), _) => *a,
+        };
+        let seg0 = ip.segments()[0];
+        if ip.is_unspecified()
+            || ip.is_loopback()
+            || ip.is_multicast()
+            || (seg0 & 0xffc0) == 0xfe80
+            || ip.to_ipv4_mapped().is_some()
+        {
+            return Err(field_error(
+                "PublicIPv6",
+                ip,
+                "not a unicast address another node can reach (unspecified, loopback, multicast, link-local or IPv4-mapped)",
+            ));
+        }
+        let Some(data) = data else {
+            return Err(field_error(
+                "BackendV6Data",
+                "absent",
+                "required with PublicIPv6",
+            ));
+        };
+        if data.vni > 0x00ff_ffff {
+            return Err(field_error(
+                "BackendV6Data.VNI",
+                data.vni,
+                "more than 24 bits",
+            ));
+        }
+        let mac = match &data.vtep_mac {
+            VtepMac::Unset => {
+                return Err(field_error("BackendV6Data.VtepMAC", "\"\"", "missing"));
+            }
+            VtepMac::Invalid(s) => {
+                return Err(field_error(
+                    "BackendV6Data.VtepMAC",
+                    format!("{s:?}"),
+                    "not a MAC",
+                ));
+            }
+            VtepMac::Mac(m) => *m,
+        };
+        if mac.0 == [0; 6] || mac.0[0] & 1 == 1 {
+            return Err(field_error(
+                "BackendV6Data.VtepMAC",
+                mac,
+                "not a unicast MAC (zero, or the multicast bit is set)",
+            ));
+        }
+        Ok(Some(Ipv6Endpoint {
+            public_ip: ip,
+            vni: data.vni,
+            vtep_mac: mac,
+        }))
     }
 
     /// Attributes of a VXLAN node (`vtep_mac`: a [`Mac`], or a string that is parsed; `""`
@@ -197,6 +409,8 @@ impl LeaseAttrs {
                 extra: Map::new(),
             },
             node_name: node_name.to_string(),
+            public_ipv6: PublicIpv6::Absent,
+            backend_v6_data: None,
             extra: Map::new(),
         }
     }
@@ -236,7 +450,12 @@ impl LeaseAttrs {
 /// One lease as read from etcd.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
+    /// The IPv4 subnet (the key's `<net>-<len>`).
     pub subnet: Ipv4Net,
+    /// The IPv6 subnet of a dual-stack key (`...&<IPv6 net>-<len>`). Always `None` from
+    /// [`parse_lease`] for now: the lease store keys its map by the IPv4 subnet, where a
+    /// dual-stack key and an IPv4 key of one subnet would alias.
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub attrs: LeaseAttrs,
     /// A reservation: the key has no etcd lease (no TTL) and never expires.
     pub reserved: bool,
@@ -261,10 +480,16 @@ impl Lease {
         self.subnet.network()
     }
 
+    /// The lease's key: its IPv4 subnet, and its IPv6 subnet if it has one.
+    pub fn key(&self) -> SubnetKey {
+        SubnetKey::new(Some(self.subnet), self.ipv6_subnet).expect("an IPv4 subnet is given")
+    }
+
     /// The same lease content (attrs, binding), whatever revision it was read at.
     pub fn same_content(&self, other: &Lease) -> bool {
         self.subnet == other.subnet
             && self.attrs == other.attrs
+            && self.ipv6_subnet == other.ipv6_subnet
             && self.reserved == other.reserved
             && self.etcd_lease == other.etcd_lease
     }
@@ -324,6 +549,111 @@ pub fn key_to_subnet(key: &str) -> Result<Ipv4Net, LeaseError> {
     Ok(net)
 }
 
+/// A lease key in Flannel's dual-stack format (`MakeSubnetKey` / `ParseSubnetKey` in
+/// flannel's `pkg/subnet/subnet.go`): `10.244.3.0-24` (IPv4 only),
+/// `10.244.3.0-24&fc00:0:0:3::-64` (dual-stack), `0.0.0.0-0&fc00:0:0:3::-64` (IPv6 only:
+/// Flannel's key always starts with an IPv4 part, and writes its empty IPv4 subnet there).
+///
+/// Only the canonical key parses, the exact string [`fmt::Display`] writes: each part as
+/// [`key_to_subnet`] wants it (no host bits, no leading zeros), the IPv6 address as RFC 5952
+/// and Go's `net.IP.String()` write it (lower case, the longest run of zeros compressed; no
+/// dotted IPv4 tail, which Go would write differently and Flannel's parser refuses), so that
+/// no two keys name the same subnets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubnetKey {
+    v4: Option<Ipv4Net>,
+    v6: Option<Ipv6Net>,
+}
+
+impl SubnetKey {
+    /// The key of these subnets (host bits dropped); `None` if neither is given. With an
+    /// IPv6 subnet, an IPv4 subnet of 0.0.0.0/0 is Flannel's "none".
+    pub fn new(v4: Option<Ipv4Net>, v6: Option<Ipv6Net>) -> Option<SubnetKey> {
+        let v4 = v4.map(|n| n.trunc());
+        let v6 = v6.map(|n| n.trunc());
+        let v4 = v4.filter(|n| v6.is_none() || n.prefix_len() != 0);
+        (v4.is_some() || v6.is_some()).then_some(SubnetKey { v4, v6 })
+    }
+
+    /// An IPv4-only key (what [`subnet_to_key`] writes).
+    pub fn v4_only(subnet: Ipv4Net) -> SubnetKey {
+        SubnetKey {
+            v4: Some(subnet.trunc()),
+            v6: None,
+        }
+    }
+
+    /// The IPv4 subnet, if the key has one.
+    pub fn v4(&self) -> Option<Ipv4Net> {
+        self.v4
+    }
+
+    /// The IPv6 subnet, if the key has one.
+    pub fn v6(&self) -> Option<Ipv6Net> {
+        self.v6
+    }
+
+    /// Parses a key name (without `<prefix>/subnets/`); only the canonical spelling.
+    pub fn parse(key: &str) -> Result<SubnetKey, LeaseError> {
+        let bad = |reason: &str| LeaseError::SubnetKey {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        };
+        let (v4_part, v6_part) = match key.split_once('&') {
+            None => (key, None),
+            Some((a, b)) => (a, Some(b)),
+        };
+        let v4 = key_to_subnet(v4_part)
+            .map_err(|_| bad("the IPv4 part is not a canonical <net>-<len>"))?;
+        let Some(v6_part) = v6_part else {
+            return Ok(SubnetKey::v4_only(v4));
+        };
+        let (addr, len) = v6_part
+            .split_once('-')
+            .ok_or_else(|| bad("the IPv6 part has no -<len>"))?;
+        if addr.contains('.') {
+            return Err(bad("the IPv6 part has a dotted IPv4 tail"));
+        }
+        let addr: Ipv6Addr = addr
+            .parse()
+            .map_err(|_| bad("the IPv6 part is not an IPv6 address"))?;
+        if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad("the IPv6 prefix length is not a number"));
+        }
+        let len: u8 = len
+            .parse()
+            .map_err(|_| bad("the IPv6 prefix length is not a number"))?;
+        let v6 = Ipv6Net::new(addr, len).map_err(|_| bad("the IPv6 prefix length is above 128"))?;
+        let k = SubnetKey::new(Some(v4), Some(v6)).expect("an IPv6 subnet is given");
+        if k.to_string() != key {
+            return Err(bad(
+                "not the canonical spelling (host bits, leading zeros, upper case or an uncompressed address)",
+            ));
+        }
+        Ok(k)
+    }
+}
+
+impl fmt::Display for SubnetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.v4 {
+            Some(n) => f.write_str(&subnet_to_key(&n))?,
+            None => f.write_str("0.0.0.0-0")?,
+        }
+        if let Some(n) = self.v6 {
+            write!(f, "&{}-{}", n.network(), n.prefix_len())?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for SubnetKey {
+    type Err = LeaseError;
+    fn from_str(s: &str) -> Result<Self, LeaseError> {
+        SubnetKey::parse(s)
+    }
+}
+
 /// What is wrong with a key-value under `<prefix>/subnets/` that is not a lease at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum InvalidKind {
@@ -366,6 +696,7 @@ pub fn parse_lease(
     let attrs = LeaseAttrs::from_json(name, value).map_err(|e| invalid(InvalidKind::Value, e))?;
     Ok(Lease {
         subnet,
+        ipv6_subnet: None,
         attrs,
         reserved: etcd_lease == 0,
         etcd_lease,
@@ -508,5 +839,170 @@ mod tests {
         assert_eq!(*good.vtep_mac(), "02:00:00:00:00:0A");
         assert!(*good.vtep_mac() != "02:00:00:00:00:0b");
         assert_eq!(VtepMac::Unset, "");
+    }
+
+    #[test]
+    fn subnet_key_three_forms() {
+        let k = SubnetKey::parse("10.244.3.0-24").unwrap();
+        assert_eq!(k.v4(), Some("10.244.3.0/24".parse().unwrap()));
+        assert_eq!(k.v6(), None);
+        assert_eq!(k, SubnetKey::v4_only("10.244.3.0/24".parse().unwrap()));
+        let k = SubnetKey::parse("10.244.3.0-24&fc00:0:0:3::-64").unwrap();
+        assert_eq!(k.v4(), Some("10.244.3.0/24".parse().unwrap()));
+        assert_eq!(k.v6(), Some("fc00:0:0:3::/64".parse().unwrap()));
+        assert_eq!(k.to_string(), "10.244.3.0-24&fc00:0:0:3::-64");
+        // Flannel's own test key.
+        let k: SubnetKey = "10.12.13.0-24&fd00:12:13::-56".parse().unwrap();
+        assert_eq!(k.v6().unwrap().to_string(), "fd00:12:13::/56");
+        // IPv6 only: Flannel writes its empty IPv4 subnet.
+        let k = SubnetKey::parse("0.0.0.0-0&fc00:0:0:3::-64").unwrap();
+        assert_eq!(
+            (k.v4(), k.v6()),
+            (None, Some("fc00:0:0:3::/64".parse().unwrap()))
+        );
+        assert_eq!(k.to_string(), "0.0.0.0-0&fc00:0:0:3::-64");
+        assert_eq!(
+            SubnetKey::new(None, Some("fc00:0:0:3::/64".parse().unwrap())),
+            Some(k)
+        );
+        assert_eq!(SubnetKey::new(None, None), None);
+        for bad in [
+            // Flannel's TestSubnetNodeInvalid.
+            "10",
+            "10.12.13.0",
+            "10.12.13-24",
+            "10.12.13.300-24",
+            "10.12.13.0-24hi",
+            "&2001::-56",
+            "10.12.13.0-24&:12:13:-56",
+            "10.12.13.0-24&20011::-56",
+            "10.12.13.0-24&2001-56",
+            "10.12.13.0-24&2001::",
+            "10.12.13.0-24&2001::-56hi",
+            // Aliases of a canonical key.
+            "10.244.3.0-024&fc00:0:0:3::-64",
+            "10.244.3.0-24&fc00:0:0:3::-064",
+            "10.244.3.0-24&FC00:0:0:3::-64",
+            "10.244.3.0-24&fc00:0000:0:3::-64",
+            "10.244.3.0-24&fc00::3:0:0:0:0-64",
+            "10.244.3.0-24&fc00:0:0:3::1-64",
+            "10.244.3.0-24&::ffff:10.0.0.0-104",
+            "10.244.3.0-24&fc00:0:0:3::-129",
+            "10.244.3.0-24&fc00:0:0:3::-64&fc00:0:0:4::-64",
+            "10.244.3.0-24&",
+            "10.244.3.0-24&fc00:0:0:3::-",
+            "10.244.3.0-24 &fc00:0:0:3::-64",
+        ] {
+            let e = SubnetKey::parse(bad).unwrap_err();
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
+
+    /// A dual-stack lease as flanneld writes it (`LeaseAttrs` of flannel's pkg/lease: no
+    /// `omitempty` on PublicIPv6, `omitempty` on BackendV6Data) reads, checks and writes back
+    /// byte for byte.
+    #[test]
+    fn flannel_dual_stack_lease_round_trips_exactly() {
+        let flannel = r#"{"PublicIP":"192.168.1.5","PublicIPv6":"2001:db8::5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"9a:2b:3c:4d:5e:6f"},"BackendV6Data":{"VNI":1,"VtepMAC":"ae:7f:01:02:03:04"}}"#;
+        let a = LeaseAttrs::from_json("k", flannel.as_bytes()).unwrap();
+        assert_eq!(a.public_ipv6.addr(), Some("2001:db8::5".parse().unwrap()));
+        assert_eq!(
+            a.ipv6_endpoint().unwrap(),
+            Some(Ipv6Endpoint {
+                public_ip: "2001:db8::5".parse().unwrap(),
+                vni: 1,
+                vtep_mac: Mac([0xae, 0x7f, 1, 2, 3, 4]),
+            })
+        );
+        assert_eq!(a.to_json(), flannel);
+        // The IPv4-only forms: Flannel's null and twill's absent field, each kept.
+        let v4 = r#"{"PublicIP":"192.168.1.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"9a:2b:3c:4d:5e:6f"}}"#;
+        let a = LeaseAttrs::from_json("k", v4.as_bytes()).unwrap();
+        assert_eq!(a.public_ipv6, PublicIpv6::Null);
+        assert_eq!(a.ipv6_endpoint(), Ok(None));
+        assert_eq!(a.to_json(), v4);
+        // twill's dual-stack lease: Flannel's names and order, then NodeName.
+        let t = LeaseAttrs::vxlan("n1", Ipv4Addr::new(10, 0, 0, 1), 1, "02:00:00:00:00:01")
+            .with_ipv6("fd00::1".parse().unwrap(), 1, "02:00:00:00:00:02");
+        assert_eq!(
+            t.to_json(),
+            r#"{"PublicIP":"10.0.0.1","PublicIPv6":"fd00::1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"},"NodeName":"n1"}"#
+        );
+        assert_eq!(
+            LeaseAttrs::from_json("k", t.to_json().as_bytes()).unwrap(),
+            t
+        );
+        // Unknown fields of BackendV6Data survive a rewrite by this version.
+        let mut older = t.clone();
+        older
+            .backend_v6_data
+            .as_mut()
+            .unwrap()
+            .extra
+            .insert("New".into(), 1.into());
+        let merged = t.keeping_unknown_fields_of(&older);
+        assert_eq!(merged.backend_v6_data.unwrap().extra["New"], 1);
+    }
+
+    #[test]
+    fn ipv6_fields_are_validated_by_name() {
+        let check = |v6: &str| {
+            let json = format!(
+                r#"{{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}{v6}}}"#
+            );
+            let a = LeaseAttrs::from_json("k", json.as_bytes()).unwrap();
+            // Listed, and read back the same, whatever the IPv6 side holds (an absent VtepMAC
+            // is written as "", as in BackendData).
+            assert_eq!(
+                LeaseAttrs::from_json("k", a.to_json().as_bytes()).unwrap(),
+                a
+            );
+            match a.ipv6_endpoint() {
+                Err(LeaseError::Field { field, value, .. }) => (field, value),
+                other => panic!("{v6}: {other:?}"),
+            }
+        };
+        let data = r#","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}"#;
+        for (v6, field, value) in [
+            (r#","PublicIPv6":"nope""#.to_string() + data, "PublicIPv6", "\"nope\""),
+            (r#","PublicIPv6":7"#.to_string() + data, "PublicIPv6", "7"),
+            (r#","PublicIPv6":"FD00::1""#.to_string() + data, "PublicIPv6", "\"FD00::1\""),
+            (r#","PublicIPv6":"::""#.to_string() + data, "PublicIPv6", "::"),
+            (r#","PublicIPv6":"::1""#.to_string() + data, "PublicIPv6", "::1"),
+            (r#","PublicIPv6":"fe80::1""#.to_string() + data, "PublicIPv6", "fe80::1"),
+            (r#","PublicIPv6":"ff02::1""#.to_string() + data, "PublicIPv6", "ff02::1"),
+            (r#","PublicIPv6":"fd00::1""#.to_string(), "BackendV6Data", "absent"),
+            (data.to_string(), "PublicIPv6", "absent"),
+            (r#","PublicIPv6":null"#.to_string() + data, "PublicIPv6", "null"),
+            (
+                r#","PublicIPv6":"fd00::1","BackendV6Data":{"VNI":16777216,"VtepMAC":"02:00:00:00:00:02"}"#.into(),
+                "BackendV6Data.VNI",
+                "16777216",
+            ),
+            (
+                r#","PublicIPv6":"fd00::1","BackendV6Data":{"VNI":1}"#.into(),
+                "BackendV6Data.VtepMAC",
+                "\"\"",
+            ),
+            (
+                r#","PublicIPv6":"fd00::1","BackendV6Data":{"VNI":1,"VtepMAC":"zz"}"#.into(),
+                "BackendV6Data.VtepMAC",
+                "\"zz\"",
+            ),
+            (
+                r#","PublicIPv6":"fd00::1","BackendV6Data":{"VNI":1,"VtepMAC":"01:00:00:00:00:02"}"#.into(),
+                "BackendV6Data.VtepMAC",
+                "01:00:00:00:00:02",
+            ),
+            (
+                r#","PublicIPv6":"fd00::1","BackendV6Data":{"VNI":1,"VtepMAC":"00:00:00:00:00:00"}"#.into(),
+                "BackendV6Data.VtepMAC",
+                "00:00:00:00:00:00",
+            ),
+        ] {
+            assert_eq!(check(&v6), (field, value.to_string()), "{v6}");
+        }
+        // Not lease JSON at all: BackendV6Data of the wrong shape.
+        assert!(LeaseAttrs::from_json("k", br#"{"BackendV6Data":"x"}"#).is_err());
     }
 }

@@ -18,13 +18,15 @@
 //! accepts without implementing them are named by [`NetConfig::unsupported_keys`]; whether
 //! one config may replace another while leases exist is [`NetConfig::replacement_problems`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::lease::Lease;
+use crate::subnets::{Family, SubnetRange};
 
 /// The only backend twill implements.
 pub const BACKEND_VXLAN: &str = "vxlan";
@@ -138,6 +140,80 @@ fn check_ipv6_network(value: &str, network: Ipv6Net) -> Result<(), ConfigError> 
     Ok(())
 }
 
+/// The field names of one family's subnet range, for [`parse_range`]'s errors.
+struct Bounds {
+    network: &'static str,
+    len: &'static str,
+    min: &'static str,
+    max: &'static str,
+}
+
+/// Flannel's default range of `network` in `/len`s: the first subnet is skipped (its
+/// address would clash with the network address), the last one is the maximum.
+fn default_range<N: Family>(network: N, len: u8) -> SubnetRange<N> {
+    let size = 1u128 << (N::BITS - len);
+    let first = N::addr_bits(network.addr());
+    let last = first + ((1u128 << (N::BITS - network.prefix())) - 1);
+    SubnetRange {
+        min: N::addr_from_bits(first + size),
+        max: N::addr_from_bits(last - size + 1),
+        len,
+    }
+}
+
+/// Resolves and checks one family's `SubnetMin` / `SubnetMax` (absent: Flannel's defaults):
+/// inside `network`, on a `/len` boundary, min <= max; errors name the field and the value.
+fn parse_range<N: Family>(
+    f: Bounds,
+    network: N,
+    len: u8,
+    min: Option<String>,
+    max: Option<String>,
+) -> Result<SubnetRange<N>, ConfigError>
+where
+    N::Addr: FromStr + std::fmt::Display,
+{
+    let default = default_range(network, len);
+    let size = 1u128 << (N::BITS - len);
+    let first = N::addr_bits(network.addr());
+    let last = first + ((1u128 << (N::BITS - network.prefix())) - 1);
+    let family = if N::BITS == 32 { "IPv4" } else { "IPv6" };
+    let bound = |field: &'static str, v: Option<String>, default: N::Addr| match v {
+        None => Ok(default),
+        Some(s) => {
+            let ip: N::Addr = s
+                .parse()
+                .map_err(|_| invalid(field, &s, format!("not an {family} address")))?;
+            let bits = N::addr_bits(ip);
+            if !(first..=last).contains(&bits) {
+                return Err(invalid(
+                    field,
+                    &s,
+                    format!("outside {} {network}", f.network),
+                ));
+            }
+            if !bits.is_multiple_of(size) {
+                return Err(invalid(
+                    field,
+                    &s,
+                    format!("not on a /{len} boundary ({})", f.len),
+                ));
+            }
+            Ok(ip)
+        }
+    };
+    let lo = bound(f.min, min, default.min)?;
+    let hi = bound(f.max, max, default.max)?;
+    if lo > hi {
+        return Err(invalid(f.min, lo, format!("greater than {} {hi}", f.max)));
+    }
+    Ok(SubnetRange {
+        min: lo,
+        max: hi,
+        len,
+    })
+}
+
 /// `Backend` of net-conf.json: one variant per backend twill implements, each holding its
 /// own typed settings, parsed from (and written back to) the `Backend` object here and
 /// nowhere else. A new backend is a new variant ([`Backend::from_raw`], [`Backend::to_raw`],
@@ -156,14 +232,45 @@ pub struct VxlanBackend {
     pub vni: u32,
     /// `Port`: the VXLAN UDP port.
     pub port: u16,
-    /// Other backend fields (`GBP`, `DirectRouting`, `MTU`, ...), kept as written.
+    /// `DirectRouting` (Flannel's, default false): route to a peer on the same L2 segment
+    /// directly, without VXLAN. Parsed and validated; the data plane does not implement it
+    /// yet ([`NetConfig::unsupported_keys`] names it while it is true).
+    pub direct_routing: bool,
+    /// `MTU` (Flannel's; absent, `null` or 0: derived from the underlay). Validated:
+    /// 68..=65535, and at least 1280 when IPv6 is enabled. Not used by the data plane yet
+    /// ([`NetConfig::unsupported_keys`] names it while it is set).
+    pub mtu: Option<u32>,
+    /// Other backend fields (`GBP`, `Learning`, ...), kept as written.
     pub extra: Map<String, Value>,
 }
 
 impl VxlanBackend {
-    /// Flannel's VXLAN settings that twill does not implement: kept as written, without
-    /// effect; [`NetConfig::unsupported_keys`] names those that are set.
-    pub const UNIMPLEMENTED: &[&str] = &["DirectRouting", "GBP", "Learning", "MTU"];
+    /// Flannel's VXLAN settings that twill neither parses nor implements: kept as written,
+    /// without effect; [`NetConfig::unsupported_keys`] names those that are set.
+    pub const UNIMPLEMENTED: &[&str] = &["GBP", "Learning"];
+
+    /// The smallest `MTU` accepted (IPv4's minimum, RFC 791).
+    pub const MIN_MTU: u32 = 68;
+    /// The smallest `MTU` accepted when IPv6 is enabled (RFC 8200's minimum link MTU).
+    pub const MIN_MTU_IPV6: u32 = 1280;
+
+    /// The keys of this backend that are set and not implemented, in Flannel's spelling
+    /// without the `Backend.` prefix, sorted by name.
+    fn unsupported_keys(&self) -> Vec<String> {
+        let mut out: Vec<String> = Self::UNIMPLEMENTED
+            .iter()
+            .filter(|k| is_set(self.extra.get(**k)))
+            .map(|k| k.to_string())
+            .collect();
+        if self.direct_routing {
+            out.push("DirectRouting".into());
+        }
+        if self.mtu.is_some() {
+            out.push("MTU".into());
+        }
+        out.sort();
+        out
+    }
 }
 
 impl Default for VxlanBackend {
@@ -171,6 +278,8 @@ impl Default for VxlanBackend {
         VxlanBackend {
             vni: DEFAULT_VNI,
             port: DEFAULT_VXLAN_PORT,
+            direct_routing: false,
+            mtu: None,
             extra: Map::new(),
         }
     }
@@ -198,17 +307,11 @@ impl Backend {
         }
     }
 
-    /// The backend fields this version keeps without knowing them.
-    fn extra(&self) -> &Map<String, Value> {
+    /// The keys of this backend that Flannel defines, that are set, and that twill does
+    /// not implement (without the `Backend.` prefix).
+    fn unsupported_keys(&self) -> Vec<String> {
         match self {
-            Backend::Vxlan(v) => &v.extra,
-        }
-    }
-
-    /// The keys of this backend that Flannel defines and twill does not implement.
-    fn unimplemented(&self) -> &'static [&'static str] {
-        match self {
-            Backend::Vxlan(_) => VxlanBackend::UNIMPLEMENTED,
+            Backend::Vxlan(v) => v.unsupported_keys(),
         }
     }
 
@@ -233,9 +336,34 @@ impl Backend {
             Some(p) if (1..=65535).contains(&p) => p as u16,
             Some(p) => return Err(invalid("Backend.Port", p, "must be 1..=65535")),
         };
+        let direct_routing = match rb.direct_routing {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(v) => {
+                return Err(invalid("Backend.DirectRouting", v, "must be true or false"));
+            }
+        };
+        let range = u64::from(VxlanBackend::MIN_MTU)..=65535;
+        let mtu = match rb.mtu {
+            // 0 is Go's zero value: Flannel then derives the MTU, as for an absent key.
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_u64() == Some(0) => None,
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|m| range.contains(&m)) => {
+                n.as_u64().map(|m| m as u32)
+            }
+            Some(v) => {
+                return Err(invalid(
+                    "Backend.MTU",
+                    v,
+                    "must be an integer in 68..=65535 (0 or absent: derived from the underlay)",
+                ));
+            }
+        };
         Ok(Backend::Vxlan(VxlanBackend {
             vni,
             port,
+            direct_routing,
+            mtu,
             extra: rb.extra,
         }))
     }
@@ -247,6 +375,8 @@ impl Backend {
                 kind: Some(BACKEND_VXLAN.to_string()),
                 vni: Some(i64::from(v.vni)),
                 port: Some(i64::from(v.port)),
+                direct_routing: v.direct_routing.then_some(Value::Bool(true)),
+                mtu: v.mtu.map(Value::from),
                 extra: v.extra.clone(),
             },
         }
@@ -283,9 +413,9 @@ impl Backend {
     }
 }
 
-/// Flannel's top-level keys that twill does not implement (besides `EnableIPv6` and
-/// `IPv6Network`, which it parses): kept as written, without effect.
-pub const UNIMPLEMENTED_KEYS: &[&str] = &["IPv6SubnetMin", "IPv6SubnetMax", "EnableNFTables"];
+/// Flannel's top-level keys that twill neither parses nor implements (the IPv6 keys are
+/// parsed, see [`NetConfig::unsupported_keys`]): kept as written, without effect.
+pub const UNIMPLEMENTED_KEYS: &[&str] = &["EnableNFTables"];
 
 /// Whether a key that twill keeps without implementing asks for something: present, and
 /// neither `null` nor `false` (the off value of Flannel's switches, which is what twill does).
@@ -297,8 +427,10 @@ fn is_set(v: Option<&Value>) -> bool {
 /// ([`NetConfig::replacement_problems`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplacementProblems {
-    /// The subnets of existing leases that the new config does not hand out: the leases
-    /// would be stranded.
+    /// The existing leases (by their IPv4 subnet, the lease's key today) that the new config
+    /// would strand: their IPv4 subnet is not one it hands out, or their IPv6 subnet is not
+    /// (another `IPv6Network`, IPv6 switched off), or they have none while the new config
+    /// hands out IPv6 subnets (IPv6 switched on: the node would need a new, dual-stack lease).
     pub stranded: Vec<Ipv4Net>,
     /// Backend changes that the nodes running under the old config cannot follow, one
     /// message each; only while leases exist (without leases no node runs the old config).
@@ -336,6 +468,10 @@ pub struct NetConfig {
     pub ipv6_network: Option<Ipv6Net>,
     /// `IPv6SubnetLen` (resolved when `IPv6Network` is set: /64, or prefix + 2 for a small network).
     pub ipv6_subnet_len: Option<u8>,
+    /// `IPv6SubnetMin` (resolved when `IPv6Network` is set: the second subnet, as Flannel).
+    pub ipv6_subnet_min: Option<Ipv6Addr>,
+    /// `IPv6SubnetMax` (resolved when `IPv6Network` is set: the last subnet).
+    pub ipv6_subnet_max: Option<Ipv6Addr>,
     /// Top-level fields this version does not know, kept as written.
     pub extra: Map<String, Value>,
 }
@@ -375,6 +511,18 @@ struct RawConfig {
         skip_serializing_if = "Option::is_none"
     )]
     ipv6_subnet_len: Option<i64>,
+    #[serde(
+        rename = "IPv6SubnetMin",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    ipv6_subnet_min: Option<String>,
+    #[serde(
+        rename = "IPv6SubnetMax",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    ipv6_subnet_max: Option<String>,
     #[serde(rename = "Backend", default, skip_serializing_if = "Option::is_none")]
     backend: Option<RawBackend>,
     #[serde(flatten)]
@@ -389,6 +537,14 @@ struct RawBackend {
     vni: Option<i64>,
     #[serde(rename = "Port", default, skip_serializing_if = "Option::is_none")]
     port: Option<i64>,
+    #[serde(
+        rename = "DirectRouting",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    direct_routing: Option<Value>,
+    #[serde(rename = "MTU", default, skip_serializing_if = "Option::is_none")]
+    mtu: Option<Value>,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
@@ -420,6 +576,16 @@ impl NetConfig {
             enable_ipv6: Some(self.enable_ipv6),
             ipv6_network: self.ipv6_network.map(|n| n.to_string()),
             ipv6_subnet_len: self.ipv6_subnet_len.map(i64::from),
+            // Written only when not the default, so that a config without them (every
+            // IPv4-only config) is written back as before.
+            ipv6_subnet_min: self
+                .ipv6_subnet_min
+                .filter(|m| Some(*m) != self.ipv6_default_range().map(|r| r.min))
+                .map(|m| m.to_string()),
+            ipv6_subnet_max: self
+                .ipv6_subnet_max
+                .filter(|m| Some(*m) != self.ipv6_default_range().map(|r| r.max))
+                .map(|m| m.to_string()),
             backend: Some(self.backend.to_raw()),
             extra: self.extra.clone(),
         };
@@ -429,11 +595,20 @@ impl NetConfig {
     fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         let enable_ipv4 = raw.enable_ipv4.unwrap_or(true);
         let enable_ipv6 = raw.enable_ipv6.unwrap_or(false);
-        if !enable_ipv4 {
+        if !enable_ipv4 && !enable_ipv6 {
             return Err(invalid(
                 "EnableIPv4",
                 "false",
-                "twill needs an IPv4 pod network (IPv6-only is not supported)",
+                "no address family is enabled (EnableIPv4 and EnableIPv6 are both false)",
+            ));
+        }
+        if !enable_ipv4 {
+            // An IPv6-only config is valid Flannel, but every user of NetConfig (lease store,
+            // twilld, twillctl) is keyed by the IPv4 subnet: refused by name until they are not.
+            return Err(invalid(
+                "EnableIPv4",
+                "false",
+                "IPv6-only (EnableIPv4 false) is not supported by this twill: it needs an IPv4 pod network",
             ));
         }
         let net_str = raw
@@ -482,39 +657,31 @@ impl NetConfig {
             None if plen <= 22 => 24,
             None => plen + 2,
         };
-        let size = 1u32 << (32 - subnet_len);
-        let mask = u32::MAX << (32 - subnet_len);
-        let first = u32::from(network.network());
-        let last = u32::from(network.broadcast());
-        let parse_bound = |field: &'static str, v: Option<String>, default: u32| match v {
-            None => Ok(Ipv4Addr::from(default)),
-            Some(s) => {
-                let ip: Ipv4Addr = s
-                    .parse()
-                    .map_err(|_| invalid(field, &s, "not an IPv4 address"))?;
-                if !network.contains(&ip) {
-                    return Err(invalid(field, &s, format!("outside Network {network}")));
-                }
-                if u32::from(ip) & mask != u32::from(ip) {
-                    return Err(invalid(
-                        field,
-                        &s,
-                        format!("not on a /{subnet_len} boundary (SubnetLen)"),
-                    ));
-                }
-                Ok(ip)
-            }
-        };
-        let subnet_min = parse_bound("SubnetMin", raw.subnet_min, first + size)?;
-        let subnet_max = parse_bound("SubnetMax", raw.subnet_max, (last - size) + 1)?;
-        if subnet_min > subnet_max {
-            return Err(invalid(
-                "SubnetMin",
-                subnet_min,
-                format!("greater than SubnetMax {subnet_max}"),
-            ));
-        }
+        let v4 = parse_range(
+            Bounds {
+                network: "Network",
+                len: "SubnetLen",
+                min: "SubnetMin",
+                max: "SubnetMax",
+            },
+            network,
+            subnet_len,
+            raw.subnet_min,
+            raw.subnet_max,
+        )?;
+        let (subnet_min, subnet_max) = (v4.min, v4.max);
 
+        let v6_bounds_without_network = [
+            ("IPv6SubnetMin", &raw.ipv6_subnet_min),
+            ("IPv6SubnetMax", &raw.ipv6_subnet_max),
+        ];
+        if raw.ipv6_network.is_none() {
+            for (field, v) in v6_bounds_without_network {
+                if let Some(v) = v {
+                    return Err(invalid(field, v, "set without IPv6Network"));
+                }
+            }
+        }
         let (ipv6_network, ipv6_subnet_len) = match (raw.ipv6_network, raw.ipv6_subnet_len) {
             (None, None) => (None, None),
             (None, Some(len)) => {
@@ -559,6 +726,21 @@ impl NetConfig {
                 (Some(net), Some(len))
             }
         };
+        let v6 = match (ipv6_network, ipv6_subnet_len) {
+            (Some(net), Some(len)) => Some(parse_range(
+                Bounds {
+                    network: "IPv6Network",
+                    len: "IPv6SubnetLen",
+                    min: "IPv6SubnetMin",
+                    max: "IPv6SubnetMax",
+                },
+                net,
+                len,
+                raw.ipv6_subnet_min,
+                raw.ipv6_subnet_max,
+            )?),
+            _ => None,
+        };
         if enable_ipv6 && ipv6_network.is_none() {
             return Err(invalid(
                 "EnableIPv6",
@@ -568,6 +750,19 @@ impl NetConfig {
         }
 
         let backend = Backend::from_raw(raw.backend.unwrap_or_default())?;
+        if let Backend::Vxlan(VxlanBackend { mtu: Some(m), .. }) = backend
+            && enable_ipv6
+            && m < VxlanBackend::MIN_MTU_IPV6
+        {
+            return Err(invalid(
+                "Backend.MTU",
+                m,
+                format!(
+                    "must be at least {} when EnableIPv6 is true (IPv6's minimum link MTU)",
+                    VxlanBackend::MIN_MTU_IPV6
+                ),
+            ));
+        }
 
         Ok(NetConfig {
             network,
@@ -579,6 +774,8 @@ impl NetConfig {
             enable_ipv6,
             ipv6_network,
             ipv6_subnet_len,
+            ipv6_subnet_min: v6.map(|r| r.min),
+            ipv6_subnet_max: v6.map(|r| r.max),
             extra: raw.extra,
         })
     }
@@ -615,23 +812,47 @@ impl NetConfig {
         Ok(())
     }
 
-    fn subnet_size(&self) -> u32 {
-        1u32 << (32 - self.subnet_len)
+    /// The IPv4 subnets this config hands out: `SubnetMin..=SubnetMax` in `/SubnetLen`s.
+    pub fn range(&self) -> SubnetRange<Ipv4Net> {
+        SubnetRange {
+            min: self.subnet_min,
+            max: self.subnet_max,
+            len: self.subnet_len,
+        }
+    }
+
+    /// The IPv6 subnets this config hands out: `IPv6SubnetMin..=IPv6SubnetMax` in
+    /// `/IPv6SubnetLen`s, when `EnableIPv6` is true (an `IPv6Network` without it hands out
+    /// nothing).
+    pub fn ipv6_range(&self) -> Option<SubnetRange<Ipv6Net>> {
+        match (
+            self.ipv6_subnet_min,
+            self.ipv6_subnet_max,
+            self.ipv6_subnet_len,
+        ) {
+            (Some(min), Some(max), Some(len)) if self.enable_ipv6 => {
+                Some(SubnetRange { min, max, len })
+            }
+            _ => None,
+        }
+    }
+
+    /// The default IPv6 range of `IPv6Network` / `IPv6SubnetLen` (what an absent
+    /// `IPv6SubnetMin` / `IPv6SubnetMax` means).
+    fn ipv6_default_range(&self) -> Option<SubnetRange<Ipv6Net>> {
+        let (net, len) = (self.ipv6_network?, self.ipv6_subnet_len?);
+        Some(default_range(net, len))
     }
 
     /// How many subnets SubnetMin..=SubnetMax holds.
     pub fn subnet_count(&self) -> u64 {
-        u64::from((u32::from(self.subnet_max) - u32::from(self.subnet_min)) / self.subnet_size())
-            + 1
+        // At most 2^22 (Network /8 or longer, SubnetLen 30 or shorter).
+        self.range().count() as u64
     }
 
     /// The `index`-th candidate subnet (0-based from SubnetMin), if inside the range.
     pub fn subnet_at(&self, index: u64) -> Option<Ipv4Net> {
-        if index >= self.subnet_count() {
-            return None;
-        }
-        let addr = u32::from(self.subnet_min) + (index as u32) * self.subnet_size();
-        Some(Ipv4Net::new(Ipv4Addr::from(addr), self.subnet_len).expect("subnet_len <= 30"))
+        self.range().at(u128::from(index))
     }
 
     /// All candidate subnets, SubnetMin first.
@@ -642,17 +863,31 @@ impl NetConfig {
     /// Whether `subnet` is one this config hands out: the right length, aligned, inside
     /// SubnetMin..=SubnetMax.
     pub fn is_valid_subnet(&self, subnet: &Ipv4Net) -> bool {
-        subnet.prefix_len() == self.subnet_len
-            && subnet.trunc() == *subnet
-            && subnet.network() >= self.subnet_min
-            && subnet.network() <= self.subnet_max
+        self.range().contains(subnet)
+    }
+
+    /// Whether `subnet` is an IPv6 subnet this config hands out ([`NetConfig::ipv6_range`]).
+    pub fn is_valid_ipv6_subnet(&self, subnet: &Ipv6Net) -> bool {
+        self.ipv6_range().is_some_and(|r| r.contains(subnet))
+    }
+
+    /// Whether a lease with these subnets fits this config: its IPv4 subnet is one it hands
+    /// out, and it has an IPv6 subnet that this config hands out exactly when the config
+    /// hands out IPv6 subnets.
+    fn fits(&self, v4: &Ipv4Net, v6: Option<&Ipv6Net>) -> bool {
+        self.is_valid_subnet(v4)
+            && match (self.ipv6_range(), v6) {
+                (None, None) => true,
+                (Some(r), Some(s)) => r.contains(s),
+                _ => false,
+            }
     }
 
     /// The leases that this config would strand: their subnet is not one it hands out.
     pub fn stranded_leases<'a>(&self, leases: &'a [Lease]) -> Vec<&'a Lease> {
         leases
             .iter()
-            .filter(|l| !self.is_valid_subnet(&l.subnet))
+            .filter(|l| !self.fits(&l.subnet, l.ipv6_subnet.as_ref()))
             .collect()
     }
 
@@ -677,15 +912,40 @@ impl NetConfig {
             _ => Vec::new(),
         };
         let mut reasons = Vec::new();
-        if !stranded.is_empty() {
-            let list: Vec<String> = stranded.iter().map(|s| s.to_string()).collect();
+        let (by_v4, by_v6): (Vec<&Lease>, Vec<&Lease>) = self
+            .stranded_leases(leases)
+            .into_iter()
+            .partition(|l| !self.is_valid_subnet(&l.subnet));
+        if !by_v4.is_empty() {
+            let list: Vec<String> = by_v4.iter().map(|l| l.subnet.to_string()).collect();
             reasons.push(format!(
                 "{} existing lease(s) would be outside the new Network {} (SubnetLen {}, SubnetMin {}, SubnetMax {}): {}",
-                stranded.len(),
+                by_v4.len(),
                 self.network,
                 self.subnet_len,
                 self.subnet_min,
                 self.subnet_max,
+                list.join(", ")
+            ));
+        }
+        if !by_v6.is_empty() {
+            let list: Vec<String> = by_v6
+                .iter()
+                .map(|l| match l.ipv6_subnet {
+                    Some(s) => format!("{} ({s})", l.subnet),
+                    None => format!("{} (no IPv6 subnet)", l.subnet),
+                })
+                .collect();
+            let new_range = match (self.ipv6_range(), self.ipv6_network) {
+                (Some(r), Some(n)) => format!(
+                    "the new IPv6Network {n} (IPv6SubnetLen {}, IPv6SubnetMin {}, IPv6SubnetMax {})",
+                    r.len, r.min, r.max
+                ),
+                _ => "the new config, which hands out no IPv6 subnets (EnableIPv6 false)".into(),
+            };
+            reasons.push(format!(
+                "{} existing lease(s) would not have an IPv6 subnet of {new_range}: {}",
+                by_v6.len(),
                 list.join(", ")
             ));
         }
@@ -699,9 +959,11 @@ impl NetConfig {
 
     /// The keys of this config that Flannel defines and twill accepts but does not
     /// implement, where they ask for something (see `is_set`): `EnableIPv6` (true),
-    /// `IPv6Network`, [`UNIMPLEMENTED_KEYS`] and the backend's (`Backend.DirectRouting`,
-    /// `Backend.MTU`, ...). They are kept in etcd and have no effect: twilld warns about
-    /// them once when it reads the config, `twillctl network show` lists them.
+    /// `IPv6Network`, `IPv6SubnetMin` / `IPv6SubnetMax` (when not the default),
+    /// [`UNIMPLEMENTED_KEYS`] and the backend's (`Backend.DirectRouting` when true,
+    /// `Backend.MTU` when set, `Backend.GBP`, ...). They are kept in etcd and have no
+    /// effect: twilld warns about them once when it reads the config, `twillctl network
+    /// show` lists them.
     pub fn unsupported_keys(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.enable_ipv6 {
@@ -710,15 +972,20 @@ impl NetConfig {
         if self.ipv6_network.is_some() {
             out.push("IPv6Network".to_string());
         }
+        let default = self.ipv6_default_range();
+        if self.ipv6_subnet_min.is_some() && self.ipv6_subnet_min != default.map(|r| r.min) {
+            out.push("IPv6SubnetMin".to_string());
+        }
+        if self.ipv6_subnet_max.is_some() && self.ipv6_subnet_max != default.map(|r| r.max) {
+            out.push("IPv6SubnetMax".to_string());
+        }
         for k in UNIMPLEMENTED_KEYS {
             if is_set(self.extra.get(*k)) {
                 out.push(k.to_string());
             }
         }
-        for k in self.backend.unimplemented() {
-            if is_set(self.backend.extra().get(*k)) {
-                out.push(format!("Backend.{k}"));
-            }
+        for k in self.backend.unsupported_keys() {
+            out.push(format!("Backend.{k}"));
         }
         out
     }
@@ -1062,6 +1329,7 @@ mod tests {
     fn lease_at(subnet: &str) -> Lease {
         Lease {
             subnet: subnet.parse().unwrap(),
+            ipv6_subnet: None,
             attrs: crate::lease::LeaseAttrs::vxlan(
                 "n",
                 Ipv4Addr::new(192, 168, 0, 1),
@@ -1170,7 +1438,7 @@ mod tests {
         );
         assert_eq!(
             keys(
-                r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:1::","IPv6SubnetMax":"fd00:0:0:ff::","EnableNFTables":true,"Future":1,"Backend":{"Type":"vxlan","DirectRouting":true,"GBP":true,"Learning":true,"MTU":1400,"Other":true}}"#
+                r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:2::","IPv6SubnetMax":"fd00:0:0:ff::","EnableNFTables":true,"Future":1,"Backend":{"Type":"vxlan","DirectRouting":true,"GBP":true,"Learning":true,"MTU":1400,"Other":true}}"#
             ),
             [
                 "EnableIPv6",
@@ -1200,5 +1468,232 @@ mod tests {
                 .unsupported_keys(),
             ["Backend.DirectRouting", "Backend.MTU"]
         );
+    }
+
+    /// Flannel's dual-stack example (Documentation/configuration.md): both families, the
+    /// IPv6 defaults resolved as flanneld resolves them, written back and read the same.
+    #[test]
+    fn dual_stack_defaults_and_ranges() {
+        let c = NetConfig::from_json(
+            r#"{"EnableIPv6":true,"Network":"10.42.0.0/16","IPv6Network":"2001:cafe:42::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv6_subnet_len, Some(64));
+        assert_eq!(c.ipv6_subnet_min, Some("2001:cafe:42:1::".parse().unwrap()));
+        assert_eq!(
+            c.ipv6_subnet_max,
+            Some("2001:cafe:42:ff::".parse().unwrap())
+        );
+        let r = c.ipv6_range().unwrap();
+        assert_eq!(r.count(), 255);
+        assert!(c.is_valid_ipv6_subnet(&"2001:cafe:42:7::/64".parse().unwrap()));
+        assert!(!c.is_valid_ipv6_subnet(&"2001:cafe:42::/64".parse().unwrap()));
+        assert!(!c.is_valid_ipv6_subnet(&"2001:cafe:42:7::/65".parse().unwrap()));
+        assert!(!c.is_valid_ipv6_subnet(&"2001:cafe:42:7::1/64".parse().unwrap()));
+        // The defaults are not written out, so the config reads back the same.
+        let out = c.to_json();
+        assert!(!out.contains("IPv6SubnetMin"), "{out}");
+        assert_eq!(NetConfig::from_json(&out).unwrap(), c);
+        // Explicit bounds are kept, written, and named as unsupported.
+        let c = NetConfig::from_json(
+            r#"{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:10::","IPv6SubnetMax":"fd00:0:0:1f::"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv6_range().unwrap().count(), 16);
+        assert_eq!(NetConfig::from_json(&c.to_json()).unwrap(), c);
+        assert_eq!(
+            c.unsupported_keys(),
+            [
+                "EnableIPv6",
+                "IPv6Network",
+                "IPv6SubnetMin",
+                "IPv6SubnetMax"
+            ]
+        );
+        // IPv6Network without EnableIPv6 hands out no IPv6 subnets.
+        let off =
+            NetConfig::from_json(r#"{"Network":"10.0.0.0/16","IPv6Network":"fd00::/48"}"#).unwrap();
+        assert_eq!(off.ipv6_range(), None);
+        // A huge range is counted, not enumerated: /8 in /64s.
+        let big = NetConfig::from_json(
+            r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/8"}"#,
+        )
+        .unwrap();
+        assert_eq!(big.ipv6_range().unwrap().count(), (1u128 << 56) - 1);
+    }
+
+    #[test]
+    fn ipv6_bounds_are_validated_by_name() {
+        let v6 = |extra: &str| {
+            format!(
+                r#"{{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48"{extra}}}"#
+            )
+        };
+        for (extra, field, value) in [
+            (r#","IPv6SubnetMin":"fd01::""#, "IPv6SubnetMin", "fd01::"),
+            (
+                r#","IPv6SubnetMin":"fd00:0:0:1::1""#,
+                "IPv6SubnetMin",
+                "fd00:0:0:1::1",
+            ),
+            (r#","IPv6SubnetMax":"banana""#, "IPv6SubnetMax", "banana"),
+            (
+                r#","IPv6SubnetMax":"10.0.0.0""#,
+                "IPv6SubnetMax",
+                "10.0.0.0",
+            ),
+            (
+                r#","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:3::""#,
+                "IPv6SubnetMin",
+                "fd00:0:0:9::",
+            ),
+        ] {
+            let json = v6(extra);
+            assert_eq!(err_field(&json), (field.into(), value.into()), "{json}");
+            let msg = NetConfig::from_json(&json).unwrap_err().to_string();
+            assert!(msg.contains(field) && msg.contains(value), "{msg}");
+        }
+        for field in ["IPv6SubnetMin", "IPv6SubnetMax"] {
+            let json = format!(r#"{{"Network":"10.0.0.0/16","{field}":"fd00:0:0:1::"}}"#);
+            assert_eq!(err_field(&json), (field.into(), "fd00:0:0:1::".into()));
+        }
+    }
+
+    #[test]
+    fn families_at_least_one_and_ipv6_only_is_refused_by_name() {
+        let e = NetConfig::from_json(r#"{"Network":"10.0.0.0/16","EnableIPv4":false}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("EnableIPv4") && e.contains("no address family"),
+            "{e}"
+        );
+        let e = NetConfig::from_json(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("EnableIPv4") && e.contains("IPv6-only"), "{e}");
+        // Enabled IPv6 needs its network; enabled IPv4 (the default) needs Network.
+        assert_eq!(
+            err_field(r#"{"EnableIPv6":true,"IPv6Network":"fd00::/48"}"#).0,
+            "Network"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.0.0.0/16","EnableIPv6":true}"#).0,
+            "EnableIPv6"
+        );
+    }
+
+    #[test]
+    fn vxlan_direct_routing_and_mtu_are_typed() {
+        let c = NetConfig::from_json(
+            r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true,"MTU":1400}}"#,
+        )
+        .unwrap();
+        let v = c.backend.vxlan();
+        assert!(v.direct_routing);
+        assert_eq!(v.mtu, Some(1400));
+        assert!(v.extra.is_empty());
+        let out: Value = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(out["Backend"]["DirectRouting"], true);
+        assert_eq!(out["Backend"]["MTU"], 1400);
+        assert_eq!(NetConfig::from_json(&c.to_json()).unwrap(), c);
+        // Off values: the defaults, and not written (an IPv4-only default config is as before).
+        for b in [
+            r#"{}"#,
+            r#"{"DirectRouting":false}"#,
+            r#"{"MTU":0}"#,
+            r#"{"MTU":null,"DirectRouting":null}"#,
+        ] {
+            let c = NetConfig::from_json(&format!(r#"{{"Network":"10.0.0.0/16","Backend":{b}}}"#))
+                .unwrap();
+            assert!(
+                !c.backend.vxlan().direct_routing && c.backend.vxlan().mtu.is_none(),
+                "{b}"
+            );
+            assert_eq!(
+                c.to_json(),
+                NetConfig::from_json(r#"{"Network":"10.0.0.0/16"}"#)
+                    .unwrap()
+                    .to_json()
+            );
+        }
+        for (b, field, value) in [
+            (
+                r#"{"DirectRouting":"yes"}"#,
+                "Backend.DirectRouting",
+                "\"yes\"",
+            ),
+            (r#"{"DirectRouting":1}"#, "Backend.DirectRouting", "1"),
+            (r#"{"MTU":67}"#, "Backend.MTU", "67"),
+            (r#"{"MTU":65536}"#, "Backend.MTU", "65536"),
+            (r#"{"MTU":-1}"#, "Backend.MTU", "-1"),
+            (r#"{"MTU":1400.5}"#, "Backend.MTU", "1400.5"),
+            (r#"{"MTU":"1400"}"#, "Backend.MTU", "\"1400\""),
+        ] {
+            let json = format!(r#"{{"Network":"10.0.0.0/16","Backend":{b}}}"#);
+            assert_eq!(err_field(&json), (field.into(), value.into()), "{json}");
+        }
+        for m in [68, 65535] {
+            NetConfig::from_json(&format!(
+                r#"{{"Network":"10.0.0.0/16","Backend":{{"MTU":{m}}}}}"#
+            ))
+            .unwrap();
+        }
+        // IPv6 needs 1280.
+        let v6 = |m: u32| {
+            format!(
+                r#"{{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","Backend":{{"MTU":{m}}}}}"#
+            )
+        };
+        assert_eq!(err_field(&v6(1279)), ("Backend.MTU".into(), "1279".into()));
+        NetConfig::from_json(&v6(1280)).unwrap();
+    }
+
+    fn lease_v6(v4: &str, v6: Option<&str>) -> Lease {
+        Lease {
+            ipv6_subnet: v6.map(|s| s.parse().unwrap()),
+            ..lease_at(v4)
+        }
+    }
+
+    #[test]
+    fn replacement_problems_count_the_ipv6_family() {
+        let cfg = |json: &str| NetConfig::from_json(json).unwrap();
+        let v4 = cfg(r#"{"Network":"10.0.0.0/16"}"#);
+        let dual = cfg(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48"}"#);
+        let v4_leases = [lease_at("10.0.3.0/24")];
+        let dual_leases = [lease_v6("10.0.3.0/24", Some("fd00:0:0:3::/64"))];
+        // The same family set: nothing against it.
+        assert!(v4.replacement_problems(Some(&v4), &v4_leases).is_empty());
+        assert!(
+            dual.replacement_problems(Some(&dual), &dual_leases)
+                .is_empty()
+        );
+        // Switching IPv6 on strands the IPv4-only leases (their nodes need a dual-stack one).
+        let p = dual.replacement_problems(Some(&v4), &v4_leases);
+        assert_eq!(p.stranded, ["10.0.3.0/24".parse::<Ipv4Net>().unwrap()]);
+        assert_eq!(p.reasons.len(), 1);
+        assert!(
+            p.reasons[0].contains("no IPv6 subnet") && p.reasons[0].contains("fd00::/48"),
+            "{:?}",
+            p.reasons
+        );
+        assert!(dual.replacement_problems(Some(&v4), &[]).is_empty());
+        // Switching it off strands the dual-stack leases.
+        let p = v4.replacement_problems(Some(&dual), &dual_leases);
+        assert_eq!(p.stranded.len(), 1);
+        assert!(p.reasons[0].contains("EnableIPv6 false"), "{:?}", p.reasons);
+        // Another IPv6Network strands the leases outside it, and names them.
+        let other = cfg(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd01::/48"}"#);
+        let p = other.replacement_problems(Some(&dual), &dual_leases);
+        assert!(p.reasons[0].contains("fd00:0:0:3::/64") && p.reasons[0].contains("fd01::/48"));
+        // Both families at fault: the IPv4 reason first, each lease listed once.
+        let both = cfg(r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd01::/48"}"#);
+        let p = both.replacement_problems(Some(&dual), &dual_leases);
+        assert_eq!(p.stranded.len(), 1);
+        assert_eq!(p.reasons.len(), 1);
+        assert!(p.reasons[0].contains("10.1.0.0/16"), "{:?}", p.reasons);
     }
 }

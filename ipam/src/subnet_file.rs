@@ -9,12 +9,16 @@
 //! ```
 //!
 //! `FLANNEL_SUBNET` is the node's gateway address with the subnet's prefix length (the first
-//! host address of the node subnet). Optional: `FLANNEL_IPV6_NETWORK`, `FLANNEL_IPV6_SUBNET`.
+//! host address of the node subnet). A node with an IPv6 subnet (dual-stack) also has
+//! `FLANNEL_IPV6_NETWORK` and `FLANNEL_IPV6_SUBNET` (its IPv6 gateway/len), written after the
+//! IPv4 pair and before `FLANNEL_MTU`, as flanneld's `WriteSubnetFile` does; Flannel's CNI
+//! plugin (`loadFlannelSubnetEnv`) reads the keys in any order. An IPv4-only file is what it
+//! always was, byte for byte.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 
 /// Errors reading, parsing or writing the subnet file; each names the path, and the key and
 /// value when one is at fault.
@@ -65,9 +69,10 @@ pub struct SubnetFile {
     pub mtu: u32,
     /// Whether twilld masquerades traffic leaving the cluster network (FLANNEL_IPMASQ).
     pub ip_masq: bool,
-    /// FLANNEL_IPV6_NETWORK, if the cluster is dual-stack.
+    /// FLANNEL_IPV6_NETWORK, if the node is dual-stack (always an IPv6 net; set together
+    /// with `ipv6_subnet`).
     pub ipv6_network: Option<IpNet>,
-    /// FLANNEL_IPV6_SUBNET (gateway/len), if the cluster is dual-stack.
+    /// FLANNEL_IPV6_SUBNET (gateway/len), if the node is dual-stack (always an IPv6 net).
     pub ipv6_subnet: Option<IpNet>,
 }
 
@@ -83,6 +88,24 @@ impl SubnetFile {
             ipv6_network: None,
             ipv6_subnet: None,
         }
+    }
+
+    /// These contents with the node's IPv6 subnet (e.g. fd00:10:0:3::/64, gateway
+    /// fd00:10:0:3::1) in the cluster's IPv6 network: a dual-stack node.
+    pub fn with_ipv6(mut self, network: Ipv6Net, node_subnet: Ipv6Net) -> Self {
+        self.ipv6_network = Some(IpNet::V6(network));
+        self.ipv6_subnet = Some(gateway_of(IpNet::V6(node_subnet)));
+        self
+    }
+
+    /// The node's IPv6 subnet, e.g. fd00:10:0:3::/64 for FLANNEL_IPV6_SUBNET=fd00:10:0:3::1/64.
+    pub fn ipv6_node_subnet(&self) -> Option<IpNet> {
+        self.ipv6_subnet.map(|s| s.trunc())
+    }
+
+    /// The IPv6 gateway (the bridge's IPv6 address), e.g. fd00:10:0:3::1.
+    pub fn ipv6_gateway(&self) -> Option<IpAddr> {
+        self.ipv6_subnet.map(|s| s.addr())
     }
 
     /// The node subnet itself, e.g. 10.244.3.0/24 for FLANNEL_SUBNET=10.244.3.1/24.
@@ -238,13 +261,35 @@ impl SubnetFile {
             }
         };
         check("FLANNEL_SUBNET", subnet, network)?;
-        if subnet.max_prefix_len() - subnet.prefix_len() < 2 {
-            return Err(SubnetFileError::Value {
-                path: path.to_path_buf(),
-                key: "FLANNEL_SUBNET",
-                value: subnet.to_string(),
-                reason: "the node subnet has no room for pods".into(),
-            });
+        let check_room = |key: &'static str, s: IpNet| {
+            if s.max_prefix_len() - s.prefix_len() < 2 {
+                return Err(SubnetFileError::Value {
+                    path: path.to_path_buf(),
+                    key,
+                    value: s.to_string(),
+                    reason: "the node subnet has no room for pods".into(),
+                });
+            }
+            Ok(())
+        };
+        check_room("FLANNEL_SUBNET", subnet)?;
+        for (key, v) in [
+            ("FLANNEL_IPV6_NETWORK", ipv6_network),
+            ("FLANNEL_IPV6_SUBNET", ipv6_subnet),
+        ] {
+            if let Some(n @ IpNet::V4(_)) = v {
+                return Err(SubnetFileError::Value {
+                    path: path.to_path_buf(),
+                    key,
+                    value: n.to_string(),
+                    reason: "not an IPv6 net".into(),
+                });
+            }
+        }
+        match (ipv6_network, ipv6_subnet) {
+            (Some(_), None) => return Err(missing("FLANNEL_IPV6_SUBNET")),
+            (None, Some(_)) => return Err(missing("FLANNEL_IPV6_NETWORK")),
+            _ => {}
         }
         // The address in FLANNEL_SUBNET is the bridge's, the pods' gateway: any host of
         // the subnet (the allocator skips it), never the network or broadcast address.
@@ -269,8 +314,7 @@ impl SubnetFile {
         check_gateway("FLANNEL_SUBNET", subnet)?;
         if let (Some(n), Some(s)) = (ipv6_network, ipv6_subnet) {
             check("FLANNEL_IPV6_SUBNET", s, n)?;
-        }
-        if let Some(s) = ipv6_subnet {
+            check_room("FLANNEL_IPV6_SUBNET", s)?;
             check_gateway("FLANNEL_IPV6_SUBNET", s)?;
         }
         Ok(SubnetFile {
@@ -469,5 +513,89 @@ mod tests {
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// A dual-stack node's file in flanneld's order (`WriteSubnetFile`: the IPv4 pair, the
+    /// IPv6 pair, MTU, IPMASQ); the IPv4-only file of the same node is the old one.
+    #[test]
+    fn dual_stack_file_in_flannels_order() {
+        let v4 = SubnetFile::for_node_subnet(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.3.0/24".parse().unwrap(),
+            1450,
+            true,
+        );
+        assert_eq!(v4.render(), FLANNEL);
+        let dual = v4.with_ipv6(
+            "fc00::/48".parse().unwrap(),
+            "fc00:0:0:3::/64".parse().unwrap(),
+        );
+        let text = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+        assert_eq!(dual.render(), text);
+        let back = SubnetFile::parse("x", text).unwrap();
+        assert_eq!(back, dual);
+        assert_eq!(
+            back.ipv6_node_subnet(),
+            Some("fc00:0:0:3::/64".parse().unwrap())
+        );
+        assert_eq!(back.ipv6_gateway(), Some("fc00:0:0:3::1".parse().unwrap()));
+        assert_eq!(
+            SubnetFile::parse("x", FLANNEL).unwrap().ipv6_gateway(),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv6_keys_are_validated_by_name() {
+        let base = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+        for (extra, key, value) in [
+            (
+                "FLANNEL_IPV6_NETWORK=10.0.0.0/8\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\n",
+                "FLANNEL_IPV6_NETWORK",
+                "10.0.0.0/8",
+            ),
+            (
+                "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=10.1.0.1/24\n",
+                "FLANNEL_IPV6_SUBNET",
+                "10.1.0.1/24",
+            ),
+            (
+                "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fd00:0:0:3::1/64\n",
+                "FLANNEL_IPV6_SUBNET",
+                "fd00:0:0:3::1/64",
+            ),
+            (
+                "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::1/127\n",
+                "FLANNEL_IPV6_SUBNET",
+                "fc00:0:0:3::1/127",
+            ),
+            (
+                "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::/64\n",
+                "FLANNEL_IPV6_SUBNET",
+                "fc00:0:0:3::/64",
+            ),
+            (
+                "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=banana\n",
+                "FLANNEL_IPV6_SUBNET",
+                "banana",
+            ),
+        ] {
+            let e = SubnetFile::parse("/p", &format!("{base}{extra}")).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(key) && msg.contains(value), "{extra}: {msg}");
+        }
+        for (extra, key) in [
+            ("FLANNEL_IPV6_NETWORK=fc00::/48\n", "FLANNEL_IPV6_SUBNET"),
+            (
+                "FLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\n",
+                "FLANNEL_IPV6_NETWORK",
+            ),
+        ] {
+            let e = SubnetFile::parse("/p", &format!("{base}{extra}")).unwrap_err();
+            assert!(
+                matches!(e, SubnetFileError::Missing { key: k, .. } if k == key),
+                "{e}"
+            );
+        }
     }
 }

@@ -193,6 +193,7 @@ impl LeaseStore {
         let a = result?;
         Ok(Lease {
             subnet: a.subnet,
+            ipv6_subnet: None,
             attrs: a.attrs,
             reserved: a.reserved,
             etcd_lease: if a.reserved { 0 } else { lease_id },

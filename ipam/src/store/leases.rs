@@ -234,6 +234,7 @@ impl LeaseStore {
         };
         Ok(Lease {
             subnet,
+            ipv6_subnet: None,
             attrs: attrs.clone(),
             reserved: true,
             etcd_lease: 0,

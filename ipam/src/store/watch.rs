@@ -516,6 +516,7 @@ mod tests {
     fn lease(s: &str, node: &str, rev: i64) -> Lease {
         Lease {
             subnet: s.parse().unwrap(),
+            ipv6_subnet: None,
             attrs: LeaseAttrs::vxlan(
                 node,
                 std::net::Ipv4Addr::new(10, 0, 0, 1),

@@ -405,6 +405,7 @@ mod tests {
     fn lease(n: u8, node: &str) -> Lease {
         Lease {
             subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+            ipv6_subnet: None,
             attrs: LeaseAttrs::vxlan(
                 node,
                 format!("192.0.2.{n}").parse().unwrap(),

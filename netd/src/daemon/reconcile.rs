@@ -819,6 +819,7 @@ mod tests {
     fn lease(n: u8, node: &str) -> Lease {
         Lease {
             subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+            ipv6_subnet: None,
             attrs: LeaseAttrs::vxlan(node, Ipv4Addr::new(192, 168, 0, n), 1, Mac::derive(node)),
             reserved: false,
             etcd_lease: 1,
