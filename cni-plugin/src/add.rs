@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_json::Value;
 use twill_dataplane::pod::{
-    BridgeRef, Link, Pod, PodDataplane, RtnlPod, Undo, VethOwner, VethSpec, bridge_mac, format_mac,
-    parse_veth_alias, random_mac,
+    BridgeRef, Link, Mac, Pod, PodDataplane, RtnlPod, Undo, VethOwner, VethSpec, bridge_mac,
+    parse_veth_alias,
 };
 use twill_dataplane::{NetNs, Netlink};
 use twill_ipam::alloc::{Allocator, Request};
@@ -204,17 +204,17 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         interfaces: vec![
             Interface {
                 name: wired.bridge.name,
-                mac: Some(wired.bridge.mac),
+                mac: wired.bridge.mac.map(|m| m.to_string()),
                 ..Default::default()
             },
             Interface {
                 name: wired.host.name,
-                mac: Some(wired.host.mac),
+                mac: wired.host.mac.map(|m| m.to_string()),
                 ..Default::default()
             },
             Interface {
                 name: ifname.into(),
-                mac: Some(wired.pod_mac),
+                mac: Some(wired.pod_mac.to_string()),
                 mtu: Some(mtu),
                 sandbox: Some(netns_path.into()),
                 ..Default::default()
@@ -295,7 +295,8 @@ pub(crate) struct Plan<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Named {
     pub name: String,
-    pub mac: String,
+    /// `None` only if the kernel reported no Ethernet address for the link.
+    pub mac: Option<Mac>,
 }
 
 /// What [`wire`] made: the bridge, the host veth, and the MAC of the pod end.
@@ -303,7 +304,7 @@ pub(crate) struct Named {
 pub(crate) struct Wired {
     pub bridge: Named,
     pub host: Named,
-    pub pod_mac: String,
+    pub pod_mac: Mac,
 }
 
 /// Whether the existing link `l` is the host veth twill made for `plan`'s pod (so ADD may
@@ -346,11 +347,11 @@ pub(crate) async fn wire<'u, N: PodDataplane, P: PodDataplane>(
     let alias = plan.pod.alias();
     let spec = VethSpec {
         host_name: host,
-        host_mac: random_mac(),
+        host_mac: Mac::random(),
         host_alias: &alias,
         pod_ns: plan.ns,
         pod_ifname: ifname,
-        pod_mac: random_mac(),
+        pod_mac: Mac::random(),
         mtu: plan.mtu,
         hairpin: plan.hairpin,
     };
@@ -413,13 +414,13 @@ pub(crate) async fn wire<'u, N: PodDataplane, P: PodDataplane>(
     Ok(Wired {
         bridge: Named {
             name: br.name.clone(),
-            mac: br.mac_string(),
+            mac: br.mac,
         },
         host: Named {
             name: attached.host.name.clone(),
-            mac: attached.host.mac_string(),
+            mac: attached.host.mac,
         },
-        pod_mac: format_mac(&spec.pod_mac),
+        pod_mac: spec.pod_mac,
     })
 }
 
@@ -494,7 +495,7 @@ mod tests {
         let (f, p) = fakes();
         let w = rt().block_on(run(&f, &p, false)).unwrap();
         assert_eq!(w.bridge.name, "cni0");
-        assert_eq!(w.bridge.mac, "0a:58:0a:f4:03:01");
+        assert_eq!(w.bridge.mac.unwrap().to_string(), "0a:58:0a:f4:03:01");
         assert_eq!(w.host.name, "vethabc");
         assert_eq!(
             f.calls(),
@@ -508,11 +509,10 @@ mod tests {
             ["configure_pod eth0 10.244.3.2/24 via 10.244.3.1 routes 0.0.0.0/0,10.244.0.0/16"]
         );
         // The MACs ADD reports are the ones it chose: locally administered unicast.
-        for m in [&w.host.mac, &w.pod_mac] {
-            let first = u8::from_str_radix(&m[..2], 16).unwrap();
-            assert_eq!(first & 0x03, 0x02, "{m}");
+        for m in [w.host.mac.unwrap(), w.pod_mac] {
+            assert_eq!(m.0[0] & 0x03, 0x02, "{m}");
         }
-        assert_ne!(w.host.mac, w.pod_mac);
+        assert_ne!(w.host.mac, Some(w.pod_mac));
     }
 
     #[test]

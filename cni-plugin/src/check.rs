@@ -3,7 +3,7 @@
 //! missing.
 
 use ipnet::IpNet;
-use twill_dataplane::pod::{PodDataplane, RtnlPod, format_mac};
+use twill_dataplane::pod::{PodDataplane, RtnlPod};
 use twill_ipam::alloc::Allocator;
 
 use crate::add::{decode_prev_result, open_netns};
@@ -110,12 +110,14 @@ pub(crate) async fn check_kernel(
             "interface {ifname} in netns {netns_path} is down"
         )));
     }
+    let have = link
+        .mac
+        .map_or_else(|| "none".to_string(), |m| m.to_string());
     if let Some(mac) = want.mac
-        && !mac.eq_ignore_ascii_case(&format_mac(&link.mac))
+        && !mac.eq_ignore_ascii_case(&have)
     {
         return Err(failed(format!(
-            "interface {ifname} has MAC {}, prevResult says {mac}",
-            format_mac(&link.mac)
+            "interface {ifname} has MAC {have}, prevResult says {mac}"
         )));
     }
     let addrs = pod.addresses(link.index).await?;

@@ -24,7 +24,8 @@ use twill_ipam::mac::Mac;
 pub struct Link {
     pub index: u32,
     pub name: String,
-    pub mac: Vec<u8>,
+    /// IFLA_ADDRESS, when it is an Ethernet address.
+    pub mac: Option<Mac>,
     pub mtu: Option<u32>,
     pub up: bool,
     /// The index of the bridge (or other controller) the link is a port of.
@@ -50,21 +51,6 @@ pub struct Vxlan {
     /// The source address of the outer packets.
     pub local: Option<IpAddr>,
     pub learning: Option<bool>,
-}
-
-impl Link {
-    /// The MAC as `aa:bb:cc:dd:ee:ff`.
-    pub fn mac_string(&self) -> String {
-        format_mac(&self.mac)
-    }
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// A main-table route: its destination, gateway and output link, and who made it of what type.
@@ -114,7 +100,7 @@ pub fn link(msg: LinkMessage) -> Link {
     let mut l = Link {
         index: msg.header.index,
         name: String::new(),
-        mac: Vec::new(),
+        mac: None,
         mtu: None,
         up: msg.header.flags.contains(LinkFlags::Up),
         controller: None,
@@ -126,7 +112,7 @@ pub fn link(msg: LinkMessage) -> Link {
     for a in msg.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n,
-            LinkAttribute::Address(m) => l.mac = m,
+            LinkAttribute::Address(m) => l.mac = Mac::from_slice(&m),
             LinkAttribute::Mtu(m) => l.mtu = Some(m),
             LinkAttribute::Controller(c) if c != 0 => l.controller = Some(c),
             LinkAttribute::Link(p) if p != 0 => l.peer = Some(p),
@@ -279,7 +265,7 @@ mod tests {
         let l = link(m);
         assert_eq!(l.index, 7);
         assert_eq!(l.name, "veth1");
-        assert_eq!(l.mac_string(), "02:00:00:00:00:01");
+        assert_eq!(l.mac.unwrap().to_string(), "02:00:00:00:00:01");
         assert_eq!(l.mtu, Some(1450));
         assert!(l.up);
         assert_eq!(l.controller, Some(3));

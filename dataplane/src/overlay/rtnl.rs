@@ -20,8 +20,8 @@ use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use super::batch::BatchSocket;
 use super::{
-    EnsureOutcome, Fdb, Mac, Neigh, Op, Overlay, Programmed, Route, TWILL_ROUTE_PROTOCOL,
-    VxlanLink, VxlanSpec,
+    EnsureOutcome, Fdb, Neigh, Op, Overlay, Programmed, Route, TWILL_ROUTE_PROTOCOL, VxlanLink,
+    VxlanSpec,
 };
 use crate::netlink::parse;
 use crate::{Error, Netlink, Result};
@@ -142,7 +142,7 @@ impl RtnlOverlay {
             local: vx.local,
             learning: vx.learning,
             mtu: l.mtu.unwrap_or(0),
-            mac: Mac::from_slice(&l.mac).unwrap_or_default(),
+            mac: l.mac.unwrap_or_default(),
             up: l.up,
             name: l.name,
             addresses,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use ipnet::IpNet;
 use rtnetlink::packet_route::route::{RouteProtocol, RouteType};
 
-use super::{AttachedVeth, Link, PodDataplane, Removal, Route, VethOwner, VethSpec};
+use super::{AttachedVeth, Link, Mac, PodDataplane, Removal, Route, VethOwner, VethSpec};
 use crate::{Error, Result};
 
 /// One namespace's fake kernel. Clones share it (keep one to inspect after handing one
@@ -65,7 +65,7 @@ impl Recording {
         let l = Link {
             index: links.len() as u32 + 2,
             name: name.into(),
-            mac: vec![2, 0, 0, 0, 0, links.len() as u8 + 2],
+            mac: Some(Mac([2, 0, 0, 0, 0, links.len() as u8 + 2])),
             mtu: Some(1500),
             up: false,
             controller: None,
@@ -113,7 +113,7 @@ impl Recording {
 }
 
 impl PodDataplane for Recording {
-    async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link> {
+    async fn ensure_bridge(&self, name: &str, mac: Mac, mtu: u32) -> Result<Link> {
         self.call("ensure_bridge", format!("ensure_bridge {name} {mtu}"))?;
         if let Some(l) = self.inner.links.lock().unwrap().get(name)
             && l.kind.as_deref() != Some("bridge")
@@ -124,7 +124,7 @@ impl PodDataplane for Recording {
         }
         if !self.has_link(name) {
             let mut l = self.add_link(name, "bridge");
-            l.mac = mac.to_vec();
+            l.mac = Some(mac);
             l.up = true;
             self.inner.links.lock().unwrap().insert(name.into(), l);
         }
@@ -153,7 +153,7 @@ impl PodDataplane for Recording {
         }
         let mut h = self.add_link(host, "veth");
         h.up = true;
-        h.mac = spec.host_mac.to_vec();
+        h.mac = Some(spec.host_mac);
         h.controller = Some(bridge.index);
         h.alias = Some(spec.host_alias.to_string());
         // The pod end appears in the pod namespace's fake (the test adds it there, as

@@ -18,9 +18,10 @@ pub mod fake;
 pub mod rtnl;
 mod undo;
 
-pub use crate::netlink::parse::{Link, Route, format_mac};
+pub use crate::netlink::parse::{Link, Route};
 pub use crate::unlink::Removal;
 pub use rtnl::RtnlPod;
+pub use twill_ipam::mac::Mac;
 pub use undo::Undo;
 
 /// One pod attachment, as the runtime names it: built once per invocation.
@@ -45,7 +46,7 @@ impl Pod {
 /// The bridge's fixed MAC, derived from its gateway: `0a:58` (locally administered, unicast)
 /// followed by the IPv4 address, as Kubernetes' kubenet and OVN do. Stable across restarts,
 /// so pods' neighbour entries for the gateway never go stale.
-pub fn bridge_mac(gateway: IpAddr) -> [u8; 6] {
+pub fn bridge_mac(gateway: IpAddr) -> Mac {
     let o = match gateway {
         IpAddr::V4(a) => a.octets(),
         IpAddr::V6(a) => {
@@ -53,13 +54,7 @@ pub fn bridge_mac(gateway: IpAddr) -> [u8; 6] {
             [s[12], s[13], s[14], s[15]]
         }
     };
-    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
-}
-
-/// A random MAC for a veth end: locally administered, unicast (what the kernel would pick,
-/// chosen here so that ADD knows it without asking the kernel).
-pub fn random_mac() -> [u8; 6] {
-    twill_ipam::mac::Mac::random().0
+    Mac([0x0a, 0x58, o[0], o[1], o[2], o[3]])
 }
 
 /// The marker that starts the alias (IFLA_IFALIAS) of every host veth twill makes.
@@ -118,13 +113,13 @@ impl VethOwner {
 pub struct VethSpec<'a> {
     /// The host end: its name and MAC; it becomes a port of the bridge, up.
     pub host_name: &'a str,
-    pub host_mac: [u8; 6],
+    pub host_mac: Mac,
     /// The host end's alias (IFLA_IFALIAS), [`veth_alias`]: what proves it twill's later.
     pub host_alias: &'a str,
     /// The pod end, created directly inside `pod_ns`, down.
     pub pod_ns: &'a NetNs,
     pub pod_ifname: &'a str,
-    pub pod_mac: [u8; 6],
+    pub pod_mac: Mac,
     /// Both ends.
     pub mtu: u32,
     /// Hairpin mode on the host end's bridge port.
@@ -146,7 +141,7 @@ pub trait PodDataplane {
     /// The bridge `name`, created (with `mac`, `mtu`, up) if missing, brought up if down.
     /// A link of that name that is not a bridge is [`crate::Error::Invalid`], and is left
     /// alone.
-    async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link>;
+    async fn ensure_bridge(&self, name: &str, mac: Mac, mtu: u32) -> Result<Link>;
     /// The node side of a pod, in two round trips to the kernel: `gateway` (gateway/len) on
     /// `bridge` (already there is fine), the veth pair of `spec` (the pod end born inside the
     /// pod namespace) and the host end read back; then, by the new link's index, its alias
@@ -199,16 +194,16 @@ mod tests {
     #[test]
     fn bridge_mac_is_local_unicast_and_stable() {
         let m = bridge_mac("10.244.3.1".parse().unwrap());
-        assert_eq!(format_mac(&m), "0a:58:0a:f4:03:01");
-        assert_eq!(m[0] & 0x02, 0x02, "locally administered");
-        assert_eq!(m[0] & 0x01, 0, "unicast");
+        assert_eq!(m.to_string(), "0a:58:0a:f4:03:01");
+        assert_eq!(m.0[0] & 0x02, 0x02, "locally administered");
+        assert_eq!(m.0[0] & 0x01, 0, "unicast");
     }
 
     fn veth(alias: Option<&str>, controller: Option<u32>) -> Link {
         Link {
             index: 9,
             name: "vethabc".into(),
-            mac: vec![2, 0, 0, 0, 0, 9],
+            mac: Some(Mac([2, 0, 0, 0, 0, 9])),
             mtu: Some(1450),
             up: true,
             controller,

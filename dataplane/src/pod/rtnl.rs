@@ -14,7 +14,7 @@ use rtnetlink::{
     RouteMessageBuilder,
 };
 
-use super::{AttachedVeth, Link, PodDataplane, Removal, Route, Undo, VethOwner, VethSpec};
+use super::{AttachedVeth, Link, Mac, PodDataplane, Removal, Route, Undo, VethOwner, VethSpec};
 use crate::netlink::{Batch, errno, parse};
 use crate::{Error, NetNs, Netlink, Result, unlink};
 
@@ -89,12 +89,12 @@ fn route_msg(index: u32, dst: IpNet, gateway: IpAddr) -> Result<RouteMessage> {
 }
 
 impl PodDataplane for RtnlPod {
-    async fn ensure_bridge(&self, name: &str, mac: [u8; 6], mtu: u32) -> Result<Link> {
+    async fn ensure_bridge(&self, name: &str, mac: Mac, mtu: u32) -> Result<Link> {
         let br = match self.link(name).await? {
             Some(l) => l,
             None => {
                 let msg = LinkMessageBuilder::<rtnetlink::LinkBridge>::new(name)
-                    .address(mac.to_vec())
+                    .address(mac.0.to_vec())
                     .mtu(mtu)
                     .up()
                     .build();
@@ -139,7 +139,7 @@ impl PodDataplane for RtnlPod {
         // the queues are not used to spread the load.
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(spec.pod_ifname)
-            .address(spec.pod_mac.to_vec())
+            .address(spec.pod_mac.0.to_vec())
             .mtu(spec.mtu)
             .setns_by_fd(spec.pod_ns.raw_fd())
             .append_extra_attribute(LinkAttribute::NumTxQueues(1))
@@ -147,7 +147,7 @@ impl PodDataplane for RtnlPod {
             .build();
         let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(host)
-            .address(spec.host_mac.to_vec())
+            .address(spec.host_mac.0.to_vec())
             .mtu(spec.mtu)
             .controller(bridge.index)
             .up()
