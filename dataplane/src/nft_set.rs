@@ -14,8 +14,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use rtnetlink::sys::protocols::NETLINK_NETFILTER;
-use rtnetlink::sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
+use rtnetlink::sys::{AsyncSocketExt, TokioSocket};
 
 use crate::nft::{PEER_SET, TABLE};
 use crate::{Error, NetNs, Result};
@@ -195,13 +194,8 @@ impl PeerSet {
     }
 
     fn connect() -> Result<PeerSet> {
-        let io = |e| Error::io("open a NETLINK_NETFILTER socket", e);
-        let mut sock = TokioSocket::new(NETLINK_NETFILTER).map_err(io)?;
-        let s = sock.socket_mut();
-        s.bind_auto().map_err(io)?;
-        s.connect(&SocketAddr::new(0, 0)).map_err(io)?;
-        // Error replies carry only the header of the failed request, not its elements.
-        s.set_cap_ack(true).map_err(io)?;
+        let sock = crate::netlink::netfilter_socket()
+            .map_err(|e| Error::io("open a NETLINK_NETFILTER socket", e))?;
         Ok(PeerSet {
             sock,
             seq: AtomicU32::new(1),

@@ -204,11 +204,17 @@ async fn vxlan_is_accepted_only_from_member_nodes() {
         0,
         "a non-member's VXLAN packet reached the pod"
     );
-    let table = n1
-        .ns
-        .exec("nft", &["list", "counter", "ip", "twill", "vxlan_dropped"])
-        .unwrap();
-    assert!(!table.contains("packets 0 "), "{table}");
+    // The stranger's packets wait for its first ARP answer (a new bridge port), so they
+    // may reach the filter after the member's: wait for the counter, with a bound.
+    let list = || {
+        n1.ns
+            .exec("nft", &["list", "counter", "ip", "twill", "vxlan_dropped"])
+            .unwrap()
+    };
+    let counted = wait_for(Duration::from_secs(5), || {
+        (!list().contains("packets 0 ")).then_some(())
+    });
+    assert!(counted.is_some(), "{}", list());
     // The drops are in the metric after the next resync.
     let dropped = wait_for(Duration::from_secs(5), || {
         metric(&n1.metrics(), "twill_vxlan_dropped_packets_total").filter(|v| *v >= 20.0)

@@ -1,6 +1,7 @@
-//! The kernel layer's netlink: every netlink route socket of the crate is opened here, in the
+//! The kernel layer's netlink: every netlink socket of the crate is opened here, in the
 //! namespace the caller names, on a short-lived thread ([`NetNs::spawn_in`]) when that is not
-//! the caller's own. (The nftables set socket is of another protocol: [`crate::nft_set`].)
+//! the caller's own: the route sockets, and the NETLINK_NETFILTER socket of the nftables
+//! peer set ([`netfilter_socket`], whose messages [`crate::nft_set`] encodes).
 //!
 //! - [`Netlink`]: an rtnetlink connection bound to one namespace, and the one helper that
 //!   bounds every request made through it ([`bounded`]);
@@ -71,6 +72,19 @@ pub fn encode_into(buf: &mut Vec<u8>, msg: RouteNetlinkMessage, flags: u16, seq:
 /// child may call it ([`sync::send_from_child`]).
 pub fn route_socket() -> std::io::Result<Socket> {
     Socket::new(NETLINK_ROUTE)
+}
+
+/// A connected NETLINK_NETFILTER socket on the current tokio runtime, in the calling
+/// thread's namespace, with NETLINK_CAP_ACK set (an error reply carries only the header of
+/// the failed request, not its elements): [`crate::nft_set::PeerSet`]'s.
+pub fn netfilter_socket() -> std::io::Result<rtnetlink::sys::TokioSocket> {
+    use rtnetlink::sys::protocols::NETLINK_NETFILTER;
+    let mut sock = rtnetlink::sys::TokioSocket::new(NETLINK_NETFILTER)?;
+    let s = sock.socket_mut();
+    s.bind_auto()?;
+    s.connect(&SocketAddr::new(0, 0))?;
+    s.set_cap_ack(true)?;
+    Ok(sock)
 }
 
 /// How long one netlink request (a write and its ack, or a whole dump) may take by default.
