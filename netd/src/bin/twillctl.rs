@@ -3,16 +3,18 @@
 //! 5 invalid config).
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use twill_netd::ctl::{self, Cli, EXIT_ERROR};
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_env("TWILLCTL_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
+    tracing_subscriber::registry()
+        .with(twill_netd::logging::filter_from_env(
+            &["TWILLCTL_LOG"],
+            "warn",
+        ))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -4,26 +4,26 @@ use std::io::IsTerminal;
 
 use anyhow::Result;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use twill_netd::cli::{Cli, Command};
 
 fn init_logging(format: &str) {
     // rtnetlink and netlink-proto log through `log`.
     let _ = tracing_log::LogTracer::init();
-    let filter = EnvFilter::try_from_env("TWILLD_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| {
-            EnvFilter::new("info,netlink_proto=warn,h2=warn,tower=warn,hyper=warn")
-        });
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = twill_netd::logging::filter_from_env(
+        &["TWILLD_LOG", "RUST_LOG"],
+        "info,netlink_proto=warn,h2=warn,tower=warn,hyper=warn",
+    );
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if format == "json" {
-        let _ = b.json().try_init();
+        let _ = registry.with(fmt.json()).try_init();
     } else {
-        let _ = b.try_init();
+        let _ = registry.with(fmt).try_init();
     }
 }
 
