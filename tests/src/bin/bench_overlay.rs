@@ -296,6 +296,10 @@ async fn main() -> Result<()> {
 
     std::thread::sleep(Duration::from_millis(500));
     let rss_running = status_kib(pid, "VmRSS:").unwrap_or(0);
+    let (anon_running, hwm_running) = (
+        status_kib(pid, "RssAnon:").unwrap_or(0),
+        status_kib(pid, "VmHWM:").unwrap_or(0),
+    );
 
     // A fresh node joining a cluster of N: twilld start → all 3N entries programmed.
     let t_start = Instant::now();
@@ -357,9 +361,15 @@ async fn main() -> Result<()> {
         rss_fresh.saturating_sub(rss_base) as f64 / f64::from(n.max(1))
     );
     println!(
-        "fresh node RSS split: {:.1} MiB anonymous (heap, stacks), {:.1} MiB file-backed (the binary's pages)",
+        "fresh node RSS split: {:.1} MiB anonymous (heap, stacks), {:.1} MiB file-backed (the binary's pages); peak (VmHWM) {:.1} MiB",
         mib(anon_fresh),
-        mib(file_fresh)
+        mib(file_fresh),
+        mib(status_kib(pid2, "VmHWM:").unwrap_or(0))
+    );
+    println!(
+        "running node: {:.1} MiB anonymous; peak (VmHWM) {:.1} MiB",
+        mib(anon_running),
+        mib(hwm_running)
     );
     let ka0 = keepalives.load(std::sync::atomic::Ordering::Relaxed);
     let cpu_s0 = cpu_time(etcd_pid).unwrap_or_default();
@@ -369,6 +379,13 @@ async fn main() -> Result<()> {
         .unwrap_or_default()
         .saturating_sub(cpu_s0);
     let secs = t_s0.elapsed().as_secs_f64();
+    println!(
+        "after {:.0} s steady: running node {:.1} MiB, fresh node {:.1} MiB ({:.1} MiB anonymous)",
+        secs,
+        mib(status_kib(pid, "VmRSS:").unwrap_or(0)),
+        mib(status_kib(pid2, "VmRSS:").unwrap_or(0)),
+        mib(status_kib(pid2, "RssAnon:").unwrap_or(0))
+    );
     let ka = keepalives.load(std::sync::atomic::Ordering::Relaxed) - ka0;
     let etcd_rss = status_kib(etcd_pid, "VmRSS:").unwrap_or(0);
     println!(
