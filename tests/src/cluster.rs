@@ -301,6 +301,22 @@ impl Node {
         self.dir.join("subnet.env")
     }
 
+    /// `twillctl -o json doctor` in the node's namespace, pointed at this node's subnet
+    /// file, CNI data dir and name, and at the CNI config dir `conf_dir`; the caller adds
+    /// the etcd flags and its own.
+    pub fn doctor_command(&self, conf_dir: &Path) -> Command {
+        let mut cmd = self.ns.command(crate::bins::bin("twillctl"));
+        cmd.args(["--etcd-prefix", ETCD_PREFIX, "-o", "json", "doctor"])
+            .arg("--subnet-file")
+            .arg(self.subnet_file())
+            .arg("--cni-data-dir")
+            .arg(self.dir.join("cni"))
+            .arg("--cni-conf-dir")
+            .arg(conf_dir)
+            .args(["--node-name", &self.name]);
+        cmd
+    }
+
     pub fn log(&self) -> PathBuf {
         self.dir.join("twilld.log")
     }

@@ -7,28 +7,20 @@ use std::path::Path;
 use std::process::Output;
 
 use serde_json::Value;
-use twill_tests::cluster::{Cluster, ClusterOpts, ETCD_PREFIX, Node};
+use twill_tests::cluster::{Cluster, ClusterOpts, Node};
 
 fn doctor(n: &Node, conf_dir: &Path, extra: &[&str]) -> (Output, Value) {
-    let out =
-        n.ns.command(twill_tests::bins::bin("twillctl"))
-            .args(["--etcd-prefix", ETCD_PREFIX, "-o", "json", "doctor"])
-            .arg("--subnet-file")
-            .arg(n.subnet_file())
-            .arg("--cni-data-dir")
-            .arg(n.dir.join("cni"))
-            .arg("--cni-conf-dir")
-            .arg(conf_dir)
-            .args(["--node-name", &n.name])
-            .args(extra)
-            .args(if extra.contains(&"--lease-warn") {
-                &[][..]
-            } else {
-                &["--lease-warn", "1s"][..]
-            })
-            .env("TWILLCTL_ETCD_ENDPOINTS", "http://127.0.0.1:2379")
-            .output()
-            .unwrap();
+    let out = n
+        .doctor_command(conf_dir)
+        .args(extra)
+        .args(if extra.contains(&"--lease-warn") {
+            &[][..]
+        } else {
+            &["--lease-warn", "1s"][..]
+        })
+        .env("TWILLCTL_ETCD_ENDPOINTS", "http://127.0.0.1:2379")
+        .output()
+        .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("doctor output: {e}: {out:?}"));
     (out, v)

@@ -15,7 +15,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 use serde_json::Value;
-use twill_tests::cluster::{Cluster, ClusterOpts, ETCD_PREFIX, NsProxy, wait_for};
+use twill_tests::cluster::{Cluster, ClusterOpts, NsProxy, wait_for};
 use twill_tests::etcd::EtcdServer;
 
 const DAY: u64 = 86_400;
@@ -97,22 +97,15 @@ struct Files {
 
 fn doctor(c: &Cluster, conf_dir: &Path, f: &Files, cert_warn: Option<&str>) -> (Output, Value) {
     let n = &c.nodes[0];
-    let mut cmd = n.ns.command(twill_tests::bins::bin("twillctl"));
-    cmd.args(["--etcd-prefix", ETCD_PREFIX, "-o", "json", "doctor"])
-        .args(["--etcd-endpoints", ENDPOINT])
+    let mut cmd = n.doctor_command(conf_dir);
+    cmd.args(["--etcd-endpoints", ENDPOINT])
         .arg("--etcd-cafile")
         .arg(&f.ca)
         .arg("--etcd-certfile")
         .arg(&f.cert)
         .arg("--etcd-keyfile")
         .arg(&f.key)
-        .arg("--subnet-file")
-        .arg(n.subnet_file())
-        .arg("--cni-data-dir")
-        .arg(n.dir.join("cni"))
-        .arg("--cni-conf-dir")
-        .arg(conf_dir)
-        .args(["--node-name", &n.name, "--lease-warn", "1s"]);
+        .args(["--lease-warn", "1s"]);
     if let Some(w) = cert_warn {
         cmd.args(["--cert-warn", w]);
     }

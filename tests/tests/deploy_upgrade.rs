@@ -74,18 +74,8 @@ fn assert_no_loss(c: &Cluster, pings: Vec<(String, BackgroundPing)>, what: &str)
 /// would write them (each lease stays bound to its etcd lease).
 fn write_future_fields(c: &Cluster) {
     rt().block_on(async {
-        let store = twill_ipam::store::LeaseStore::new(c.etcd_options())
-            .await
-            .unwrap();
-        let mut kv = store.client().clone();
+        let (store, mut kv, resp) = list_subnets(c).await;
         let mut keys = vec![store.config_key()];
-        let resp = kv
-            .get(
-                store.subnets_prefix(),
-                Some(etcd_client::GetOptions::new().with_prefix()),
-            )
-            .await
-            .unwrap();
         keys.extend(resp.kvs().iter().map(|k| k.key_str().unwrap().to_string()));
         assert!(keys.len() > c.nodes.len(), "{keys:?}");
         for key in keys {
@@ -103,17 +93,7 @@ fn write_future_fields(c: &Cluster) {
 /// The keys (leases and config) that still carry `"FutureField"`.
 fn keys_with_future_fields(c: &Cluster) -> (usize, usize) {
     rt().block_on(async {
-        let store = twill_ipam::store::LeaseStore::new(c.etcd_options())
-            .await
-            .unwrap();
-        let mut kv = store.client().clone();
-        let resp = kv
-            .get(
-                store.subnets_prefix(),
-                Some(etcd_client::GetOptions::new().with_prefix()),
-            )
-            .await
-            .unwrap();
+        let (store, mut kv, resp) = list_subnets(c).await;
         let leases = resp
             .kvs()
             .iter()
@@ -126,6 +106,28 @@ fn keys_with_future_fields(c: &Cluster) -> (usize, usize) {
             .contains("\"FutureField\"") as usize;
         (leases, conf)
     })
+}
+
+/// The cluster's store, an etcd client, and every key under its `subnets/` prefix.
+async fn list_subnets(
+    c: &Cluster,
+) -> (
+    twill_ipam::store::LeaseStore,
+    etcd_client::Client,
+    etcd_client::GetResponse,
+) {
+    let store = twill_ipam::store::LeaseStore::new(c.etcd_options())
+        .await
+        .unwrap();
+    let mut kv = store.client().clone();
+    let resp = kv
+        .get(
+            store.subnets_prefix(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    (store, kv, resp)
 }
 
 fn rt() -> tokio::runtime::Runtime {

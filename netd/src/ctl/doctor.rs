@@ -940,13 +940,19 @@ async fn check_ipam(r: &mut Report, args: &DoctorArgs) {
 }
 
 fn check_cni_config(r: &mut Report, args: &DoctorArgs) {
-    let Ok(dir) = std::fs::read_dir(&args.node.cni_conf_dir) else {
+    let no_config = |r: &mut Report, what: String| {
         r.problem(
             "cni-config",
             Level::Fail,
-            format!("{}: no such directory", args.node.cni_conf_dir.display()),
+            what,
             "the runtime finds no network config: the node stays NotReady",
             "the install-cni init container writes it (docs/install.md)",
+        )
+    };
+    let Ok(dir) = std::fs::read_dir(&args.node.cni_conf_dir) else {
+        no_config(
+            r,
+            format!("{}: no such directory", args.node.cni_conf_dir.display()),
         );
         return;
     };
@@ -962,12 +968,9 @@ fn check_cni_config(r: &mut Report, args: &DoctorArgs) {
         .collect();
     files.sort();
     let Some(first) = files.first() else {
-        r.problem(
-            "cni-config",
-            Level::Fail,
+        no_config(
+            r,
             format!("no CNI config in {}", args.node.cni_conf_dir.display()),
-            "the runtime finds no network config: the node stays NotReady",
-            "the install-cni init container writes it (docs/install.md)",
         );
         return;
     };

@@ -312,6 +312,19 @@ struct Prober {
 }
 
 impl Prober {
+    /// No peers yet; probes are numbered from `nonce`.
+    fn new(cfg: HealthConfig, metrics: HealthMetrics, nonce: u64) -> Self {
+        Prober {
+            cfg,
+            metrics,
+            peers: BTreeMap::new(),
+            by_addr: HashMap::new(),
+            cursor: None,
+            nonce,
+            series: BTreeSet::new(),
+        }
+    }
+
     /// Takes the new peer list: peers that left go (with their series), new ones start as
     /// reachable, the others keep their state. The cost is a lookup per peer: a join or a
     /// leave in a large cluster must not rebuild every peer's state and series.
@@ -533,18 +546,11 @@ pub fn spawn(
     ctx: ReportContext,
 ) {
     tokio::spawn(async move {
-        let mut prober = Prober {
-            cfg: cfg.clone(),
-            metrics,
-            peers: BTreeMap::new(),
-            by_addr: HashMap::new(),
-            cursor: None,
-            series: BTreeSet::new(),
-            nonce: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1),
-        };
+        let nonce = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let mut prober = Prober::new(cfg.clone(), metrics, nonce);
         let mut sock: Option<(Ipv4Addr, UdpSocket)> = None;
         let mut publish = tokio::time::interval(cfg.publish);
         publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -803,15 +809,7 @@ mod tests {
 
     #[test]
     fn three_lost_probes_make_a_peer_unreachable_and_one_answer_reachable() {
-        let mut p = Prober {
-            cfg: cfg(),
-            metrics: HealthMetrics::default(),
-            peers: BTreeMap::new(),
-            by_addr: HashMap::new(),
-            cursor: None,
-            nonce: 0,
-            series: BTreeSet::new(),
-        };
+        let mut p = Prober::new(cfg(), HealthMetrics::default(), 0);
         let subnet: Ipv4Net = "10.244.2.0/24".parse().unwrap();
         p.set_targets(&Targets {
             own: Some("10.244.1.0/24".parse().unwrap()),
@@ -851,15 +849,7 @@ mod tests {
     /// or below it, every peer is listed again.
     #[test]
     fn above_detail_max_only_unreachable_peers_are_listed() {
-        let mut p = Prober {
-            cfg: cfg(),
-            metrics: HealthMetrics::default(),
-            peers: BTreeMap::new(),
-            by_addr: HashMap::new(),
-            cursor: None,
-            nonce: 0,
-            series: BTreeSet::new(),
-        };
+        let mut p = Prober::new(cfg(), HealthMetrics::default(), 0);
         let subnet = |i: u8| -> Ipv4Net { format!("10.244.{i}.0/24").parse().unwrap() };
         let targets = |n: u8| Targets {
             own: Some(subnet(200)),
