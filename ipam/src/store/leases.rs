@@ -8,7 +8,7 @@ use ipnet::Ipv4Net;
 
 use super::backend::{Guard, KeyValue, Listing, Put, Written};
 use super::{LeaseStore, MoveRequest, StoreError};
-use crate::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, parse_lease};
+use crate::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, parse_lease, resolve_aliases};
 
 impl LeaseStore {
     /// Renews the etcd lease of `subnet`'s grace key if it names `node` (one keep-alive;
@@ -65,21 +65,39 @@ impl LeaseStore {
         Ok((leases, rev))
     }
 
-    /// All key-values under `<prefix>/subnets/`: the leases (sorted by subnet), the ones
-    /// that are not leases (bad key or value, sorted by key) and the revision.
+    /// All key-values under `<prefix>/subnets/`: the leases used (one per IPv4 subnet, sorted
+    /// by subnet), the ones that are not (bad key or value, or a key whose IPv4 subnet an
+    /// older key holds: see [`resolve_aliases`]; sorted by key) and the revision.
     pub async fn list_all(&self) -> Result<(Vec<Lease>, Vec<InvalidLease>, i64), StoreError> {
+        let (leases, mut invalid, rev) = self.list_keys().await?;
+        let (used, aliases) = resolve_aliases(leases);
+        invalid.extend(aliases);
+        invalid.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok((used, invalid, rev))
+    }
+
+    /// Every readable lease key (aliases of one IPv4 subnet included, in key order), the
+    /// key-values that are not leases (sorted by key) and the revision.
+    pub(super) async fn list_keys(
+        &self,
+    ) -> Result<(Vec<Lease>, Vec<InvalidLease>, i64), StoreError> {
         let listing = self.list_raw().await?;
+        let (leases, invalid) = self.parse_listing(&listing.kvs);
+        Ok((leases, invalid, listing.revision))
+    }
+
+    /// The key-values of a listing: readable leases and the others (each sorted by key).
+    pub(super) fn parse_listing(&self, kvs: &[KeyValue]) -> (Vec<Lease>, Vec<InvalidLease>) {
         let mut leases = Vec::new();
         let mut invalid = Vec::new();
-        for r in listing.kvs.iter().filter_map(|k| self.parse_kv(k)) {
+        for r in kvs.iter().filter_map(|k| self.parse_kv(k)) {
             match r {
                 Ok(l) => leases.push(l),
                 Err(i) => invalid.push(i),
             }
         }
-        leases.sort_by_key(|l| l.subnet);
         invalid.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok((leases, invalid, listing.revision))
+        (leases, invalid)
     }
 
     pub(super) async fn list_raw(&self) -> Result<Listing, StoreError> {
@@ -102,11 +120,34 @@ impl LeaseStore {
         Ok((ttl > 0).then(|| asked + Duration::from_secs(ttl as u64)))
     }
 
-    /// The lease of `subnet`, if any.
+    /// The lease of `subnet`, if any: its IPv4-only or dual-stack key (of several, the one
+    /// used: [`resolve_aliases`]).
     pub async fn get(&self, subnet: &Ipv4Net) -> Result<Option<Lease>, StoreError> {
-        let key = self.lease_key(subnet);
-        let (kv, _) = self.backend.get(&key).await?;
-        Ok(kv.and_then(|k| self.parse_kv(&k)).and_then(|r| r.ok()))
+        Ok(self.keys_of(subnet).await?.0.into_iter().next())
+    }
+
+    /// The readable keys of IPv4 subnet `subnet` (`<net>-<len>` and `<net>-<len>&...`): the
+    /// one used first, then its aliases; and the store's revision (one request).
+    pub(super) async fn keys_of(&self, subnet: &Ipv4Net) -> Result<(Vec<Lease>, i64), StoreError> {
+        // One range read: the prefix `<net>-<len>` holds both forms (and junk like
+        // `<net>-<len>0`, which is not a lease of `subnet` and is left out).
+        let listing = self.backend.list(&self.lease_key(subnet)).await?;
+        let (leases, _) = self.parse_listing(&listing.kvs);
+        let (used, aliases) = resolve_aliases(
+            leases
+                .iter()
+                .filter(|l| l.subnet == *subnet)
+                .cloned()
+                .collect(),
+        );
+        let mut out = used;
+        out.extend(aliases.iter().filter_map(|i| {
+            leases
+                .iter()
+                .find(|l| l.key().to_string() == i.key)
+                .cloned()
+        }));
+        Ok((out, listing.revision))
     }
 
     /// Deletes `key` and revokes the etcd lease it was attached to, if any. False if the key
