@@ -1,20 +1,23 @@
 //! Dual-stack leases in Flannel's format (`<v4>-<len>&<v6>-<len>` keys) against a real etcd
 //! (started per test by the harness): read, listed, watched, acquired, renewed, released.
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use twill_ipam::lease::{LeaseEvent, PublicIpv6};
+use twill_ipam::lease::{LeaseAttrs, LeaseEvent, PublicIpv6};
 use twill_ipam::netconf::NetConfig;
-use twill_ipam::store::etcd_client::PutOptions;
-use twill_ipam::store::{LeaseStore, LeaseWatch};
+use twill_ipam::store::etcd_client::{GetOptions, PutOptions};
+use twill_ipam::store::{LeaseStore, LeaseWatch, StoreError};
 use twill_tests::etcd::EtcdServer;
 
 const PREFIX: &str = "/twill/network";
 
 /// Dual-stack config: 10.244.0.0/16 in /24s, fd00:10::/56 in /64s.
 const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56","Backend":{"Type":"vxlan"}}"#;
+
+const NET16: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
 /// A dual-stack lease exactly as flanneld writes it (pkg/lease's LeaseAttrs).
 const FLANNEL_DUAL: &str = r#"{"PublicIP":"192.168.1.5","PublicIPv6":"2001:db8::5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"9a:2b:3c:4d:5e:6f"},"BackendV6Data":{"VNI":1,"VtepMAC":"ae:7f:01:02:03:04"}}"#;
@@ -166,4 +169,187 @@ async fn flannel_dual_stack_lease_is_listed_and_watched_with_both_subnets() {
         w2.invalid().keys().collect::<Vec<_>>(),
         w.invalid().keys().collect::<Vec<_>>()
     );
+}
+
+fn attrs(node: &str, n: u32) -> LeaseAttrs {
+    LeaseAttrs::vxlan(
+        node,
+        Ipv4Addr::from(0xc0a8_0000 + n),
+        1,
+        format!("aa:bb:cc:00:{:02x}:{:02x}", (n >> 8) & 0xff, n & 0xff),
+    )
+}
+
+/// The raw key names under `<prefix>/subnets/`.
+async fn key_names(store: &LeaseStore) -> Vec<String> {
+    let resp = store
+        .client()
+        .get(
+            store.subnets_prefix(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|k| {
+            k.key_str()
+                .unwrap()
+                .strip_prefix(&store.subnets_prefix())
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// Exactly three IPv6 subnets (fd00:10:0:1::/64 .. fd00:10:0:3::/64), 254 IPv4 ones.
+const DUAL_3V6: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/62","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#;
+
+/// Proves that nodes acquiring at the same time get distinct IPv4 *and* IPv6 subnets, each
+/// pair written as one Flannel dual-stack key: with only three IPv6 subnets, three
+/// concurrent acquirers (different IPv4 subnets, so no key collides) must still not share
+/// one (the transaction fails when another key was created since the listing), and a fourth
+/// is refused as IPv6 network full. Repeated to give the race a chance; fails without the
+/// listing guard of the dual-stack write (two keys then name one IPv6 subnet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_dual_stack_acquirers_get_distinct_pairs() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd, DUAL_3V6).await;
+    assert_eq!(cfg.ipv6_range().unwrap().count(), 3);
+    let ttl = Duration::from_secs(60);
+    for round in 0..8u32 {
+        let mut tasks = Vec::new();
+        for i in 0..3u32 {
+            let (store, cfg) = (store.clone(), cfg.clone());
+            let a = attrs(&format!("r{round}-node-{i}"), round * 10 + i);
+            tasks.push(tokio::spawn(
+                async move { store.acquire(&cfg, &a, ttl).await },
+            ));
+        }
+        let mut v4 = HashSet::new();
+        let mut v6 = HashSet::new();
+        for t in tasks {
+            let l = t.await.unwrap().expect("every acquirer succeeds");
+            let s6 = l.ipv6_subnet.expect("a dual-stack lease");
+            assert!(cfg.is_valid_subnet(&l.subnet), "{}", l.subnet);
+            assert!(cfg.is_valid_ipv6_subnet(&s6), "{s6}");
+            assert!(
+                v4.insert(l.subnet),
+                "round {round}: IPv4 {} twice",
+                l.subnet
+            );
+            assert!(v6.insert(s6), "round {round}: IPv6 {s6} twice");
+            let in_etcd = store.get(&l.subnet).await.unwrap().unwrap();
+            assert_eq!((in_etcd.key(), &in_etcd.attrs), (l.key(), &l.attrs));
+        }
+        let names = key_names(&store).await;
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.iter().all(|n| n.contains('&')), "{names:?}");
+        let (listed, invalid, _) = store.list_all().await.unwrap();
+        assert_eq!(listed.len(), 3);
+        assert!(invalid.is_empty(), "{invalid:?}");
+        let err = store
+            .acquire(&cfg, &attrs(&format!("r{round}-extra"), 99), ttl)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Ipv6NetworkFull { .. }), "{err}");
+        assert!(err.to_string().contains("IPv6 network full"), "{err}");
+        for l in listed {
+            assert!(store.release(l.subnet).await.unwrap());
+        }
+        assert!(key_names(&store).await.is_empty());
+    }
+}
+
+/// Proves that the pair is sticky: a node that comes back (its key still alive) gets the
+/// same dual-stack key, with the IPv6 attributes it passes now; an IPv4-only node passes
+/// none, and its value has no PublicIPv6 and no BackendV6Data (as Flannel without an IPv6
+/// address). Fails if the own dual-stack key is not recognised (a second key would be made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_dual_stack_pair() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd, DUAL).await;
+    let ttl = Duration::from_secs(60);
+    let a = attrs("node-a", 1);
+    let first = store.acquire(&cfg, &a, ttl).await.unwrap();
+    let s6 = first.ipv6_subnet.expect("dual-stack");
+    let raw = store
+        .client()
+        .get(store.key_of(&first), None)
+        .await
+        .unwrap();
+    let value = raw.kvs()[0].value_str().unwrap().to_string();
+    assert!(!value.contains("PublicIPv6"), "{value}");
+    assert!(!value.contains("BackendV6Data"), "{value}");
+    for i in 0..4 {
+        store
+            .acquire(&cfg, &attrs(&format!("other-{i}"), 10 + i), ttl)
+            .await
+            .unwrap();
+    }
+    let with_v6 = a
+        .clone()
+        .with_ipv6("2001:db8::1".parse().unwrap(), 1, "02:00:00:00:00:61");
+    let again = store.acquire(&cfg, &with_v6, ttl).await.unwrap();
+    assert_eq!((again.subnet, again.ipv6_subnet), (first.subnet, Some(s6)));
+    assert_eq!(again.attrs, with_v6);
+    let in_etcd = store.get(&first.subnet).await.unwrap().unwrap();
+    assert_eq!(in_etcd.key(), first.key());
+    assert_eq!(
+        in_etcd.attrs.ipv6_endpoint().unwrap().unwrap().public_ip,
+        "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap()
+    );
+    assert_eq!(key_names(&store).await.len(), 5);
+}
+
+/// Proves that a node holding an IPv4-only lease when IPv6 gets enabled moves to
+/// `<same v4>&<new v6>` in one transaction: its IPv4 subnet does not change, the old key is
+/// gone, a watch sees one Changed event for the subnet (never a Removed). Also a reservation
+/// keeps having no TTL when it moves. Fails without the move (the node would keep its
+/// IPv4-only key, or take a new IPv4 subnet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_lease_upgraded_to_a_pair_keeps_its_ipv4_subnet() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, v4cfg) = setup(&etcd, NET16).await;
+    let ttl = Duration::from_secs(60);
+    let a = attrs("node-a", 1);
+    let old = store.acquire(&v4cfg, &a, ttl).await.unwrap();
+    assert_eq!(old.ipv6_subnet, None);
+    let r = attrs("node-r", 2);
+    let reserved = store.reserve(net("10.244.200.0/24"), &r).await.unwrap();
+    let mut w = synced_watch(&store).await;
+
+    let dual = NetConfig::from_json(DUAL).unwrap();
+    store.put_config(&dual, true).await.unwrap();
+    let new = store.acquire(&dual, &a, ttl).await.unwrap();
+    assert_eq!(new.subnet, old.subnet, "the IPv4 subnet stays");
+    let s6 = new.ipv6_subnet.expect("an IPv6 subnet now");
+    assert!(dual.is_valid_ipv6_subnet(&s6));
+    assert!(!new.reserved);
+    match next_event(&mut w).await {
+        LeaseEvent::Changed { old: o, new: n } => {
+            assert_eq!(o.key(), old.key());
+            assert_eq!(n.key(), new.key());
+        }
+        e => panic!("expected one Changed, got {e:?}"),
+    }
+    let moved_r = store.acquire(&dual, &r, ttl).await.unwrap();
+    assert_eq!(moved_r.subnet, reserved.subnet);
+    assert!(moved_r.reserved && moved_r.ipv6_subnet.is_some());
+    assert_ne!(moved_r.ipv6_subnet, Some(s6));
+    let mut names = key_names(&store).await;
+    names.sort();
+    let mut want = vec![new.key().to_string(), moved_r.key().to_string()];
+    want.sort();
+    assert_eq!(names, want);
+    let (listed, invalid, _) = store.list_all().await.unwrap();
+    assert!(invalid.is_empty(), "{invalid:?}");
+    assert!(
+        listed
+            .iter()
+            .any(|l| l.key() == moved_r.key() && l.reserved)
+    );
+    // And sticky from there on.
+    let again = store.acquire(&dual, &a, ttl).await.unwrap();
+    assert_eq!(again.key(), new.key());
 }

@@ -198,7 +198,7 @@ impl LeaseHolder {
         self.task.abort();
         let lease = self.state.borrow().lease.clone();
         match lease {
-            Some(l) => self.store.release(l.subnet).await,
+            Some(l) => self.store.release_key(&l.key()).await,
             None => Ok(false),
         }
     }
@@ -372,7 +372,8 @@ impl Task {
 
     /// Renews and watches `lease` until it is lost.
     async fn hold(&mut self, mut lease: Lease) -> Lost {
-        let key = self.store.lease_key(&lease.subnet);
+        // The key held: IPv4-only or dual-stack.
+        let key = self.store.key_of(&lease);
         let ttl = lease
             .expires
             .and_then(|e| e.duration_since(SystemTime::now()).ok())

@@ -39,7 +39,7 @@ pub use etcd::{EtcdBackend, EtcdOptions, TlsMaterial, inner_error};
 pub use holder::{Blocked, EXPIRY_MARGIN, HolderState, HolderStats, LeaseHolder, Pin, RETRY_CAP};
 pub use watch::{LeaseWatch, WatchCounters, WatchStats};
 
-use crate::lease::{LeaseAttrs, subnet_to_key};
+use crate::lease::{Lease, LeaseAttrs, SubnetKey, subnet_to_key};
 use crate::netconf::NetConfig;
 
 /// Default key prefix (Flannel's is `/coreos.com/network`).
@@ -222,6 +222,17 @@ impl LeaseStore {
     /// `<prefix>/subnets/<net>-<len>`.
     pub fn lease_key(&self, subnet: &Ipv4Net) -> String {
         format!("{}{}", self.subnets_prefix(), subnet_to_key(subnet))
+    }
+
+    /// `<prefix>/subnets/<key>`: the etcd key of a lease key (`<net>-<len>`, or
+    /// `<net>-<len>&<IPv6 net>-<len>`).
+    pub fn subnet_key_name(&self, key: &SubnetKey) -> String {
+        format!("{}{key}", self.subnets_prefix())
+    }
+
+    /// The etcd key of `lease` (its IPv4-only or dual-stack key).
+    pub fn key_of(&self, lease: &Lease) -> String {
+        self.subnet_key_name(&lease.key())
     }
 
     /// `<prefix>/grace/` (with the trailing slash).

@@ -82,12 +82,15 @@ enum Update {
         invalid: Vec<InvalidLease>,
         revision: i64,
     },
-    /// A put (`Some`) or delete of key `name` under the prefix.
-    Kv {
-        name: String,
-        put: Option<Result<Lease, InvalidLease>>,
-    },
+    /// Puts (`Some`) and deletes of keys under the prefix, by key name: one change, or the
+    /// changes of one revision (one transaction) to keys of one IPv4 subnet, in order (a
+    /// move from `<v4>` to `<v4>&<v6>` is one change of the subnet's lease, not a removal
+    /// and an addition).
+    Kv { changes: Vec<KvChange> },
 }
+
+/// A put (`Some`) or delete of one key name under the prefix.
+type KvChange = (String, Option<Result<Lease, InvalidLease>>);
 
 /// The one copy of the lease set.
 #[derive(Debug, Default)]
@@ -135,19 +138,15 @@ impl View {
                 out.push(LeaseEvent::Synced { revision });
                 out
             }
-            Update::Kv { name, put } => self.kv_events(&name, put),
+            Update::Kv { changes } => self.kv_events(changes),
         }
     }
 
-    /// The events of one put or delete of key `name` (under the prefix). A key without an
-    /// IPv4 subnet (not canonical, IPv6-only) only ever touches `invalid`. A key of IPv4
-    /// subnet S decides anew which of S's keys is used (the older one), and which are
+    /// The events of the changes of one update (see [`Update::Kv`]). A key without an IPv4
+    /// subnet (not canonical, IPv6-only) only ever touches `invalid`. The keys of an IPv4
+    /// subnet S decide anew which of S's keys is used (the older one), and which are
     /// reported as aliases.
-    fn kv_events(
-        &mut self,
-        name: &str,
-        put: Option<Result<Lease, InvalidLease>>,
-    ) -> Vec<LeaseEvent> {
+    fn kv_events(&mut self, changes: Vec<KvChange>) -> Vec<LeaseEvent> {
         let mut gone = Vec::new();
         let mut came = Vec::new();
         let mut note = |key: &str,
@@ -165,12 +164,15 @@ impl View {
                 _ => {}
             }
         };
-        let Some(subnet) = lease_key_subnet(name) else {
-            let now = match put {
-                Some(Err(i)) => Some(i),
-                _ => None,
-            };
-            note(name, now, &self.invalid);
+        let subnet = changes.first().and_then(|(n, _)| lease_key_subnet(n));
+        let Some(subnet) = subnet else {
+            for (name, put) in changes {
+                let now = match put {
+                    Some(Err(i)) => Some(i),
+                    _ => None,
+                };
+                note(&name, now, &self.invalid);
+            }
             return gone.into_iter().chain(came).collect();
         };
         // S's keys before this update, then after it.
@@ -181,26 +183,23 @@ impl View {
             .into_iter()
             .chain(self.alias_range(subnet).map(|(_, l)| l.clone()))
             .collect();
-        let mut after: Vec<Lease> = before
-            .iter()
-            .filter(|l| l.key().to_string() != name)
-            .cloned()
-            .collect();
-        let put_invalid = match put {
-            Some(Ok(l)) => {
-                after.push(l);
-                None
+        let mut after = before.clone();
+        let mut put_invalid: BTreeMap<String, InvalidLease> = BTreeMap::new();
+        let mut keys: Vec<String> = Vec::new();
+        for (name, put) in changes {
+            after.retain(|l| l.key().to_string() != name);
+            put_invalid.remove(&name);
+            match put {
+                Some(Ok(l)) => after.push(l),
+                Some(Err(i)) => {
+                    put_invalid.insert(name.clone(), i);
+                }
+                None => {}
             }
-            Some(Err(i)) => Some(i),
-            None => None,
-        };
+            keys.push(name);
+        }
         let (used, shadowed) = resolve_aliases(after.clone());
-        let mut keys: Vec<String> = before
-            .iter()
-            .chain(&after)
-            .map(|l| l.key().to_string())
-            .chain(std::iter::once(name.to_string()))
-            .collect();
+        keys.extend(before.iter().chain(&after).map(|l| l.key().to_string()));
         keys.sort();
         keys.dedup();
         for k in &keys {
@@ -208,7 +207,7 @@ impl View {
                 .iter()
                 .find(|i| i.key == *k)
                 .cloned()
-                .or_else(|| put_invalid.clone().filter(|_| k == name));
+                .or_else(|| put_invalid.get(k).cloned());
             note(k, now, &self.invalid);
         }
         // The aliases of S as of this update.
@@ -511,6 +510,10 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<WatchCou
                 Ok(Some(WatchMessage::Started { .. })) => backoff.reset(),
                 Ok(Some(WatchMessage::Events(events))) => {
                     backoff.reset();
+                    // Consecutive changes of one revision to keys of one IPv4 subnet go as
+                    // one update (see `Update::Kv`).
+                    let mut group: Option<(i64, Ipv4Net)> = None;
+                    let mut changes: Vec<KvChange> = Vec::new();
                     for ev in events {
                         let kv = ev.kv();
                         rev = rev.max(kv.mod_revision);
@@ -527,13 +530,22 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<WatchCou
                             )),
                             WatchEvent::Delete(_) => None,
                         };
-                        let update = Update::Kv {
-                            name: name.to_string(),
-                            put,
-                        };
-                        if tx.send(update).await.is_err() {
-                            return;
+                        let this = lease_key_subnet(name).map(|s| (kv.mod_revision, s));
+                        if this.is_none() || this != group {
+                            if !changes.is_empty() {
+                                let update = Update::Kv {
+                                    changes: std::mem::take(&mut changes),
+                                };
+                                if tx.send(update).await.is_err() {
+                                    return;
+                                }
+                            }
+                            group = this;
                         }
+                        changes.push((name.to_string(), put));
+                    }
+                    if !changes.is_empty() && tx.send(Update::Kv { changes }).await.is_err() {
+                        return;
                     }
                 }
                 // Every event up to its revision was sent.
@@ -575,8 +587,7 @@ mod tests {
         put: Option<Result<Lease, InvalidLease>>,
     ) -> Vec<LeaseEvent> {
         let ev = view.events_of(Update::Kv {
-            name: name.to_string(),
-            put,
+            changes: vec![(name.to_string(), put)],
         });
         for e in &ev {
             view.apply(e);
@@ -706,6 +717,26 @@ mod tests {
             "{ev:?}"
         );
         assert_eq!(view.leases, real);
+    }
+
+    /// A transaction that moves a subnet's lease from its IPv4-only key to a dual-stack key
+    /// (delete + put at one revision, one update) is one Changed event, never a Removed.
+    #[test]
+    fn move_to_dual_stack_key_in_one_revision_is_one_change() {
+        let mut view = View::default();
+        apply_kv(&mut view, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 5));
+        let ev = view.events_of(Update::Kv {
+            changes: vec![("10.0.2.0-24".into(), None), (DS.into(), put(DS, GOOD, 8))],
+        });
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Changed { old, new }]
+                if old.key().to_string() == "10.0.2.0-24" && new.key().to_string() == DS),
+            "{ev:?}"
+        );
+        for e in &ev {
+            view.apply(e);
+        }
+        assert!(view.invalid.is_empty() && view.aliases.is_empty());
     }
 
     /// A list with both keys of one subnet: the same outcome as the events, and a re-list
