@@ -353,3 +353,104 @@ async fn ipv4_lease_upgraded_to_a_pair_keeps_its_ipv4_subnet() {
     let again = store.acquire(&dual, &a, ttl).await.unwrap();
     assert_eq!(again.key(), new.key());
 }
+
+/// Waits (bounded) until `cond` holds.
+async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Proves that the holder keeps a dual-stack key: renews it past its TTL several times
+/// (the key stays, on the same etcd lease), writes new attributes to the dual-stack key
+/// (not to an IPv4-only key beside it), re-acquires the same pair after the key is deleted
+/// by hand, and its release deletes the dual-stack key. Fails while the holder watches or
+/// rewrites `<v4>` (it would see its lease as deleted at once and loop, or create an alias).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_renews_rewrites_and_releases_the_pair_key() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd, DUAL).await;
+    let mut h = store.hold(cfg.clone(), attrs("node-a", 1), Duration::from_secs(2));
+    let lease = tokio::time::timeout(Duration::from_secs(10), h.acquired())
+        .await
+        .unwrap();
+    let s6 = lease.ipv6_subnet.expect("dual-stack");
+    let name = lease.key().to_string();
+    assert!(name.contains('&'), "{name}");
+    // Outlive the 2 s TTL several times.
+    wait_until(Duration::from_secs(15), "4 renewals", || {
+        h.stats().renewals >= 4
+    })
+    .await;
+    let st = h.stats();
+    assert_eq!((st.losses, st.acquisitions), (0, 1), "{st:?}");
+    assert_eq!(key_names(&store).await, vec![name.clone()]);
+    let in_etcd = store.get(&lease.subnet).await.unwrap().unwrap();
+    assert_eq!(in_etcd.etcd_lease, lease.etcd_lease);
+
+    // New attributes (with an IPv6 side now) go to the dual-stack key.
+    let mut w = synced_watch(&store).await;
+    let new_attrs =
+        attrs("node-a", 1).with_ipv6("2001:db8::1".parse().unwrap(), 1, "02:00:00:00:00:61");
+    h.update_attrs(new_attrs.clone());
+    match next_event(&mut w).await {
+        LeaseEvent::Changed { old, new } => {
+            assert_eq!((old.key(), new.key()), (lease.key(), lease.key()));
+            assert_eq!(new.attrs, new_attrs);
+            assert_eq!(new.etcd_lease, lease.etcd_lease);
+        }
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(key_names(&store).await, vec![name.clone()]);
+
+    // Deleted by hand: lost, re-acquired with the same pair.
+    delete_raw(&store, &name).await;
+    wait_until(Duration::from_secs(10), "re-acquired", || {
+        let st = h.stats();
+        st.losses == 1 && st.acquisitions == 2 && h.state().held
+    })
+    .await;
+    let again = h.state().lease.unwrap();
+    assert_eq!((again.subnet, again.ipv6_subnet), (lease.subnet, Some(s6)));
+    assert_eq!(key_names(&store).await, vec![name.clone()]);
+
+    assert!(h.release().await.unwrap());
+    assert!(key_names(&store).await.is_empty());
+}
+
+/// Proves that `reserve` keeps a node's dual-stack key (now without TTL, same IPv6
+/// subnet) instead of writing an IPv4-only alias beside it; that another node is refused
+/// naming the dual-stack key; and that `release` of the subnet deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_and_release_handle_the_pair_key() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd, DUAL).await;
+    let a = attrs("node-a", 1);
+    let l = store
+        .acquire(&cfg, &a, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let r = store.reserve(l.subnet, &a).await.unwrap();
+    assert_eq!(r.key(), l.key());
+    assert!(r.reserved);
+    let in_etcd = store.get(&l.subnet).await.unwrap().unwrap();
+    assert!(in_etcd.reserved && in_etcd.key() == l.key());
+    assert_eq!(key_names(&store).await, vec![l.key().to_string()]);
+    let err = store
+        .reserve(l.subnet, &attrs("node-b", 2))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&l.key().to_string()), "{err}");
+    // The node takes its reservation back: still the same pair, still reserved.
+    let back = store
+        .acquire(&cfg, &a, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(back.key(), l.key());
+    assert!(back.reserved);
+    assert!(store.release(l.subnet).await.unwrap());
+    assert!(key_names(&store).await.is_empty());
+    assert!(!store.release(l.subnet).await.unwrap());
+}
