@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use clap::Subcommand;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
-use twill_ipam::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, subnet_to_key};
+use twill_ipam::lease::{InvalidLease, Lease, LeaseAttrs, SubnetKey, lease_key, subnet_to_key};
 
 use crate::daemon::reconcile::{Skipped, Validation, peers};
 
@@ -14,11 +14,12 @@ use super::{Cli, EXIT_NOT_FOUND, EXIT_REFUSED, Failure, Output, connect, print_j
 
 #[derive(Debug, Subcommand)]
 pub enum LeasesCmd {
-    /// All leases: subnet, node, public IP, VTEP MAC, expiry or "reserved", and whether
+    /// All leases: subnet, IPv6 subnet, node, public IP, VTEP MAC, expiry or "reserved", and whether
     /// the lease passes twilld's validation (STATUS, REASON). Keys under the prefix that are
     /// not leases at all are listed too, as rejected.
     List,
-    /// One lease, by subnet (10.244.3.0/24 or 10.244.3.0-24) or by node name.
+    /// One lease, by subnet (10.244.3.0/24, 10.244.3.0-24, or its dual-stack key
+    /// 10.244.3.0-24&fd00:0:0:3::-64) or by node name.
     Show {
         /// A subnet or a node name.
         what: String,
@@ -47,12 +48,18 @@ pub enum LeasesCmd {
     Move(super::lease_move::MoveArgs),
 }
 
-/// Parses `10.244.3.0/24` or `10.244.3.0-24`.
+/// Parses `10.244.3.0/24`, `10.244.3.0-24` or a dual-stack key `10.244.3.0-24&fd00:0:0:3::-64`
+/// (its IPv4 subnet).
 pub fn parse_subnet(s: &str) -> Option<Ipv4Net> {
     s.parse::<Ipv4Net>()
         .ok()
         .filter(|n| n.trunc() == *n)
-        .or_else(|| key_to_subnet(s).ok())
+        .or_else(|| lease_key(s).ok().and_then(|k| k.v4()))
+}
+
+/// The dual-stack key named by `s`, if it is one.
+fn parse_pair_key(s: &str) -> Option<SubnetKey> {
+    lease_key(s).ok().filter(|k| k.v6().is_some())
 }
 
 fn subnet_arg(s: &str) -> Result<Ipv4Net, Failure> {
@@ -76,6 +83,9 @@ fn expires_in(l: &Lease) -> Option<u64> {
 pub fn lease_json(l: &Lease) -> Value {
     json!({
         "subnet": l.subnet.to_string(),
+        "ipv6_subnet": l.ipv6_subnet.map(|s| s.to_string()),
+        "key": l.key().to_string(),
+        "public_ipv6": l.attrs.public_ipv6.addr().map(|a| a.to_string()),
         "node": l.attrs.node_name,
         "public_ip": l.attrs.public_ip.to_string(),
         "backend_type": l.attrs.backend_type,
@@ -106,6 +116,7 @@ fn dash(s: &str) -> String {
 fn row(l: &Lease) -> Vec<String> {
     vec![
         l.subnet.to_string(),
+        l.ipv6_subnet.map_or_else(|| "-".into(), |s| s.to_string()),
         dash(&l.attrs.node_name),
         if l.attrs.public_ip.is_unspecified() {
             "-".into()
@@ -117,9 +128,17 @@ fn row(l: &Lease) -> Vec<String> {
     ]
 }
 
-const HEADER: [&str; 5] = ["SUBNET", "NODE", "PUBLIC-IP", "VTEP-MAC", "EXPIRES"];
-const LIST_HEADER: [&str; 7] = [
+const HEADER: [&str; 6] = [
     "SUBNET",
+    "IPV6-SUBNET",
+    "NODE",
+    "PUBLIC-IP",
+    "VTEP-MAC",
+    "EXPIRES",
+];
+const LIST_HEADER: [&str; 8] = [
+    "SUBNET",
+    "IPV6-SUBNET",
     "NODE",
     "PUBLIC-IP",
     "VTEP-MAC",
@@ -212,7 +231,7 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                         .collect();
                     for i in &invalid {
                         let mut r = vec![i.key.clone()];
-                        r.extend(std::iter::repeat_n("-".to_string(), 4));
+                        r.extend(std::iter::repeat_n("-".to_string(), HEADER.len() - 1));
                         r.extend(verdict_cells(v.as_ref(), &i.key));
                         rows.push(r);
                     }
@@ -223,9 +242,10 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
         }
         LeasesCmd::Show { what } => {
             let (leases, _) = store.list_with_ttl().await?;
-            let found: Vec<&Lease> = match parse_subnet(what) {
-                Some(s) => leases.iter().filter(|l| l.subnet == s).collect(),
-                None => leases
+            let found: Vec<&Lease> = match (parse_pair_key(what), parse_subnet(what)) {
+                (Some(k), _) => leases.iter().filter(|l| l.key() == k).collect(),
+                (None, Some(s)) => leases.iter().filter(|l| l.subnet == s).collect(),
+                (None, None) => leases
                     .iter()
                     .filter(|l| l.attrs.node_name == *what)
                     .collect(),
@@ -248,10 +268,10 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                         }
                         let r = row(l);
                         for (h, v) in HEADER.iter().zip(r) {
-                            println!("{:<10} {v}", format!("{h}:"));
+                            println!("{:<12} {v}", format!("{h}:"));
                         }
-                        println!("{:<10} {}", "KEY:", store.lease_key(&l.subnet));
-                        println!("{:<10} {}", "VALUE:", l.attrs.to_json());
+                        println!("{:<12} {}", "KEY:", store.key_of(l));
+                        println!("{:<12} {}", "VALUE:", l.attrs.to_json());
                     }
                 }
             }
