@@ -446,6 +446,26 @@ async fn twillctl_leases_dual_stack() {
     assert_eq!(l["value"]["BackendV6Data"]["VtepMAC"], "ae:7f:01:02:03:04");
     assert_eq!(v["invalid"], json!([]));
 
+    // A younger IPv4-only key of the same subnet: listed as not a lease (bad_key, naming the
+    // dual-stack key), and the dual-stack lease keeps its own verdict.
+    c.put(
+        format!("{}10.50.7.0-24", store.subnets_prefix()),
+        value,
+        None,
+    )
+    .await
+    .unwrap();
+    let v = ctl.run(&["leases", "list", "-o", "json"]).json();
+    assert_eq!(v["leases"].as_array().unwrap().len(), 1);
+    assert_eq!(v["leases"][0]["key"], name);
+    assert_eq!(v["leases"][0]["accepted"], true, "{v}");
+    assert_eq!(v["invalid"][0]["key"], "10.50.7.0-24");
+    assert_eq!(v["invalid"][0]["reason"], "bad_key");
+    assert!(
+        v["invalid"][0]["detail"].as_str().unwrap().contains(name),
+        "{v}"
+    );
+
     let r = ctl.run(&["leases", "show", name]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(

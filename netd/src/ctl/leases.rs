@@ -147,22 +147,32 @@ const LIST_HEADER: [&str; 8] = [
     "REASON",
 ];
 
+/// The verdicts by (key name, whether it is a lease): twilld names a lease by its IPv4 key
+/// `<net>-<len>` also when it is dual-stack, and an IPv4-only alias of a dual-stack lease is
+/// a key-value that is not a lease under that same name.
+type Verdicts = std::collections::HashMap<(String, bool), Skipped>;
+
 /// The cluster-wide verdict of twilld's validation (no node's own subnet, public IP or
 /// MAC: what every node rejects), by key. Empty when there is no network config.
 fn verdicts(
     cfg: Option<&twill_ipam::netconf::NetConfig>,
     leases: &[Lease],
     invalid: &[InvalidLease],
-) -> Option<std::collections::HashMap<String, Skipped>> {
+) -> Option<Verdicts> {
     let cfg = cfg?;
     let v = Validation::new(cfg, None, None, None);
     let (_, skipped) = peers(leases, invalid, &v);
-    Some(skipped.into_iter().map(|s| (s.key.clone(), s)).collect())
+    Some(
+        skipped
+            .into_iter()
+            .map(|s| ((s.key.clone(), s.subnet.is_some()), s))
+            .collect(),
+    )
 }
 
 /// `accepted` / `reason` / `detail` of one key (JSON), `null`s without a network config.
-fn verdict_json(v: Option<&std::collections::HashMap<String, Skipped>>, key: &str) -> Value {
-    match v.map(|m| m.get(key)) {
+fn verdict_json(v: Option<&Verdicts>, key: &str, lease: bool) -> Value {
+    match v.map(|m| m.get(&(key.to_string(), lease))) {
         None => json!({"accepted": null, "reason": null, "detail": null}),
         Some(None) => json!({"accepted": true, "reason": null, "detail": null}),
         Some(Some(s)) => json!({
@@ -174,8 +184,8 @@ fn verdict_json(v: Option<&std::collections::HashMap<String, Skipped>>, key: &st
 }
 
 /// STATUS and REASON cells of one key.
-fn verdict_cells(v: Option<&std::collections::HashMap<String, Skipped>>, key: &str) -> [String; 2] {
-    match v.map(|m| m.get(key)) {
+fn verdict_cells(v: Option<&Verdicts>, key: &str, lease: bool) -> [String; 2] {
+    match v.map(|m| m.get(&(key.to_string(), lease))) {
         None => ["-".into(), "-".into()],
         Some(None) => ["accepted".into(), "-".into()],
         Some(Some(s)) if !s.reason.is_rejection() => ["pending".into(), s.reason.to_string()],
@@ -203,7 +213,7 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                     "leases": leases.iter().map(|l| {
                         let mut j = lease_json(l);
                         if let (Value::Object(o), Value::Object(x)) =
-                            (&mut j, verdict_json(v.as_ref(), &subnet_to_key(&l.subnet)))
+                            (&mut j, verdict_json(v.as_ref(), &subnet_to_key(&l.subnet), true))
                         {
                             o.extend(x);
                         }
@@ -213,7 +223,7 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                     "invalid": invalid.iter().map(|i| {
                         let mut j = json!({"key": i.key, "mod_revision": i.mod_revision});
                         if let (Value::Object(o), Value::Object(x)) =
-                            (&mut j, verdict_json(v.as_ref(), &i.key))
+                            (&mut j, verdict_json(v.as_ref(), &i.key, false))
                         {
                             o.extend(x);
                         }
@@ -225,14 +235,14 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                         .iter()
                         .map(|l| {
                             let mut r = row(l);
-                            r.extend(verdict_cells(v.as_ref(), &subnet_to_key(&l.subnet)));
+                            r.extend(verdict_cells(v.as_ref(), &subnet_to_key(&l.subnet), true));
                             r
                         })
                         .collect();
                     for i in &invalid {
                         let mut r = vec![i.key.clone()];
                         r.extend(std::iter::repeat_n("-".to_string(), HEADER.len() - 1));
-                        r.extend(verdict_cells(v.as_ref(), &i.key));
+                        r.extend(verdict_cells(v.as_ref(), &i.key, false));
                         rows.push(r);
                     }
                     print_table(&LIST_HEADER, &rows)
