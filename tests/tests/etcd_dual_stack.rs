@@ -217,7 +217,9 @@ async fn concurrent_dual_stack_acquirers_get_distinct_pairs() {
     let (store, cfg) = setup(&etcd, DUAL_3V6).await;
     assert_eq!(cfg.ipv6_range().unwrap().count(), 3);
     let ttl = Duration::from_secs(60);
+    let mut rpcs_3 = Vec::new();
     for round in 0..8u32 {
+        let rpcs = store.rpc_count();
         let mut tasks = Vec::new();
         for i in 0..3u32 {
             let (store, cfg) = (store.clone(), cfg.clone());
@@ -242,6 +244,7 @@ async fn concurrent_dual_stack_acquirers_get_distinct_pairs() {
             let in_etcd = store.get(&l.subnet).await.unwrap().unwrap();
             assert_eq!((in_etcd.key(), &in_etcd.attrs), (l.key(), &l.attrs));
         }
+        rpcs_3.push(store.rpc_count() - rpcs);
         let names = key_names(&store).await;
         assert_eq!(names.len(), 3, "{names:?}");
         assert!(names.iter().all(|n| n.contains('&')), "{names:?}");
@@ -259,6 +262,9 @@ async fn concurrent_dual_stack_acquirers_get_distinct_pairs() {
         }
         assert!(key_names(&store).await.is_empty());
     }
+    eprintln!(
+        "three concurrent dual-stack acquisitions (and 3 gets), etcd requests per round: {rpcs_3:?}"
+    );
 }
 
 /// Proves that the pair is sticky: a node that comes back (its key still alive) gets the
@@ -271,8 +277,13 @@ async fn restart_keeps_the_dual_stack_pair() {
     let (store, cfg) = setup(&etcd, DUAL).await;
     let ttl = Duration::from_secs(60);
     let a = attrs("node-a", 1);
+    let rpcs = store.rpc_count();
     let first = store.acquire(&cfg, &a, ttl).await.unwrap();
     let s6 = first.ipv6_subnet.expect("dual-stack");
+    // As many requests as an IPv4-only acquisition: list + grant, grace list, one txn.
+    let used = store.rpc_count() - rpcs;
+    eprintln!("dual-stack acquisition: {used} etcd requests");
+    assert!(used <= 4, "{used} requests");
     let raw = store
         .client()
         .get(store.key_of(&first), None)
