@@ -465,3 +465,52 @@ async fn reserve_and_release_handle_the_pair_key() {
     assert!(key_names(&store).await.is_empty());
     assert!(!store.release(l.subnet).await.unwrap());
 }
+
+/// Proves that the IPv6 subnet is sticky like the IPv4 one when the key is gone: a holder
+/// whose dual-stack key was deleted takes the same pair again, also when its IPv6 subnet is
+/// not its home subnet (which is free by then, and would be chosen without the preference).
+/// The store's `acquire_with_ipv6` takes a preferred free pair as given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_pair_comes_back_with_the_same_ipv6_subnet() {
+    let etcd = EtcdServer::start().unwrap();
+    let (store, cfg) = setup(&etcd, DUAL).await;
+    let range6 = cfg.ipv6_range().unwrap();
+    let home6 = twill_ipam::subnets::home_subnet_in(&range6, "node-a").unwrap();
+    // Someone holds node-a's home IPv6 subnet while node-a joins.
+    let blocker = format!("10.244.250.0-24&{}-{}", home6.network(), home6.prefix_len());
+    put_raw(&store, &blocker, FLANNEL_DUAL).await;
+    let mut h = store.hold(cfg.clone(), attrs("node-a", 1), Duration::from_secs(60));
+    let first = tokio::time::timeout(Duration::from_secs(10), h.acquired())
+        .await
+        .unwrap();
+    let s6 = first.ipv6_subnet.unwrap();
+    assert_ne!(s6, home6);
+    // The home subnet is free again; the node's key is deleted by hand.
+    delete_raw(&store, &blocker).await;
+    delete_raw(&store, &first.key().to_string()).await;
+    wait_until(Duration::from_secs(10), "re-acquired", || {
+        let st = h.stats();
+        st.losses == 1 && st.acquisitions == 2 && h.state().held
+    })
+    .await;
+    let again = h.state().lease.unwrap();
+    assert_eq!(again.key(), first.key(), "the same pair");
+    drop(h);
+
+    // A preferred free pair, as given.
+    let want6 = range6.at(5).unwrap();
+    let l = store
+        .acquire_with_ipv6(
+            &cfg,
+            &attrs("node-b", 2),
+            Duration::from_secs(60),
+            Some(net("10.244.77.0/24")),
+            Some(want6),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (l.subnet, l.ipv6_subnet),
+        (net("10.244.77.0/24"), Some(want6))
+    );
+}

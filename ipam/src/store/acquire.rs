@@ -71,6 +71,8 @@ struct Acquisition<'a> {
     cfg: &'a NetConfig,
     attrs: &'a LeaseAttrs,
     prefer: Option<Ipv4Net>,
+    /// The IPv6 subnet preferred for a new dual-stack key.
+    prefer6: Option<Ipv6Net>,
     /// Take `prefer` (this node's key of it, or the subnet if free) and no other.
     only: bool,
     lease_id: i64,
@@ -126,7 +128,24 @@ impl LeaseStore {
         ttl: Duration,
         prefer: Option<Ipv4Net>,
     ) -> Result<Lease, StoreError> {
-        self.acquire_inner(cfg, attrs, ttl, prefer, false).await
+        self.acquire_inner(cfg, attrs, ttl, prefer, None, false)
+            .await
+    }
+
+    /// [`LeaseStore::acquire_with`] that also prefers the IPv6 subnet `prefer6` (e.g. the one
+    /// the node had, from its lease or subnet file) when the config hands out IPv6 subnets and
+    /// the node has no key to take over: a node that lost its dual-stack key gets its pair
+    /// back if both subnets are free.
+    pub async fn acquire_with_ipv6(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        prefer: Option<Ipv4Net>,
+        prefer6: Option<Ipv6Net>,
+    ) -> Result<Lease, StoreError> {
+        self.acquire_inner(cfg, attrs, ttl, prefer, prefer6, false)
+            .await
     }
 
     /// Takes `subnet` and no other: this node's own key of it (as [`LeaseStore::acquire_with`]
@@ -143,6 +162,19 @@ impl LeaseStore {
         ttl: Duration,
         subnet: Ipv4Net,
     ) -> Result<Lease, StoreError> {
+        self.acquire_only_ipv6(cfg, attrs, ttl, subnet, None).await
+    }
+
+    /// [`LeaseStore::acquire_only`] preferring the IPv6 subnet `prefer6` when it creates a
+    /// dual-stack key (see [`LeaseStore::acquire_with_ipv6`]).
+    pub async fn acquire_only_ipv6(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        subnet: Ipv4Net,
+        prefer6: Option<Ipv6Net>,
+    ) -> Result<Lease, StoreError> {
         if !cfg.is_valid_subnet(&subnet) {
             return Err(StoreError::outside_config(
                 cfg,
@@ -150,7 +182,7 @@ impl LeaseStore {
                 " (the network config changed?)",
             ));
         }
-        self.acquire_inner(cfg, attrs, ttl, Some(subnet), true)
+        self.acquire_inner(cfg, attrs, ttl, Some(subnet), prefer6, true)
             .await
     }
 
@@ -160,6 +192,7 @@ impl LeaseStore {
         attrs: &LeaseAttrs,
         ttl: Duration,
         prefer: Option<Ipv4Net>,
+        prefer6: Option<Ipv6Net>,
         only: bool,
     ) -> Result<Lease, StoreError> {
         if attrs.node_name.is_empty() {
@@ -198,6 +231,7 @@ impl LeaseStore {
                 cfg,
                 attrs,
                 prefer,
+                prefer6,
                 only,
                 lease_id,
                 grace_lease,
@@ -312,7 +346,7 @@ impl Acquisition<'_> {
         let Some(r) = &self.v6 else {
             return Ok(None);
         };
-        match choose_in(r, &scan.taken6, &[], None, &self.attrs.node_name) {
+        match choose_in(r, &scan.taken6, &[], self.prefer6, &self.attrs.node_name) {
             Some(c) => Ok(Some(c.subnet())),
             None => Err(StoreError::Ipv6NetworkFull {
                 network: self
