@@ -514,3 +514,36 @@ async fn lost_pair_comes_back_with_the_same_ipv6_subnet() {
         (net("10.244.77.0/24"), Some(want6))
     );
 }
+
+/// Proves that keys written by others take their subnets from twill's acquisitions in every
+/// form: an IPv4-only acquisition never takes the IPv4 subnet of a (flanneld's) dual-stack
+/// key, `acquire_only` of it names the holder, and the IPv6 subnets of dual-stack and
+/// IPv6-only keys are not handed out again. Fails with the IPv4-only key parser in the
+/// acquisition (a pair key then takes nothing, and twill writes an alias of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_every_form_take_their_subnets() {
+    let etcd = EtcdServer::start().unwrap();
+    // Exactly one IPv4 subnet: 10.244.1.0/24.
+    let one = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.1.0","Backend":{"Type":"vxlan"}}"#;
+    let (store, cfg) = setup(&etcd, one).await;
+    put_raw(&store, "10.244.1.0-24&fd00:10:0:1::-64", FLANNEL_DUAL).await;
+    let ttl = Duration::from_secs(60);
+    let err = store.acquire(&cfg, &attrs("a", 1), ttl).await.unwrap_err();
+    assert!(matches!(err, StoreError::NetworkFull { .. }), "{err}");
+    let err = store
+        .acquire_only(&cfg, &attrs("a", 1), ttl, net("10.244.1.0/24"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::SubnetHeld { .. }), "{err}");
+    assert!(err.to_string().contains("192.168.1.5"), "{err}");
+    assert_eq!(key_names(&store).await.len(), 1);
+
+    // Three IPv6 subnets, two of them held by a dual-stack and an IPv6-only key.
+    let cfg = NetConfig::from_json(DUAL_3V6).unwrap();
+    store.put_config(&cfg, true).await.unwrap();
+    put_raw(&store, "0.0.0.0-0&fd00:10:0:2::-64", FLANNEL_DUAL).await;
+    let l = store.acquire(&cfg, &attrs("b", 2), ttl).await.unwrap();
+    assert_eq!(l.ipv6_subnet, Some(net6("fd00:10:0:3::/64")));
+    let err = store.acquire(&cfg, &attrs("c", 3), ttl).await.unwrap_err();
+    assert!(matches!(err, StoreError::Ipv6NetworkFull { .. }), "{err}");
+}
