@@ -455,7 +455,7 @@ impl LeaseAttrs {
 /// One lease as read from etcd.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
-    /// The IPv4 subnet (the key's `<net>-<len>`).
+    /// The IPv4 subnet (the key's `<net>-<len>`, before any `&<IPv6 net>-<len>`).
     pub subnet: Ipv4Net,
     /// The IPv6 subnet of a dual-stack key (`...&<IPv6 net>-<len>`); `None` for an IPv4-only
     /// key. The key's name is [`Lease::key`]: a dual-stack key and an IPv4-only key of the

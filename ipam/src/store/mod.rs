@@ -1,7 +1,7 @@
 //! The lease store (feature `etcd`): network config, subnet leases, watch, hold.
 //!
-//! Layout (see docs/leases.md): `<prefix>/config` holds net-conf.json, `<prefix>/subnets/<net>-<len>`
-//! one lease per node, bound to an etcd lease (TTL) or without one (a reservation).
+//! Layout (see docs/leases.md): `<prefix>/config` holds net-conf.json,
+//! `<prefix>/subnets/<net>-<len>` (dual-stack: `<net>-<len>&<IPv6 net>-<len>`) one lease per node, bound to an etcd lease (TTL) or without one (a reservation).
 //! Nothing here panics on an unreachable etcd, and the long-running parts ([`LeaseWatch`],
 //! [`LeaseHolder`]) retry with backoff forever.
 //!
@@ -219,7 +219,8 @@ impl LeaseStore {
         format!("{}/subnets/", self.prefix)
     }
 
-    /// `<prefix>/subnets/<net>-<len>`.
+    /// `<prefix>/subnets/<net>-<len>`: the IPv4-only key of `subnet` (a dual-stack lease has
+    /// its own key: [`LeaseStore::key_of`]).
     pub fn lease_key(&self, subnet: &Ipv4Net) -> String {
         format!("{}{}", self.subnets_prefix(), subnet_to_key(subnet))
     }
