@@ -28,6 +28,11 @@ pub enum LeaseError {
         "lease key {key:?} is not of the form <net>-<len>[&<IPv6 net>-<len>] (e.g. 10.244.3.0-24&fc00:0:0:3::-64): {reason}"
     )]
     SubnetKey { key: String, reason: String },
+    /// Flannel's IPv6-only key (`0.0.0.0-0&<IPv6 net>-<len>`): twill needs an IPv4 subnet.
+    #[error(
+        "lease key {key:?} is IPv6-only (no IPv4 subnet): twill needs an IPv4 subnet in every lease key"
+    )]
+    Ipv6Only { key: String },
     /// A field of a readable lease that cannot be used ([`LeaseAttrs::ipv6_endpoint`]).
     #[error("lease field {field}: {value} is invalid: {reason}")]
     Field {
@@ -450,11 +455,12 @@ impl LeaseAttrs {
 /// One lease as read from etcd.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
-    /// The IPv4 subnet (the key's `<net>-<len>`).
+    /// The IPv4 subnet (the key's `<net>-<len>`, before any `&<IPv6 net>-<len>`).
     pub subnet: Ipv4Net,
-    /// The IPv6 subnet of a dual-stack key (`...&<IPv6 net>-<len>`). Always `None` from
-    /// [`parse_lease`] for now: the lease store keys its map by the IPv4 subnet, where a
-    /// dual-stack key and an IPv4 key of one subnet would alias.
+    /// The IPv6 subnet of a dual-stack key (`...&<IPv6 net>-<len>`); `None` for an IPv4-only
+    /// key. The key's name is [`Lease::key`]: a dual-stack key and an IPv4-only key of the
+    /// same IPv4 subnet are two leases, and of such aliases only the older one is used (see
+    /// [`resolve_aliases`]).
     pub ipv6_subnet: Option<Ipv6Net>,
     pub attrs: LeaseAttrs,
     /// A reservation: the key has no etcd lease (no TTL) and never expires.
@@ -657,7 +663,9 @@ impl FromStr for SubnetKey {
 /// What is wrong with a key-value under `<prefix>/subnets/` that is not a lease at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum InvalidKind {
-    /// The key is not a canonical `<net>-<len>` ([`key_to_subnet`]).
+    /// The key is not a canonical lease key ([`lease_key`]: `<net>-<len>`, optionally
+    /// `&<IPv6 net>-<len>`), is IPv6-only, or is a readable lease whose IPv4 subnet an older
+    /// key holds ([`resolve_aliases`]).
     Key,
     /// The key is fine, the value is not lease JSON.
     Value,
@@ -676,6 +684,78 @@ pub struct InvalidLease {
     pub mod_revision: i64,
 }
 
+/// The key name of a lease (without `<prefix>/subnets/`): `<net>-<len>` ([`key_to_subnet`],
+/// its error as before) or Flannel's dual-stack `<net>-<len>&<IPv6 net>-<len>`
+/// ([`SubnetKey::parse`]). The key always has an IPv4 subnet: Flannel's IPv6-only key
+/// (`0.0.0.0-0&...`) is [`LeaseError::Ipv6Only`].
+pub fn lease_key(name: &str) -> Result<SubnetKey, LeaseError> {
+    if !name.contains('&') {
+        return key_to_subnet(name).map(SubnetKey::v4_only);
+    }
+    let k = SubnetKey::parse(name)?;
+    if k.v4().is_none() {
+        return Err(LeaseError::Ipv6Only {
+            key: name.to_string(),
+        });
+    }
+    Ok(k)
+}
+
+/// The IPv4 subnet of a lease key name, if it is one ([`lease_key`]).
+pub fn lease_key_subnet(name: &str) -> Option<Ipv4Net> {
+    lease_key(name).ok().and_then(|k| k.v4())
+}
+
+/// Of two leases of one IPv4 subnet, whether `a` is used before `b`: the older one (lower
+/// create revision), then the lower key name. The same rule as every other conflict.
+fn older(a: &Lease, b: &Lease) -> bool {
+    (a.create_revision, a.key().to_string()) < (b.create_revision, b.key().to_string())
+}
+
+/// `loser` as a key-value that is not used: another key of its IPv4 subnet (`winner`) is
+/// older. Reported by its own key name, as a key-value that is not a lease
+/// ([`InvalidKind::Key`]).
+pub fn aliased(loser: &Lease, winner: &Lease) -> InvalidLease {
+    InvalidLease {
+        key: loser.key().to_string(),
+        kind: InvalidKind::Key,
+        detail: format!(
+            "lease key {:?} has the IPv4 subnet {} of the older lease key {:?} (created at revision {}, this one at {}): only the older key is used",
+            loser.key().to_string(),
+            loser.subnet,
+            winner.key().to_string(),
+            winner.create_revision,
+            loser.create_revision
+        ),
+        create_revision: loser.create_revision,
+        mod_revision: loser.mod_revision,
+    }
+}
+
+/// Splits readable leases into the ones used, one per IPv4 subnet (sorted by subnet), and
+/// the keys that alias a used one: an IPv4-only key and a dual-stack key of the same IPv4
+/// subnet (or two dual-stack keys) are two etcd keys; the older one is used, the other is
+/// returned as an [`InvalidLease`] naming both keys (never dropped silently).
+pub fn resolve_aliases(leases: Vec<Lease>) -> (Vec<Lease>, Vec<InvalidLease>) {
+    let mut used: std::collections::BTreeMap<Ipv4Net, Lease> = Default::default();
+    let mut losers: Vec<Lease> = Vec::new();
+    for l in leases {
+        match used.get_mut(&l.subnet) {
+            None => {
+                used.insert(l.subnet, l);
+            }
+            Some(w) if older(&l, w) => losers.push(std::mem::replace(w, l)),
+            Some(_) => losers.push(l),
+        }
+    }
+    let mut invalid: Vec<InvalidLease> = losers
+        .iter()
+        .map(|l| aliased(l, &used[&l.subnet]))
+        .collect();
+    invalid.sort_by(|a, b| a.key.cmp(&b.key));
+    (used.into_values().collect(), invalid)
+}
+
 /// Reads one key-value under `<prefix>/subnets/` (`name` is the key without that prefix):
 /// a lease, or why it is none. `reserved`/`etcd_lease` come from the key's etcd lease id.
 pub fn parse_lease(
@@ -692,11 +772,11 @@ pub fn parse_lease(
         create_revision,
         mod_revision,
     };
-    let subnet = key_to_subnet(name).map_err(|e| invalid(InvalidKind::Key, e))?;
+    let key = lease_key(name).map_err(|e| invalid(InvalidKind::Key, e))?;
     let attrs = LeaseAttrs::from_json(name, value).map_err(|e| invalid(InvalidKind::Value, e))?;
     Ok(Lease {
-        subnet,
-        ipv6_subnet: None,
+        subnet: key.v4().expect("lease_key gives an IPv4 subnet"),
+        ipv6_subnet: key.v6(),
         attrs,
         reserved: etcd_lease == 0,
         etcd_lease,
@@ -751,6 +831,88 @@ mod tests {
         let v = parse_lease("10.244.3.0-24", b"nope", 0, 3, 4).unwrap_err();
         assert_eq!(v.kind, InvalidKind::Value);
         assert!(v.detail.contains("10.244.3.0-24"), "{}", v.detail);
+    }
+
+    /// Flannel's dual-stack key is a lease with both subnets; its IPv6-only key and a broken
+    /// dual-stack key are not leases, and the reason names the key.
+    #[test]
+    fn parse_lease_reads_dual_stack_keys() {
+        let v = br#"{"PublicIP":"10.0.0.1"}"#;
+        let l = parse_lease("10.244.3.0-24&fc00:0:0:3::-64", v, 5, 3, 4).unwrap();
+        assert_eq!(l.subnet, "10.244.3.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(l.ipv6_subnet, Some("fc00:0:0:3::/64".parse().unwrap()));
+        assert_eq!(l.key().to_string(), "10.244.3.0-24&fc00:0:0:3::-64");
+        let l = parse_lease("10.244.3.0-24", v, 5, 3, 4).unwrap();
+        assert_eq!(
+            (l.ipv6_subnet, l.key().to_string()),
+            (None, "10.244.3.0-24".into())
+        );
+        let e = parse_lease("0.0.0.0-0&fc00:0:0:3::-64", v, 5, 3, 4).unwrap_err();
+        assert_eq!(e.kind, InvalidKind::Key);
+        assert!(
+            e.detail
+                .contains(r#""0.0.0.0-0&fc00:0:0:3::-64" is IPv6-only"#),
+            "{}",
+            e.detail
+        );
+        for bad in [
+            "10.244.3.0-24&fc00:0:0:3::1-64",
+            "10.244.3.0-24&",
+            "10.244.3.0-024&fc00::-64",
+        ] {
+            let e = parse_lease(bad, v, 5, 3, 4).unwrap_err();
+            assert_eq!(e.kind, InvalidKind::Key, "{bad}");
+            assert!(
+                e.detail.contains(&format!("{bad:?}")),
+                "{bad}: {}",
+                e.detail
+            );
+        }
+        // An IPv4-only key keeps its error text.
+        let e = parse_lease("10.244.3.0-024", v, 5, 3, 4).unwrap_err();
+        assert!(
+            e.detail.contains("is not of the form <net>-<len> (e.g."),
+            "{}",
+            e.detail
+        );
+        assert_eq!(
+            lease_key_subnet("10.244.3.0-24&fc00:0:0:3::-64"),
+            Some("10.244.3.0/24".parse().unwrap())
+        );
+        assert_eq!(lease_key_subnet("0.0.0.0-0&fc00:0:0:3::-64"), None);
+    }
+
+    /// An IPv4-only key and a dual-stack key of one IPv4 subnet are two leases: the older one
+    /// is used, the other is reported by name with both keys, whatever the input order.
+    #[test]
+    fn aliases_of_one_subnet_older_wins() {
+        let v = br#"{"PublicIP":"10.0.0.1"}"#;
+        let v4 = parse_lease("10.244.3.0-24", v, 5, 10, 10).unwrap();
+        let ds = parse_lease("10.244.3.0-24&fc00:0:0:3::-64", v, 5, 7, 9).unwrap();
+        let ds2 = parse_lease("10.244.3.0-24&fc00:0:0:4::-64", v, 5, 12, 12).unwrap();
+        let other = parse_lease("10.244.4.0-24", v, 5, 20, 20).unwrap();
+        for input in [
+            vec![v4.clone(), ds.clone(), ds2.clone(), other.clone()],
+            vec![other.clone(), ds2.clone(), v4.clone(), ds.clone()],
+        ] {
+            let (used, aliases) = resolve_aliases(input);
+            assert_eq!(used, vec![ds.clone(), other.clone()]);
+            let keys: Vec<&str> = aliases.iter().map(|i| i.key.as_str()).collect();
+            assert_eq!(keys, ["10.244.3.0-24", "10.244.3.0-24&fc00:0:0:4::-64"]);
+            assert!(aliases.iter().all(|i| i.kind == InvalidKind::Key));
+            assert!(
+                aliases[0]
+                    .detail
+                    .contains(r#"older lease key "10.244.3.0-24&fc00:0:0:3::-64""#),
+                "{}",
+                aliases[0].detail
+            );
+            assert_eq!(aliases[0].create_revision, 10);
+        }
+        // Same create revision: the lower key name.
+        let a = parse_lease("10.244.3.0-24", v, 5, 7, 7).unwrap();
+        let (used, _) = resolve_aliases(vec![ds.clone(), a.clone()]);
+        assert_eq!(used, vec![a]);
     }
 
     #[test]

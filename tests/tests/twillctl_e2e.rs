@@ -158,6 +158,13 @@ async fn twillctl_end_to_end() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{}", r.stdout);
     assert!(lines[0].starts_with("SUBNET") && lines[0].contains("VTEP-MAC"));
+    // IPv4-only leases: the IPV6-SUBNET column says "-".
+    assert_eq!(
+        lines[0].split_whitespace().take(2).collect::<Vec<_>>(),
+        ["SUBNET", "IPV6-SUBNET"]
+    );
+    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(cells[1], "-", "{}", lines[1]);
     assert!(r.stdout.contains(&a.subnet.to_string()));
     assert!(r.stdout.contains("node-b") && r.stdout.contains("192.168.7.2"));
     assert!(
@@ -181,6 +188,10 @@ async fn twillctl_end_to_end() {
     let secs = la["expires_in_seconds"].as_u64().unwrap();
     assert!(secs > 3500 && secs <= 3600, "{secs}");
     assert_eq!(la["value"]["NodeName"], "node-a");
+    // Dual-stack fields: null for an IPv4-only lease; the etcd key name.
+    assert_eq!(la["ipv6_subnet"], Value::Null);
+    assert_eq!(la["public_ipv6"], Value::Null);
+    assert_eq!(la["key"], a.subnet.to_string().replace('/', "-"));
 
     // show by node and by subnet (both spellings); unknown: exit 3.
     let r = ctl.run(&["leases", "show", "node-b", "-o", "json"]);
@@ -389,4 +400,85 @@ fn twillctl_completion_scripts_load_and_complete() {
         Some(2),
         "an unknown shell is a usage error"
     );
+}
+
+/// Proves that `twillctl leases` shows a dual-stack lease (written by hand, as flanneld
+/// writes it): the IPV6-SUBNET column, the JSON fields `ipv6_subnet`, `key` and
+/// `public_ipv6` (the fields of before unchanged), `show` by the dual-stack key with its
+/// full etcd key, and `release` of the subnet deletes the dual-stack key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twillctl_leases_dual_stack() {
+    let etcd = EtcdServer::start().unwrap();
+    let ctl = Ctl { etcd: &etcd };
+    let store = LeaseStore::connect(etcd.options(PREFIX)).await.unwrap();
+    let cfg = NetConfig::from_json(
+        r#"{"Network":"10.50.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:50::/56","Backend":{"Type":"vxlan","VNI":1}}"#,
+    )
+    .unwrap();
+    store.put_config(&cfg, true).await.unwrap();
+    let name = "10.50.7.0-24&fd00:50:0:7::-64";
+    let value = r#"{"PublicIP":"192.168.7.5","PublicIPv6":"2001:db8::5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"9a:2b:3c:4d:5e:6f"},"BackendV6Data":{"VNI":1,"VtepMAC":"ae:7f:01:02:03:04"}}"#;
+    let mut c = store.client();
+    c.put(format!("{}{name}", store.subnets_prefix()), value, None)
+        .await
+        .unwrap();
+
+    let r = ctl.run(&["leases", "list"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("10.50.7.0/24"))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cells[1], "fd00:50:0:7::/64", "{line}");
+    assert_eq!(cells[3], "192.168.7.5", "{line}");
+
+    let v = ctl.run(&["leases", "list", "-o", "json"]).json();
+    let l = &v["leases"][0];
+    assert_eq!(l["subnet"], "10.50.7.0/24");
+    assert_eq!(l["ipv6_subnet"], "fd00:50:0:7::/64");
+    assert_eq!(l["key"], name);
+    assert_eq!(l["public_ipv6"], "2001:db8::5");
+    assert_eq!(l["public_ip"], "192.168.7.5");
+    assert_eq!(l["vtep_mac"], "9a:2b:3c:4d:5e:6f");
+    assert_eq!(l["reserved"], true, "no etcd lease");
+    assert_eq!(l["value"]["BackendV6Data"]["VtepMAC"], "ae:7f:01:02:03:04");
+    assert_eq!(v["invalid"], json!([]));
+
+    // A younger IPv4-only key of the same subnet: listed as not a lease (bad_key, naming the
+    // dual-stack key), and the dual-stack lease keeps its own verdict.
+    c.put(
+        format!("{}10.50.7.0-24", store.subnets_prefix()),
+        value,
+        None,
+    )
+    .await
+    .unwrap();
+    let v = ctl.run(&["leases", "list", "-o", "json"]).json();
+    assert_eq!(v["leases"].as_array().unwrap().len(), 1);
+    assert_eq!(v["leases"][0]["key"], name);
+    assert_eq!(v["leases"][0]["accepted"], true, "{v}");
+    assert_eq!(v["invalid"][0]["key"], "10.50.7.0-24");
+    assert_eq!(v["invalid"][0]["reason"], "bad_key");
+    assert!(
+        v["invalid"][0]["detail"].as_str().unwrap().contains(name),
+        "{v}"
+    );
+
+    let r = ctl.run(&["leases", "show", name]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains(&format!("{}{name}", store.subnets_prefix()))
+            && r.stdout.contains("IPV6-SUBNET: fd00:50:0:7::/64"),
+        "{}",
+        r.stdout
+    );
+    let r = ctl.run(&["leases", "show", "10.50.7.0/24", "-o", "json"]);
+    assert_eq!(r.json()["key"], name);
+
+    let r = ctl.run(&["leases", "release", "10.50.7.0/24", "--yes"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(store.list().await.unwrap().0.is_empty());
 }

@@ -58,6 +58,20 @@ pub enum Guard {
     ModRevision(i64),
 }
 
+/// One condition of [`LeaseBackend::write_if`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cond {
+    /// The key does not exist.
+    Absent(String),
+    /// The key exists and its last change is this revision.
+    ModRevision(String, i64),
+    /// No key starts with this prefix.
+    NoneUnder(String),
+    /// No key under this prefix was created or changed after `revision` (a deletion does not
+    /// count): nothing was added to a listing made at `revision`.
+    UnchangedSince { prefix: String, revision: i64 },
+}
+
 /// The outcome of [`LeaseBackend::put_if`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
@@ -161,6 +175,17 @@ pub trait LeaseBackend: Debug + Send + Sync + 'static {
     fn put_if(
         &self,
         guard: Guard,
+        puts: Vec<Put>,
+        else_list: Option<String>,
+    ) -> BackendFuture<'_, Written>;
+
+    /// Atomically: if every condition holds, deletes `deletes` and writes `puts` (one
+    /// revision); otherwise writes nothing and, with `else_list`, lists that prefix in the
+    /// same transaction.
+    fn write_if(
+        &self,
+        conds: Vec<Cond>,
+        deletes: Vec<String>,
         puts: Vec<Put>,
         else_list: Option<String>,
     ) -> BackendFuture<'_, Written>;

@@ -47,6 +47,16 @@ pub enum StoreError {
         max: Ipv4Addr,
         count: u64,
     },
+    #[error(
+        "IPv6 network full: all {count} IPv6 subnets /{subnet_len} of {network} between {min} and {max} are leased"
+    )]
+    Ipv6NetworkFull {
+        network: String,
+        subnet_len: u8,
+        min: std::net::Ipv6Addr,
+        max: std::net::Ipv6Addr,
+        count: u128,
+    },
     #[error("refused: {}", reasons.join("; "))]
     Refused {
         reasons: Vec<String>,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -198,7 +198,7 @@ impl LeaseHolder {
         self.task.abort();
         let lease = self.state.borrow().lease.clone();
         match lease {
-            Some(l) => self.store.release(l.subnet).await,
+            Some(l) => self.store.release_key(&l.key()).await,
             None => Ok(false),
         }
     }
@@ -252,6 +252,7 @@ impl Task {
         &self,
         attrs: &LeaseAttrs,
         prefer: Option<Ipv4Net>,
+        prefer6: Option<Ipv6Net>,
     ) -> Result<Result<(Lease, bool), Blocked>, StoreError> {
         let pinned = match (prefer, &self.pin) {
             (Some(p), Some(pin)) => match pin(p) {
@@ -267,14 +268,14 @@ impl Task {
         let Some((subnet, pods)) = pinned else {
             return Ok(Ok((
                 self.store
-                    .acquire_with(&self.cfg, attrs, self.ttl, prefer)
+                    .acquire_with_ipv6(&self.cfg, attrs, self.ttl, prefer, prefer6)
                     .await?,
                 false,
             )));
         };
         let why = match self
             .store
-            .acquire_only(&self.cfg, attrs, self.ttl, subnet)
+            .acquire_only_ipv6(&self.cfg, attrs, self.ttl, subnet, prefer6)
             .await
         {
             Ok(l) => return Ok(Ok((l, false))),
@@ -308,9 +309,11 @@ impl Task {
 
     async fn run(mut self, mut prefer: Option<Ipv4Net>) {
         let mut backoff = Backoff::new(RETRY_CAP);
+        // The IPv6 subnet of the last dual-stack lease: preferred with `prefer`.
+        let mut prefer6: Option<Ipv6Net> = None;
         loop {
             let attrs = self.attrs.borrow_and_update().clone();
-            let lease = match self.acquire(&attrs, prefer).await {
+            let lease = match self.acquire(&attrs, prefer, prefer6).await {
                 Ok(Ok((l, moved))) => {
                     if moved && let Err(e) = self.store.clear_move(&attrs.node_name).await {
                         tracing::warn!(error = %e, "deleting the used move permission failed (it expires by itself)");
@@ -349,6 +352,7 @@ impl Task {
                 tracing::warn!(old = %old, new = %lease.subnet, "took another subnet than the one this node had");
             }
             prefer = Some(lease.subnet);
+            prefer6 = lease.ipv6_subnet.or(prefer6);
             self.state.send_replace(HolderState {
                 lease: Some(lease.clone()),
                 held: true,
@@ -372,7 +376,8 @@ impl Task {
 
     /// Renews and watches `lease` until it is lost.
     async fn hold(&mut self, mut lease: Lease) -> Lost {
-        let key = self.store.lease_key(&lease.subnet);
+        // The key held: IPv4-only or dual-stack.
+        let key = self.store.key_of(&lease);
         let ttl = lease
             .expires
             .and_then(|e| e.duration_since(SystemTime::now()).ok())

@@ -6,9 +6,12 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
 
-use super::backend::{Guard, KeyValue, Listing, Put, Written};
+use super::backend::{Cond, KeyValue, Listing, Put, Written};
 use super::{LeaseStore, MoveRequest, StoreError};
-use crate::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, parse_lease};
+use crate::lease::{
+    InvalidLease, Lease, LeaseAttrs, SubnetKey, key_to_subnet, lease_key, lease_key_subnet,
+    parse_lease, resolve_aliases,
+};
 
 impl LeaseStore {
     /// Renews the etcd lease of `subnet`'s grace key if it names `node` (one keep-alive;
@@ -65,21 +68,39 @@ impl LeaseStore {
         Ok((leases, rev))
     }
 
-    /// All key-values under `<prefix>/subnets/`: the leases (sorted by subnet), the ones
-    /// that are not leases (bad key or value, sorted by key) and the revision.
+    /// All key-values under `<prefix>/subnets/`: the leases used (one per IPv4 subnet, sorted
+    /// by subnet), the ones that are not (bad key or value, or a key whose IPv4 subnet an
+    /// older key holds: see [`resolve_aliases`]; sorted by key) and the revision.
     pub async fn list_all(&self) -> Result<(Vec<Lease>, Vec<InvalidLease>, i64), StoreError> {
+        let (leases, mut invalid, rev) = self.list_keys().await?;
+        let (used, aliases) = resolve_aliases(leases);
+        invalid.extend(aliases);
+        invalid.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok((used, invalid, rev))
+    }
+
+    /// Every readable lease key (aliases of one IPv4 subnet included, in key order), the
+    /// key-values that are not leases (sorted by key) and the revision.
+    pub(super) async fn list_keys(
+        &self,
+    ) -> Result<(Vec<Lease>, Vec<InvalidLease>, i64), StoreError> {
         let listing = self.list_raw().await?;
+        let (leases, invalid) = self.parse_listing(&listing.kvs);
+        Ok((leases, invalid, listing.revision))
+    }
+
+    /// The key-values of a listing: readable leases and the others (each sorted by key).
+    pub(super) fn parse_listing(&self, kvs: &[KeyValue]) -> (Vec<Lease>, Vec<InvalidLease>) {
         let mut leases = Vec::new();
         let mut invalid = Vec::new();
-        for r in listing.kvs.iter().filter_map(|k| self.parse_kv(k)) {
+        for r in kvs.iter().filter_map(|k| self.parse_kv(k)) {
             match r {
                 Ok(l) => leases.push(l),
                 Err(i) => invalid.push(i),
             }
         }
-        leases.sort_by_key(|l| l.subnet);
         invalid.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok((leases, invalid, listing.revision))
+        (leases, invalid)
     }
 
     pub(super) async fn list_raw(&self) -> Result<Listing, StoreError> {
@@ -102,11 +123,45 @@ impl LeaseStore {
         Ok((ttl > 0).then(|| asked + Duration::from_secs(ttl as u64)))
     }
 
-    /// The lease of `subnet`, if any.
+    /// The lease of `subnet`, if any: its IPv4-only or dual-stack key (of several, the one
+    /// used: [`resolve_aliases`]).
     pub async fn get(&self, subnet: &Ipv4Net) -> Result<Option<Lease>, StoreError> {
-        let key = self.lease_key(subnet);
-        let (kv, _) = self.backend.get(&key).await?;
-        Ok(kv.and_then(|k| self.parse_kv(&k)).and_then(|r| r.ok()))
+        Ok(self.keys_of(subnet).await?.0.into_iter().next())
+    }
+
+    /// The key-values of IPv4 subnet `subnet`: `<net>-<len>` and `<net>-<len>&...` (readable
+    /// or not), and the store's revision (one request).
+    async fn subnet_kvs(&self, subnet: &Ipv4Net) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        // One range read: the prefix `<net>-<len>` holds both forms (and junk like
+        // `<net>-<len>0`, which is not a key of `subnet` and is left out).
+        let listing = self.backend.list(&self.lease_key(subnet)).await?;
+        let prefix = self.subnets_prefix();
+        let kvs = listing
+            .kvs
+            .into_iter()
+            .filter(|k| {
+                k.key
+                    .strip_prefix(&prefix)
+                    .is_some_and(|n| lease_key_subnet(n) == Some(*subnet))
+            })
+            .collect();
+        Ok((kvs, listing.revision))
+    }
+
+    /// The readable keys of IPv4 subnet `subnet` (`<net>-<len>` and `<net>-<len>&...`): the
+    /// one used first, then its aliases; and the store's revision (one request).
+    pub(super) async fn keys_of(&self, subnet: &Ipv4Net) -> Result<(Vec<Lease>, i64), StoreError> {
+        let (kvs, rev) = self.subnet_kvs(subnet).await?;
+        let (leases, _) = self.parse_listing(&kvs);
+        let (used, aliases) = resolve_aliases(leases.clone());
+        let mut out = used;
+        out.extend(aliases.iter().filter_map(|i| {
+            leases
+                .iter()
+                .find(|l| l.key().to_string() == i.key)
+                .cloned()
+        }));
+        Ok((out, rev))
     }
 
     /// Deletes `key` and revokes the etcd lease it was attached to, if any. False if the key
@@ -121,12 +176,26 @@ impl LeaseStore {
         Ok(prev.is_some())
     }
 
-    /// Deletes the lease of `subnet` (and revokes its etcd lease). False if there was none.
+    /// Deletes the lease of `subnet`: every key of that IPv4 subnet, IPv4-only or dual-stack
+    /// (and revokes their etcd leases). False if there was none.
     pub async fn release(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
-        let key = self.lease_key(&subnet);
-        let deleted = self.delete_revoking(&key).await?;
+        let (kvs, _) = self.subnet_kvs(&subnet).await?;
+        let mut deleted = false;
+        for k in kvs {
+            deleted |= self.delete_revoking(&k.key).await?;
+        }
         // An explicit release frees the subnet at once: no grace period.
         self.backend.delete(&self.grace_key(&subnet)).await?;
+        Ok(deleted)
+    }
+
+    /// Deletes the lease key `key` only (a holder's own key, IPv4-only or dual-stack) and
+    /// revokes its etcd lease; and the grace key of its IPv4 subnet. False if it was gone.
+    pub async fn release_key(&self, key: &SubnetKey) -> Result<bool, StoreError> {
+        let deleted = self.delete_revoking(&self.subnet_key_name(key)).await?;
+        if let Some(subnet) = key.v4() {
+            self.backend.delete(&self.grace_key(&subnet)).await?;
+        }
         Ok(deleted)
     }
 
@@ -197,6 +266,9 @@ impl LeaseStore {
 
     /// Reserves `subnet` for `attrs.node_name`: a key without TTL. Allowed when the subnet is
     /// free or already held by that node; the subnet must be valid under the stored config.
+    /// A subnet the node holds keeps its key (a dual-stack key stays one, with its IPv6
+    /// subnet); a free subnet gets the IPv4-only key (a dual-stack node that takes it moves it
+    /// to its dual-stack form).
     pub async fn reserve(&self, subnet: Ipv4Net, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
         if attrs.node_name.is_empty() {
             return Err(StoreError::InvalidAttrs(
@@ -207,17 +279,46 @@ impl LeaseStore {
         if !cfg.is_valid_subnet(&subnet) {
             return Err(StoreError::outside_config(&cfg, subnet, ""));
         }
-        let key = self.lease_key(&subnet);
-        let guard = match self.backend.get(&key).await?.0 {
-            None => Guard::Absent,
+        let (kvs, _) = self.subnet_kvs(&subnet).await?;
+        // The key used for the subnet (of aliases, the older), else any key of it.
+        let (leases, _) = self.parse_listing(&kvs);
+        let (used, _) = resolve_aliases(leases);
+        let held = used
+            .first()
+            .and_then(|l| {
+                let name = self.key_of(l);
+                kvs.iter().find(|k| k.key == name)
+            })
+            .or(kvs.first());
+        let (key, conds, ipv6_subnet) = match held {
+            None => {
+                let key = self.lease_key(&subnet);
+                let conds = vec![
+                    Cond::Absent(key.clone()),
+                    Cond::NoneUnder(format!("{key}&")),
+                ];
+                (key, conds, None)
+            }
             Some(k) => {
-                let holder = LeaseAttrs::from_json(&key, &k.value)
+                let holder = LeaseAttrs::from_json(&k.key, &k.value)
                     .map(|a| a.node_name)
                     .unwrap_or_default();
                 if holder != attrs.node_name {
-                    return Err(StoreError::Conflict { key, holder });
+                    return Err(StoreError::Conflict {
+                        key: k.key.clone(),
+                        holder,
+                    });
                 }
-                Guard::ModRevision(k.mod_revision)
+                let v6 = k
+                    .key
+                    .strip_prefix(&self.subnets_prefix())
+                    .and_then(|n| lease_key(n).ok())
+                    .and_then(|n| n.v6());
+                (
+                    k.key.clone(),
+                    vec![Cond::ModRevision(k.key.clone(), k.mod_revision)],
+                    v6,
+                )
             }
         };
         let put = Put {
@@ -225,7 +326,10 @@ impl LeaseStore {
             value: attrs.to_json(),
             lease: 0,
         };
-        let Written::Done { revision: rev } = self.backend.put_if(guard, vec![put], None).await?
+        let Written::Done { revision: rev } = self
+            .backend
+            .write_if(conds, vec![], vec![put], None)
+            .await?
         else {
             return Err(StoreError::Contention {
                 what: "reserving (the key changed concurrently)",
@@ -234,7 +338,7 @@ impl LeaseStore {
         };
         Ok(Lease {
             subnet,
-            ipv6_subnet: None,
+            ipv6_subnet,
             attrs: attrs.clone(),
             reserved: true,
             etcd_lease: 0,

@@ -1,7 +1,7 @@
 //! The lease store (feature `etcd`): network config, subnet leases, watch, hold.
 //!
-//! Layout (see docs/leases.md): `<prefix>/config` holds net-conf.json, `<prefix>/subnets/<net>-<len>`
-//! one lease per node, bound to an etcd lease (TTL) or without one (a reservation).
+//! Layout (see docs/leases.md): `<prefix>/config` holds net-conf.json,
+//! `<prefix>/subnets/<net>-<len>` (dual-stack: `<net>-<len>&<IPv6 net>-<len>`) one lease per node, bound to an etcd lease (TTL) or without one (a reservation).
 //! Nothing here panics on an unreachable etcd, and the long-running parts ([`LeaseWatch`],
 //! [`LeaseHolder`]) retry with backoff forever.
 //!
@@ -39,7 +39,7 @@ pub use etcd::{EtcdBackend, EtcdOptions, TlsMaterial, inner_error};
 pub use holder::{Blocked, EXPIRY_MARGIN, HolderState, HolderStats, LeaseHolder, Pin, RETRY_CAP};
 pub use watch::{LeaseWatch, WatchCounters, WatchStats};
 
-use crate::lease::{LeaseAttrs, subnet_to_key};
+use crate::lease::{Lease, LeaseAttrs, SubnetKey, subnet_to_key};
 use crate::netconf::NetConfig;
 
 /// Default key prefix (Flannel's is `/coreos.com/network`).
@@ -219,9 +219,21 @@ impl LeaseStore {
         format!("{}/subnets/", self.prefix)
     }
 
-    /// `<prefix>/subnets/<net>-<len>`.
+    /// `<prefix>/subnets/<net>-<len>`: the IPv4-only key of `subnet` (a dual-stack lease has
+    /// its own key: [`LeaseStore::key_of`]).
     pub fn lease_key(&self, subnet: &Ipv4Net) -> String {
         format!("{}{}", self.subnets_prefix(), subnet_to_key(subnet))
+    }
+
+    /// `<prefix>/subnets/<key>`: the etcd key of a lease key (`<net>-<len>`, or
+    /// `<net>-<len>&<IPv6 net>-<len>`).
+    pub fn subnet_key_name(&self, key: &SubnetKey) -> String {
+        format!("{}{key}", self.subnets_prefix())
+    }
+
+    /// The etcd key of `lease` (its IPv4-only or dual-stack key).
+    pub fn key_of(&self, lease: &Lease) -> String {
+        self.subnet_key_name(&lease.key())
     }
 
     /// `<prefix>/grace/` (with the trailing slash).

@@ -27,7 +27,9 @@ use tokio::task::JoinHandle;
 
 use super::backend::{WatchEvent, WatchMessage, WatchSpec};
 use super::{Backoff, LeaseStore};
-use crate::lease::{InvalidKind, InvalidLease, Lease, LeaseEvent, key_to_subnet, parse_lease};
+use crate::lease::{
+    InvalidLease, Lease, LeaseEvent, lease_key_subnet, parse_lease, resolve_aliases,
+};
 
 /// Counters of a [`LeaseWatch`] (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -80,17 +82,27 @@ enum Update {
         invalid: Vec<InvalidLease>,
         revision: i64,
     },
-    /// A put (`Some`) or delete of key `name` under the prefix.
-    Kv {
-        name: String,
-        put: Option<Result<Lease, InvalidLease>>,
-    },
+    /// Puts (`Some`) and deletes of keys under the prefix, by key name: one change, or the
+    /// changes of one revision (one transaction) to keys of one IPv4 subnet, in order (a
+    /// move from `<v4>` to `<v4>&<v6>` is one change of the subnet's lease, not a removal
+    /// and an addition).
+    Kv { changes: Vec<KvChange> },
 }
+
+/// A put (`Some`) or delete of one key name under the prefix.
+type KvChange = (String, Option<Result<Lease, InvalidLease>>);
 
 /// The one copy of the lease set.
 #[derive(Debug, Default)]
 struct View {
+    /// The lease used for each IPv4 subnet: of several keys of one subnet (an IPv4-only and a
+    /// dual-stack key), the older one.
     leases: BTreeMap<Ipv4Net, Lease>,
+    /// The other keys of a subnet in `leases`, by (subnet, key name); each is also in
+    /// `invalid` ([`crate::lease::aliased`]). Normally empty. Kept up to date with the
+    /// updates read (not with the events returned): events are computed only once every
+    /// earlier one was returned.
+    aliases: BTreeMap<(Ipv4Net, String), Lease>,
     invalid: BTreeMap<String, InvalidLease>,
     synced: bool,
     revision: i64,
@@ -101,24 +113,34 @@ struct View {
 }
 
 impl View {
-    /// The events of `u` against the map (which already holds every earlier event).
-    fn events_of(&self, u: Update) -> Vec<LeaseEvent> {
+    /// The events of `u` against the map (which already holds every earlier event); keeps
+    /// `aliases` as of `u`.
+    fn events_of(&mut self, u: Update) -> Vec<LeaseEvent> {
         match u {
             Update::Listed {
                 leases,
                 invalid,
                 revision,
             } => {
+                let (used, shadowed) = resolve_aliases(leases.clone());
+                let used_keys: std::collections::HashSet<String> =
+                    used.iter().map(|l| l.key().to_string()).collect();
+                self.aliases = leases
+                    .into_iter()
+                    .filter(|l| !used_keys.contains(&l.key().to_string()))
+                    .map(|l| ((l.subnet, l.key().to_string()), l))
+                    .collect();
                 let new: BTreeMap<Ipv4Net, Lease> =
-                    leases.into_iter().map(|l| (l.subnet, l)).collect();
-                let new_invalid: BTreeMap<String, InvalidLease> =
+                    used.into_iter().map(|l| (l.subnet, l)).collect();
+                let mut new_invalid: BTreeMap<String, InvalidLease> =
                     invalid.into_iter().map(|i| (i.key.clone(), i)).collect();
+                new_invalid.extend(shadowed.into_iter().map(|i| (i.key.clone(), i)));
                 let mut out = diff(&self.leases, new);
                 out.extend(diff_invalid(&self.invalid, &new_invalid));
                 out.push(LeaseEvent::Synced { revision });
                 out
             }
-            Update::Kv { name, put } => kv_events(&self.leases, &self.invalid, &name, put),
+            Update::Kv { changes } => self.kv_events(changes),
         }
     }
 
@@ -145,6 +167,108 @@ impl View {
         if self.pending.is_empty() && self.pending.capacity() > 64 {
             self.pending = VecDeque::new();
         }
+    }
+
+    /// The events of the changes of one update (see [`Update::Kv`]). A key without an IPv4
+    /// subnet (not canonical, IPv6-only) only ever touches `invalid`. The keys of an IPv4
+    /// subnet S decide anew which of S's keys is used (the older one), and which are
+    /// reported as aliases.
+    fn kv_events(&mut self, changes: Vec<KvChange>) -> Vec<LeaseEvent> {
+        let mut gone = Vec::new();
+        let mut came = Vec::new();
+        let mut note = |key: &str,
+                        now: Option<InvalidLease>,
+                        invalid: &BTreeMap<String, InvalidLease>| {
+            match (invalid.get(key), now) {
+                (Some(_), None) => gone.push(LeaseEvent::Invalid {
+                    key: key.to_string(),
+                    entry: None,
+                }),
+                (old, Some(i)) if old != Some(&i) => came.push(LeaseEvent::Invalid {
+                    key: key.to_string(),
+                    entry: Some(i),
+                }),
+                _ => {}
+            }
+        };
+        let subnet = changes.first().and_then(|(n, _)| lease_key_subnet(n));
+        let Some(subnet) = subnet else {
+            for (name, put) in changes {
+                let now = match put {
+                    Some(Err(i)) => Some(i),
+                    _ => None,
+                };
+                note(&name, now, &self.invalid);
+            }
+            return gone.into_iter().chain(came).collect();
+        };
+        // S's keys before this update, then after it.
+        let before: Vec<Lease> = self
+            .leases
+            .get(&subnet)
+            .cloned()
+            .into_iter()
+            .chain(self.alias_range(subnet).map(|(_, l)| l.clone()))
+            .collect();
+        let mut after = before.clone();
+        let mut put_invalid: BTreeMap<String, InvalidLease> = BTreeMap::new();
+        let mut keys: Vec<String> = Vec::new();
+        for (name, put) in changes {
+            after.retain(|l| l.key().to_string() != name);
+            put_invalid.remove(&name);
+            match put {
+                Some(Ok(l)) => after.push(l),
+                Some(Err(i)) => {
+                    put_invalid.insert(name.clone(), i);
+                }
+                None => {}
+            }
+            keys.push(name);
+        }
+        let (used, shadowed) = resolve_aliases(after.clone());
+        keys.extend(before.iter().chain(&after).map(|l| l.key().to_string()));
+        keys.sort();
+        keys.dedup();
+        for k in &keys {
+            let now = shadowed
+                .iter()
+                .find(|i| i.key == *k)
+                .cloned()
+                .or_else(|| put_invalid.get(k).cloned());
+            note(k, now, &self.invalid);
+        }
+        // The aliases of S as of this update.
+        let stale: Vec<(Ipv4Net, String)> =
+            self.alias_range(subnet).map(|(k, _)| k.clone()).collect();
+        for k in stale {
+            self.aliases.remove(&k);
+        }
+        let used = used.into_iter().next();
+        for l in after {
+            let k = l.key().to_string();
+            if used.as_ref().is_some_and(|u| u.key().to_string() == k) {
+                continue;
+            }
+            self.aliases.insert((subnet, k), l);
+        }
+        let lease_event = match (self.leases.get(&subnet), used) {
+            (None, None) => None,
+            (None, Some(n)) => Some(LeaseEvent::Added(n)),
+            (Some(o), None) => Some(LeaseEvent::Removed(o.clone())),
+            (Some(o), Some(n)) if *o != n => Some(LeaseEvent::Changed {
+                old: o.clone(),
+                new: n,
+            }),
+            (Some(_), Some(_)) => None,
+        };
+        gone.into_iter().chain(lease_event).chain(came).collect()
+    }
+
+    /// The aliases of IPv4 subnet `subnet`.
+    fn alias_range(&self, subnet: Ipv4Net) -> impl Iterator<Item = (&(Ipv4Net, String), &Lease)> {
+        self.aliases
+            .range((subnet, String::new())..)
+            .take_while(move |((s, _), _)| *s == subnet)
     }
 
     /// Applies one event of [`View::events_of`].
@@ -323,60 +447,6 @@ fn diff_invalid(
         .collect()
 }
 
-/// The events of one put or delete of key `name` (under the prefix) against `known` and
-/// `invalid`. A non-canonical key only ever touches `invalid`.
-fn kv_events(
-    known: &BTreeMap<Ipv4Net, Lease>,
-    invalid: &BTreeMap<String, InvalidLease>,
-    name: &str,
-    put: Option<Result<Lease, InvalidLease>>,
-) -> Vec<LeaseEvent> {
-    let mut out = Vec::new();
-    let subnet = key_to_subnet(name).ok();
-    let gone_invalid = |out: &mut Vec<LeaseEvent>| {
-        if invalid.contains_key(name) {
-            out.push(LeaseEvent::Invalid {
-                key: name.to_string(),
-                entry: None,
-            });
-        }
-    };
-    match put {
-        Some(Ok(l)) => {
-            gone_invalid(&mut out);
-            out.push(match known.get(&l.subnet) {
-                Some(old) => LeaseEvent::Changed {
-                    old: old.clone(),
-                    new: l,
-                },
-                None => LeaseEvent::Added(l),
-            });
-        }
-        Some(Err(i)) => {
-            // A canonical key whose value became unreadable: that lease is no longer usable.
-            if i.kind == InvalidKind::Value
-                && let Some(s) = subnet
-                && let Some(old) = known.get(&s)
-            {
-                out.push(LeaseEvent::Removed(old.clone()));
-            }
-            out.push(LeaseEvent::Invalid {
-                key: name.to_string(),
-                entry: Some(i),
-            });
-        }
-        None => {
-            gone_invalid(&mut out);
-            if let Some(s) = subnet
-                && let Some(old) = known.get(&s)
-            {
-                out.push(LeaseEvent::Removed(old.clone()));
-            }
-        }
-    }
-    out
-}
-
 async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<WatchCounters>) {
     let prefix = store.subnets_prefix();
     // The last revision whose changes have all been sent.
@@ -385,7 +455,7 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<WatchCou
     let mut backoff = Backoff::new(Duration::from_secs(5));
     loop {
         if need_list {
-            match store.list_all().await {
+            match store.list_keys().await {
                 Ok((leases, invalid, r)) => {
                     counters.lists.fetch_add(1, Ordering::Relaxed);
                     let n = leases.len();
@@ -474,6 +544,10 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<WatchCou
                 Ok(Some(WatchMessage::Started { .. })) => backoff.reset(),
                 Ok(Some(WatchMessage::Events(events))) => {
                     backoff.reset();
+                    // Consecutive changes of one revision to keys of one IPv4 subnet go as
+                    // one update (see `Update::Kv`).
+                    let mut group: Option<(i64, Ipv4Net)> = None;
+                    let mut changes: Vec<KvChange> = Vec::new();
                     for ev in events {
                         let kv = ev.kv();
                         rev = rev.max(kv.mod_revision);
@@ -490,13 +564,22 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<WatchCou
                             )),
                             WatchEvent::Delete(_) => None,
                         };
-                        let update = Update::Kv {
-                            name: name.to_string(),
-                            put,
-                        };
-                        if tx.send(update).await.is_err() {
-                            return;
+                        let this = lease_key_subnet(name).map(|s| (kv.mod_revision, s));
+                        if this.is_none() || this != group {
+                            if !changes.is_empty() {
+                                let update = Update::Kv {
+                                    changes: std::mem::take(&mut changes),
+                                };
+                                if tx.send(update).await.is_err() {
+                                    return;
+                                }
+                            }
+                            group = this;
                         }
+                        changes.push((name.to_string(), put));
+                    }
+                    if !changes.is_empty() && tx.send(Update::Kv { changes }).await.is_err() {
+                        return;
                     }
                 }
                 // Every event up to its revision was sent.
@@ -525,7 +608,7 @@ async fn run(store: LeaseStore, tx: mpsc::Sender<Update>, counters: Arc<WatchCou
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::LeaseAttrs;
+    use crate::lease::{InvalidKind, LeaseAttrs};
 
     fn by_subnet(leases: Vec<Lease>) -> BTreeMap<Ipv4Net, Lease> {
         leases.into_iter().map(|l| (l.subnet, l)).collect()
@@ -538,8 +621,7 @@ mod tests {
         put: Option<Result<Lease, InvalidLease>>,
     ) -> Vec<LeaseEvent> {
         let ev = view.events_of(Update::Kv {
-            name: name.to_string(),
-            put,
+            changes: vec![(name.to_string(), put)],
         });
         for e in &ev {
             view.apply(e);
@@ -624,6 +706,127 @@ mod tests {
         assert!(view.invalid.is_empty());
         // Deleting a key that was never there changes nothing.
         assert!(apply_kv(&mut view, "junk", None).is_empty());
+    }
+
+    const DS: &str = "10.0.2.0-24&fd00:0:0:2::-64";
+
+    /// A dual-stack key and an IPv4-only key of one subnet do not alias in the map: the
+    /// older one is the subnet's lease, the younger one is reported as invalid by its own key;
+    /// removing the older one promotes the younger (one Changed event), and removing the
+    /// younger one never removes the older one.
+    #[test]
+    fn dual_stack_and_ipv4_keys_of_one_subnet() {
+        let mut view = View::default();
+        let ev = apply_kv(&mut view, DS, put(DS, GOOD, 5));
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Added(l)] if l.ipv6_subnet == Some("fd00:0:0:2::/64".parse().unwrap())),
+            "{ev:?}"
+        );
+        // The younger IPv4-only key: an alias, the dual-stack lease stays.
+        let ev = apply_kv(&mut view, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 6));
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Invalid { key, entry: Some(i) }] if key == "10.0.2.0-24" && i.detail.contains(DS)),
+            "{ev:?}"
+        );
+        let subnet: Ipv4Net = "10.0.2.0/24".parse().unwrap();
+        assert_eq!(view.leases[&subnet].key().to_string(), DS);
+        // Rewritten: still an alias (its detail is the same), nothing else moves.
+        let ev = apply_kv(&mut view, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 7));
+        assert!(
+            ev.iter().all(|e| matches!(e, LeaseEvent::Invalid { .. })),
+            "{ev:?}"
+        );
+        // The older one goes: the IPv4-only key becomes the lease.
+        let ev = apply_kv(&mut view, DS, None);
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Invalid { key, entry: None }, LeaseEvent::Changed { old, new }]
+                if key == "10.0.2.0-24" && old.key().to_string() == DS && new.key().to_string() == "10.0.2.0-24"),
+            "{ev:?}"
+        );
+        assert!(view.invalid.is_empty() && view.aliases.is_empty());
+        // A younger dual-stack key again, then deleted: the IPv4-only lease is untouched.
+        let real = view.leases.clone();
+        let ev = apply_kv(&mut view, DS, put(DS, GOOD, 9));
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Invalid { key, entry: Some(_) }] if key == DS),
+            "{ev:?}"
+        );
+        assert_eq!(view.leases, real);
+        let ev = apply_kv(&mut view, DS, None);
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Invalid { key, entry: None }] if key == DS),
+            "{ev:?}"
+        );
+        assert_eq!(view.leases, real);
+        // An unreadable value of the alias: reported as a bad value, the lease untouched.
+        apply_kv(&mut view, DS, put(DS, GOOD, 10));
+        let ev = apply_kv(&mut view, DS, put(DS, "{", 11));
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Invalid { key, entry: Some(i) }] if key == DS && i.kind == InvalidKind::Value),
+            "{ev:?}"
+        );
+        assert_eq!(view.leases, real);
+        assert!(view.aliases.is_empty());
+        // IPv6-only: refused by name, never a lease.
+        let v6 = "0.0.0.0-0&fd00:0:0:9::-64";
+        let ev = apply_kv(&mut view, v6, put(v6, GOOD, 12));
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Invalid { key, entry: Some(i) }] if key == v6 && i.detail.contains("IPv6-only")),
+            "{ev:?}"
+        );
+        assert_eq!(view.leases, real);
+    }
+
+    /// A transaction that moves a subnet's lease from its IPv4-only key to a dual-stack key
+    /// (delete + put at one revision, one update) is one Changed event, never a Removed.
+    #[test]
+    fn move_to_dual_stack_key_in_one_revision_is_one_change() {
+        let mut view = View::default();
+        apply_kv(&mut view, "10.0.2.0-24", put("10.0.2.0-24", GOOD, 5));
+        let ev = view.events_of(Update::Kv {
+            changes: vec![("10.0.2.0-24".into(), None), (DS.into(), put(DS, GOOD, 8))],
+        });
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Changed { old, new }]
+                if old.key().to_string() == "10.0.2.0-24" && new.key().to_string() == DS),
+            "{ev:?}"
+        );
+        for e in &ev {
+            view.apply(e);
+        }
+        assert!(view.invalid.is_empty() && view.aliases.is_empty());
+    }
+
+    /// A list with both keys of one subnet: the same outcome as the events, and a re-list
+    /// without the older key promotes the younger.
+    #[test]
+    fn list_resolves_aliases() {
+        let mut view = View::default();
+        let listed = |revision, names: &[(&str, i64)]| Update::Listed {
+            leases: names
+                .iter()
+                .map(|(n, r)| put(n, GOOD, *r).unwrap().unwrap())
+                .collect(),
+            invalid: vec![],
+            revision,
+        };
+        for e in view.events_of(listed(8, &[("10.0.2.0-24", 6), (DS, 5)])) {
+            view.apply(&e);
+        }
+        let subnet: Ipv4Net = "10.0.2.0/24".parse().unwrap();
+        assert_eq!(view.leases[&subnet].key().to_string(), DS);
+        assert_eq!(view.invalid.keys().collect::<Vec<_>>(), ["10.0.2.0-24"]);
+        assert_eq!(view.aliases.len(), 1);
+        let ev = view.events_of(listed(9, &[("10.0.2.0-24", 6)]));
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Changed { new, .. }, LeaseEvent::Invalid { entry: None, .. }, LeaseEvent::Synced { .. }]
+                if new.key().to_string() == "10.0.2.0-24"),
+            "{ev:?}"
+        );
+        for e in ev {
+            view.apply(&e);
+        }
+        assert!(view.invalid.is_empty() && view.aliases.is_empty());
     }
 
     /// A canonical key whose value is not lease JSON: the lease is removed and the key is

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use clap::Subcommand;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
-use twill_ipam::lease::{InvalidLease, Lease, LeaseAttrs, key_to_subnet, subnet_to_key};
+use twill_ipam::lease::{InvalidLease, Lease, LeaseAttrs, SubnetKey, lease_key, subnet_to_key};
 
 use crate::daemon::reconcile::{Skipped, Validation, peers};
 
@@ -14,11 +14,12 @@ use super::{Cli, EXIT_NOT_FOUND, EXIT_REFUSED, Failure, Output, connect, print_j
 
 #[derive(Debug, Subcommand)]
 pub enum LeasesCmd {
-    /// All leases: subnet, node, public IP, VTEP MAC, expiry or "reserved", and whether
+    /// All leases: subnet, IPv6 subnet, node, public IP, VTEP MAC, expiry or "reserved", and whether
     /// the lease passes twilld's validation (STATUS, REASON). Keys under the prefix that are
     /// not leases at all are listed too, as rejected.
     List,
-    /// One lease, by subnet (10.244.3.0/24 or 10.244.3.0-24) or by node name.
+    /// One lease, by subnet (10.244.3.0/24, 10.244.3.0-24, or its dual-stack key
+    /// 10.244.3.0-24&fd00:0:0:3::-64) or by node name.
     Show {
         /// A subnet or a node name.
         what: String,
@@ -47,12 +48,18 @@ pub enum LeasesCmd {
     Move(super::lease_move::MoveArgs),
 }
 
-/// Parses `10.244.3.0/24` or `10.244.3.0-24`.
+/// Parses `10.244.3.0/24`, `10.244.3.0-24` or a dual-stack key `10.244.3.0-24&fd00:0:0:3::-64`
+/// (its IPv4 subnet).
 pub fn parse_subnet(s: &str) -> Option<Ipv4Net> {
     s.parse::<Ipv4Net>()
         .ok()
         .filter(|n| n.trunc() == *n)
-        .or_else(|| key_to_subnet(s).ok())
+        .or_else(|| lease_key(s).ok().and_then(|k| k.v4()))
+}
+
+/// The dual-stack key named by `s`, if it is one.
+fn parse_pair_key(s: &str) -> Option<SubnetKey> {
+    lease_key(s).ok().filter(|k| k.v6().is_some())
 }
 
 fn subnet_arg(s: &str) -> Result<Ipv4Net, Failure> {
@@ -76,6 +83,9 @@ fn expires_in(l: &Lease) -> Option<u64> {
 pub fn lease_json(l: &Lease) -> Value {
     json!({
         "subnet": l.subnet.to_string(),
+        "ipv6_subnet": l.ipv6_subnet.map(|s| s.to_string()),
+        "key": l.key().to_string(),
+        "public_ipv6": l.attrs.public_ipv6.addr().map(|a| a.to_string()),
         "node": l.attrs.node_name,
         "public_ip": l.attrs.public_ip.to_string(),
         "backend_type": l.attrs.backend_type,
@@ -106,6 +116,7 @@ fn dash(s: &str) -> String {
 fn row(l: &Lease) -> Vec<String> {
     vec![
         l.subnet.to_string(),
+        l.ipv6_subnet.map_or_else(|| "-".into(), |s| s.to_string()),
         dash(&l.attrs.node_name),
         if l.attrs.public_ip.is_unspecified() {
             "-".into()
@@ -117,9 +128,17 @@ fn row(l: &Lease) -> Vec<String> {
     ]
 }
 
-const HEADER: [&str; 5] = ["SUBNET", "NODE", "PUBLIC-IP", "VTEP-MAC", "EXPIRES"];
-const LIST_HEADER: [&str; 7] = [
+const HEADER: [&str; 6] = [
     "SUBNET",
+    "IPV6-SUBNET",
+    "NODE",
+    "PUBLIC-IP",
+    "VTEP-MAC",
+    "EXPIRES",
+];
+const LIST_HEADER: [&str; 8] = [
+    "SUBNET",
+    "IPV6-SUBNET",
     "NODE",
     "PUBLIC-IP",
     "VTEP-MAC",
@@ -128,22 +147,32 @@ const LIST_HEADER: [&str; 7] = [
     "REASON",
 ];
 
+/// The verdicts by (key name, whether it is a lease): twilld names a lease by its IPv4 key
+/// `<net>-<len>` also when it is dual-stack, and an IPv4-only alias of a dual-stack lease is
+/// a key-value that is not a lease under that same name.
+type Verdicts = std::collections::HashMap<(String, bool), Skipped>;
+
 /// The cluster-wide verdict of twilld's validation (no node's own subnet, public IP or
 /// MAC: what every node rejects), by key. Empty when there is no network config.
 fn verdicts(
     cfg: Option<&twill_ipam::netconf::NetConfig>,
     leases: &[Lease],
     invalid: &[InvalidLease],
-) -> Option<std::collections::HashMap<String, Skipped>> {
+) -> Option<Verdicts> {
     let cfg = cfg?;
     let v = Validation::new(cfg, None, None, None);
     let (_, skipped) = peers(leases, invalid, &v);
-    Some(skipped.into_iter().map(|s| (s.key.clone(), s)).collect())
+    Some(
+        skipped
+            .into_iter()
+            .map(|s| ((s.key.clone(), s.subnet.is_some()), s))
+            .collect(),
+    )
 }
 
 /// `accepted` / `reason` / `detail` of one key (JSON), `null`s without a network config.
-fn verdict_json(v: Option<&std::collections::HashMap<String, Skipped>>, key: &str) -> Value {
-    match v.map(|m| m.get(key)) {
+fn verdict_json(v: Option<&Verdicts>, key: &str, lease: bool) -> Value {
+    match v.map(|m| m.get(&(key.to_string(), lease))) {
         None => json!({"accepted": null, "reason": null, "detail": null}),
         Some(None) => json!({"accepted": true, "reason": null, "detail": null}),
         Some(Some(s)) => json!({
@@ -155,8 +184,8 @@ fn verdict_json(v: Option<&std::collections::HashMap<String, Skipped>>, key: &st
 }
 
 /// STATUS and REASON cells of one key.
-fn verdict_cells(v: Option<&std::collections::HashMap<String, Skipped>>, key: &str) -> [String; 2] {
-    match v.map(|m| m.get(key)) {
+fn verdict_cells(v: Option<&Verdicts>, key: &str, lease: bool) -> [String; 2] {
+    match v.map(|m| m.get(&(key.to_string(), lease))) {
         None => ["-".into(), "-".into()],
         Some(None) => ["accepted".into(), "-".into()],
         Some(Some(s)) if !s.reason.is_rejection() => ["pending".into(), s.reason.to_string()],
@@ -184,7 +213,7 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                     "leases": leases.iter().map(|l| {
                         let mut j = lease_json(l);
                         if let (Value::Object(o), Value::Object(x)) =
-                            (&mut j, verdict_json(v.as_ref(), &subnet_to_key(&l.subnet)))
+                            (&mut j, verdict_json(v.as_ref(), &subnet_to_key(&l.subnet), true))
                         {
                             o.extend(x);
                         }
@@ -194,7 +223,7 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                     "invalid": invalid.iter().map(|i| {
                         let mut j = json!({"key": i.key, "mod_revision": i.mod_revision});
                         if let (Value::Object(o), Value::Object(x)) =
-                            (&mut j, verdict_json(v.as_ref(), &i.key))
+                            (&mut j, verdict_json(v.as_ref(), &i.key, false))
                         {
                             o.extend(x);
                         }
@@ -206,14 +235,14 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                         .iter()
                         .map(|l| {
                             let mut r = row(l);
-                            r.extend(verdict_cells(v.as_ref(), &subnet_to_key(&l.subnet)));
+                            r.extend(verdict_cells(v.as_ref(), &subnet_to_key(&l.subnet), true));
                             r
                         })
                         .collect();
                     for i in &invalid {
                         let mut r = vec![i.key.clone()];
-                        r.extend(std::iter::repeat_n("-".to_string(), 4));
-                        r.extend(verdict_cells(v.as_ref(), &i.key));
+                        r.extend(std::iter::repeat_n("-".to_string(), HEADER.len() - 1));
+                        r.extend(verdict_cells(v.as_ref(), &i.key, false));
                         rows.push(r);
                     }
                     print_table(&LIST_HEADER, &rows)
@@ -223,9 +252,10 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
         }
         LeasesCmd::Show { what } => {
             let (leases, _) = store.list_with_ttl().await?;
-            let found: Vec<&Lease> = match parse_subnet(what) {
-                Some(s) => leases.iter().filter(|l| l.subnet == s).collect(),
-                None => leases
+            let found: Vec<&Lease> = match (parse_pair_key(what), parse_subnet(what)) {
+                (Some(k), _) => leases.iter().filter(|l| l.key() == k).collect(),
+                (None, Some(s)) => leases.iter().filter(|l| l.subnet == s).collect(),
+                (None, None) => leases
                     .iter()
                     .filter(|l| l.attrs.node_name == *what)
                     .collect(),
@@ -248,10 +278,10 @@ pub async fn run(cli: &Cli, cmd: &LeasesCmd) -> Result<(), Failure> {
                         }
                         let r = row(l);
                         for (h, v) in HEADER.iter().zip(r) {
-                            println!("{:<10} {v}", format!("{h}:"));
+                            println!("{:<12} {v}", format!("{h}:"));
                         }
-                        println!("{:<10} {}", "KEY:", store.lease_key(&l.subnet));
-                        println!("{:<10} {}", "VALUE:", l.attrs.to_json());
+                        println!("{:<12} {}", "KEY:", store.key_of(l));
+                        println!("{:<12} {}", "VALUE:", l.attrs.to_json());
                     }
                 }
             }

@@ -22,8 +22,8 @@ use tokio::sync::watch;
 pub use tls::TlsMaterial;
 
 use super::backend::{
-    BackendFuture, EventStream, Granted, Guard, KeepAlive, KeyValue, LeaseBackend, Listing, Put,
-    WatchEvent, WatchMessage, WatchSpec, Written,
+    BackendFuture, Cond, EventStream, Granted, Guard, KeepAlive, KeyValue, LeaseBackend, Listing,
+    Put, WatchEvent, WatchMessage, WatchSpec, Written,
 };
 use super::{DEFAULT_PREFIX, StoreError};
 
@@ -391,22 +391,47 @@ impl LeaseBackend for EtcdBackend {
         puts: Vec<Put>,
         else_list: Option<String>,
     ) -> BackendFuture<'_, Written> {
+        let key = puts.first().map(|p| p.key.clone()).unwrap_or_default();
+        let cond = match guard {
+            Guard::Absent => Cond::Absent(key),
+            Guard::ModRevision(rev) => Cond::ModRevision(key, rev),
+        };
+        self.write_if(vec![cond], vec![], puts, else_list)
+    }
+
+    fn write_if(
+        &self,
+        conds: Vec<Cond>,
+        deletes: Vec<String>,
+        puts: Vec<Put>,
+        else_list: Option<String>,
+    ) -> BackendFuture<'_, Written> {
         Box::pin(async move {
             let key = puts.first().map(|p| p.key.clone()).unwrap_or_default();
-            let cmp = match guard {
-                Guard::Absent => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                Guard::ModRevision(rev) => {
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, rev)
-                }
-            };
-            let ops: Vec<TxnOp> = puts
+            // A compare on a range holds when every key in it satisfies it; on an empty
+            // range, when the zero key-value does (create revision 0).
+            let cmps: Vec<Compare> = conds
                 .into_iter()
-                .map(|p| {
-                    let o = (p.lease != 0).then(|| PutOptions::new().with_lease(p.lease));
-                    TxnOp::put(p.key, p.value, o)
+                .map(|c| match c {
+                    Cond::Absent(k) => Compare::create_revision(k, CompareOp::Equal, 0),
+                    Cond::ModRevision(k, rev) => Compare::mod_revision(k, CompareOp::Equal, rev),
+                    Cond::NoneUnder(p) => {
+                        Compare::create_revision(p, CompareOp::Equal, 0).with_prefix()
+                    }
+                    Cond::UnchangedSince { prefix, revision } => {
+                        Compare::mod_revision(prefix, CompareOp::Less, revision + 1).with_prefix()
+                    }
                 })
                 .collect();
-            let mut txn = Txn::new().when(vec![cmp]).and_then(ops);
+            let ops: Vec<TxnOp> = deletes
+                .into_iter()
+                .map(|k| TxnOp::delete(k, None))
+                .chain(puts.into_iter().map(|p| {
+                    let o = (p.lease != 0).then(|| PutOptions::new().with_lease(p.lease));
+                    TxnOp::put(p.key, p.value, o)
+                }))
+                .collect();
+            let mut txn = Txn::new().when(cmps).and_then(ops);
             if let Some(prefix) = &else_list {
                 txn = txn.or_else(vec![TxnOp::get(
                     prefix.clone(),
