@@ -119,7 +119,7 @@ fn route_mode(st: &serde_json::Value, subnet: &str) -> String {
 /// Proves, with DirectRouting on: A↔B (same segment) goes direct: A's route to B's subnet is
 /// via B's public IP on eth0, proto 116, and a pod ping A→B puts unencapsulated pod packets
 /// on eth0 and not one VXLAN packet to B; A↔C (behind the router) stays VXLAN (VXLAN
-/// packets to C, no plain ones: the counters work both ways); twillctl status says which;
+/// packets to C, no plain ones: the counters work both ways); twillctl status says which; a direct route deleted by hand comes back;
 /// the direct-path filter drops spoofed cluster sources from the underlay (counted); and
 /// moving C onto segment 1 (its port onto br0, on-link routes instead of the router) switches
 /// A's route to C to direct, with the ping still answered.
@@ -202,6 +202,10 @@ fn peers_on_the_segment_are_routed_directly() {
     assert_eq!(route_mode(&st, &sb), "direct", "{st}");
     assert_eq!(route_mode(&st, &sc), "vxlan", "{st}");
     assert_eq!(st["in_sync"], true, "{st}");
+
+    // Drift: a direct route deleted by hand is written again (from the netlink event).
+    na.ns.ip(&["route", "del", &sb]).unwrap();
+    wait_route(&c, na, &sb, &format!("via {B_IP} dev eth0 proto 116"));
 
     // Spoofed: a cluster source that is no direct peer's, from the underlay (the router
     // sends it to A's subnet via A): dropped on A and counted.

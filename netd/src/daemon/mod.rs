@@ -1502,13 +1502,17 @@ impl Daemon {
 
     fn set_entry_metrics(&self, peer_count: usize) {
         self.metrics.peers.set(peer_count as i64);
-        let routes_expected = self.want.routes.len().saturating_sub(self.conflicts.len());
+        // VXLAN and direct routes alike (a conflict blocks either kind).
+        let routes_expected =
+            (self.want.routes.len() + self.want.direct.len()).saturating_sub(self.conflicts.len());
         self.metrics.routes_expected.set(routes_expected as i64);
         self.metrics.fdb_expected.set(self.want.fdbs.len() as i64);
         self.metrics
             .neighs_expected
             .set(self.want.neighs.len() as i64);
-        self.metrics.routes.set(self.actual.routes.len() as i64);
+        self.metrics
+            .routes
+            .set((self.actual.routes.len() + self.actual.direct.len()) as i64);
         self.metrics.fdb.set(self.actual.fdbs.len() as i64);
         self.metrics.neighs.set(self.actual.neighs.len() as i64);
     }
