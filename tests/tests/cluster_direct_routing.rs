@@ -7,10 +7,20 @@
 //! of eth0): VXLAN (UDP 8472) to each peer, and unencapsulated pod packets to each peer's
 //! subnet.
 
+//!
+//! Also a kernel test of the direct-route verbs in a fresh namespace (lookup, replace of a
+//! VXLAN route in place, dump, ownership, the monitor's events).
+
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use twill_tests::cluster::{Cluster, ClusterOpts, NETWORK, Node, ping, wait_for};
-use twill_tests::netns::TestNetns;
+use twill_dataplane::overlay::{
+    self, DirectRoute, Mac, Monitor, MonitorEvent, Op, Overlay, Route, RouteMode, RtnlOverlay,
+    VxlanSpec, route_mode,
+};
+use twill_dataplane::{Error, NetNs, Netlink};
+use twill_tests::cluster::{Cluster, ClusterOpts, NETWORK, Node, ping, unique_prefix, wait_for};
+use twill_tests::netns::{TestNetns, require_root};
 
 const B_IP: &str = "192.168.50.12";
 const C_IP: &str = "192.168.60.13";
@@ -106,7 +116,7 @@ fn status(n: &Node) -> serde_json::Value {
 }
 
 /// The `route` of the peer with `subnet` in a status report.
-fn route_mode(st: &serde_json::Value, subnet: &str) -> String {
+fn status_route(st: &serde_json::Value, subnet: &str) -> String {
     st["peers"]
         .as_array()
         .unwrap()
@@ -199,8 +209,8 @@ fn peers_on_the_segment_are_routed_directly() {
 
     // twillctl status says how each peer goes.
     let st = status(na);
-    assert_eq!(route_mode(&st, &sb), "direct", "{st}");
-    assert_eq!(route_mode(&st, &sc), "vxlan", "{st}");
+    assert_eq!(status_route(&st, &sb), "direct", "{st}");
+    assert_eq!(status_route(&st, &sc), "vxlan", "{st}");
     assert_eq!(st["in_sync"], true, "{st}");
 
     // Drift: a direct route deleted by hand is written again (from the netlink event).
@@ -277,7 +287,7 @@ fn peers_on_the_segment_are_routed_directly() {
         .unwrap();
     assert!(!fdb.contains(C_IP), "{fdb}");
     assert_eq!(route_to(na, &sc).lines().count(), 1);
-    assert_eq!(route_mode(&status(na), &sc), "direct");
+    assert_eq!(status_route(&status(na), &sc), "direct");
     // The table with the direct-path filter was written once: every resync's comparison
     // found it as expected (a mismatch would rewrite it, and flush its sets, each time).
     let log = na.log_text();
@@ -313,5 +323,190 @@ fn without_direct_routing_everything_stays_vxlan() {
         .exec("nft", &["list", "table", "ip", "twill"])
         .unwrap();
     assert!(!table.contains("direct_peers"), "{table}");
-    assert_eq!(route_mode(&status(na), &sb), "vxlan");
+    assert_eq!(status_route(&status(na), &sb), "vxlan");
+}
+
+/// The one line of `ip route show <dst>` in `ns`.
+fn routes_of(ns: &TestNetns, dst: &str) -> Vec<String> {
+    ns.ip(&["route", "show", dst])
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// Waits (bounded) for a monitor event that `want` accepts.
+async fn event(m: &mut Monitor, want: impl Fn(&MonitorEvent) -> bool) -> MonitorEvent {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, m.next())
+            .await
+            .expect("the event within 5 s")
+            .expect("monitor open");
+        if want(&ev) {
+            return ev;
+        }
+    }
+}
+
+/// Proves the kernel side of the verbs: the lookup tells an on-link address (direct) from
+/// one behind a gateway and from an unreachable one; a direct route replaces twill's VXLAN
+/// route to the same dst in place (one route, through the batch socket as twilld sends it)
+/// and back; the dump files it under `direct`; a route to the dst that is not twill's is a
+/// conflict and stays; deletes are idempotent; the monitor reports twill's direct route on
+/// the underlay and other routes as `ForeignRoute`.
+#[tokio::test]
+async fn direct_route_verbs_in_the_kernel() {
+    require_root();
+    let ns = TestNetns::named(format!("{}-dr", unique_prefix())).unwrap();
+    ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])
+        .unwrap();
+    ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "u0"])
+        .unwrap();
+    ns.ip(&["link", "set", "u0", "up"]).unwrap();
+    ns.ip(&["link", "set", "u1", "up"]).unwrap();
+    ns.ip(&["route", "add", "default", "via", "192.168.77.254"])
+        .unwrap();
+    let netns = NetNs::open(ns.path()).unwrap();
+    let o = RtnlOverlay::new(Netlink::open(&netns).unwrap());
+    let o0 = o.clone();
+    let batched = netns.run_in(move || o0.with_batch()).unwrap().unwrap();
+    let u0: u32 = ns
+        .ip(&["-o", "link", "show", "u0"])
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (vx, _) = o
+        .ensure_vxlan(&VxlanSpec {
+            vni: 1,
+            port: overlay::DEFAULT_VXLAN_PORT,
+            underlay_index: u0,
+            local: IpAddr::V4(Ipv4Addr::new(192, 168, 77, 1)),
+            mtu: 1450,
+            mac: Mac::derive("node-a"),
+            address: Ipv4Addr::new(10, 244, 1, 0),
+        })
+        .await
+        .unwrap();
+    let mut mon = Monitor::open(&netns).unwrap();
+
+    // Lookups.
+    let peer = Ipv4Addr::new(192, 168, 77, 2);
+    let p = o.lookup_route(peer).await.unwrap().expect("a path");
+    assert_eq!((p.oif, p.gateway, p.unicast), (Some(u0), None, true));
+    assert_eq!(route_mode(Some(&p), u0), RouteMode::Direct);
+    let far = o
+        .lookup_route(Ipv4Addr::new(10, 9, 9, 9))
+        .await
+        .unwrap()
+        .expect("a path");
+    assert_eq!(
+        far.gateway,
+        Some(IpAddr::V4(Ipv4Addr::new(192, 168, 77, 254)))
+    );
+    assert_eq!(route_mode(Some(&far), u0), RouteMode::Vxlan);
+    // Its own address: a local route, not unicast.
+    let own = o
+        .lookup_route(Ipv4Addr::new(192, 168, 77, 1))
+        .await
+        .unwrap();
+    assert_eq!(route_mode(own.as_ref(), u0), RouteMode::Vxlan);
+
+    // VXLAN route, then the direct one in its place (batched, as twilld writes), and back.
+    let dst: ipnet::Ipv4Net = "10.244.2.0/24".parse().unwrap();
+    let vroute = Route {
+        dst,
+        via: dst.network(),
+    };
+    let direct = DirectRoute {
+        dst,
+        via: peer,
+        dev: u0,
+    };
+    o.replace_route(vx.index, &vroute).await.unwrap();
+    assert!(routes_of(&ns, "10.244.2.0/24")[0].contains("dev twill.1"));
+    let failed = batched
+        .apply_ops(vx.index, &[Op::ReplaceDirect(direct)], 8)
+        .await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        routes_of(&ns, "10.244.2.0/24"),
+        ["10.244.2.0/24 via 192.168.77.2 dev u0 proto 116"]
+    );
+    let ev = event(
+        &mut mon,
+        |e| matches!(e, MonitorEvent::RouteUp { link, .. } if *link == u0),
+    )
+    .await;
+    assert_eq!(
+        ev,
+        MonitorEvent::RouteUp {
+            link: u0,
+            route: Route { dst, via: peer }
+        }
+    );
+    let d = o.dump(vx.index).await.unwrap();
+    assert_eq!(d.direct.iter().collect::<Vec<_>>(), [&direct]);
+    assert!(d.routes.is_empty(), "{d:?}");
+    // Replacing what is there changes nothing; the VXLAN route takes the place back.
+    o.replace_direct(&direct).await.unwrap();
+    assert_eq!(routes_of(&ns, "10.244.2.0/24").len(), 1);
+    let failed = batched
+        .apply_ops(vx.index, &[Op::ReplaceRoute(vroute)], 8)
+        .await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let r = routes_of(&ns, "10.244.2.0/24");
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert!(r[0].contains("dev twill.1"), "{r:?}");
+    // Deleting the direct route (now gone) is fine and leaves the VXLAN route.
+    o.delete_direct(&direct).await.unwrap();
+    assert_eq!(routes_of(&ns, "10.244.2.0/24").len(), 1);
+
+    // Someone else's route to a peer subnet: a conflict, left as it is.
+    ns.ip(&["route", "add", "10.244.3.0/24", "via", "192.168.77.3"])
+        .unwrap();
+    let theirs = DirectRoute {
+        dst: "10.244.3.0/24".parse().unwrap(),
+        via: peer,
+        dev: u0,
+    };
+    match o.replace_direct(&theirs).await {
+        Err(Error::Conflict(why)) => assert!(why.contains("10.244.3.0/24"), "{why}"),
+        r => panic!("not a conflict: {r:?}"),
+    }
+    let failed = batched
+        .apply_ops(vx.index, &[Op::ReplaceDirect(theirs)], 8)
+        .await;
+    assert!(
+        matches!(failed[..], [(_, Error::Conflict(_))]),
+        "{failed:?}"
+    );
+    assert_eq!(
+        routes_of(&ns, "10.244.3.0/24"),
+        ["10.244.3.0/24 via 192.168.77.3 dev u0"]
+    );
+    o.delete_direct(&theirs).await.unwrap();
+    assert_eq!(
+        routes_of(&ns, "10.244.3.0/24").len(),
+        1,
+        "deleted a foreign route"
+    );
+    let ev = event(&mut mon, |e| matches!(e, MonitorEvent::ForeignRoute { .. })).await;
+    assert_eq!(
+        ev,
+        MonitorEvent::ForeignRoute {
+            oif: Some(u0),
+            dst: "10.244.3.0/24".parse().unwrap()
+        }
+    );
+    // Unreachable once the default route is gone.
+    ns.ip(&["route", "del", "default"]).unwrap();
+    assert_eq!(
+        o.lookup_route(Ipv4Addr::new(10, 9, 9, 9)).await.unwrap(),
+        None
+    );
 }

@@ -39,8 +39,8 @@ use twill_dataplane::nft::{DirectFilter, Nft, NftConfig, NftOutcome};
 use twill_dataplane::nft_set::PeerSet;
 use twill_dataplane::overlay::underlay::{self, Underlay};
 use twill_dataplane::overlay::{
-    DirectRoute, EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, RoutePath,
-    RtnlOverlay, VxlanLink, VxlanSpec, sysctl,
+    DirectRoute, EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, Route,
+    RoutePath, RtnlOverlay, VxlanLink, VxlanSpec, sysctl,
 };
 use twill_ipam::lease::{Lease, LeaseAttrs};
 use twill_ipam::netconf::NetConfig;
@@ -1224,7 +1224,8 @@ impl Daemon {
             let written = self.write_ops(&ops, &mut conflicts).await;
             let t_written = t0.elapsed();
             route_delete_failed = written.route_delete_failed;
-            if matches!(cause, Cause::Netlink | Cause::Resync) {
+            // A switch of route modes (an underlay route changed) is not drift.
+            if matches!(cause, Cause::Netlink | Cause::Resync) && !modes_changed {
                 self.metrics.drift_repaired.inc_by(written.applied);
                 info!(?cause, repaired = written.applied, "drift repaired");
             } else {
@@ -1356,15 +1357,20 @@ impl Daemon {
         };
         // Never write a route over someone else's (connected, default, cni0, host route).
         let mut conflicts: BTreeMap<Ipv4Net, String> = BTreeMap::new();
-        ops.retain(|op| match op {
-            Op::ReplaceRoute(r) if self.actual.foreign_routes.contains(&r.dst) => {
+        ops.retain(|op| {
+            let dst = match op {
+                Op::ReplaceRoute(r) => r.dst,
+                Op::ReplaceDirect(r) => r.dst,
+                _ => return true,
+            };
+            if self.actual.foreign_routes.contains(&dst) {
                 conflicts.insert(
-                    r.dst,
+                    dst,
                     "the last dump has a route for it that is not twill's".into(),
                 );
-                false
+                return false;
             }
-            _ => true,
+            true
         });
         (ops, conflicts)
     }
@@ -1386,9 +1392,16 @@ impl Daemon {
         let mut errors = 0u64;
         let mut route_delete_failed = false;
         for (op, e) in &failed {
-            if let (Op::ReplaceRoute(r), twill_dataplane::Error::Conflict(why)) = (op, e) {
-                conflicts.insert(r.dst, why.clone());
-                continue;
+            match (op, e) {
+                (Op::ReplaceRoute(Route { dst, .. }), twill_dataplane::Error::Conflict(why))
+                | (
+                    Op::ReplaceDirect(DirectRoute { dst, .. }),
+                    twill_dataplane::Error::Conflict(why),
+                ) => {
+                    conflicts.insert(*dst, why.clone());
+                    continue;
+                }
+                _ => {}
             }
             route_delete_failed |= matches!(op, Op::DeleteRoute(_));
             errors += 1;
