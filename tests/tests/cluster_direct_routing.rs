@@ -132,7 +132,8 @@ fn status_route(st: &serde_json::Value, subnet: &str) -> String {
 /// packets to C, no plain ones: the counters work both ways); twillctl status says which; a direct route deleted by hand comes back;
 /// the direct-path filter drops spoofed cluster sources from the underlay (counted); and
 /// moving C onto segment 1 (its port onto br0, on-link routes instead of the router) switches
-/// A's route to C to direct, with the ping still answered.
+/// A's route to C to direct, with the ping still answered; a restart of A's twilld writes
+/// nothing.
 #[test]
 fn peers_on_the_segment_are_routed_directly() {
     let mut c = Cluster::start(ClusterOpts {
@@ -292,6 +293,23 @@ fn peers_on_the_segment_are_routed_directly() {
     // found it as expected (a mismatch would rewrite it, and flush its sets, each time).
     let log = na.log_text();
     assert_eq!(log.matches("nftables table written").count(), 1, "{log}");
+
+    // A restart adopts the direct routes, the table and its sets: no write at all.
+    let before = log.len();
+    c.nodes[a].stop_daemon().unwrap();
+    c.start_daemon(a).unwrap();
+    c.wait_ready(a, Duration::from_secs(20)).unwrap();
+    let na = &c.nodes[a];
+    let after = na.log_text()[before..].to_string();
+    assert!(after.contains("data plane ready"), "{after}");
+    for line in ["reconciled", "drift repaired", "nftables table written"] {
+        assert!(!after.contains(line), "{line:?} after a restart:\n{after}");
+    }
+    assert!(route_to(na, &sb).contains(&format!("via {B_IP} dev eth0")));
+    assert!(
+        ping(&na.pods[0].ns, c.nodes[cc].pods[0].ip, 3, 2),
+        "A→C after the restart"
+    );
 }
 
 /// Proves that without DirectRouting nothing changes: peers on the same segment keep their

@@ -290,6 +290,16 @@ async fn startup(args: RunArgs) -> Result<Option<(Daemon, Inputs)>> {
     // The peers are known before the nft table is written: a table written with an empty
     // peer set would drop the VXLAN packets of peers that already reach this node's lease.
     d.seed_peers(&watch);
+    // DirectRouting: the direct peers are known too, so that the filter's set has them
+    // from the start (their pods' packets already come unencapsulated).
+    d.decide_routes(
+        &PeerDelta {
+            full: true,
+            ..Default::default()
+        },
+        true,
+    )
+    .await;
     d.ensure_node().await?;
     d.first_reconcile(&watch, &holder).await?;
     s.spawn_health(health_rx, tele.health, store, under.ip);
