@@ -144,6 +144,9 @@ struct Daemon {
     direct: Direct,
     /// The members of nft's direct-peer set as last written; `None`: not known.
     nft_direct: Option<BTreeSet<Ipv4Net>>,
+    /// A route that is not twill's changed since the direct peers were last decided: the
+    /// next reconcile looks every peer up again.
+    underlay_routes_changed: bool,
 }
 
 /// Asks the kernel how it routes each of `ips` now (one RTM_GETROUTE each, up to
@@ -566,6 +569,7 @@ impl Startup {
             underlay_name: String::new(),
             direct: Direct::default(),
             nft_direct: None,
+            underlay_routes_changed: false,
         }
     }
 
@@ -1059,8 +1063,8 @@ impl Daemon {
     }
 
     /// Decides again which peers are routed directly: every peer after a full validation
-    /// or when `all` (netlink events, resync: an underlay route may have changed), else only
-    /// the peers that `delta` added. Returns whether the decision changed.
+    /// or when `all` (an underlay route changed, the resync), else only the peers that
+    /// `delta` added. Returns whether the decision changed.
     async fn decide_routes(&mut self, delta: &PeerDelta, all: bool) -> bool {
         if !self.direct_routing() {
             return false;
@@ -1174,7 +1178,10 @@ impl Daemon {
             }
             // An underlay route changed: whether a peer is on the same segment may have too
             // (the full reconcile looks every peer up again).
-            MonitorEvent::ForeignRoute { .. } => self.direct_routing(),
+            MonitorEvent::ForeignRoute { .. } if self.direct_routing() => {
+                self.underlay_routes_changed = true;
+                true
+            }
             _ => false,
         }
     }
@@ -1213,7 +1220,12 @@ impl Daemon {
         }
         let (delta, diff_all) = self.validate(watch, cause, changes);
         let peer_count = self.valid.peers().len();
-        let modes_changed = self.decide_routes(&delta, diff_all).await;
+        // Every peer is looked up again when the underlay's routes changed, on the resync
+        // and at start; otherwise only the peers that came.
+        let look_up_all =
+            self.underlay_routes_changed || matches!(cause, Cause::Start | Cause::Resync);
+        self.underlay_routes_changed = false;
+        let modes_changed = self.decide_routes(&delta, look_up_all).await;
         if delta.full || modes_changed {
             let peers: Vec<_> = self.valid.peers().values().copied().collect();
             self.want = desired_with(&peers, &self.direct);
