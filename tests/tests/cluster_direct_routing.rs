@@ -213,6 +213,19 @@ fn peers_on_the_segment_are_routed_directly() {
     assert_eq!(status_route(&st, &sb), "direct", "{st}");
     assert_eq!(status_route(&st, &sc), "vxlan", "{st}");
     assert_eq!(st["in_sync"], true, "{st}");
+    let table = na
+        .ns
+        .command(twill_tests::bins::bin("twillctl"))
+        .args(["--etcd-endpoints", "http://127.0.0.1:2379", "status"])
+        .args(["--node-name", &na.name])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("direct routing on: 1 peers direct, 1 over VXLAN")
+            && table.contains("ROUTE"),
+        "{table}"
+    );
 
     // Drift: a direct route deleted by hand is written again (from the netlink event).
     na.ns.ip(&["route", "del", &sb]).unwrap();
