@@ -1218,7 +1218,7 @@ impl Daemon {
         if !self.refresh_actual().await {
             return;
         }
-        let (delta, diff_all) = self.validate(watch, cause, changes);
+        let (delta, mut diff_all) = self.validate(watch, cause, changes);
         let peer_count = self.valid.peers().len();
         // Every peer is looked up again when the underlay's routes changed, on the resync
         // and at start; otherwise only the peers that came.
@@ -1226,6 +1226,8 @@ impl Daemon {
             self.underlay_routes_changed || matches!(cause, Cause::Start | Cause::Resync);
         self.underlay_routes_changed = false;
         let modes_changed = self.decide_routes(&delta, look_up_all).await;
+        // Peers that the lease events did not touch may have switched: diff them all.
+        diff_all |= modes_changed && look_up_all;
         if delta.full || modes_changed {
             let peers: Vec<_> = self.valid.peers().values().copied().collect();
             self.want = desired_with(&peers, &self.direct);
@@ -1425,7 +1427,7 @@ impl Daemon {
                 }
                 _ => {}
             }
-            route_delete_failed |= matches!(op, Op::DeleteRoute(_));
+            route_delete_failed |= matches!(op, Op::DeleteRoute(_) | Op::DeleteDirect(_));
             errors += 1;
             warn!(%op, error = %e, "netlink write failed; will retry");
         }
