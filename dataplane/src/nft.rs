@@ -2,6 +2,10 @@
 //! cluster network, never NAT inside it, forward-accept for the cluster network, and an
 //! input filter that drops VXLAN (UDP to the VXLAN port) from any source that is not in the
 //! set `peers` of the accepted peers' public IPs, counting the drops in `vxlan_dropped`.
+//! With `Backend.DirectRouting` ([`DirectFilter`]) a prerouting filter also drops packets that
+//! arrive on the underlay device with a source in the cluster network outside the set
+//! `direct_peers` (the subnets of the peers routed directly), counted in `direct_dropped`:
+//! only a direct peer's pods may send to this node's pods without VXLAN.
 //!
 //! Idempotent: the table is listed first as `nft -j` JSON (terse: without set elements) and
 //! left alone when it has the same objects and rules as [`expected`] (compared structurally,
@@ -29,6 +33,11 @@ pub const TABLE: &str = "twill";
 pub const PEER_SET: &str = "peers";
 /// The named counter of dropped VXLAN packets.
 pub const DROP_COUNTER: &str = "vxlan_dropped";
+/// The set of the direct peers' subnets (interval set): unencapsulated pod traffic from
+/// the underlay is accepted only from these.
+pub const DIRECT_SET: &str = "direct_peers";
+/// The named counter of dropped unencapsulated pod packets from the underlay.
+pub const DIRECT_DROP_COUNTER: &str = "direct_dropped";
 /// How long one `nft` run may take before it is killed.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,6 +54,14 @@ pub struct NftConfig {
     pub vxlan_port: u16,
 }
 
+/// The direct-path filter (`Backend.DirectRouting`): packets in on `underlay` with a source
+/// in the cluster network are dropped unless the source is in [`DIRECT_SET`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectFilter {
+    /// The underlay device's name (matched as `iifname`, so a re-created device matches).
+    pub underlay: String,
+}
+
 /// Whether [`Nft::ensure`] had to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NftOutcome {
@@ -56,6 +73,11 @@ pub enum NftOutcome {
 /// objects; no counter values, no set elements), so that a listing can be compared with it
 /// as text.
 pub fn render(cfg: &NftConfig) -> String {
+    render_with(cfg, None)
+}
+
+/// [`render`] with the direct-path filter when `direct` is given.
+pub fn render_with(cfg: &NftConfig, direct: Option<&DirectFilter>) -> String {
     let n = cfg.network.trunc();
     let s = cfg.node_subnet.trunc();
     let mut t = String::new();
@@ -63,9 +85,17 @@ pub fn render(cfg: &NftConfig) -> String {
     t.push_str("\tcomment \"managed by twilld\"\n");
     // nft lists named counters first, then sets, then chains.
     t.push_str(&format!("\tcounter {DROP_COUNTER} {{\n\t}}\n\n"));
+    if direct.is_some() {
+        t.push_str(&format!("\tcounter {DIRECT_DROP_COUNTER} {{\n\t}}\n\n"));
+    }
     t.push_str(&format!(
         "\tset {PEER_SET} {{\n\t\ttype ipv4_addr\n\t}}\n\n"
     ));
+    if direct.is_some() {
+        t.push_str(&format!(
+            "\tset {DIRECT_SET} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n\t}}\n\n"
+        ));
+    }
     // VXLAN only from member nodes: one set lookup per packet to the VXLAN port, nothing
     // for any other packet (the dport test comes first).
     t.push_str("\tchain input {\n");
@@ -75,6 +105,16 @@ pub fn render(cfg: &NftConfig) -> String {
         cfg.vxlan_port
     ));
     t.push_str("\t}\n\n");
+    if let Some(d) = direct {
+        // Before routing, so it covers what is forwarded to pods and what is for the node.
+        t.push_str("\tchain prerouting {\n");
+        t.push_str("\t\ttype filter hook prerouting priority filter; policy accept;\n");
+        t.push_str(&format!(
+            "\t\tiifname \"{}\" ip saddr {n} ip saddr != @{DIRECT_SET} counter name \"{DIRECT_DROP_COUNTER}\" drop\n",
+            d.underlay
+        ));
+        t.push_str("\t}\n\n");
+    }
     t.push_str("\tchain postrouting {\n");
     t.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
     if cfg.masquerade {
@@ -195,6 +235,39 @@ fn ip_match(field: &str, op: &str, net: Ipv4Net) -> Value {
 
 /// The objects of [`render`]`(cfg)`, as `nft -j` lists them.
 pub fn expected(cfg: &NftConfig) -> TableState {
+    expected_with(cfg, None)
+}
+
+/// The objects of [`render_with`]`(cfg, direct)`.
+pub fn expected_with(cfg: &NftConfig, direct: Option<&DirectFilter>) -> TableState {
+    let mut t = expected_vxlan(cfg);
+    if let Some(d) = direct {
+        let n = cfg.network.trunc();
+        t.counters.insert(DIRECT_DROP_COUNTER.to_string());
+        t.sets
+            .insert(DIRECT_SET.to_string(), "ipv4_addr".to_string());
+        let rule = json!([
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": d.underlay}},
+            ip_match("saddr", "==", n),
+            {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": format!("@{DIRECT_SET}")}},
+            {"counter": DIRECT_DROP_COUNTER},
+            {"drop": null},
+        ]);
+        t.chains.insert(
+            "prerouting".to_string(),
+            ChainState {
+                kind: "filter".into(),
+                hook: "prerouting".into(),
+                prio: 0,
+                policy: "accept".into(),
+                rules: vec![rule],
+            },
+        );
+    }
+    t
+}
+
+fn expected_vxlan(cfg: &NftConfig) -> TableState {
     let n = cfg.network.trunc();
     let s = cfg.node_subnet.trunc();
     let verdict = |v: &str| json!({ v: null });
@@ -260,8 +333,8 @@ pub fn expected(cfg: &NftConfig) -> TableState {
 }
 
 /// `{ a, b, c }` for an nft element list.
-fn elements(ips: &BTreeSet<Ipv4Addr>) -> String {
-    let v: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+fn elements<T: std::fmt::Display>(items: &BTreeSet<T>) -> String {
+    let v: Vec<String> = items.iter().map(|i| i.to_string()).collect();
     format!("{{ {} }}", v.join(", "))
 }
 
@@ -425,12 +498,24 @@ impl Nft {
     /// match [`expected`]`(cfg)` (the set's members are then left as they are). A rewrite fills the set with
     /// `members` in the same transaction, so that no member is dropped meanwhile.
     pub fn ensure(&self, cfg: &NftConfig, members: &BTreeSet<Ipv4Addr>) -> Result<NftOutcome> {
+        self.ensure_with(cfg, None, members, &BTreeSet::new())
+    }
+
+    /// [`Nft::ensure`] with the direct-path filter when `direct` is given; a rewrite fills
+    /// its set with `direct_members` (subnets) in the same transaction.
+    pub fn ensure_with(
+        &self,
+        cfg: &NftConfig,
+        direct: Option<&DirectFilter>,
+        members: &BTreeSet<Ipv4Addr>,
+        direct_members: &BTreeSet<Ipv4Net>,
+    ) -> Result<NftOutcome> {
         if let Some(have) = self.state()?
-            && have.matches(&expected(cfg))
+            && have.matches(&expected_with(cfg, direct))
         {
             return Ok(NftOutcome::Unchanged);
         }
-        let want = render(cfg);
+        let want = render_with(cfg, direct);
         // One transaction: `table` creates it if absent so that `delete` cannot fail, then
         // the new table and its members; nft applies all of it or nothing.
         let mut tx = format!("table ip {TABLE} {{ }}\ndelete table ip {TABLE}\n{want}");
@@ -440,8 +525,37 @@ impl Nft {
                 elements(members)
             ));
         }
+        if direct.is_some() && !direct_members.is_empty() {
+            tx.push_str(&format!(
+                "add element ip {TABLE} {DIRECT_SET} {}\n",
+                elements(direct_members)
+            ));
+        }
         self.run(&["-f", "-"], Some(&tx))?;
         Ok(NftOutcome::Applied)
+    }
+
+    /// Makes the direct-peer set exactly `nets`, in one transaction.
+    pub fn set_direct_peers(&self, nets: &BTreeSet<Ipv4Net>) -> Result<()> {
+        let mut tx = format!("flush set ip {TABLE} {DIRECT_SET}\n");
+        if !nets.is_empty() {
+            tx.push_str(&format!(
+                "add element ip {TABLE} {DIRECT_SET} {}\n",
+                elements(nets)
+            ));
+        }
+        self.run(&["-f", "-"], Some(&tx)).map(|_| ())
+    }
+
+    /// The packets dropped by the direct-path filter since the table was written.
+    pub fn direct_dropped_packets(&self) -> Result<u64> {
+        let out = self.run(&["list", "counter", "ip", TABLE, DIRECT_DROP_COUNTER], None)?;
+        parse_packets(&out).ok_or_else(|| {
+            Error::Nft(format!(
+                "counter {DIRECT_DROP_COUNTER}: no packet count in {:?}",
+                out.trim()
+            ))
+        })
     }
 
     /// Adds `ips` to the peer set (members already there stay; nothing else changes).
@@ -628,6 +742,29 @@ mod tests {
         let swapped = TableState::from_json(&v.to_string()).unwrap();
         assert!(!swapped.matches(&want));
         assert!(TableState::from_json("not json").is_err());
+    }
+
+    /// The direct-path filter exists only with DirectRouting, and drops only cluster
+    /// sources outside the direct peers' set on the underlay.
+    #[test]
+    fn direct_filter_only_with_direct_routing() {
+        let d = DirectFilter {
+            underlay: "eth0".into(),
+        };
+        let t = render_with(&cfg(false), Some(&d));
+        assert!(
+            t.contains("iifname \"eth0\" ip saddr 10.244.0.0/16 ip saddr != @direct_peers counter name \"direct_dropped\" drop"),
+            "{t}"
+        );
+        assert!(t.contains("flags interval"), "{t}");
+        assert_eq!(render_with(&cfg(false), None), render(&cfg(false)));
+        assert!(!render(&cfg(false)).contains("direct"));
+        let e = expected_with(&cfg(true), Some(&d));
+        assert!(e.chains.contains_key("prerouting"));
+        assert!(e.sets.contains_key(DIRECT_SET));
+        // A table written without the filter is rewritten when it is turned on.
+        let have = TableState::from_json(LISTING_1_0_6).unwrap();
+        assert!(!have.matches(&e));
     }
 
     #[test]

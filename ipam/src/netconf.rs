@@ -232,9 +232,9 @@ pub struct VxlanBackend {
     pub vni: u32,
     /// `Port`: the VXLAN UDP port.
     pub port: u16,
-    /// `DirectRouting` (Flannel's, default false): route to a peer on the same L2 segment
-    /// directly, without VXLAN. Parsed and validated; the data plane does not implement it
-    /// yet ([`NetConfig::unsupported_keys`] names it while it is true).
+    /// `DirectRouting` (Flannel's, default false): a peer whose PublicIP the kernel routes
+    /// without a gateway on the underlay device gets a plain route via its PublicIP instead
+    /// of the VXLAN one (twilld decides per peer; docs/operations.md "Direct routing").
     pub direct_routing: bool,
     /// `MTU` (Flannel's; absent, `null` or 0: derived from the underlay). Validated:
     /// 68..=65535, and at least 1280 when IPv6 is enabled. Not used by the data plane yet
@@ -262,9 +262,6 @@ impl VxlanBackend {
             .filter(|k| is_set(self.extra.get(**k)))
             .map(|k| k.to_string())
             .collect();
-        if self.direct_routing {
-            out.push("DirectRouting".into());
-        }
         if self.mtu.is_some() {
             out.push("MTU".into());
         }
@@ -960,8 +957,8 @@ impl NetConfig {
     /// The keys of this config that Flannel defines and twill accepts but does not
     /// implement, where they ask for something (see `is_set`): `EnableIPv6` (true),
     /// `IPv6Network`, `IPv6SubnetMin` / `IPv6SubnetMax` (when not the default),
-    /// [`UNIMPLEMENTED_KEYS`] and the backend's (`Backend.DirectRouting` when true,
-    /// `Backend.MTU` when set, `Backend.GBP`, ...). They are kept in etcd and have no
+    /// [`UNIMPLEMENTED_KEYS`] and the backend's (`Backend.MTU` when set,
+    /// `Backend.GBP`, ...). They are kept in etcd and have no
     /// effect: twilld warns about them once when it reads the config, `twillctl network
     /// show` lists them.
     pub fn unsupported_keys(&self) -> Vec<String> {
@@ -1446,7 +1443,6 @@ mod tests {
                 "IPv6SubnetMin",
                 "IPv6SubnetMax",
                 "EnableNFTables",
-                "Backend.DirectRouting",
                 "Backend.GBP",
                 "Backend.Learning",
                 "Backend.MTU"
@@ -1466,7 +1462,15 @@ mod tests {
             NetConfig::from_json(&c.to_json())
                 .unwrap()
                 .unsupported_keys(),
-            ["Backend.DirectRouting", "Backend.MTU"]
+            ["Backend.MTU"]
+        );
+        // DirectRouting is implemented: never named, and it survives the round trip.
+        assert!(
+            NetConfig::from_json(&c.to_json())
+                .unwrap()
+                .backend
+                .vxlan()
+                .direct_routing
         );
     }
 

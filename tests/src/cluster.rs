@@ -480,15 +480,28 @@ impl Cluster {
     /// Adds a node (namespace, veth to the underlay bridge, etcd proxy) and starts its
     /// twilld; does not wait for it. Returns its index.
     pub fn add_node(&mut self) -> Result<usize> {
+        let ip = Ipv4Addr::new(192, 168, 50, 10 + self.next_node as u8);
+        self.add_node_on("br0", ip, 24, Ipv4Addr::new(192, 168, 50, 254))
+    }
+
+    /// [`Cluster::add_node`] on another segment: a port of `bridge` (in the underlay
+    /// namespace; its veth end there is `n<number>`), the address `ip/len` on eth0 and the
+    /// default route via `gateway`.
+    pub fn add_node_on(
+        &mut self,
+        bridge: &str,
+        ip: Ipv4Addr,
+        len: u8,
+        gateway: Ipv4Addr,
+    ) -> Result<usize> {
         let n = self.next_node;
         self.next_node += 1;
         let name = format!("node-{n}");
         let ns = TestNetns::named(format!("{}-n{n}", self.prefix))?;
-        let ip = Ipv4Addr::new(192, 168, 50, 10 + n as u8);
         // The veth is created in the underlay namespace with its peer directly in the node's.
-        veth_on_bridge(&self.underlay, "br0", &format!("n{n}"), &ns, "eth0")?;
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        ns.ip(&["route", "add", "default", "via", "192.168.50.254"])?;
+        veth_on_bridge(&self.underlay, bridge, &format!("n{n}"), &ns, "eth0")?;
+        ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
         let dir = self.dir.path().join(&name);
         std::fs::create_dir_all(&dir)?;
         let upstream: std::net::SocketAddr = self

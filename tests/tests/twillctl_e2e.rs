@@ -290,29 +290,29 @@ async fn twillctl_end_to_end() {
     let dead = write(
         &dir,
         "dead.json",
-        r#"{"Network":"10.50.0.0/16","Backend":{"Type":"vxlan","VNI":1,"DirectRouting":true,"MTU":1400,"GBP":false}}"#,
+        r#"{"Network":"10.50.0.0/16","Backend":{"Type":"vxlan","VNI":1,"DirectRouting":true,"Learning":true,"MTU":1400,"GBP":false}}"#,
     );
     let r = ctl.run(&["network", "set", "--file", &dead]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stderr.contains("not implemented")
-            && r.stderr.contains("Backend.DirectRouting, Backend.MTU"),
+        r.stderr.contains("not implemented") && r.stderr.contains("Backend.Learning, Backend.MTU"),
         "{}",
         r.stderr
     );
+    // DirectRouting is implemented (kept, never named); GBP false asks for nothing.
     assert!(!r.stderr.contains("GBP"), "{}", r.stderr);
+    assert!(!r.stderr.contains("DirectRouting"), "{}", r.stderr);
     let v = ctl.run(&["network", "show", "-o", "json"]).json();
     assert_eq!(
         v["unsupported_keys"],
-        json!(["Backend.DirectRouting", "Backend.MTU"])
+        json!(["Backend.Learning", "Backend.MTU"])
     );
     assert_eq!(v["config"]["Backend"]["DirectRouting"], true);
     let r = ctl.run(&["network", "show"]);
     assert!(
         r.stdout
             .lines()
-            .any(|l| l.starts_with("Unsupported:")
-                && l.contains("Backend.DirectRouting, Backend.MTU")),
+            .any(|l| l.starts_with("Unsupported:") && l.contains("Backend.Learning, Backend.MTU")),
         "{}",
         r.stdout
     );

@@ -6,7 +6,8 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 
 use super::Op;
 use super::rtnl::{
-    fdb_add_msg, fdb_del_msg, neigh_add_msg, neigh_del_msg, route_del_msg, route_msg,
+    direct_del_msg, direct_msg, fdb_add_msg, fdb_del_msg, neigh_add_msg, neigh_del_msg,
+    route_del_msg, route_msg,
 };
 use crate::Error;
 pub use crate::netlink::sync::BatchSocket;
@@ -30,6 +31,11 @@ pub fn send(sock: &mut BatchSocket, link: u32, ops: &[Op]) -> Vec<(Op, Error)> {
                 NLM_F_CREATE | NLM_F_EXCL,
             ),
             Op::DeleteRoute(r) => (RouteNetlinkMessage::DelRoute(route_del_msg(link, r)), 0),
+            Op::ReplaceDirect(r) => (
+                RouteNetlinkMessage::NewRoute(direct_msg(r)),
+                NLM_F_CREATE | NLM_F_EXCL,
+            ),
+            Op::DeleteDirect(r) => (RouteNetlinkMessage::DelRoute(direct_del_msg(r)), 0),
             Op::DeleteNeigh(n) => (RouteNetlinkMessage::DelNeighbour(neigh_del_msg(link, n)), 0),
             Op::DeleteFdb(f) => (RouteNetlinkMessage::DelNeighbour(fdb_del_msg(link, f)), 0),
         })

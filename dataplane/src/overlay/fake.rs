@@ -3,7 +3,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{EnsureOutcome, Fdb, Neigh, Overlay, Programmed, Route, VxlanLink, VxlanSpec};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use super::{
+    DirectRoute, EnsureOutcome, Fdb, Neigh, Overlay, Programmed, Route, RoutePath, VxlanLink,
+    VxlanSpec,
+};
 use crate::Result;
 
 /// One call made on a [`FakeOverlay`].
@@ -17,6 +23,9 @@ pub enum FakeCall {
     DeleteFdb(Fdb),
     ReplaceRoute(Route),
     DeleteRoute(Route),
+    ReplaceDirect(DirectRoute),
+    DeleteDirect(DirectRoute),
+    LookupRoute(Ipv4Addr),
 }
 
 #[derive(Default)]
@@ -24,6 +33,8 @@ struct State {
     link: Option<VxlanLink>,
     programmed: Programmed,
     calls: Vec<FakeCall>,
+    /// The answers of `lookup_route` (none: no route).
+    paths: BTreeMap<Ipv4Addr, RoutePath>,
 }
 
 /// In-memory overlay. Clones share state.
@@ -46,7 +57,12 @@ impl FakeOverlay {
     pub fn writes(&self) -> Vec<FakeCall> {
         self.calls()
             .into_iter()
-            .filter(|c| !matches!(c, FakeCall::Dump | FakeCall::EnsureVxlan(_)))
+            .filter(|c| {
+                !matches!(
+                    c,
+                    FakeCall::Dump | FakeCall::EnsureVxlan(_) | FakeCall::LookupRoute(_)
+                )
+            })
             .collect()
     }
 
@@ -61,6 +77,15 @@ impl FakeOverlay {
     /// Sets the programmed state directly (simulates drift or a previous run).
     pub fn set_programmed(&self, p: Programmed) {
         self.st.lock().unwrap().programmed = p;
+    }
+
+    /// Sets how the fake kernel routes `ip` (`None`: it has no route to it).
+    pub fn set_path(&self, ip: Ipv4Addr, path: Option<RoutePath>) {
+        let mut st = self.st.lock().unwrap();
+        match path {
+            Some(p) => st.paths.insert(ip, p),
+            None => st.paths.remove(&ip),
+        };
     }
 
     fn record(&self, c: FakeCall) {
@@ -137,6 +162,19 @@ impl Overlay for FakeOverlay {
 
     async fn delete_route(&self, _link: u32, r: &Route) -> Result<()> {
         self.apply(FakeCall::DeleteRoute(*r), super::Op::DeleteRoute(*r))
+    }
+
+    async fn replace_direct(&self, r: &DirectRoute) -> Result<()> {
+        self.apply(FakeCall::ReplaceDirect(*r), super::Op::ReplaceDirect(*r))
+    }
+
+    async fn delete_direct(&self, r: &DirectRoute) -> Result<()> {
+        self.apply(FakeCall::DeleteDirect(*r), super::Op::DeleteDirect(*r))
+    }
+
+    async fn lookup_route(&self, ip: Ipv4Addr) -> Result<Option<RoutePath>> {
+        self.record(FakeCall::LookupRoute(ip));
+        Ok(self.st.lock().unwrap().paths.get(&ip).copied())
     }
 
     async fn remove_address(&self, _addr: ipnet::Ipv4Net) -> Result<Vec<u32>> {

@@ -5,7 +5,12 @@
 //! [`Monitor`] turns the kernel's link/neighbour/route notifications into events;
 //! [`underlay`] finds the device and address the VXLAN traffic leaves by; [`sysctl`] sets
 //! the node's forwarding. Kernel messages are read by [`crate::netlink::parse`]; this module
-//! only decides which of them are twill's (`rtnl`: `neigh_on`, `fdb_on`, `route_on`).
+//! only decides which of them are twill's (`rtnl`: `neigh_on`, `fdb_on`, `route_on`,
+//! `direct_on`).
+//!
+//! A peer on the same L2 segment (`Backend.DirectRouting`) gets a [`DirectRoute`] on the
+//! underlay device instead of the three VXLAN entries; [`Overlay::lookup_route`] asks the
+//! kernel how it reaches the peer's public IP, and [`route_mode`] decides from the answer.
 
 mod batch;
 #[cfg(any(test, feature = "fakes"))]
@@ -160,14 +165,74 @@ pub struct Route {
     pub via: Ipv4Addr,
 }
 
+/// `<dst> via <via> dev <underlay>` in the main table, without onlink (the kernel checks
+/// that the gateway is on the device) and without encapsulation: the route of a peer on the
+/// same L2 segment (`Backend.DirectRouting`). `via` is the peer's public IP, `dev` the index
+/// of the underlay device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct DirectRoute {
+    pub dst: Ipv4Net,
+    pub via: Ipv4Addr,
+    pub dev: u32,
+}
+
+/// How a peer's subnet is routed: through `twill.<VNI>` or directly on the underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMode {
+    Vxlan,
+    Direct,
+}
+
+impl RouteMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RouteMode::Vxlan => "vxlan",
+            RouteMode::Direct => "direct",
+        }
+    }
+}
+
+impl fmt::Display for RouteMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The kernel's answer to a route lookup (RTM_GETROUTE) for one address: the path a packet
+/// to it takes now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutePath {
+    /// The output device.
+    pub oif: Option<u32>,
+    /// The next hop; `None`: the address is on the link (no gateway).
+    pub gateway: Option<IpAddr>,
+    /// RTN_UNICAST (not local, blackhole, unreachable, ...).
+    pub unicast: bool,
+}
+
+/// Flannel's rule for `DirectRouting`: a peer is routed directly iff the kernel reaches its
+/// public IP without a gateway, by a unicast route, out of the underlay device (index
+/// `underlay`). No answer (unreachable, lookup failed) keeps VXLAN.
+pub fn route_mode(path: Option<&RoutePath>, underlay: u32) -> RouteMode {
+    match path {
+        Some(p) if p.unicast && p.gateway.is_none() && p.oif == Some(underlay) => RouteMode::Direct,
+        _ => RouteMode::Vxlan,
+    }
+}
+
 /// Everything programmed on the VXLAN device (only the kinds of entries twill manages:
 /// permanent neighbours, FDB entries with a destination, main-table routes of twill's own
-/// protocol [`TWILL_ROUTE_PROTOCOL`]).
+/// protocol [`TWILL_ROUTE_PROTOCOL`]), and twill's direct routes on other devices.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Programmed {
     pub neighs: BTreeSet<Neigh>,
     pub fdbs: BTreeSet<Fdb>,
     pub routes: BTreeSet<Route>,
+    /// Routes of twill's protocol that are not on the VXLAN device: the direct peers'.
+    /// A destination is in `routes` or here, never in both (one route per dst).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub direct: BTreeSet<DirectRoute>,
     /// Destinations of main-table routes that are not twill's (other protocol, other
     /// device): a peer route for one of these is a conflict, never written. Not counted
     /// in [`Programmed::len`].
@@ -215,6 +280,21 @@ impl Programmed {
         self.routes.range(lo..=hi)
     }
 
+    /// The direct routes to `dst`.
+    pub fn direct_to(&self, dst: Ipv4Net) -> impl Iterator<Item = &DirectRoute> {
+        let lo = DirectRoute {
+            dst,
+            via: Ipv4Addr::UNSPECIFIED,
+            dev: 0,
+        };
+        let hi = DirectRoute {
+            dst,
+            via: Ipv4Addr::BROADCAST,
+            dev: u32::MAX,
+        };
+        self.direct.range(lo..=hi)
+    }
+
     /// Only twill's own entries.
     pub fn owned(&self) -> Programmed {
         Programmed {
@@ -224,7 +304,7 @@ impl Programmed {
     }
 
     pub fn len(&self) -> usize {
-        self.neighs.len() + self.fdbs.len() + self.routes.len()
+        self.neighs.len() + self.fdbs.len() + self.routes.len() + self.direct.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -251,6 +331,13 @@ pub trait Overlay: Send + Sync + 'static {
     fn delete_fdb(&self, link: u32, f: &Fdb) -> impl Future<Output = Result<()>> + Send;
     fn replace_route(&self, link: u32, r: &Route) -> impl Future<Output = Result<()>> + Send;
     fn delete_route(&self, link: u32, r: &Route) -> impl Future<Output = Result<()>> + Send;
+    /// Writes a direct route (on `r.dev`), replacing twill's route to `r.dst` whatever its
+    /// device (one replace: a peer that switches between VXLAN and direct never loses its
+    /// route); a route to `r.dst` that is not twill's is a conflict, left alone.
+    fn replace_direct(&self, r: &DirectRoute) -> impl Future<Output = Result<()>> + Send;
+    fn delete_direct(&self, r: &DirectRoute) -> impl Future<Output = Result<()>> + Send;
+    /// How the kernel routes a packet to `ip` now (RTM_GETROUTE); `None`: it has no route.
+    fn lookup_route(&self, ip: Ipv4Addr) -> impl Future<Output = Result<Option<RoutePath>>> + Send;
     /// Deletes the address `addr` (address and prefix length both equal) from every link in
     /// the namespace that has it; returns the indices of those links (none: nothing to do).
     fn remove_address(&self, addr: Ipv4Net) -> impl Future<Output = Result<Vec<u32>>> + Send;
@@ -264,6 +351,8 @@ pub enum Op {
     ReplaceNeigh(Neigh),
     ReplaceRoute(Route),
     DeleteRoute(Route),
+    ReplaceDirect(DirectRoute),
+    DeleteDirect(DirectRoute),
     DeleteNeigh(Neigh),
     DeleteFdb(Fdb),
 }
@@ -276,6 +365,8 @@ impl Op {
             Op::ReplaceNeigh(n) => o.replace_neigh(link, n).await,
             Op::ReplaceRoute(r) => o.replace_route(link, r).await,
             Op::DeleteRoute(r) => o.delete_route(link, r).await,
+            Op::ReplaceDirect(r) => o.replace_direct(r).await,
+            Op::DeleteDirect(r) => o.delete_direct(r).await,
             Op::DeleteNeigh(n) => o.delete_neigh(link, n).await,
             Op::DeleteFdb(f) => o.delete_fdb(link, f).await,
         }
@@ -294,12 +385,29 @@ impl Op {
                 let same = p.neighs_of(n.ip).copied().collect();
                 replace_key(&mut p.neighs, same, *n);
             }
+            // One route per dst, whichever kind: a replace takes the other kind's place too
+            // (as the kernel's replace does).
             Op::ReplaceRoute(r) => {
                 let same = p.routes_to(r.dst).copied().collect();
                 replace_key(&mut p.routes, same, *r);
+                let other: Vec<DirectRoute> = p.direct_to(r.dst).copied().collect();
+                for o in other {
+                    p.direct.remove(&o);
+                }
             }
             Op::DeleteRoute(r) => {
                 p.routes.remove(r);
+            }
+            Op::ReplaceDirect(r) => {
+                let same = p.direct_to(r.dst).copied().collect();
+                replace_key(&mut p.direct, same, *r);
+                let other: Vec<Route> = p.routes_to(r.dst).copied().collect();
+                for o in other {
+                    p.routes.remove(&o);
+                }
+            }
+            Op::DeleteDirect(r) => {
+                p.direct.remove(r);
             }
             Op::DeleteNeigh(n) => {
                 p.neighs.remove(n);
@@ -326,6 +434,16 @@ impl fmt::Display for Op {
             Op::ReplaceNeigh(x) => write!(f, "replace neigh {} lladdr {}", x.ip, x.mac),
             Op::ReplaceRoute(x) => write!(f, "replace route {} via {}", x.dst, x.via),
             Op::DeleteRoute(x) => write!(f, "delete route {} via {}", x.dst, x.via),
+            Op::ReplaceDirect(x) => write!(
+                f,
+                "replace direct route {} via {} dev index {}",
+                x.dst, x.via, x.dev
+            ),
+            Op::DeleteDirect(x) => write!(
+                f,
+                "delete direct route {} via {} dev index {}",
+                x.dst, x.via, x.dev
+            ),
             Op::DeleteNeigh(x) => write!(f, "delete neigh {} lladdr {}", x.ip, x.mac),
             Op::DeleteFdb(x) => write!(f, "delete fdb {} dst {}", x.mac, x.dst),
         }
@@ -336,7 +454,12 @@ impl fmt::Display for Op {
 /// conflict, but the stages keep a route from ever pointing at a neighbour that is not there.
 pub(crate) const STAGES: [fn(&Op) -> bool; 3] = [
     |op| matches!(op, Op::ReplaceFdb(_) | Op::ReplaceNeigh(_)),
-    |op| matches!(op, Op::ReplaceRoute(_) | Op::DeleteRoute(_)),
+    |op| {
+        matches!(
+            op,
+            Op::ReplaceRoute(_) | Op::DeleteRoute(_) | Op::ReplaceDirect(_) | Op::DeleteDirect(_)
+        )
+    },
     |op| matches!(op, Op::DeleteNeigh(_) | Op::DeleteFdb(_)),
 ];
 
@@ -383,5 +506,63 @@ mod tests {
         .apply_to(&mut p);
         assert_eq!(p.neighs.len(), 1);
         assert_eq!(p.neighs.iter().next().unwrap().mac, Mac::derive("b"));
+    }
+
+    /// One route per destination across both kinds: a direct replace takes the VXLAN
+    /// route's place and the other way round, as the kernel's replace does.
+    #[test]
+    fn op_apply_to_keeps_one_route_per_dst_across_kinds() {
+        let dst: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+        let vx = Route {
+            dst,
+            via: dst.network(),
+        };
+        let direct = DirectRoute {
+            dst,
+            via: Ipv4Addr::new(192, 168, 0, 2),
+            dev: 7,
+        };
+        let mut p = Programmed::default();
+        Op::ReplaceRoute(vx).apply_to(&mut p);
+        Op::ReplaceDirect(direct).apply_to(&mut p);
+        assert!(p.routes.is_empty());
+        assert_eq!(p.direct.iter().collect::<Vec<_>>(), [&direct]);
+        assert_eq!(p.len(), 1);
+        let moved = DirectRoute { dev: 8, ..direct };
+        Op::ReplaceDirect(moved).apply_to(&mut p);
+        assert_eq!(p.direct_to(dst).collect::<Vec<_>>(), [&moved]);
+        Op::ReplaceRoute(vx).apply_to(&mut p);
+        assert!(p.direct.is_empty());
+        assert_eq!(p.routes_to(dst).collect::<Vec<_>>(), [&vx]);
+    }
+
+    /// Flannel's rule: direct only without a gateway, out of the underlay, by a unicast
+    /// route; anything else (or no answer) keeps VXLAN.
+    #[test]
+    fn route_mode_is_direct_only_on_link_out_of_the_underlay() {
+        let on_link = RoutePath {
+            oif: Some(3),
+            gateway: None,
+            unicast: true,
+        };
+        assert_eq!(route_mode(Some(&on_link), 3), RouteMode::Direct);
+        let routed = RoutePath {
+            gateway: Some(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1))),
+            ..on_link
+        };
+        assert_eq!(route_mode(Some(&routed), 3), RouteMode::Vxlan);
+        // On link, but out of another device (a second NIC, a tunnel).
+        assert_eq!(route_mode(Some(&on_link), 4), RouteMode::Vxlan);
+        let odd = RoutePath {
+            unicast: false,
+            ..on_link
+        };
+        assert_eq!(route_mode(Some(&odd), 3), RouteMode::Vxlan);
+        let no_dev = RoutePath {
+            oif: None,
+            ..on_link
+        };
+        assert_eq!(route_mode(Some(&no_dev), 3), RouteMode::Vxlan);
+        assert_eq!(route_mode(None, 3), RouteMode::Vxlan);
     }
 }

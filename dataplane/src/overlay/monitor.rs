@@ -11,7 +11,7 @@ use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::SocketAddr;
 
-use super::rtnl::{fdb_on, neigh_on, route_on};
+use super::rtnl::{fdb_on, is_twills, neigh_on, route_on};
 use super::{Fdb, Neigh, Route};
 use crate::netlink::{self, Subscription, parse};
 use crate::{NetNs, Result};
@@ -63,6 +63,12 @@ pub enum MonitorEvent {
     RouteGone {
         link: u32,
         route: Route,
+    },
+    /// A route that is not twill's was added or deleted (an underlay route: the way to a
+    /// peer's public IP may have changed, and with it whether the peer is routed directly).
+    ForeignRoute {
+        oif: Option<u32>,
+        dst: ipnet::Ipv4Net,
     },
     /// Events were lost (ENOBUFS): dump everything again.
     Overrun,
@@ -133,6 +139,16 @@ impl Monitor {
     }
 }
 
+/// [`MonitorEvent::ForeignRoute`] for an IPv4 main-table route that is not twill's.
+fn foreign(r: &parse::Route) -> Option<MonitorEvent> {
+    match r.dst {
+        ipnet::IpNet::V4(dst) if !is_twills(r) => {
+            Some(MonitorEvent::ForeignRoute { oif: r.oif, dst })
+        }
+        _ => None,
+    }
+}
+
 fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
     match m {
         RouteNetlinkMessage::NewLink(l) => {
@@ -173,13 +189,21 @@ fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
                 _ => None,
             }
         }
+        // twill's routes on any device: the VXLAN device's, and the direct ones on the
+        // underlay (the receiver tells them apart by `link`).
         RouteNetlinkMessage::NewRoute(r) => {
             let r = parse::route(&r)?;
+            if let Some(ev) = foreign(&r) {
+                return Some(ev);
+            }
             let link = r.oif?;
             route_on(&r, link).map(|route| MonitorEvent::RouteUp { link, route })
         }
         RouteNetlinkMessage::DelRoute(r) => {
             let r = parse::route(&r)?;
+            if let Some(ev) = foreign(&r) {
+                return Some(ev);
+            }
             let link = r.oif?;
             route_on(&r, link).map(|route| MonitorEvent::RouteGone { link, route })
         }

@@ -14,14 +14,14 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{
-    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use super::batch::BatchSocket;
 use super::{
-    EnsureOutcome, Fdb, Neigh, Op, Overlay, Programmed, Route, TWILL_ROUTE_PROTOCOL, VxlanLink,
-    VxlanSpec,
+    DirectRoute, EnsureOutcome, Fdb, Neigh, Op, Overlay, Programmed, Route, RoutePath,
+    TWILL_ROUTE_PROTOCOL, VxlanLink, VxlanSpec,
 };
 use crate::netlink::parse;
 use crate::{Error, Netlink, Result};
@@ -82,7 +82,15 @@ impl RtnlOverlay {
                             failed.push((op, e));
                         }
                     }
-                    Op::DeleteRoute(_) | Op::DeleteNeigh(_) | Op::DeleteFdb(_)
+                    Op::ReplaceDirect(r) if e.errno() == Some(libc::EEXIST) => {
+                        if let Err(e) = self.replace_direct(&r).await {
+                            failed.push((op, e));
+                        }
+                    }
+                    Op::DeleteRoute(_)
+                    | Op::DeleteDirect(_)
+                    | Op::DeleteNeigh(_)
+                    | Op::DeleteFdb(_)
                         if e.is_missing() => {}
                     _ => failed.push((op, e)),
                 }
@@ -310,7 +318,7 @@ pub(crate) fn fdb_on(n: &parse::Neighbour, link: u32) -> Option<Fdb> {
 }
 
 /// Whether `r` carries twill's mark, [`TWILL_ROUTE_PROTOCOL`].
-fn is_twills(r: &parse::Route) -> bool {
+pub(crate) fn is_twills(r: &parse::Route) -> bool {
     r.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTOCOL)
 }
 
@@ -337,6 +345,38 @@ pub(crate) fn route_on(r: &parse::Route, link: u32) -> Option<Route> {
     on_link(r, link)
 }
 
+/// `r` if it is twill's, IPv4 unicast, on a device other than `link` (the VXLAN device):
+/// a direct route. One without a gateway is not of the shape twill writes; it comes out
+/// with via = its own network address so that the diff replaces or deletes it.
+pub(crate) fn direct_on(r: &parse::Route, link: u32) -> Option<DirectRoute> {
+    let IpNet::V4(dst) = r.dst else { return None };
+    let dev = r.oif?;
+    if !is_twills(r) || r.kind != RouteType::Unicast || dev == link {
+        return None;
+    }
+    let via = match r.gateway {
+        Some(IpAddr::V4(g)) => g,
+        _ => dst.network(),
+    };
+    Some(DirectRoute { dst, via, dev })
+}
+
+/// The path in the kernel's answer `m` to a route lookup. The answer names the table its
+/// route came from (main, local, a policy table): the decision needs only the device, the
+/// gateway and the type, whatever the table, so the message is read as a main-table one.
+fn path_of(m: &RouteMessage) -> Option<RoutePath> {
+    let mut m = m.clone();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.attributes
+        .retain(|a| !matches!(a, RouteAttribute::Table(_)));
+    let r = parse::route(&m)?;
+    Some(RoutePath {
+        oif: r.oif,
+        gateway: r.gateway,
+        unicast: r.kind == RouteType::Unicast,
+    })
+}
+
 /// The destination of `r` if it is an IPv4 route that is not twill's: a route of someone else
 /// (kernel, boot, dhcp, a routing daemon) whatever its device.
 fn foreign_dst(r: &parse::Route) -> Option<Ipv4Net> {
@@ -356,6 +396,27 @@ pub(super) fn route_msg(link: u32, r: &Route) -> RouteMessage {
         // twill's mark: a dump tells its routes from everyone else's by this alone.
         .protocol(RouteProtocol::Other(TWILL_ROUTE_PROTOCOL))
         .build()
+}
+
+/// `<dst> via <via> dev <dev> proto twill`: no onlink (the kernel refuses a gateway that is
+/// not on the device, which is what the lookup said it is).
+pub(super) fn direct_msg(r: &DirectRoute) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.dst.network(), r.dst.prefix_len())
+        .gateway(r.via)
+        .output_interface(r.dev)
+        .protocol(RouteProtocol::Other(TWILL_ROUTE_PROTOCOL))
+        .build()
+}
+
+/// Direct route `r`, to delete: only twill's route with this dst on `r.dev` matches (a VXLAN
+/// route that took its place is on another device and stays); NOWHERE = any scope.
+pub(super) fn direct_del_msg(r: &DirectRoute) -> RouteMessage {
+    let mut m = direct_msg(r);
+    m.header.scope = RouteScope::NoWhere;
+    m.attributes
+        .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
+    m
 }
 
 /// `<ip> lladdr <mac> permanent` on `link` (with NLM_F_CREATE | NLM_F_REPLACE).
@@ -479,6 +540,8 @@ impl Overlay for RtnlOverlay {
         for r in self.route_dump().await?.iter().filter_map(parse::route) {
             if let Some(x) = route_on(&r, link) {
                 p.routes.insert(x);
+            } else if let Some(x) = direct_on(&r, link) {
+                p.direct.insert(x);
             } else if let Some(dst) = foreign_dst(&r)
                 && r.oif != Some(link)
             {
@@ -559,6 +622,75 @@ impl Overlay for RtnlOverlay {
         let req = self.nl.handle().route().del(route_del_msg(link, r));
         self.delete(|| format!("delete route {}", r.dst), req.execute())
             .await
+    }
+
+    async fn replace_direct(&self, r: &DirectRoute) -> Result<()> {
+        // Create-only first, as for the VXLAN routes: a replace would take over anyone's.
+        let what = format!("replace route {} via {} dev index {}", r.dst, r.via, r.dev);
+        let req = self.nl.handle().route().add(direct_msg(r)).execute();
+        let e = match self.nl.run(|| what.clone(), req).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if e.errno() != Some(libc::EEXIST) {
+            return Err(e);
+        }
+        // Replace only twill's own route (VXLAN or direct, on any device): the switch of a
+        // peer between the two is this one replace, never a delete and an add.
+        let owner = self
+            .route_dump()
+            .await?
+            .iter()
+            .filter_map(parse::route)
+            .find(|m| m.dst == IpNet::V4(r.dst));
+        if let Some(m) = owner
+            && !is_twills(&m)
+        {
+            return Err(Error::Conflict(format!(
+                "route {}: the main table has a route of protocol {} on device index {}: \
+                 not twill's, left alone",
+                r.dst,
+                m.protocol,
+                m.oif.map_or("none".into(), |i| i.to_string())
+            )));
+        }
+        let req = self
+            .nl
+            .handle()
+            .route()
+            .add(direct_msg(r))
+            .replace()
+            .execute();
+        self.nl.run(|| what, req).await
+    }
+
+    async fn delete_direct(&self, r: &DirectRoute) -> Result<()> {
+        let req = self.nl.handle().route().del(direct_del_msg(r));
+        self.delete(
+            || format!("delete route {} dev index {}", r.dst, r.dev),
+            req.execute(),
+        )
+        .await
+    }
+
+    async fn lookup_route(&self, ip: Ipv4Addr) -> Result<Option<RoutePath>> {
+        // With a destination, RTM_GETROUTE is a lookup (one answer), not a dump.
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .build();
+        let r: Result<Vec<RouteMessage>> = self
+            .nl
+            .run(
+                || format!("look up the route to {ip}"),
+                self.nl.handle().route().get(msg).execute().try_collect(),
+            )
+            .await;
+        match r {
+            Ok(msgs) => Ok(msgs.first().and_then(path_of)),
+            // No route at all: the kernel answers with an error, not a message.
+            Err(e) if matches!(e.errno(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn remove_address(&self, addr: Ipv4Net) -> Result<Vec<u32>> {

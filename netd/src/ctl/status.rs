@@ -17,10 +17,11 @@ use twill_dataplane::Netlink;
 use twill_dataplane::overlay::{Overlay, Programmed, RtnlOverlay};
 
 use super::{Cli, EXIT_ERROR, EXIT_NOT_FOUND, Failure, Output, connect, print_json, print_table};
+use crate::daemon::decide_direct;
 use crate::daemon::health::{
     NodeReport, PATH_VXLAN, PeerView, PeersListed, health_prefix, read_report,
 };
-use crate::daemon::reconcile::{Peer, Skipped, Validation, desired, peers, status};
+use crate::daemon::reconcile::{Direct, Peer, Skipped, Validation, desired_with, peers, status};
 use twill_ipam::lease::Lease;
 
 #[derive(Debug, Clone, Args)]
@@ -104,7 +105,16 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
     let (peer_list, skipped) = peers(&leases, &invalid, &v);
     let (rejected, pending): (Vec<&Skipped>, Vec<&Skipped>) =
         skipped.iter().partition(|s| s.reason.is_rejection());
-    let want = desired(&peer_list);
+    // Backend.DirectRouting: the same lookups as twilld's, in this namespace, over the
+    // VXLAN device's underlay.
+    let direct = match &link {
+        Some(l) if cfg.backend.vxlan().direct_routing => {
+            let dev = l.underlay_index.unwrap_or(0);
+            decide_direct(&ov, &peer_list, dev, &Direct::default()).await
+        }
+        _ => Direct::default(),
+    };
+    let want = desired_with(&peer_list, &direct);
     let actual = match &link {
         Some(l) => ov
             .dump(l.index)
@@ -126,7 +136,13 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
         )),
         Err(e) => Err(format!("could not read the health report {key}: {e}")),
     };
-    let rows = peer_rows(&peer_list, &leases, health.as_ref().ok(), now);
+    let mut rows = peer_rows(&peer_list, &leases, health.as_ref().ok(), now);
+    for r in &mut rows {
+        if r.subnet.parse().is_ok_and(|s| direct.subnets.contains(&s)) {
+            r.route = "direct";
+        }
+    }
+    let route_of = |p: &Peer| direct.mode(p).as_str();
     let twilld = twilld_ready(args.metrics_addr);
     // A blocked node keeps its old subnet's address on twill.<VNI>, whose lease another node
     // holds now.
@@ -143,7 +159,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                 })),
                 "peers": peer_list.iter().map(|p| json!({
                     "subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(),
-                    "vtep_mac": p.vtep_mac.to_string(),
+                    "vtep_mac": p.vtep_mac.to_string(), "route": route_of(p),
                 })).collect::<Vec<_>>(),
                 "rejected": rejected.iter().map(|s| skipped_json(s)).collect::<Vec<_>>(),
                 "pending": pending.iter().map(|s| skipped_json(s)).collect::<Vec<_>>(),
@@ -197,6 +213,27 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
             for s in &pending {
                 println!("lease {} not taken yet: {}", s.key, s.detail);
             }
+            if cfg.backend.vxlan().direct_routing {
+                println!(
+                    "direct routing on: {} peers direct, {} over VXLAN",
+                    direct.subnets.len(),
+                    peer_list.len() - direct.subnets.len()
+                );
+            }
+            if health.is_err() && !direct.subnets.is_empty() {
+                // No PEERS table to show the route in: the modes on their own.
+                let rows: Vec<Vec<String>> = peer_list
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.subnet.to_string(),
+                            p.public_ip.to_string(),
+                            route_of(p).to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["SUBNET", "PUBLIC-IP", "ROUTE"], &rows);
+            }
             match &health {
                 Err(why) => println!("peer health: {why}"),
                 Ok(r) if !rows.is_empty() => {
@@ -214,6 +251,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                             "RTT",
                             "LAST-SEEN",
                             "PATH",
+                            "ROUTE",
                         ],
                         &rows.iter().map(PeerRow::cells).collect::<Vec<_>>(),
                     );
@@ -273,6 +311,8 @@ struct PeerRow {
     last_seen_ago: Option<u64>,
     lost_in_a_row: Option<u32>,
     path: String,
+    /// `direct` or `vxlan`: how this node routes the peer's subnet.
+    route: &'static str,
 }
 
 impl PeerRow {
@@ -293,6 +333,7 @@ impl PeerRow {
                 None => "-".into(),
             },
             self.path.clone(),
+            self.route.to_string(),
         ]
     }
 }
@@ -349,6 +390,7 @@ fn peer_rows(
                     Some(v) if v.path != PATH_VXLAN => "unknown".into(),
                     _ => PATH_VXLAN.into(),
                 },
+                route: "vxlan",
             }
         })
         .collect();
@@ -390,6 +432,7 @@ fn peer_health_json(
                 "last_seen_seconds_ago": p.last_seen_ago,
                 "lost_in_a_row": p.lost_in_a_row,
                 "path": p.path,
+                "route": p.route,
             })).collect::<Vec<_>>(),
         }),
     }
@@ -468,6 +511,7 @@ mod tests {
                     "no",
                     "-",
                     "1m ago",
+                    "vxlan",
                     "vxlan"
                 ],
                 vec![
@@ -477,6 +521,7 @@ mod tests {
                     "yes",
                     "0.25ms",
                     "2s ago",
+                    "vxlan",
                     "vxlan"
                 ],
                 vec![
@@ -486,6 +531,7 @@ mod tests {
                     "unknown",
                     "-",
                     "-",
+                    "vxlan",
                     "vxlan"
                 ],
             ]

@@ -35,12 +35,12 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use twill_dataplane::Netlink;
-use twill_dataplane::nft::{Nft, NftConfig, NftOutcome};
+use twill_dataplane::nft::{DirectFilter, Nft, NftConfig, NftOutcome};
 use twill_dataplane::nft_set::PeerSet;
 use twill_dataplane::overlay::underlay::{self, Underlay};
 use twill_dataplane::overlay::{
-    EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, RtnlOverlay, VxlanLink,
-    VxlanSpec, sysctl,
+    DirectRoute, EnsureOutcome, Mac, Monitor, MonitorEvent, Op, Overlay, Programmed, Route,
+    RoutePath, RtnlOverlay, VxlanLink, VxlanSpec, sysctl,
 };
 use twill_ipam::lease::{Lease, LeaseAttrs};
 use twill_ipam::netconf::NetConfig;
@@ -50,8 +50,8 @@ use twill_ipam::subnet_file::SubnetFile;
 use crate::cli::RunArgs;
 use metrics::{Metrics, Shared};
 use reconcile::{
-    LeaseChanges, Peer, PeerDelta, RejectLog, ValidPeers, Validation, desired, diff, diff_touched,
-    patch_desired, rejected_counts,
+    Direct, LeaseChanges, Peer, PeerDelta, RejectLog, ValidPeers, Validation, desired_with, diff,
+    diff_touched, patch_desired, rejected_counts,
 };
 
 /// Netlink requests in flight when applying many ops.
@@ -138,6 +138,59 @@ struct Daemon {
     valid: ValidPeers,
     /// The entries that `valid` asks for.
     want: Programmed,
+    /// The underlay device's name (the direct-path filter matches it as `iifname`).
+    underlay_name: String,
+    /// The peers routed directly (`Backend.DirectRouting`; always empty without it).
+    direct: Direct,
+    /// The members of nft's direct-peer set as last written; `None`: not known.
+    nft_direct: Option<BTreeSet<Ipv4Net>>,
+    /// A route that is not twill's changed since the direct peers were last decided: the
+    /// next reconcile looks every peer up again.
+    underlay_routes_changed: bool,
+}
+
+/// Asks the kernel how it routes each of `ips` now (one RTM_GETROUTE each, up to
+/// [`PARALLEL_OPS`] in flight). Returns the answers (an address without a route has none)
+/// and the addresses whose lookup failed.
+pub async fn lookup_paths<O: Overlay>(
+    o: &O,
+    ips: impl IntoIterator<Item = Ipv4Addr>,
+) -> (BTreeMap<Ipv4Addr, RoutePath>, BTreeSet<Ipv4Addr>) {
+    use futures::stream::{self, StreamExt};
+    let ips: BTreeSet<Ipv4Addr> = ips.into_iter().collect();
+    let mut answers = stream::iter(ips)
+        .map(|ip| async move { (ip, o.lookup_route(ip).await) })
+        .buffer_unordered(PARALLEL_OPS);
+    let mut paths = BTreeMap::new();
+    let mut failed = BTreeSet::new();
+    while let Some((ip, r)) = answers.next().await {
+        match r {
+            Ok(Some(p)) => {
+                paths.insert(ip, p);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(%ip, error = %e, "route lookup for a peer's public IP failed; its route mode stays as it was");
+                failed.insert(ip);
+            }
+        }
+    }
+    (paths, failed)
+}
+
+/// The route mode of `peers` over the underlay `dev`: [`Direct::decide`] on the kernel's
+/// answers; a peer whose lookup failed keeps its mode in `before`.
+pub async fn decide_direct<O: Overlay>(o: &O, peers: &[Peer], dev: u32, before: &Direct) -> Direct {
+    let (paths, failed) = lookup_paths(o, peers.iter().filter_map(Peer::public_v4)).await;
+    let mut d = Direct::decide(peers, &paths, dev);
+    for p in peers {
+        if p.public_v4().is_some_and(|ip| failed.contains(&ip))
+            && before.subnets.contains(&p.subnet)
+        {
+            d.subnets.insert(p.subnet);
+        }
+    }
+    d
 }
 
 /// SIGTERM and SIGINT: twilld exits on either, in every phase.
@@ -230,6 +283,7 @@ async fn startup(args: RunArgs) -> Result<Option<(Daemon, Inputs)>> {
     let spec = s.vxlan_spec(&under, &cfg, mac, &lease);
     let (health_tx, health_rx) = tokio::sync::watch::channel(health::Targets::default());
     let mut d = s.daemon(ov, peer_set, cfg, spec, lease.subnet, health_tx);
+    d.underlay_name = under.name.clone();
     // Subscribe before the first dump so that no change between the two is missed.
     let monitor = Monitor::current().context("subscribe to netlink events")?;
     let Some(listed) = s.signals.unless(watch.wait_synced()).await else {
@@ -239,6 +293,16 @@ async fn startup(args: RunArgs) -> Result<Option<(Daemon, Inputs)>> {
     // The peers are known before the nft table is written: a table written with an empty
     // peer set would drop the VXLAN packets of peers that already reach this node's lease.
     d.seed_peers(&watch);
+    // DirectRouting: the direct peers are known too, so that the filter's set has them
+    // from the start (their pods' packets already come unencapsulated).
+    d.decide_routes(
+        &PeerDelta {
+            full: true,
+            ..Default::default()
+        },
+        true,
+    )
+    .await;
     d.ensure_node().await?;
     d.first_reconcile(&watch, &holder).await?;
     s.spawn_health(health_rx, tele.health, store, under.ip);
@@ -502,6 +566,10 @@ impl Startup {
             reject_log: RejectLog::default(),
             valid: ValidPeers::default(),
             want: Programmed::default(),
+            underlay_name: String::new(),
+            direct: Direct::default(),
+            nft_direct: None,
+            underlay_routes_changed: false,
         }
     }
 
@@ -908,20 +976,29 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| self.valid.public_v4s().collect());
         let written = members.clone();
-        let out = tokio::task::spawn_blocking(move || nft.ensure(&nft_cfg, &members))
-            .await
-            .context("nft task")?;
+        let direct = self.direct_routing().then(|| DirectFilter {
+            underlay: self.underlay_name.clone(),
+        });
+        let direct_members = self.direct.subnets.clone();
+        let direct_written = direct_members.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            nft.ensure_with(&nft_cfg, direct.as_ref(), &members, &direct_members)
+        })
+        .await
+        .context("nft task")?;
         let out = match out {
             Ok(o) => o,
             Err(e) => {
                 self.metrics.nft_errors.inc();
                 self.nft_members = None;
+                self.nft_direct = None;
                 return Err(e).context("nftables");
             }
         };
         if out == NftOutcome::Applied {
             info!(table = "ip twill", "nftables table written");
             self.nft_members = Some(written);
+            self.nft_direct = Some(direct_written);
             self.last_vxlan_dropped = 0;
         }
         Ok(())
@@ -940,12 +1017,14 @@ impl Daemon {
             Ok(Err(e)) => {
                 self.metrics.nft_errors.inc();
                 self.nft_members = None;
+                self.nft_direct = None;
                 warn!(error = %e, "{what} failed; will retry");
                 None
             }
             Err(e) => {
                 self.metrics.nft_errors.inc();
                 self.nft_members = None;
+                self.nft_direct = None;
                 warn!(error = %e, "{what}: nft task failed; will retry");
                 None
             }
@@ -976,6 +1055,68 @@ impl Daemon {
         };
         self.metrics.vxlan_dropped.inc_by(delta);
         self.last_vxlan_dropped = n;
+    }
+
+    /// Whether `Backend.DirectRouting` is on.
+    fn direct_routing(&self) -> bool {
+        self.cfg.backend.vxlan().direct_routing
+    }
+
+    /// Decides again which peers are routed directly: every peer after a full validation
+    /// or when `all` (an underlay route changed, the resync), else only the peers that
+    /// `delta` added. Returns whether the decision changed.
+    async fn decide_routes(&mut self, delta: &PeerDelta, all: bool) -> bool {
+        if !self.direct_routing() {
+            return false;
+        }
+        let dev = self.spec.underlay_index;
+        let new = if all || delta.full || self.direct.dev != dev {
+            let peers: Vec<Peer> = self.valid.peers().values().copied().collect();
+            decide_direct(&self.ov, &peers, dev, &self.direct).await
+        } else {
+            let mut d = self.direct.clone();
+            for p in &delta.removed {
+                d.subnets.remove(&p.subnet);
+            }
+            let added = decide_direct(&self.ov, &delta.added, dev, &Direct::default()).await;
+            d.subnets.extend(added.subnets);
+            d
+        };
+        if new == self.direct {
+            return false;
+        }
+        let (to_direct, to_vxlan): (Vec<_>, Vec<_>) = {
+            let a: Vec<_> = new.subnets.difference(&self.direct.subnets).collect();
+            let b: Vec<_> = self.direct.subnets.difference(&new.subnets).collect();
+            (a, b)
+        };
+        info!(
+            direct = new.subnets.len(),
+            ?to_direct,
+            ?to_vxlan,
+            "route modes changed (DirectRouting)"
+        );
+        self.direct = new;
+        true
+    }
+
+    /// Makes nft's direct-peer set the subnets of the direct peers, when it is not known
+    /// to be (one `nft` transaction: flush and add together).
+    async fn write_direct_set(&mut self) {
+        if !self.direct_routing() || self.nft_direct.as_ref() == Some(&self.direct.subnets) {
+            return;
+        }
+        let nets = self.direct.subnets.clone();
+        let members = nets.clone();
+        if self
+            .nft_call("update the direct-path filter's peers", move |n| {
+                n.set_direct_peers(&nets)
+            })
+            .await
+            .is_some()
+        {
+            self.nft_direct = Some(members);
+        }
     }
 
     fn need_link_check(&self) -> bool {
@@ -1019,6 +1160,28 @@ impl Daemon {
             MonitorEvent::RouteGone { link: l, route } if l == link => {
                 self.actual.routes.remove(&route)
             }
+            // twill's routes on other devices: the direct ones.
+            MonitorEvent::RouteUp { link: dev, route } => {
+                let r = DirectRoute {
+                    dst: route.dst,
+                    via: route.via,
+                    dev,
+                };
+                self.cache_new(self.actual.direct.contains(&r), Op::ReplaceDirect(r))
+            }
+            MonitorEvent::RouteGone { link: dev, route } => {
+                self.actual.direct.remove(&DirectRoute {
+                    dst: route.dst,
+                    via: route.via,
+                    dev,
+                })
+            }
+            // An underlay route changed: whether a peer is on the same segment may have too
+            // (the full reconcile looks every peer up again).
+            MonitorEvent::ForeignRoute { .. } if self.direct_routing() => {
+                self.underlay_routes_changed = true;
+                true
+            }
             _ => false,
         }
     }
@@ -1055,14 +1218,25 @@ impl Daemon {
         if !self.refresh_actual().await {
             return;
         }
-        let (delta, diff_all) = self.validate(watch, cause, changes);
+        let (delta, mut diff_all) = self.validate(watch, cause, changes);
         let peer_count = self.valid.peers().len();
-        if delta.full {
+        // Every peer is looked up again when the underlay's routes changed, on the resync
+        // and at start; otherwise only the peers that came.
+        let look_up_all =
+            self.underlay_routes_changed || matches!(cause, Cause::Start | Cause::Resync);
+        self.underlay_routes_changed = false;
+        let modes_changed = self.decide_routes(&delta, look_up_all).await;
+        // Peers that the lease events did not touch may have switched: diff them all.
+        diff_all |= modes_changed && look_up_all;
+        if delta.full || modes_changed {
             let peers: Vec<_> = self.valid.peers().values().copied().collect();
-            self.want = desired(&peers);
+            self.want = desired_with(&peers, &self.direct);
         } else {
-            patch_desired(&mut self.want, &delta);
+            patch_desired(&mut self.want, &delta, &self.direct);
         }
+        // Inbound: a direct peer's pods are accepted on the underlay before its route is
+        // written (the filter concerns its packets to us, not our route to it).
+        self.write_direct_set().await;
         let touched: Vec<Peer> = delta.removed.iter().chain(&delta.added).copied().collect();
         let t_valid = t0.elapsed();
         self.admit_joining(&touched, diff_all).await;
@@ -1074,7 +1248,8 @@ impl Daemon {
             let written = self.write_ops(&ops, &mut conflicts).await;
             let t_written = t0.elapsed();
             route_delete_failed = written.route_delete_failed;
-            if matches!(cause, Cause::Netlink | Cause::Resync) {
+            // A switch of route modes (an underlay route changed) is not drift.
+            if matches!(cause, Cause::Netlink | Cause::Resync) && !modes_changed {
                 self.metrics.drift_repaired.inc_by(written.applied);
                 info!(?cause, repaired = written.applied, "drift repaired");
             } else {
@@ -1206,15 +1381,20 @@ impl Daemon {
         };
         // Never write a route over someone else's (connected, default, cni0, host route).
         let mut conflicts: BTreeMap<Ipv4Net, String> = BTreeMap::new();
-        ops.retain(|op| match op {
-            Op::ReplaceRoute(r) if self.actual.foreign_routes.contains(&r.dst) => {
+        ops.retain(|op| {
+            let dst = match op {
+                Op::ReplaceRoute(r) => r.dst,
+                Op::ReplaceDirect(r) => r.dst,
+                _ => return true,
+            };
+            if self.actual.foreign_routes.contains(&dst) {
                 conflicts.insert(
-                    r.dst,
+                    dst,
                     "the last dump has a route for it that is not twill's".into(),
                 );
-                false
+                return false;
             }
-            _ => true,
+            true
         });
         (ops, conflicts)
     }
@@ -1236,11 +1416,18 @@ impl Daemon {
         let mut errors = 0u64;
         let mut route_delete_failed = false;
         for (op, e) in &failed {
-            if let (Op::ReplaceRoute(r), twill_dataplane::Error::Conflict(why)) = (op, e) {
-                conflicts.insert(r.dst, why.clone());
-                continue;
+            match (op, e) {
+                (Op::ReplaceRoute(Route { dst, .. }), twill_dataplane::Error::Conflict(why))
+                | (
+                    Op::ReplaceDirect(DirectRoute { dst, .. }),
+                    twill_dataplane::Error::Conflict(why),
+                ) => {
+                    conflicts.insert(*dst, why.clone());
+                    continue;
+                }
+                _ => {}
             }
-            route_delete_failed |= matches!(op, Op::DeleteRoute(_));
+            route_delete_failed |= matches!(op, Op::DeleteRoute(_) | Op::DeleteDirect(_));
             errors += 1;
             warn!(%op, error = %e, "netlink write failed; will retry");
         }
@@ -1352,13 +1539,17 @@ impl Daemon {
 
     fn set_entry_metrics(&self, peer_count: usize) {
         self.metrics.peers.set(peer_count as i64);
-        let routes_expected = self.want.routes.len().saturating_sub(self.conflicts.len());
+        // VXLAN and direct routes alike (a conflict blocks either kind).
+        let routes_expected =
+            (self.want.routes.len() + self.want.direct.len()).saturating_sub(self.conflicts.len());
         self.metrics.routes_expected.set(routes_expected as i64);
         self.metrics.fdb_expected.set(self.want.fdbs.len() as i64);
         self.metrics
             .neighs_expected
             .set(self.want.neighs.len() as i64);
-        self.metrics.routes.set(self.actual.routes.len() as i64);
+        self.metrics
+            .routes
+            .set((self.actual.routes.len() + self.actual.direct.len()) as i64);
         self.metrics.fdb.set(self.actual.fdbs.len() as i64);
         self.metrics.neighs.set(self.actual.neighs.len() as i64);
     }

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use twill_dataplane::overlay::{Fdb, Mac, Neigh, Op, Programmed, Route};
+use twill_dataplane::overlay::{
+    DirectRoute, Fdb, Mac, Neigh, Op, Programmed, Route, RouteMode, RoutePath, route_mode,
+};
 use twill_ipam::lease::{InvalidKind, InvalidLease, Lease, LeaseEvent, subnet_to_key};
 use twill_ipam::netconf::NetConfig;
 
@@ -38,6 +40,16 @@ impl Peer {
             dst: self.subnet.trunc(),
             via: self.subnet.network(),
         }
+    }
+
+    /// The direct route on the underlay device `dev` (`None` for an IPv6 public IP: the
+    /// subnet is IPv4, so its next hop must be too).
+    pub fn direct_route(&self, dev: u32) -> Option<DirectRoute> {
+        Some(DirectRoute {
+            dst: self.subnet.trunc(),
+            via: self.public_v4()?,
+            dev,
+        })
     }
 
     /// The public IP if it is IPv4 (nft's peer set holds IPv4 addresses).
@@ -677,13 +689,71 @@ impl ValidPeers {
     }
 }
 
-/// The entries that `peers` need: one neighbour, FDB entry and route each.
+/// Which peers are routed directly (`Backend.DirectRouting`) and over which device. The
+/// default routes every peer over VXLAN.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Direct {
+    /// The underlay device's index.
+    pub dev: u32,
+    /// The subnets of the peers routed directly.
+    pub subnets: BTreeSet<Ipv4Net>,
+}
+
+impl Direct {
+    /// How `p` is routed.
+    pub fn mode(&self, p: &Peer) -> RouteMode {
+        if self.subnets.contains(&p.subnet) && p.direct_route(self.dev).is_some() {
+            RouteMode::Direct
+        } else {
+            RouteMode::Vxlan
+        }
+    }
+
+    /// The route mode of each peer from the kernel's answers for their public IPs
+    /// (`paths`; a peer without one stays on VXLAN): [`route_mode`] per peer, over the
+    /// underlay device `dev`.
+    pub fn decide<'a>(
+        peers: impl IntoIterator<Item = &'a Peer>,
+        paths: &BTreeMap<Ipv4Addr, RoutePath>,
+        dev: u32,
+    ) -> Direct {
+        let subnets = peers
+            .into_iter()
+            .filter(|p| {
+                p.public_v4()
+                    .is_some_and(|ip| route_mode(paths.get(&ip), dev) == RouteMode::Direct)
+            })
+            .map(|p| p.subnet)
+            .collect();
+        Direct { dev, subnets }
+    }
+}
+
+/// The entries of one peer: a direct route, or the neighbour, FDB entry and VXLAN route.
+fn add_entries(p: &mut Programmed, peer: &Peer, direct: &Direct) {
+    match (direct.mode(peer), peer.direct_route(direct.dev)) {
+        (RouteMode::Direct, Some(r)) => {
+            p.direct.insert(r);
+        }
+        _ => {
+            p.neighs.insert(peer.neigh());
+            p.fdbs.insert(peer.fdb());
+            p.routes.insert(peer.route());
+        }
+    }
+}
+
+/// The entries that `peers` need over VXLAN: one neighbour, FDB entry and route each.
 pub fn desired(peers: &[Peer]) -> Programmed {
+    desired_with(peers, &Direct::default())
+}
+
+/// The entries that `peers` need, the ones in `direct` routed directly (one route each,
+/// no neighbour, no FDB entry).
+pub fn desired_with(peers: &[Peer], direct: &Direct) -> Programmed {
     let mut p = Programmed::default();
     for peer in peers {
-        p.neighs.insert(peer.neigh());
-        p.fdbs.insert(peer.fdb());
-        p.routes.insert(peer.route());
+        add_entries(&mut p, peer, direct);
     }
     p
 }
@@ -719,8 +789,15 @@ pub fn diff(desired: &Programmed, actual: &Programmed) -> Vec<Op> {
         }
     }
 
-    // Routes, keyed by destination.
-    let want_dsts: HashSet<_> = desired.routes.iter().map(|r| r.dst).collect();
+    // Routes, keyed by destination across both kinds: a peer that switches between VXLAN
+    // and direct gets one replace (the kernel swaps the route in place), never a delete of
+    // the old route that could run before it.
+    let want_dsts: HashSet<_> = desired
+        .routes
+        .iter()
+        .map(|r| r.dst)
+        .chain(desired.direct.iter().map(|r| r.dst))
+        .collect();
     for r in &desired.routes {
         if !actual.routes.contains(r) {
             ops.push(Op::ReplaceRoute(*r));
@@ -729,6 +806,16 @@ pub fn diff(desired: &Programmed, actual: &Programmed) -> Vec<Op> {
     for r in &actual.routes {
         if !want_dsts.contains(&r.dst) {
             ops.push(Op::DeleteRoute(*r));
+        }
+    }
+    for r in &desired.direct {
+        if !actual.direct.contains(r) {
+            ops.push(Op::ReplaceDirect(*r));
+        }
+    }
+    for r in &actual.direct {
+        if !want_dsts.contains(&r.dst) {
+            ops.push(Op::DeleteDirect(*r));
         }
     }
     ops.sort();
@@ -746,23 +833,27 @@ pub fn diff_touched(desired: &Programmed, actual: &Programmed, touched: &[Peer])
             r.neighs.extend(p.neighs_of(t.subnet.network()));
             r.fdbs.extend(p.fdbs_of(t.vtep_mac));
             r.routes.extend(p.routes_to(t.subnet.trunc()));
+            r.direct.extend(p.direct_to(t.subnet.trunc()));
         }
         r
     };
     diff(&restrict(desired), &restrict(actual))
 }
 
-/// Patches `want` (the [`desired`] entries of the peers before `delta`) to the peers after it.
-pub fn patch_desired(want: &mut Programmed, delta: &PeerDelta) {
+/// Patches `want` (the [`desired_with`] entries of the peers before `delta`) to the peers
+/// after it; `direct` says how the added peers are routed.
+pub fn patch_desired(want: &mut Programmed, delta: &PeerDelta, direct: &Direct) {
     for p in &delta.removed {
         want.neighs.remove(&p.neigh());
         want.fdbs.remove(&p.fdb());
         want.routes.remove(&p.route());
+        let gone: Vec<DirectRoute> = want.direct_to(p.subnet.trunc()).copied().collect();
+        for r in gone {
+            want.direct.remove(&r);
+        }
     }
     for p in &delta.added {
-        want.neighs.insert(p.neigh());
-        want.fdbs.insert(p.fdb());
-        want.routes.insert(p.route());
+        add_entries(want, p, direct);
     }
 }
 
@@ -783,7 +874,7 @@ pub fn status(desired: &Programmed, actual: &Programmed) -> StatusReport {
     let (missing, stale): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(|o| {
         matches!(
             o,
-            Op::ReplaceFdb(_) | Op::ReplaceNeigh(_) | Op::ReplaceRoute(_)
+            Op::ReplaceFdb(_) | Op::ReplaceNeigh(_) | Op::ReplaceRoute(_) | Op::ReplaceDirect(_)
         )
     });
     StatusReport {
@@ -794,14 +885,17 @@ pub fn status(desired: &Programmed, actual: &Programmed) -> StatusReport {
     }
 }
 
-/// The subnets that have all three entries programmed.
-pub fn complete_peers(peers: &[Peer], actual: &Programmed) -> BTreeSet<Ipv4Net> {
+/// The subnets that have all three entries programmed (a direct peer: its route).
+pub fn complete_peers(peers: &[Peer], actual: &Programmed, direct: &Direct) -> BTreeSet<Ipv4Net> {
     peers
         .iter()
-        .filter(|p| {
-            actual.neighs.contains(&p.neigh())
-                && actual.fdbs.contains(&p.fdb())
-                && actual.routes.contains(&p.route())
+        .filter(|p| match (direct.mode(p), p.direct_route(direct.dev)) {
+            (RouteMode::Direct, Some(r)) => actual.direct.contains(&r),
+            _ => {
+                actual.neighs.contains(&p.neigh())
+                    && actual.fdbs.contains(&p.fdb())
+                    && actual.routes.contains(&p.route())
+            }
         })
         .map(|p| p.subnet)
         .collect()
@@ -1334,7 +1428,7 @@ mod tests {
                 diff(&want, &actual)
             } else {
                 incremental += 1;
-                patch_desired(&mut want, &delta);
+                patch_desired(&mut want, &delta, &Direct::default());
                 let touched: Vec<Peer> =
                     delta.removed.iter().chain(&delta.added).copied().collect();
                 diff_touched(&want, &actual, &touched)
@@ -1349,5 +1443,177 @@ mod tests {
             incremental > 1000,
             "only {incremental} steps were incremental"
         );
+    }
+
+    const UNDERLAY: u32 = 7;
+
+    fn on_link() -> RoutePath {
+        RoutePath {
+            oif: Some(UNDERLAY),
+            gateway: None,
+            unicast: true,
+        }
+    }
+
+    fn routed() -> RoutePath {
+        RoutePath {
+            gateway: Some(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 254))),
+            ..on_link()
+        }
+    }
+
+    /// The fake kernel routes lease(n)'s public IP 192.168.0.n as `paths` say; the modes
+    /// come from the lookups through the Overlay trait, as twilld makes them.
+    async fn modes(fake: &FakeOverlay, peers: &[Peer], before: &Direct) -> Direct {
+        crate::daemon::decide_direct(fake, peers, UNDERLAY, before).await
+    }
+
+    /// A peer on the segment (no gateway, out of the underlay) gets only a direct route via
+    /// its public IP on the underlay; a peer behind a gateway or without a route keeps the
+    /// three VXLAN entries.
+    #[tokio::test]
+    async fn direct_peers_get_one_route_on_the_underlay() {
+        let fake = FakeOverlay::new();
+        let (p, _) = pv(&[lease(2, "b"), lease(3, "c"), lease(4, "d")]);
+        fake.set_path(Ipv4Addr::new(192, 168, 0, 2), Some(on_link()));
+        fake.set_path(Ipv4Addr::new(192, 168, 0, 3), Some(routed()));
+        let d = modes(&fake, &p, &Direct::default()).await;
+        assert_eq!(
+            d.subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ["10.244.2.0/24"]
+        );
+        let want = desired_with(&p, &d);
+        assert_eq!(
+            want.direct.iter().collect::<Vec<_>>(),
+            [&DirectRoute {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                via: Ipv4Addr::new(192, 168, 0, 2),
+                dev: UNDERLAY,
+            }]
+        );
+        // b: no neighbour, FDB entry or VXLAN route; c and d: all three.
+        assert_eq!(want.neighs.len(), 2);
+        assert_eq!(want.fdbs.len(), 2);
+        assert_eq!(want.routes.len(), 2);
+        assert!(
+            want.routes_to("10.244.2.0/24".parse().unwrap())
+                .next()
+                .is_none()
+        );
+        assert_eq!(complete_peers(&p, &want, &d).len(), 3);
+        // DirectRouting off (the default Direct) is VXLAN for everyone.
+        assert_eq!(desired_with(&p, &Direct::default()), desired(&p));
+        // A failed lookup keeps the mode the peer had.
+        let kept = Direct::decide(&p, &BTreeMap::new(), UNDERLAY);
+        assert!(kept.subnets.is_empty());
+    }
+
+    /// A peer that switches between VXLAN and direct: one route replace (no delete of its
+    /// route, which could run before the replace), and its neighbour and FDB entry go only
+    /// after the route is swapped; back to VXLAN: neighbour and FDB first, then the replace.
+    /// Both converge, and a second pass writes nothing.
+    #[tokio::test]
+    async fn switching_mode_replaces_the_route_in_place() {
+        let fake = FakeOverlay::new();
+        let (p, _) = pv(&[lease(2, "b"), lease(3, "c")]);
+        let vx = desired(&p);
+        fake.set_programmed(vx.clone());
+        fake.set_path(Ipv4Addr::new(192, 168, 0, 2), Some(on_link()));
+        let d = modes(&fake, &p, &Direct::default()).await;
+        let want = desired_with(&p, &d);
+        let ops = diff(&want, &fake.dump(0).await.unwrap());
+        let dst: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::DeleteRoute(r) if r.dst == dst)),
+            "{ops:?}"
+        );
+        fake.clear_calls();
+        assert!(apply_ops(&fake, 0, &ops, 1).await.is_empty());
+        let w = fake.writes();
+        assert!(
+            matches!(w[0], FakeCall::ReplaceDirect(r) if r.dst == dst),
+            "{w:?}"
+        );
+        assert_eq!(
+            w.len(),
+            3,
+            "replace direct, delete neigh, delete fdb: {w:?}"
+        );
+        assert_eq!(fake.programmed(), want);
+        assert!(diff(&want, &fake.programmed()).is_empty());
+        // The segment changes (a gateway now): back to VXLAN.
+        fake.set_path(Ipv4Addr::new(192, 168, 0, 2), Some(routed()));
+        let d2 = modes(&fake, &p, &d).await;
+        assert!(d2.subnets.is_empty());
+        let back = desired_with(&p, &d2);
+        assert_eq!(back, vx);
+        let ops = diff(&back, &fake.programmed());
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::DeleteDirect(_))),
+            "the VXLAN replace takes the direct route's place: {ops:?}"
+        );
+        fake.clear_calls();
+        assert!(apply_ops(&fake, 0, &ops, 1).await.is_empty());
+        let w = fake.writes();
+        assert!(
+            matches!(w.last(), Some(FakeCall::ReplaceRoute(r)) if r.dst == dst),
+            "{w:?}"
+        );
+        assert_eq!(fake.programmed(), vx);
+    }
+
+    /// Direct routes are repaired and removed like the VXLAN ones: a wrong next hop or
+    /// device is replaced, a direct route no lease asks for is deleted, an incremental
+    /// patch gives what a full computation gives.
+    #[tokio::test]
+    async fn direct_routes_drift_stale_and_patch() {
+        let (p, _) = pv(&[lease(2, "b"), lease(3, "c")]);
+        let d = Direct {
+            dev: UNDERLAY,
+            subnets: p.iter().map(|p| p.subnet).collect(),
+        };
+        let want = desired_with(&p, &d);
+        assert_eq!(want.len(), 2);
+        let mut actual = want.clone();
+        let r2 = *actual.direct.iter().next().unwrap();
+        actual.direct.remove(&r2);
+        actual.direct.insert(DirectRoute {
+            via: Ipv4Addr::new(192, 168, 0, 99),
+            ..r2
+        });
+        let stale = DirectRoute {
+            dst: "10.244.9.0/24".parse().unwrap(),
+            via: Ipv4Addr::new(192, 168, 0, 9),
+            dev: UNDERLAY,
+        };
+        actual.direct.insert(stale);
+        let ops = diff(&want, &actual);
+        assert_eq!(
+            ops,
+            vec![Op::ReplaceDirect(r2), Op::DeleteDirect(stale)],
+            "{ops:?}"
+        );
+        let moved = DirectRoute { dev: 8, ..r2 };
+        let mut a2 = want.clone();
+        a2.direct.remove(&r2);
+        a2.direct.insert(moved);
+        assert_eq!(diff(&want, &a2), vec![Op::ReplaceDirect(r2)]);
+        // Incremental: peer b leaves, peer e joins directly.
+        let (p2, _) = pv(&[lease(3, "c"), lease(5, "e")]);
+        let mut d2 = d.clone();
+        d2.subnets.remove(&p[0].subnet);
+        d2.subnets.insert("10.244.5.0/24".parse().unwrap());
+        let delta = PeerDelta {
+            full: false,
+            removed: vec![p[0]],
+            added: vec![p2[1]],
+        };
+        let mut patched = want.clone();
+        patch_desired(&mut patched, &delta, &d2);
+        assert_eq!(patched, desired_with(&p2, &d2));
+        let touched: Vec<Peer> = vec![p[0], p2[1]];
+        let ops = diff_touched(&patched, &want, &touched);
+        assert_eq!(ops.len(), 2, "{ops:?}");
     }
 }
