@@ -801,24 +801,15 @@ async fn check_mtu(
     if let Ok(nl) = Netlink::current() {
         let cni = RtnlPod::new(nl);
         if let Ok(Some(br)) = cni.link(&args.bridge).await {
-            if br.mtu.is_some_and(|m| m > s.mtu) {
-                bad.push(format!(
-                    "{} mtu {} > FLANNEL_MTU {}",
-                    args.bridge,
-                    br.mtu.unwrap_or(0),
-                    s.mtu
-                ));
-            }
+            let mut above = |what: String, mtu: Option<u32>| {
+                if let Some(m) = mtu.filter(|m| *m > s.mtu) {
+                    bad.push(format!("{what} mtu {m} > FLANNEL_MTU {}", s.mtu));
+                }
+            };
+            above(args.bridge.clone(), br.mtu);
             if let Ok(ports) = cni.bridge_ports(br.index).await {
                 for p in ports {
-                    if p.mtu.is_some_and(|m| m > s.mtu) {
-                        bad.push(format!(
-                            "pod veth {} mtu {} > FLANNEL_MTU {}",
-                            p.name,
-                            p.mtu.unwrap_or(0),
-                            s.mtu
-                        ));
-                    }
+                    above(format!("pod veth {}", p.name), p.mtu);
                 }
             }
         }
