@@ -408,6 +408,9 @@ async fn main() -> Result<()> {
     let mut lat = Vec::new();
     // The etcd write alone (the transaction's answer), the floor under every join.
     let mut acks = Vec::new();
+    // From the write's answer to the route: etcd's watch delivery and twilld's own work
+    // (zero when the route was there before the answer reached the benchmark).
+    let mut after_ack = Vec::new();
     let mut joined = Vec::new();
     let mut i = n;
     for _ in 0..joins {
@@ -434,7 +437,9 @@ async fn main() -> Result<()> {
             "{subnet} was taken meanwhile"
         );
         wait_route(&mut mon, idx, subnet, true).await?;
-        lat.push(t0.elapsed());
+        let t = t0.elapsed();
+        lat.push(t);
+        after_ack.push(t.saturating_sub(*acks.last().expect("pushed above")));
         joined.push(subnet);
     }
     let mut leave = Vec::new();
@@ -455,6 +460,11 @@ async fn main() -> Result<()> {
     println!(
         "of which the etcd write itself (the transaction → its answer): {}",
         spread(&acks)
+    );
+    after_ack.sort();
+    println!(
+        "after the write's answer (etcd's watch delivery + twilld): {}",
+        spread(&after_ack)
     );
     println!("deleted lease → route gone ({} leaves)", leave.len());
     println!("{}", spread(&leave));
