@@ -312,7 +312,9 @@ impl Kernel {
         let ov = RtnlOverlay::new(nl.clone())
             .with_batch()
             .context("open the netlink batch socket")?;
-        let under = underlay::resolve(&nl, args.iface.as_deref(), args.public_ip)
+        let iface: Vec<String> = args.iface.iter().cloned().collect();
+        let sel = underlay::Selector::new(&iface, &[], None)?;
+        let under = underlay::resolve(&nl, &sel, args.public_ip)
             .await
             .context("find the underlay interface and public IP")?;
         let IpAddr::V4(public_v4) = under.ip else {
