@@ -312,8 +312,7 @@ impl Kernel {
         let ov = RtnlOverlay::new(nl.clone())
             .with_batch()
             .context("open the netlink batch socket")?;
-        let iface: Vec<String> = args.iface.iter().cloned().collect();
-        let sel = underlay::Selector::new(&iface, &[], None)?;
+        let sel = underlay::Selector::new(&args.iface, &args.iface_regex, args.iface_can_reach)?;
         let under = underlay::resolve(&nl, &sel, args.public_ip)
             .await
             .context("find the underlay interface and public IP")?;
