@@ -285,7 +285,8 @@ pub fn choose(
     }))
 }
 
-/// The links and their addresses, in the kernel's order (IPv4 addresses first).
+/// The links and their addresses, in the kernel's order (IPv4 addresses first), without
+/// twill's VXLAN devices (`twill.<VNI>`).
 async fn candidates(nl: &Netlink) -> Result<Vec<Candidate>> {
     let h = nl.handle();
     let links: Vec<_> = nl
@@ -310,6 +311,8 @@ async fn candidates(nl: &Netlink) -> Result<Vec<Candidate>> {
     Ok(links
         .into_iter()
         .map(parse::link)
+        // twill's own VXLAN devices carry the overlay: never its underlay.
+        .filter(|l| !(l.kind.as_deref() == Some("vxlan") && l.name.starts_with("twill.")))
         .map(|l| {
             let mut own: Vec<IpAddr> = addrs
                 .iter()

@@ -386,6 +386,7 @@ impl Startup {
             Ok(c) => underlay_check::check(&k.nl, &k.under, c).await?,
             Err(r) => Err(r),
         };
+        let cfg = cfg.and_then(|c| underlay_check::check_mtu(&k.under, self.args.mtu, c));
         let cfg = match cfg {
             Ok(c) => c,
             Err(refused) => {
@@ -465,7 +466,12 @@ impl Startup {
             port: vxlan.port,
             underlay_index: under.index,
             local: under.ip,
-            mtu: self.args.mtu.unwrap_or_else(|| under.vxlan_mtu()),
+            // --mtu, else Backend.MTU (checked against the underlay), else the underlay's − 50.
+            mtu: self
+                .args
+                .mtu
+                .or(vxlan.mtu)
+                .unwrap_or_else(|| under.vxlan_mtu()),
             mac,
             address: lease.net_addr(),
         }
