@@ -236,9 +236,10 @@ pub struct VxlanBackend {
     /// without a gateway on the underlay device gets a plain route via its PublicIP instead
     /// of the VXLAN one (twilld decides per peer; docs/operations.md "Direct routing").
     pub direct_routing: bool,
-    /// `MTU` (Flannel's; absent, `null` or 0: derived from the underlay). Validated:
-    /// 68..=65535, and at least 1280 when IPv6 is enabled. Not used by the data plane yet
-    /// ([`NetConfig::unsupported_keys`] names it while it is set).
+    /// `MTU` (Flannel's; absent, `null` or 0: derived from the underlay): the VXLAN
+    /// device's MTU, and so the pods' (`FLANNEL_MTU`), unless twilld's `--mtu` overrides it.
+    /// Validated: 576..=65535, at least 1280 when IPv6 is enabled; against each node's
+    /// underlay by [`VxlanBackend::check_mtu`] at twilld's start.
     pub mtu: Option<u32>,
     /// Other backend fields (`GBP`, `Learning`, ...), kept as written.
     pub extra: Map<String, Value>,
@@ -249,8 +250,9 @@ impl VxlanBackend {
     /// without effect; [`NetConfig::unsupported_keys`] names those that are set.
     pub const UNIMPLEMENTED: &[&str] = &["GBP", "Learning"];
 
-    /// The smallest `MTU` accepted (IPv4's minimum, RFC 791).
-    pub const MIN_MTU: u32 = 68;
+    /// The smallest `MTU` accepted: the datagram size every IPv4 host must accept (RFC 791);
+    /// below it pods could not even take a full-size DHCP or DNS-over-UDP answer.
+    pub const MIN_MTU: u32 = 576;
     /// The smallest `MTU` accepted when IPv6 is enabled (RFC 8200's minimum link MTU).
     pub const MIN_MTU_IPV6: u32 = 1280;
 
@@ -262,11 +264,33 @@ impl VxlanBackend {
             .filter(|k| is_set(self.extra.get(**k)))
             .map(|k| k.to_string())
             .collect();
-        if self.mtu.is_some() {
-            out.push("MTU".into());
-        }
         out.sort();
         out
+    }
+}
+
+impl VxlanBackend {
+    /// `MTU` against a node's underlay: the VXLAN device cannot be larger than the underlay
+    /// `iface`'s MTU less the encapsulation (`overhead`: 50 bytes over IPv4, 70 over IPv6),
+    /// or every full-size packet between pods would be dropped. Unset: nothing to check.
+    pub fn check_mtu(
+        &self,
+        iface: &str,
+        underlay_mtu: u32,
+        overhead: u32,
+    ) -> Result<(), ConfigError> {
+        let Some(m) = self.mtu else { return Ok(()) };
+        let max = underlay_mtu.saturating_sub(overhead);
+        if m > max {
+            return Err(invalid(
+                "Backend.MTU",
+                m,
+                format!(
+                    "more than the MTU of the underlay {iface} ({underlay_mtu}) less VXLAN's {overhead} bytes: at most {max} on this node"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -352,7 +376,7 @@ impl Backend {
                 return Err(invalid(
                     "Backend.MTU",
                     v,
-                    "must be an integer in 68..=65535 (0 or absent: derived from the underlay)",
+                    "must be an integer in 576..=65535 (0 or absent: derived from the underlay)",
                 ));
             }
         };
@@ -1437,6 +1461,7 @@ mod tests {
             keys(
                 r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:2::","IPv6SubnetMax":"fd00:0:0:ff::","EnableNFTables":true,"Future":1,"Backend":{"Type":"vxlan","DirectRouting":true,"GBP":true,"Learning":true,"MTU":1400,"Other":true}}"#
             ),
+            // Backend.MTU is implemented (the VXLAN device's MTU): not named.
             [
                 "EnableIPv6",
                 "IPv6Network",
@@ -1444,8 +1469,7 @@ mod tests {
                 "IPv6SubnetMax",
                 "EnableNFTables",
                 "Backend.GBP",
-                "Backend.Learning",
-                "Backend.MTU"
+                "Backend.Learning"
             ]
         );
         // An IPv6Network without EnableIPv6 is unused too.
@@ -1455,23 +1479,14 @@ mod tests {
         );
         // The keys survive a round trip, so etcd's config keeps naming them.
         let c = NetConfig::from_json(
-            r#"{"Network":"10.0.0.0/16","Backend":{"DirectRouting":true,"MTU":1400}}"#,
+            r#"{"Network":"10.0.0.0/16","Backend":{"DirectRouting":true,"GBP":true,"MTU":1400}}"#,
         )
         .unwrap();
-        assert_eq!(
-            NetConfig::from_json(&c.to_json())
-                .unwrap()
-                .unsupported_keys(),
-            ["Backend.MTU"]
-        );
+        let back = NetConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(back.unsupported_keys(), ["Backend.GBP"]);
         // DirectRouting is implemented: never named, and it survives the round trip.
-        assert!(
-            NetConfig::from_json(&c.to_json())
-                .unwrap()
-                .backend
-                .vxlan()
-                .direct_routing
-        );
+        assert!(back.backend.vxlan().direct_routing);
+        assert_eq!(back.backend.vxlan().mtu, Some(1400));
     }
 
     /// Flannel's dual-stack example (Documentation/configuration.md): both families, the
@@ -1631,6 +1646,7 @@ mod tests {
             ),
             (r#"{"DirectRouting":1}"#, "Backend.DirectRouting", "1"),
             (r#"{"MTU":67}"#, "Backend.MTU", "67"),
+            (r#"{"MTU":575}"#, "Backend.MTU", "575"),
             (r#"{"MTU":65536}"#, "Backend.MTU", "65536"),
             (r#"{"MTU":-1}"#, "Backend.MTU", "-1"),
             (r#"{"MTU":1400.5}"#, "Backend.MTU", "1400.5"),
@@ -1639,7 +1655,7 @@ mod tests {
             let json = format!(r#"{{"Network":"10.0.0.0/16","Backend":{b}}}"#);
             assert_eq!(err_field(&json), (field.into(), value.into()), "{json}");
         }
-        for m in [68, 65535] {
+        for m in [576, 65535] {
             NetConfig::from_json(&format!(
                 r#"{{"Network":"10.0.0.0/16","Backend":{{"MTU":{m}}}}}"#
             ))
@@ -1653,6 +1669,37 @@ mod tests {
         };
         assert_eq!(err_field(&v6(1279)), ("Backend.MTU".into(), "1279".into()));
         NetConfig::from_json(&v6(1280)).unwrap();
+    }
+
+    /// What this proves: `Backend.MTU` is checked against a node's underlay MTU less the
+    /// VXLAN overhead, refused above it with an error naming the field, the value and the
+    /// node's bound; unset, nothing is checked.
+    #[test]
+    fn backend_mtu_must_fit_the_underlay() {
+        let b = |m: &str| {
+            NetConfig::from_json(&format!(
+                r#"{{"Network":"10.0.0.0/16","Backend":{{"MTU":{m}}}}}"#
+            ))
+            .unwrap()
+            .backend
+            .vxlan()
+            .clone()
+        };
+        b("1450").check_mtu("eth0", 1500, 50).unwrap();
+        b("0").check_mtu("eth0", 600, 50).unwrap();
+        let e = b("1451").check_mtu("eth0", 1500, 50).unwrap_err();
+        let ConfigError::Invalid { field, value, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!((*field, value.as_str()), ("Backend.MTU", "1451"));
+        assert!(
+            e.to_string()
+                .contains("underlay eth0 (1500) less VXLAN's 50 bytes: at most 1450"),
+            "{e}"
+        );
+        // Over IPv6 the overhead is 70.
+        assert!(b("1450").check_mtu("eth0", 1500, 70).is_err());
+        b("8930").check_mtu("ens5", 9000, 70).unwrap();
     }
 
     fn lease_v6(v4: &str, v6: Option<&str>) -> Lease {

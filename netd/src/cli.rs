@@ -131,9 +131,19 @@ pub struct RunArgs {
     /// This node's name (default: the hostname). The lease is sticky per node name.
     #[arg(long, env = "TWILLD_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Underlay interface (default: the interface of the default route).
-    #[arg(long, env = "TWILLD_IFACE")]
-    pub iface: Option<String>,
+    /// Underlay interface, by name or by one of its addresses; repeat it (or list them
+    /// comma separated) to try several in order, the first that exists wins (default: the
+    /// interface of the default route).
+    #[arg(long, env = "TWILLD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+    /// Regular expression matched against every interface's addresses, then names (write
+    /// `^...$` for a whole name); repeatable, tried in order after --iface.
+    #[arg(long, env = "TWILLD_IFACE_REGEX")]
+    pub iface_regex: Vec<String>,
+    /// The underlay is the interface (and the public IP the source address) of the
+    /// kernel's route to this address, e.g. another node or the etcd server; tried last.
+    #[arg(long, env = "TWILLD_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<IpAddr>,
     /// IP that other nodes send VXLAN traffic to (default: the first address of --iface).
     #[arg(long, env = "TWILLD_PUBLIC_IP")]
     pub public_ip: Option<IpAddr>,
@@ -333,6 +343,27 @@ mod tests {
             // twillctl's are global, twilld's are not.
             assert!(!d.global && c.global, "{}", d.long);
         }
+    }
+
+    /// What this proves: --iface is repeatable and comma separated (TWILLD_IFACE too), in
+    /// order; --iface-regex is repeatable and never split at a comma (a regex may hold one).
+    #[test]
+    fn iface_flags_keep_their_order_and_regexes_are_not_split() {
+        let run = |argv: &[&str]| {
+            let mut v = vec!["twilld"];
+            v.extend_from_slice(argv);
+            super::Cli::try_parse_from(v).unwrap().run
+        };
+        let r = run(&["--iface", "eth1,10.0.0.4", "--iface", "eth0"]);
+        assert_eq!(r.iface, ["eth1", "10.0.0.4", "eth0"]);
+        let r = run(&["--iface-regex", "^ens[0-9]{1,3}$", "--iface-regex", "^eth"]);
+        assert_eq!(r.iface_regex, ["^ens[0-9]{1,3}$", "^eth"]);
+        let r = run(&["--iface-can-reach", "10.0.0.1"]);
+        assert_eq!(r.iface_can_reach, Some("10.0.0.1".parse().unwrap()));
+        assert!(run(&[]).iface.is_empty());
+        assert!(
+            super::Cli::try_parse_from(["twilld", "--iface-can-reach", "etcd.example"]).is_err()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use twill_dataplane::nft::{Nft, NftConfig, NftOutcome, render};
 use twill_dataplane::nft_set::PeerSet;
+use twill_dataplane::overlay::underlay::Selector;
 use twill_dataplane::overlay::{
     self, EnsureOutcome, Fdb, Mac, Monitor, MonitorEvent, Neigh, Overlay, Route, RtnlOverlay,
     VxlanSpec, sysctl,
@@ -532,7 +533,9 @@ async fn underlay_is_found_from_the_default_route() {
     ])
     .unwrap();
     let nl = Netlink::open(&e.netns).unwrap();
-    let u = overlay::underlay::resolve(&nl, None, None).await.unwrap();
+    let u = overlay::underlay::resolve(&nl, &Selector::default(), None)
+        .await
+        .unwrap();
     assert_eq!(u.name, "u0");
     assert_eq!(u.index, e.underlay);
     assert_eq!(u.mtu, 1500);
@@ -540,16 +543,104 @@ async fn underlay_is_found_from_the_default_route() {
     assert_eq!(u.vxlan_mtu(), 1450);
     // --iface and --public-ip win.
     let pinned: IpAddr = "192.168.77.9".parse().unwrap();
-    let u = overlay::underlay::resolve(&nl, Some("u1"), Some(pinned))
+    let u = overlay::underlay::resolve(&nl, &select(&["u1"], &[], None), Some(pinned))
         .await
         .unwrap();
     assert_eq!(u.name, "u1");
     assert_eq!(u.ip, pinned);
     // A missing interface is an error that names it.
-    let err = overlay::underlay::resolve(&nl, Some("nope0"), None)
+    let err = overlay::underlay::resolve(&nl, &select(&["nope0"], &[], None), None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("nope0"), "{err}");
+}
+
+fn select(ifaces: &[&str], regexes: &[&str], reach: Option<&str>) -> Selector {
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    Selector::new(&s(ifaces), &s(regexes), reach.map(|r| r.parse().unwrap())).unwrap()
+}
+
+/// What this proves: against the kernel's own links and addresses (a namespace with u0
+/// 192.168.77.1/24, u1 with 10.9.0.1/24 and a route to 172.31.0.0/16 via u1), `--iface`
+/// entries are tried in order by name or address, `--iface-regex` matches an address before
+/// a name, `--iface-can-reach` follows the kernel's route lookup (interface and source
+/// address), and a failure names every criterion and the interfaces tried.
+#[tokio::test]
+async fn underlay_is_selected_by_name_address_regex_and_route() {
+    let e = env().await;
+    e.ns.ip(&["link", "set", "u1", "mtu", "1400"]).unwrap();
+    e.ns.ip(&["addr", "add", "10.9.0.1/24", "dev", "u1"])
+        .unwrap();
+    e.ns.ip(&["addr", "add", "10.9.0.7/24", "dev", "u1"])
+        .unwrap();
+    e.ns.ip(&[
+        "route",
+        "add",
+        "172.31.0.0/16",
+        "via",
+        "10.9.0.254",
+        "dev",
+        "u1",
+        "src",
+        "10.9.0.7",
+    ])
+    .unwrap();
+    let nl = Netlink::open(&e.netns).unwrap();
+    let get = |s: Selector| {
+        let nl = nl.clone();
+        async move { overlay::underlay::resolve(&nl, &s, None).await }
+    };
+    let v4 = |s: &str| -> IpAddr { s.parse().unwrap() };
+
+    // A name that does not exist is skipped; the next entry, an address, wins.
+    let u = get(select(&["eth9", "10.9.0.7", "u0"], &[], None))
+        .await
+        .unwrap();
+    assert_eq!((u.name.as_str(), u.ip, u.mtu), ("u1", v4("10.9.0.7"), 1400));
+    assert_eq!(u.vxlan_mtu(), 1350);
+    // A regex on an address: the address it matched is the public IP.
+    let u = get(select(&[], &[r"^10\.9\.0\.7$"], None)).await.unwrap();
+    assert_eq!((u.name.as_str(), u.ip), ("u1", v4("10.9.0.7")));
+    // A regex on a name, after a regex that matches nothing.
+    let u = get(select(&["nope"], &["^wlan", "^u0$"], None))
+        .await
+        .unwrap();
+    assert_eq!((u.name.as_str(), u.ip), ("u0", v4("192.168.77.1")));
+    // The route to 172.31.5.5 leaves by u1 with source 10.9.0.7.
+    let u = get(select(&[], &[], Some("172.31.5.5"))).await.unwrap();
+    assert_eq!((u.name.as_str(), u.ip), ("u1", v4("10.9.0.7")));
+    // A connected destination: the first address of its subnet's interface.
+    let u = get(select(&[], &[], Some("192.168.77.20"))).await.unwrap();
+    assert_eq!((u.name.as_str(), u.ip), ("u0", v4("192.168.77.1")));
+
+    // Nothing resolves: each criterion's reason, with the interfaces tried.
+    let err = get(select(&["eth9"], &["^ens[0-9]+$"], Some("203.0.113.1")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no interface named 'eth9' (--iface 'eth9'; tried: lo, u1, u0)")
+            || err.contains("no interface named 'eth9' (--iface 'eth9'; tried: lo, u0, u1)"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "no interface matches --iface-regex '^ens[0-9]+$' by address or name (tried: lo"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("10.9.0.1, 10.9.0.7]"), "{err}");
+    // No default route here: the kernel answers ENETUNREACH.
+    assert!(
+        err.contains("no route to 203.0.113.1 (--iface-can-reach 203.0.113.1)"),
+        "{err}"
+    );
+    // An address of this node cannot be reached over the underlay.
+    let err = get(select(&[], &[], Some("10.9.0.1")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("10.9.0.1 is an address of this node"), "{err}");
 }
 
 #[tokio::test]

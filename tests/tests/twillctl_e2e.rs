@@ -290,29 +290,32 @@ async fn twillctl_end_to_end() {
     let dead = write(
         &dir,
         "dead.json",
-        r#"{"Network":"10.50.0.0/16","Backend":{"Type":"vxlan","VNI":1,"DirectRouting":true,"Learning":true,"MTU":1400,"GBP":false}}"#,
+        r#"{"Network":"10.50.0.0/16","Backend":{"Type":"vxlan","VNI":1,"DirectRouting":true,"MTU":1400,"GBP":true,"Learning":false}}"#,
     );
     let r = ctl.run(&["network", "set", "--file", &dead]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stderr.contains("not implemented") && r.stderr.contains("Backend.Learning, Backend.MTU"),
+        r.stderr.contains("not implemented") && r.stderr.contains("Backend.GBP"),
         "{}",
         r.stderr
     );
-    // DirectRouting is implemented (kept, never named); GBP false asks for nothing.
-    assert!(!r.stderr.contains("GBP"), "{}", r.stderr);
-    assert!(!r.stderr.contains("DirectRouting"), "{}", r.stderr);
-    let v = ctl.run(&["network", "show", "-o", "json"]).json();
-    assert_eq!(
-        v["unsupported_keys"],
-        json!(["Backend.Learning", "Backend.MTU"])
+    // DirectRouting and Backend.MTU are implemented, Learning false asks for nothing: none
+    // is named.
+    assert!(
+        !r.stderr.contains("MTU")
+            && !r.stderr.contains("Learning")
+            && !r.stderr.contains("DirectRouting"),
+        "{}",
+        r.stderr
     );
+    let v = ctl.run(&["network", "show", "-o", "json"]).json();
+    assert_eq!(v["unsupported_keys"], json!(["Backend.GBP"]));
     assert_eq!(v["config"]["Backend"]["DirectRouting"], true);
     let r = ctl.run(&["network", "show"]);
     assert!(
         r.stdout
             .lines()
-            .any(|l| l.starts_with("Unsupported:") && l.contains("Backend.Learning, Backend.MTU")),
+            .any(|l| l.starts_with("Unsupported:") && l.contains("Backend.GBP")),
         "{}",
         r.stdout
     );

@@ -135,9 +135,11 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> Result<(), Failure> {
             let ov = RtnlOverlay::new(nl.clone());
             let cfg_vni = leases.as_ref().map(|(_, vni)| *vni).unwrap_or(1);
             let vx = ov.get_vxlan(cfg_vni).await.ok().flatten();
-            let under = underlay::resolve(nl, args.iface.as_deref(), None)
-                .await
-                .ok();
+            let iface: Vec<String> = args.iface.iter().cloned().collect();
+            let under = match underlay::Selector::new(&iface, &[], None) {
+                Ok(sel) => underlay::resolve(nl, &sel, None).await.ok(),
+                Err(_) => None,
+            };
             (vx, under)
         }
         Err(e) => {

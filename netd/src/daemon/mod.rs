@@ -376,7 +376,8 @@ impl Kernel {
         let ov = RtnlOverlay::new(nl.clone())
             .with_batch()
             .context("open the netlink batch socket")?;
-        let under = underlay::resolve(&nl, args.iface.as_deref(), args.public_ip)
+        let sel = underlay::Selector::new(&args.iface, &args.iface_regex, args.iface_can_reach)?;
+        let under = underlay::resolve(&nl, &sel, args.public_ip)
             .await
             .context("find the underlay interface and public IP")?;
         let IpAddr::V4(public_v4) = under.ip else {
@@ -449,6 +450,7 @@ impl Startup {
             Ok(c) => underlay_check::check(&k.nl, &k.under, c).await?,
             Err(r) => Err(r),
         };
+        let cfg = cfg.and_then(|c| underlay_check::check_mtu(&k.under, self.args.mtu, c));
         let cfg = match cfg {
             Ok(c) => c,
             Err(refused) => {
@@ -528,7 +530,12 @@ impl Startup {
             port: vxlan.port,
             underlay_index: under.index,
             local: under.ip,
-            mtu: self.args.mtu.unwrap_or_else(|| under.vxlan_mtu()),
+            // --mtu, else Backend.MTU (checked against the underlay), else the underlay's − 50.
+            mtu: self
+                .args
+                .mtu
+                .or(vxlan.mtu)
+                .unwrap_or_else(|| under.vxlan_mtu()),
             mac,
             address: lease.net_addr(),
         }

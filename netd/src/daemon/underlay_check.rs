@@ -1,6 +1,7 @@
 //! twilld's start-time check of the network config against this node: a `Network` (or
 //! `IPv6Network`) that overlaps the underlay's own subnet is refused. `twillctl network set`
-//! cannot check it (it does not know the nodes' underlays); every twilld does, at start.
+//! cannot check it (it does not know the nodes' underlays); every twilld does, at start. So
+//! is a `Backend.MTU` larger than the underlay's MTU less the VXLAN overhead.
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
@@ -37,4 +38,24 @@ pub async fn check(
         Ok(()) => Ok(cfg),
         Err(e) => Err(format!("the network config is refused on this node: {e}")),
     })
+}
+
+/// `Ok(cfg)` unless `Backend.MTU` is set, `--mtu` (`flag`, which wins over it) is not, and
+/// it exceeds the underlay's MTU less the VXLAN overhead: then `Err(reason)`, as [`check`].
+pub fn check_mtu(
+    under: &Underlay,
+    flag: Option<u32>,
+    cfg: NetConfig,
+) -> std::result::Result<NetConfig, String> {
+    if flag.is_some() {
+        return Ok(cfg);
+    }
+    match cfg
+        .backend
+        .vxlan()
+        .check_mtu(&under.name, under.mtu, under.vxlan_overhead())
+    {
+        Ok(()) => Ok(cfg),
+        Err(e) => Err(format!("the network config is refused on this node: {e}")),
+    }
 }
