@@ -315,6 +315,13 @@ async fn twillctl_end_to_end() {
     assert!(
         r.stdout
             .lines()
+            .any(|l| l.starts_with("Backend:") && l.ends_with("MTU 1400")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .lines()
             .any(|l| l.starts_with("Unsupported:") && l.contains("Backend.GBP")),
         "{}",
         r.stdout

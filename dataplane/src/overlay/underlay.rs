@@ -12,7 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use regex::Regex;
+// Bytes regexes without Unicode: names and addresses are ASCII, and the ASCII classes
+// (\d, \w, \s, (?i)) need none of the crate's Unicode tables (a smaller twilld).
+use regex::bytes::{Regex, RegexBuilder};
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteType};
 
@@ -55,6 +57,7 @@ pub enum Criterion {
     Ip(IpAddr),
     /// `--iface-regex`: the first interface with an address that matches, else the first
     /// whose name matches (unanchored, as `Regex::is_match`: write `^...$` for a whole name).
+    /// ASCII only: `\d`, `\w`, `\s` and `(?i)` are their ASCII forms, `\p{..}` is refused.
     Regex(Regex),
     /// `--iface-can-reach`: the interface and source address of the kernel's route to it.
     CanReach(IpAddr),
@@ -96,7 +99,7 @@ impl Selector {
             });
         }
         for r in regexes {
-            let re = Regex::new(r).map_err(|e| {
+            let re = RegexBuilder::new(r).unicode(false).build().map_err(|e| {
                 Error::Invalid(format!(
                     "--iface-regex '{r}': not a valid regular expression: {e}"
                 ))
@@ -210,17 +213,20 @@ pub fn pick(
             let by_addr = links.iter().find_map(|l| {
                 l.addrs
                     .iter()
-                    .find(|a| re.is_match(&a.to_string()))
+                    .find(|a| re.is_match(a.to_string().as_bytes()))
                     .map(|a| Choice {
                         index: l.index,
                         ip: Some(*a),
                     })
             });
             let by_name = || {
-                links.iter().find(|l| re.is_match(&l.name)).map(|l| Choice {
-                    index: l.index,
-                    ip: None,
-                })
+                links
+                    .iter()
+                    .find(|l| re.is_match(l.name.as_bytes()))
+                    .map(|l| Choice {
+                        index: l.index,
+                        ip: None,
+                    })
             };
             by_addr.or_else(by_name).ok_or_else(|| {
                 format!(
@@ -638,7 +644,16 @@ mod tests {
             .to_string();
         assert!(e.starts_with("--iface: an empty entry"), "{e}");
         assert!(Selector::new(&[], &[], None).unwrap().is_default());
-        // The Perl classes are there (feature unicode-perl).
+        // The Perl classes and case folding are there, in their ASCII forms.
         assert_eq!(pick_of(&sel(&[], &[r"^ens\d$"], None)), at(3, None));
+        assert_eq!(pick_of(&sel(&[], &[r"(?i)^ENS\w$"], None)), at(3, None));
+        assert_eq!(
+            pick_of(&sel(&[], &[r"^10\.0\.0\.\d+$"], None)),
+            at(3, Some("10.0.0.4"))
+        );
+        let e = Selector::new(&[], &[r"^\p{L}".into()], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(r"--iface-regex '^\p{L}': not a valid"), "{e}");
     }
 }

@@ -90,10 +90,12 @@ pub async fn run(cli: &Cli, cmd: &NetworkCmd) -> Result<(), Failure> {
                     kv(
                         "Backend",
                         format!(
-                            "{} VNI {} port {}",
+                            "{} VNI {} port {} MTU {}",
                             cfg.backend.type_name(),
                             vx.vni,
-                            vx.port
+                            vx.port,
+                            vx.mtu
+                                .map_or("from each node's underlay".into(), |m| m.to_string())
                         ),
                     );
                     kv("EnableIPv6", cfg.enable_ipv6.to_string());
