@@ -87,6 +87,7 @@ mod tests {
     fn reservation(host_veth: Option<&str>) -> Reservation {
         Reservation {
             ip: "10.244.3.2".parse().unwrap(),
+            ipv6: None,
             container_id: "c1".into(),
             ifname: "eth0".into(),
             host_veth: host_veth.map(str::to_string),

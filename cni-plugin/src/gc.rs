@@ -146,6 +146,7 @@ mod tests {
     fn reservation(cid: &str, host_veth: Option<&str>) -> Reservation {
         Reservation {
             ip: "10.244.3.2".parse().unwrap(),
+            ipv6: None,
             container_id: cid.into(),
             ifname: "eth0".into(),
             host_veth: host_veth.map(str::to_string),
