@@ -42,7 +42,7 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
     removed?;
     committed?;
     if let Some(r) = &released {
-        tracing::info!(container = cid, ifname, ip = %r.ip, "released");
+        tracing::info!(container = cid, ifname, ip = %r.ip, ipv6 = ?r.ipv6, "released");
     }
     Ok(())
 }

@@ -53,7 +53,7 @@ pub fn gc(conf: &NetConf) -> Result<()> {
         .collect();
     locked.commit()?;
     for r in &gone {
-        tracing::info!(container = %r.container_id, ifname = %r.ifname, ip = %r.ip, "gc: released");
+        tracing::info!(container = %r.container_id, ifname = %r.ifname, ip = %r.ip, ipv6 = ?r.ipv6, "gc: released");
     }
     let sweep = Sweep {
         bridge: &conf.bridge,
