@@ -208,19 +208,17 @@ fn static_ips_per_family_and_del_releases_both() {
     }
 }
 
-/// Times `n` ADD + DEL cycles on `node` (the plugin exec'd through nsenter in the node
-/// namespace, as the other CNI tests do); the median ADD.
-fn median_add(node: &Node, pods: &[Pod]) -> Duration {
-    let mut t: Vec<Duration> = pods
-        .iter()
-        .map(|p| {
-            let start = Instant::now();
-            node.call("ADD", p, &node.conf("1.1.0")).expect_ok("ADD");
-            let d = start.elapsed();
-            node.del(p);
-            d
-        })
-        .collect();
+/// One timed ADD of `pod` on `node` (the plugin exec'd through nsenter in the node
+/// namespace, as the other CNI tests do), then its DEL.
+fn timed_add(node: &Node, pod: &Pod) -> Duration {
+    let start = Instant::now();
+    node.call("ADD", pod, &node.conf("1.1.0")).expect_ok("ADD");
+    let d = start.elapsed();
+    node.del(pod);
+    d
+}
+
+fn median(mut t: Vec<Duration>) -> Duration {
     t.sort();
     t[t.len() / 2]
 }
@@ -232,16 +230,27 @@ fn median_add(node: &Node, pods: &[Pod]) -> Duration {
 /// cost far more than either.
 #[test]
 fn add_timing_ipv4_vs_dual_stack_and_the_cost_of_dad() {
-    const N: usize = 15;
+    const N: usize = 30;
     let v4 = Node::with_subnet(SUBNET_ENV);
     let dual = Node::with_subnet(DUAL_ENV);
     let pods4: Vec<Pod> = (0..N).map(|i| v4.pod(&format!("t4{i}"))).collect();
     let pods6: Vec<Pod> = (0..N).map(|i| dual.pod(&format!("t6{i}"))).collect();
     // Warm up both (the bridge is created by the first ADD).
-    median_add(&v4, &pods4[..1]);
-    median_add(&dual, &pods6[..1]);
-    let t4 = median_add(&v4, &pods4);
-    let t6 = median_add(&dual, &pods6);
+    timed_add(&v4, &v4.pod("t4w"));
+    timed_add(&dual, &dual.pod("t6w"));
+    // Interleaved, alternating which goes first, so that the load of the machine (shared
+    // with other builds) weighs on both alike.
+    let (mut a4, mut a6) = (Vec::new(), Vec::new());
+    for (i, (p4, p6)) in pods4.iter().zip(&pods6).enumerate() {
+        if i % 2 == 0 {
+            a4.push(timed_add(&v4, p4));
+            a6.push(timed_add(&dual, p6));
+        } else {
+            a6.push(timed_add(&dual, p6));
+            a4.push(timed_add(&v4, p4));
+        }
+    }
+    let (t4, t6) = (median(a4), median(a6));
 
     // DAD left on: a veth pair by hand, IPv6 address without nodad on one end, both up;
     // time until the kernel clears "tentative" (bounded wait, polled).
