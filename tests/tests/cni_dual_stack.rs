@@ -280,3 +280,41 @@ fn add_timing_ipv4_vs_dual_stack_and_the_cost_of_dad() {
     assert!(t6 < t4 * 2 + Duration::from_millis(5), "{t6:?} vs {t4:?}");
     assert!(dad > t6, "DAD {dad:?} vs dual-stack ADD {t6:?}");
 }
+
+/// Proves that GC releases both addresses of a dual-stack reservation that is not a valid
+/// attachment (and removes its veth, taking both addresses and all four routes with the pod
+/// end), keeps the valid one whole, and that the released IPv6 address can be asked for
+/// again at once. Also: a 0.4.0 result marks each IP with its family ("version").
+#[test]
+fn gc_releases_both_families_and_old_versions_mark_them() {
+    let node = Node::with_subnet(DUAL_ENV);
+    let (a, b) = (node.pod("dg"), node.pod("dg2"));
+    let ra = node.add(&a);
+    let rb = node
+        .call("ADD", &b, &node.conf("0.4.0"))
+        .expect_ok("ADD 0.4.0")
+        .json();
+    assert_eq!(rb["ips"][0]["version"], "4", "{rb}");
+    assert_eq!(rb["ips"][1]["version"], "6", "{rb}");
+    let mut conf = node.conf("1.1.0");
+    conf["cni.dev/valid-attachments"] = json!([{"containerID": b.id, "ifname": "eth0"}]);
+    node.exec(&[("CNI_COMMAND", "GC")], &conf).expect_ok("GC");
+    let res = node.reservations();
+    assert_eq!(res.len(), 1, "{res:?}");
+    assert_eq!(res[0]["containerId"], b.id.as_str());
+    assert_eq!(res[0]["ipv6"], "fc00:0:0:3::3");
+    assert!(!a.ns.has_link("eth0"), "a's pod end is gone with its veth");
+    b.ns.ping(GATEWAY6.parse().unwrap(), 1, 5).unwrap();
+    // a's IPv6 address is free again.
+    let c = node.pod("dg3");
+    let ips_a = result_ips(&ra);
+    let want = [ips_a[0].as_str(), ips_a[1].as_str()];
+    let rc = node
+        .call("ADD", &c, &with_ips(&node, &want))
+        .expect_ok("ADD of a's IPs after GC")
+        .json();
+    assert_eq!(result_ips(&rc), want);
+    node.del(&b);
+    node.del(&c);
+    assert!(node.reservations().is_empty());
+}
