@@ -184,6 +184,9 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     // Dropped before the end (an error), it takes back what this ADD made, last first.
     let mut undo = Undo::new();
     let mut locked = lock_allocator(&alloc)?;
+    // Held before this ADD (also when the reservation changes below: a node that became
+    // dual-stack adds an IPv6 address to it).
+    let held = locked.get(cid, ifname).is_some();
     let (res, new) = locked.reserve(
         subnet.node_subnet(),
         &Request {
@@ -228,7 +231,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         addrs: pod_addrs(conf, &subnet, res.ip, res.ipv6),
         mtu,
         hairpin: conf.hairpin_mode,
-        reclaim_untagged: !new,
+        reclaim_untagged: held,
     };
     let wired = rt.block_on(wire(&node, pod_dp, &plan, &mut undo));
     tracing::debug!(ok = wired.is_ok(), "kernel work done");

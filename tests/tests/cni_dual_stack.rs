@@ -318,3 +318,27 @@ fn gc_releases_both_families_and_old_versions_mark_them() {
     node.del(&c);
     assert!(node.reservations().is_empty());
 }
+
+/// Proves the upgrade path of a node that becomes dual-stack: a pod reserved on the
+/// IPv4-only subnet file keeps its IPv4 address when the same (container, ifname) is added
+/// again after twilld wrote the IPv6 keys, and gets an IPv6 address in the same reservation;
+/// a pod of the IPv4-only file gets a result with IPv4 only.
+#[test]
+fn a_node_that_becomes_dual_stack_keeps_a_pods_ipv4() {
+    let node = Node::new();
+    let (a, b) = (node.pod("du"), node.pod("du2"));
+    node.add(&b);
+    let r = node.add(&a);
+    assert_eq!(result_ips(&r), ["10.244.3.3/24"]);
+    assert!(node.reservations()[1].get("ipv6").is_none());
+    std::fs::write(node.subnet_file(), DUAL_ENV).unwrap();
+    let r = node.add(&a);
+    assert_eq!(result_ips(&r), ["10.244.3.3/24", "fc00:0:0:3::2/64"]);
+    let res = node.reservations();
+    assert_eq!(res.len(), 2, "{res:?}");
+    a.ns.ping(GATEWAY6.parse().unwrap(), 1, 5).unwrap();
+    a.ns.ping(GATEWAY.parse().unwrap(), 1, 5).unwrap();
+    node.del(&a);
+    node.del(&b);
+    assert!(node.reservations().is_empty());
+}
