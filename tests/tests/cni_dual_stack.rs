@@ -342,3 +342,47 @@ fn a_node_that_becomes_dual_stack_keeps_a_pods_ipv4() {
     node.del(&b);
     assert!(node.reservations().is_empty());
 }
+
+/// Proves that a dual-stack ADD on a node namespace where IPv6 is disabled (a node whose
+/// IPv6 twilld has not set up: the plugin sets no sysctl itself) fails with a kernel error
+/// naming the IPv6 gateway and the bridge, and leaves no reservation and no veth behind;
+/// and that the same node serves the pod once IPv6 is enabled.
+#[test]
+fn ipv6_disabled_on_the_node_fails_cleanly() {
+    let node = Node::with_subnet(DUAL_ENV);
+    // Inside the test's own node namespace only (per-namespace sysctls).
+    for k in ["all", "default"] {
+        node.ns
+            .exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")],
+            )
+            .unwrap();
+    }
+    let a = node.pod("dx");
+    let out = node.call("ADD", &a, &node.conf("1.1.0"));
+    assert!(!out.ok(), "{out:?}");
+    assert_eq!(out.error_code(), Some(110), "{out:?}");
+    let msg = out.json()["msg"].as_str().unwrap().to_string();
+    eprintln!("ADD with IPv6 disabled: {msg}");
+    assert!(
+        msg.contains("fc00:0:0:3::1/64") && msg.contains("cni0"),
+        "{msg}"
+    );
+    assert!(node.reservations().is_empty());
+    assert!(node.host_veths().is_empty(), "{:?}", node.host_veths());
+    assert_eq!(a.ns.links().unwrap(), vec!["lo"]);
+    for k in ["all", "default", "cni0"] {
+        node.ns
+            .exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=0")],
+            )
+            .unwrap();
+    }
+    let r = node.add(&a);
+    // Round-robin: the pair the failed ADD reserved and released is not handed out at once.
+    assert_eq!(result_ips(&r), ["10.244.3.3/24", "fc00:0:0:3::3/64"]);
+    a.ns.ping(GATEWAY6.parse().unwrap(), 1, 5).unwrap();
+    node.del(&a);
+}
