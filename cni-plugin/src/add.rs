@@ -9,11 +9,11 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_json::Value;
 use twill_dataplane::pod::{
-    BridgeRef, Link, Mac, Pod, PodDataplane, RtnlPod, Undo, VethOwner, VethSpec, bridge_mac,
-    parse_veth_alias,
+    BridgeRef, Link, Mac, Pod, PodAddr, PodDataplane, RtnlPod, Undo, VethOwner, VethSpec,
+    bridge_mac, parse_veth_alias,
 };
 use twill_dataplane::{NetNs, Netlink};
-use twill_ipam::alloc::{Allocator, Request};
+use twill_ipam::alloc::{Allocator, Request, SecondFamily};
 use twill_ipam::subnet_file::SubnetFile;
 
 use crate::config::NetConf;
@@ -50,12 +50,44 @@ pub(crate) fn decode_prev_result(v: &Value) -> Result<CniResult> {
         .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("config key prevResult: {e}")))
 }
 
-/// The IP the runtime asks for: `runtimeConfig.ips` first, then CNI_ARGS `IP=`. At most one
+/// The IPs the runtime asks for, one per family of the node: `runtimeConfig.ips` first,
+/// then CNI_ARGS `IP=` (for the IPv6 subnet only when it is an IPv6 address). At most one
 /// per family; a prefix length other than the node subnet's, an unspecified, broadcast or
-/// multicast address, or one outside the node subnet is code 7 naming the field and the
-/// value (the allocator refuses the subnet's network, gateway and broadcast addresses).
-fn requested_ip(conf: &NetConf, env: &CniEnv, subnet: &SubnetFile) -> Result<Option<IpAddr>> {
-    let net = subnet.node_subnet();
+/// multicast address, or one outside the node subnet of its family is code 7 naming the
+/// field and the value (the allocator refuses the subnet's network, gateway and last
+/// addresses). An IPv6 entry on an IPv4-only node is ignored, as before dual-stack.
+fn requested_ips(
+    conf: &NetConf,
+    env: &CniEnv,
+    subnet: &SubnetFile,
+) -> Result<(Option<IpAddr>, Option<IpAddr>)> {
+    let v6net = subnet.ipv6_node_subnet();
+    let args_v6 = v6net.is_some() && env.args.ip.is_some_and(|ip| ip.is_ipv6());
+    let v4 = requested_ip(
+        conf,
+        env.args.ip.filter(|_| !args_v6),
+        env.args.ip_prefix,
+        subnet.node_subnet(),
+    )?;
+    let v6 = match v6net {
+        Some(net) => requested_ip(
+            conf,
+            env.args.ip.filter(|_| args_v6),
+            env.args.ip_prefix,
+            net,
+        )?,
+        None => None,
+    };
+    Ok((v4, v6))
+}
+
+/// [`requested_ips`] for the node subnet `net`, with CNI_ARGS `IP=` `arg` (and its prefix).
+fn requested_ip(
+    conf: &NetConf,
+    arg: Option<IpAddr>,
+    arg_prefix: Option<u8>,
+    net: IpNet,
+) -> Result<Option<IpAddr>> {
     let v4 = net.addr().is_ipv4();
     let fam: Vec<_> = conf
         .runtime_ips
@@ -72,7 +104,7 @@ fn requested_ip(conf: &NetConf, env: &CniEnv, subnet: &SubnetFile) -> Result<Opt
     let bad = |field: &str, text: &str, why: String| {
         CniError::new(code::INVALID_CONFIG, format!("{field} {text:?}: {why}"))
     };
-    let (ip, field, text) = match (fam.first(), env.args.ip) {
+    let (ip, field, text) = match (fam.first(), arg) {
         (Some(r), _) => {
             if let Some(p) = r.prefix
                 && p != net.prefix_len()
@@ -89,11 +121,11 @@ fn requested_ip(conf: &NetConf, env: &CniEnv, subnet: &SubnetFile) -> Result<Opt
             (r.ip, "runtimeConfig.ips:", r.text.clone())
         }
         (None, Some(ip)) => {
-            let text = match env.args.ip_prefix {
+            let text = match arg_prefix {
                 Some(p) => format!("{ip}/{p}"),
                 None => ip.to_string(),
             };
-            if let Some(p) = env.args.ip_prefix
+            if let Some(p) = arg_prefix
                 && p != net.prefix_len()
             {
                 return Err(bad(
@@ -118,10 +150,15 @@ fn requested_ip(conf: &NetConf, env: &CniEnv, subnet: &SubnetFile) -> Result<Opt
         return Err(bad(field, &text, format!("{k} cannot be a pod's IP")));
     }
     if !net.contains(&ip) {
+        let which = if v4 {
+            "node subnet"
+        } else {
+            "node IPv6 subnet"
+        };
         return Err(bad(
             field,
             &text,
-            format!("{ip} is outside the node subnet {net}"),
+            format!("{ip} is outside the {which} {net}"),
         ));
     }
     Ok(Some(ip))
@@ -138,7 +175,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
         .transpose()?;
     let subnet = read_subnet_file(&conf.subnet_file)?;
     let mtu = conf.mtu.unwrap_or(subnet.mtu);
-    let requested = requested_ip(conf, env, &subnet)?;
+    let (requested, requested_v6) = requested_ips(conf, env, &subnet)?;
     let ns = open_netns(netns_path)?;
 
     let alloc = Allocator::new(&conf.data_dir, &conf.name);
@@ -147,6 +184,9 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     // Dropped before the end (an error), it takes back what this ADD made, last first.
     let mut undo = Undo::new();
     let mut locked = lock_allocator(&alloc)?;
+    // Held before this ADD (also when the reservation changes below: a node that became
+    // dual-stack adds an IPv6 address to it).
+    let held = locked.get(cid, ifname).is_some();
     let (res, new) = locked.reserve(
         subnet.node_subnet(),
         &Request {
@@ -158,9 +198,14 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
             pod_name: env.args.pod_name.clone(),
             ip: requested,
             gateway: Some(subnet.gateway()),
+            ipv6: subnet.ipv6_node_subnet().map(|net| SecondFamily {
+                subnet: net,
+                ip: requested_v6,
+                gateway: subnet.ipv6_gateway(),
+            }),
         },
     )?;
-    tracing::info!(container = cid, ifname, ip = %res.ip, new, "reserved");
+    tracing::info!(container = cid, ifname, ip = %res.ip, ipv6 = ?res.ipv6, new, "reserved");
     if new {
         // Runs once the write below is done (it holds the lock until then).
         undo.push(format!("release reservation of {}", res.ip), || {
@@ -178,17 +223,15 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
     // node side is set up here; it is first needed once the veth exists.
     let pod_open = Netlink::spawn_open(rt.handle().clone(), &ns);
     let pod_dp = move || pod_open.join().map(RtnlPod::new);
-    let gw = subnet.gateway();
     let plan = Plan {
         pod: &pod,
         ns: &ns,
         bridge: &conf.bridge,
-        gateway: IpNet::new(gw, subnet.subnet.prefix_len()).expect("prefix"),
-        addr: IpNet::new(res.ip, subnet.subnet.prefix_len()).expect("prefix"),
-        routes: pod_routes(conf, &subnet),
+        gateways: gateways(&subnet),
+        addrs: pod_addrs(conf, &subnet, res.ip, res.ipv6),
         mtu,
         hairpin: conf.hairpin_mode,
-        reclaim_untagged: !new,
+        reclaim_untagged: held,
     };
     let wired = rt.block_on(wire(&node, pod_dp, &plan, &mut undo));
     tracing::debug!(ok = wired.is_ok(), "kernel work done");
@@ -220,19 +263,25 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
                 ..Default::default()
             },
         ],
-        ips: vec![IpConfig {
-            address: plan.addr,
-            gateway: Some(gw),
-            interface: Some(2),
-            extra: Default::default(),
-        }],
-        routes: plan
-            .routes
+        ips: plan
+            .addrs
             .iter()
-            .map(|dst| Route {
-                dst: *dst,
-                gw: Some(gw),
+            .map(|a| IpConfig {
+                address: a.addr,
+                gateway: Some(a.gateway),
+                interface: Some(2),
                 extra: Default::default(),
+            })
+            .collect(),
+        routes: plan
+            .addrs
+            .iter()
+            .flat_map(|a| {
+                a.routes.iter().map(|dst| Route {
+                    dst: *dst,
+                    gw: Some(a.gateway),
+                    extra: Default::default(),
+                })
             })
             .collect(),
         dns: conf.dns.clone(),
@@ -257,16 +306,54 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value> {
 /// The routes the pod gets, all via the gateway: the default route (if isDefaultGateway)
 /// and the cluster network.
 pub(crate) fn pod_routes(conf: &NetConf, subnet: &SubnetFile) -> Vec<IpNet> {
+    family_routes(conf, subnet.network)
+}
+
+/// The default route of `network`'s family (if isDefaultGateway) and `network`.
+fn family_routes(conf: &NetConf, network: IpNet) -> Vec<IpNet> {
     let mut v = Vec::new();
     if conf.is_default_gateway {
-        v.push(if subnet.network.addr().is_ipv4() {
+        v.push(if network.addr().is_ipv4() {
             "0.0.0.0/0".parse().expect("literal")
         } else {
             "::/0".parse().expect("literal")
         });
     }
-    if !v.contains(&subnet.network) {
-        v.push(subnet.network);
+    if !v.contains(&network) {
+        v.push(network);
+    }
+    v
+}
+
+/// The bridge's addresses: the gateway, and on a dual-stack node the IPv6 gateway
+/// (FLANNEL_IPV6_SUBNET's address and length).
+pub(crate) fn gateways(subnet: &SubnetFile) -> Vec<IpNet> {
+    let mut v = vec![IpNet::new(subnet.gateway(), subnet.subnet.prefix_len()).expect("prefix")];
+    v.extend(subnet.ipv6_subnet);
+    v
+}
+
+/// The pod's addresses with their gateways and routes: `ip` in the node subnet, and `ipv6`
+/// (reserved only on a dual-stack node) in the IPv6 one, routed like IPv4: `::/0` and the
+/// cluster's IPv6 network (FLANNEL_IPV6_NETWORK).
+pub(crate) fn pod_addrs(
+    conf: &NetConf,
+    subnet: &SubnetFile,
+    ip: IpAddr,
+    ipv6: Option<IpAddr>,
+) -> Vec<PodAddr> {
+    let mut v = vec![PodAddr {
+        addr: IpNet::new(ip, subnet.subnet.prefix_len()).expect("prefix"),
+        gateway: subnet.gateway(),
+        routes: pod_routes(conf, subnet),
+    }];
+    if let (Some(ip6), Some(sub6)) = (ipv6, subnet.ipv6_subnet) {
+        let network = subnet.ipv6_network.unwrap_or(sub6.trunc());
+        v.push(PodAddr {
+            addr: IpNet::new(ip6, sub6.prefix_len()).expect("prefix"),
+            gateway: sub6.addr(),
+            routes: family_routes(conf, network),
+        });
     }
     v
 }
@@ -278,12 +365,11 @@ pub(crate) struct Plan<'a> {
     pub ns: &'a NetNs,
     /// The bridge's name (config key `bridge`).
     pub bridge: &'a str,
-    /// The gateway on the bridge, gateway/len.
-    pub gateway: IpNet,
-    /// The pod's address, ip/len.
-    pub addr: IpNet,
-    /// The pod's routes, via the gateway ([`pod_routes`]).
-    pub routes: Vec<IpNet>,
+    /// The gateways on the bridge, gateway/len, one per family ([`gateways`]).
+    pub gateways: Vec<IpNet>,
+    /// The pod's addresses, one per family, each with its gateway and routes
+    /// ([`pod_addrs`]).
+    pub addrs: Vec<PodAddr>,
     pub mtu: u32,
     pub hairpin: bool,
     /// The (container ID, ifname) held a reservation before this ADD: a leftover host veth
@@ -333,7 +419,7 @@ pub(crate) async fn wire<'u, N: PodDataplane, P: PodDataplane>(
 ) -> Result<Wired> {
     let (ifname, host) = (&*plan.pod.ifname, &*plan.pod.host_veth);
     let br = node
-        .ensure_bridge(plan.bridge, bridge_mac(plan.gateway.addr()), plan.mtu)
+        .ensure_bridge(plan.bridge, bridge_mac(plan.gateways[0].addr()), plan.mtu)
         .await
         .map_err(|e| match e {
             // The only refusal of ensure_bridge: the name is taken by a link that is not a
@@ -355,7 +441,7 @@ pub(crate) async fn wire<'u, N: PodDataplane, P: PodDataplane>(
         mtu: plan.mtu,
         hairpin: plan.hairpin,
     };
-    let attached = match node.attach_pod(&br, plan.gateway, &spec).await {
+    let attached = match node.attach_pod(&br, &plan.gateways, &spec).await {
         Err(e) if e.errno() == Some(libc::EEXIST) => match node.link(host).await? {
             // A leftover of an earlier ADD of the same (container, ifname): remove it (its
             // peer goes with it) and try once more.
@@ -363,7 +449,7 @@ pub(crate) async fn wire<'u, N: PodDataplane, P: PodDataplane>(
                 if node.delete_link(host).await? {
                     tracing::warn!(host, "removed a leftover host veth");
                 }
-                node.attach_pod(&br, plan.gateway, &spec).await
+                node.attach_pod(&br, &plan.gateways, &spec).await
             }
             // Someone else's link has the name: never deleted. The pod end was not made
             // either (the request failed as a whole).
@@ -404,12 +490,7 @@ pub(crate) async fn wire<'u, N: PodDataplane, P: PodDataplane>(
         node.remove_link_now(&host_owned).map(drop)
     });
     pod_dp?
-        .configure_pod(
-            attached.pod_index,
-            plan.addr,
-            &plan.routes,
-            plan.gateway.addr(),
-        )
+        .configure_pod(attached.pod_index, &plan.addrs)
         .await?;
     Ok(Wired {
         bridge: Named {
@@ -455,9 +536,8 @@ mod tests {
             pod,
             ns,
             bridge: "cni0",
-            gateway: "10.244.3.1/24".parse().unwrap(),
-            addr: "10.244.3.2/24".parse().unwrap(),
-            routes: pod_routes(&conf, &subnet),
+            gateways: gateways(&subnet),
+            addrs: pod_addrs(&conf, &subnet, "10.244.3.2".parse().unwrap(), None),
             mtu: 1450,
             hairpin: conf.hairpin_mode,
             reclaim_untagged,
@@ -513,6 +593,47 @@ mod tests {
             assert_eq!(m.0[0] & 0x03, 0x02, "{m}");
         }
         assert_ne!(w.host.mac, Some(w.pod_mac));
+    }
+
+    /// Proves the dual-stack plan: both gateways on the bridge in the same request, both
+    /// addresses and both families' routes (default and cluster network) in the pod's one
+    /// round trip, each via its own gateway.
+    #[test]
+    fn a_dual_stack_subnet_file_wires_both_families() {
+        let subnet = SubnetFile::parse(
+            "s",
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\n\
+             FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\n",
+        )
+        .unwrap();
+        let (f, p) = fakes();
+        let (pd, ns) = (pod(), NetNs::current().unwrap());
+        let plan = Plan {
+            gateways: gateways(&subnet),
+            addrs: pod_addrs(
+                &conf(),
+                &subnet,
+                "10.244.3.2".parse().unwrap(),
+                Some("fc00:0:0:3::2".parse().unwrap()),
+            ),
+            ..plan(&pd, &ns, false)
+        };
+        let mut undo = Undo::new();
+        let pc = p.clone();
+        rt().block_on(wire(&f, move || Ok(pc), &plan, &mut undo))
+            .unwrap();
+        undo.commit();
+        assert_eq!(
+            f.calls()[1],
+            "attach_pod cni0 10.244.3.1/24,fc00:0:0:3::1/64 vethabc eth0 1450 hairpin=true"
+        );
+        assert_eq!(
+            p.calls(),
+            [
+                "configure_pod eth0 10.244.3.2/24 via 10.244.3.1 routes 0.0.0.0/0,10.244.0.0/16; \
+              fc00:0:0:3::2/64 via fc00:0:0:3::1 routes ::/0,fc00::/48"
+            ]
+        );
     }
 
     #[test]

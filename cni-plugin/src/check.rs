@@ -54,11 +54,12 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<()> {
         .filter(|ip| ip.interface == Some(idx))
         .map(|ip| ip.address)
         .collect();
-    if !ips.iter().any(|ip| ip.addr() == res.ip) {
-        return Err(failed(format!(
-            "reserved IP {} of container {cid} is not in prevResult's ips",
-            res.ip
-        )));
+    for want in std::iter::once(res.ip).chain(res.ipv6) {
+        if !ips.iter().any(|ip| ip.addr() == want) {
+            return Err(failed(format!(
+                "reserved IP {want} of container {cid} is not in prevResult's ips"
+            )));
+        }
     }
     let ns = open_netns(netns_path)?;
     let want = Expected {
@@ -85,7 +86,7 @@ pub(crate) struct Expected<'a> {
     pub mac: Option<&'a str>,
     /// prevResult's addresses of the pod interface.
     pub ips: &'a [IpNet],
-    /// prevResult's routes (those of the first address's family are checked).
+    /// prevResult's routes (those of the families of `ips` are checked).
     pub routes: &'a [Route],
     /// The host veth and the bridge it must be a port of.
     pub host: &'a str,
@@ -128,10 +129,14 @@ pub(crate) async fn check_kernel(
             )));
         }
     }
-    if let Some(first) = want.ips.first() {
+    // One dump per family of the pod's addresses (both on a dual-stack pod).
+    for v4 in [true, false] {
+        let Some(first) = want.ips.iter().find(|ip| ip.addr().is_ipv4() == v4) else {
+            continue;
+        };
         let routes = pod.routes(first.addr()).await?;
         for r in want.routes {
-            if r.dst.addr().is_ipv4() != first.addr().is_ipv4() {
+            if r.dst.addr().is_ipv4() != v4 {
                 continue;
             }
             let found = routes
@@ -166,6 +171,7 @@ pub(crate) async fn check_kernel(
 
 #[cfg(test)]
 mod tests {
+    use twill_dataplane::pod::PodAddr;
     use twill_dataplane::pod::fake::Recording;
 
     use super::*;
@@ -180,12 +186,21 @@ mod tests {
             .unwrap();
         rt.block_on(pod.configure_pod(
             eth0.index,
-            "10.244.3.2/24".parse().unwrap(),
             &[
-                "0.0.0.0/0".parse().unwrap(),
-                "10.244.0.0/16".parse().unwrap(),
+                PodAddr {
+                    addr: "10.244.3.2/24".parse().unwrap(),
+                    gateway: "10.244.3.1".parse().unwrap(),
+                    routes: vec![
+                        "0.0.0.0/0".parse().unwrap(),
+                        "10.244.0.0/16".parse().unwrap(),
+                    ],
+                },
+                PodAddr {
+                    addr: "fc00:0:0:3::2/64".parse().unwrap(),
+                    gateway: "fc00:0:0:3::1".parse().unwrap(),
+                    routes: vec!["::/0".parse().unwrap(), "fc00::/48".parse().unwrap()],
+                },
             ],
-            "10.244.3.1".parse().unwrap(),
         ))
         .unwrap();
         let node = Recording::new();
@@ -303,6 +318,34 @@ mod tests {
             assert_eq!(e.code, code::CHECK_FAILED, "{e}");
             assert!(e.msg.contains(msg), "{msg}: {e}");
         }
+    }
+
+    /// Proves that CHECK of a dual-stack pod checks the IPv6 address and the IPv6 routes
+    /// too (not only the first address's family).
+    #[test]
+    fn a_dual_stack_pod_has_both_families_checked() {
+        let (pod, node) = wired();
+        let mut p = prev();
+        p.ips.push("fc00:0:0:3::2/64".parse().unwrap());
+        p.routes = vec![
+            route("0.0.0.0/0", Some("10.244.3.1")),
+            route("::/0", Some("fc00:0:0:3::1")),
+            route("fc00::/48", None),
+        ];
+        check(&pod, &node, &p.want()).unwrap();
+        p.routes.push(route("fc00:9::/48", None));
+        let e = check(&pod, &node, &p.want()).unwrap_err();
+        assert!(e.msg.contains("route fc00:9::/48 missing"), "{e}");
+        p.routes.pop();
+        p.routes[1] = route("::/0", Some("fc00:0:0:3::9"));
+        let e = check(&pod, &node, &p.want()).unwrap_err();
+        assert!(
+            e.msg.contains("route ::/0 via fc00:0:0:3::9 missing"),
+            "{e}"
+        );
+        p.ips[1] = "fc00:0:0:3::7/64".parse().unwrap();
+        let e = check(&pod, &node, &p.want()).unwrap_err();
+        assert!(e.msg.contains("address fc00:0:0:3::7/64 missing"), "{e}");
     }
 
     #[test]

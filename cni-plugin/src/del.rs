@@ -42,7 +42,7 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> Result<()> {
     removed?;
     committed?;
     if let Some(r) = &released {
-        tracing::info!(container = cid, ifname, ip = %r.ip, "released");
+        tracing::info!(container = cid, ifname, ip = %r.ip, ipv6 = ?r.ipv6, "released");
     }
     Ok(())
 }
@@ -87,6 +87,7 @@ mod tests {
     fn reservation(host_veth: Option<&str>) -> Reservation {
         Reservation {
             ip: "10.244.3.2".parse().unwrap(),
+            ipv6: None,
             container_id: "c1".into(),
             ifname: "eth0".into(),
             host_veth: host_veth.map(str::to_string),

@@ -53,7 +53,7 @@ pub fn gc(conf: &NetConf) -> Result<()> {
         .collect();
     locked.commit()?;
     for r in &gone {
-        tracing::info!(container = %r.container_id, ifname = %r.ifname, ip = %r.ip, "gc: released");
+        tracing::info!(container = %r.container_id, ifname = %r.ifname, ip = %r.ip, ipv6 = ?r.ipv6, "gc: released");
     }
     let sweep = Sweep {
         bridge: &conf.bridge,
@@ -146,6 +146,7 @@ mod tests {
     fn reservation(cid: &str, host_veth: Option<&str>) -> Reservation {
         Reservation {
             ip: "10.244.3.2".parse().unwrap(),
+            ipv6: None,
             container_id: cid.into(),
             ifname: "eth0".into(),
             host_veth: host_veth.map(str::to_string),

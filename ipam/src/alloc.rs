@@ -58,7 +58,13 @@ pub enum AllocError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Reservation {
+    /// The address of the node subnet (IPv4 on a dual-stack node).
     pub ip: IpAddr,
+    /// The address of the node's IPv6 subnet (FLANNEL_IPV6_SUBNET), on a dual-stack node:
+    /// reserved and released together with `ip`. Absent in a state written before twill
+    /// was dual-stack (and in an IPv4-only one), which loads as it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<IpAddr>,
     pub container_id: String,
     pub ifname: String,
     /// The host end of the pod's veth pair, so DEL/GC can find it.
@@ -92,6 +98,17 @@ pub struct Request {
     /// The subnet's gateway (the bridge's address, from the subnet file), never handed
     /// out; `None`: the first host address.
     pub gateway: Option<IpAddr>,
+    /// A dual-stack node: an address of this second subnet too, in the same reservation.
+    pub ipv6: Option<SecondFamily>,
+}
+
+/// The second address of a dual-stack reservation: its subnet (FLANNEL_IPV6_SUBNET's
+/// network), a specific IP (runtimeConfig.ips) or none, and the gateway never handed out.
+#[derive(Debug, Clone)]
+pub struct SecondFamily {
+    pub subnet: IpNet,
+    pub ip: Option<IpAddr>,
+    pub gateway: Option<IpAddr>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -107,6 +124,9 @@ struct State {
     boot_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_reserved: Option<IpAddr>,
+    /// The last reserved IPv6 address (round-robin of the second family).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_reserved_v6: Option<IpAddr>,
     #[serde(default)]
     reservations: Vec<Reservation>,
     /// The reservations of the previous boot, released at the first lock after the reboot:
@@ -274,88 +294,58 @@ impl Locked {
         self.state.last_reserved
     }
 
-    /// Reserves an IP of `subnet` (the node subnet, e.g. 10.244.3.0/24) for the request.
-    /// Returns the reservation and whether it is new (false: the same (container ID,
-    /// ifname) already held one, which is returned unchanged).
+    /// Reserves an IP of `subnet` (the node subnet, e.g. 10.244.3.0/24) for the request,
+    /// and with `req.ipv6` one of that second subnet too, in the same reservation (both or
+    /// neither). Returns the reservation and whether it is new or changed (false: the same
+    /// (container ID, ifname) already held one that fits the request, returned unchanged).
     pub fn reserve(
         &mut self,
         subnet: IpNet,
         req: &Request,
     ) -> Result<(Reservation, bool), AllocError> {
-        if let Some(r) = self.get(&req.container_id, &req.ifname)
+        let own = self.get(&req.container_id, &req.ifname).cloned();
+        if let Some(r) = &own
             && req.ip.is_none_or(|ip| ip == r.ip)
+            && match (&req.ipv6, r.ipv6) {
+                (None, None) => true,
+                (Some(q), Some(a)) => q.subnet.contains(&a) && q.ip.is_none_or(|ip| ip == a),
+                _ => false,
+            }
         {
             return Ok((r.clone(), false));
         }
-        let subnet = subnet.trunc();
-        let (first, last) = host_range(subnet);
-        let gateway = req.gateway.unwrap_or_else(|| from_u128(subnet, first));
-        let mut taken: HashSet<IpAddr> = self
-            .state
-            .reservations
-            .iter()
-            .filter(|r| !r.is(&req.container_id, &req.ifname))
-            .map(|r| r.ip)
-            .collect();
-        let reserved = taken.len();
-        // The gateway is skipped as if it were reserved, wherever it is in the subnet.
-        taken.insert(gateway);
-        let ip = match req.ip {
-            Some(ip) => {
-                let reason = if !subnet.contains(&ip) {
-                    Some("outside the subnet")
-                } else if ip == subnet.network() {
-                    Some("the network address")
-                } else if ip == gateway {
-                    Some("the gateway")
-                } else if to_u128(ip) > last {
-                    Some("the broadcast address")
-                } else {
-                    None
-                };
-                if let Some(reason) = reason {
-                    return Err(AllocError::OutOfRange { ip, subnet, reason });
-                }
-                if let Some(r) = self.state.reservations.iter().find(|r| r.ip == ip)
-                    && !r.is(&req.container_id, &req.ifname)
-                {
-                    return Err(AllocError::Taken {
-                        ip,
-                        container_id: r.container_id.clone(),
-                        ifname: r.ifname.clone(),
-                    });
-                }
-                ip
-            }
-            None => {
-                if first > last {
-                    return Err(AllocError::Full { subnet, reserved });
-                }
-                // The IP this (container ID, ifname) had before a reboot, while it is free.
-                let hint = self
-                    .state
+        // The IPs this (container ID, ifname) holds now or held before a reboot are tried
+        // first while they are free (a node that became dual-stack keeps a pod's IPv4).
+        let hint = |v6: bool| {
+            let of = |r: &Reservation| if v6 { r.ipv6 } else { Some(r.ip) };
+            own.as_ref().and_then(of).or_else(|| {
+                self.state
                     .previous_boot
                     .iter()
                     .find(|r| r.is(&req.container_id, &req.ifname))
-                    .map(|r| r.ip)
-                    .filter(|ip| {
-                        subnet.contains(ip)
-                            && (first..=last).contains(&to_u128(*ip))
-                            && !taken.contains(ip)
-                    });
-                let size = last - first + 1;
-                let start = match (hint, self.state.last_reserved.map(to_u128)) {
-                    (Some(h), _) => to_u128(h),
-                    (None, Some(l)) if (first..last).contains(&l) => l + 1,
-                    _ => first,
-                };
-                // At most |taken| + 1 candidates need a look before a free one shows up.
-                let tries = size.min(taken.len() as u128 + 1);
-                (0..tries)
-                    .map(|i| from_u128(subnet, first + (start - first + i) % size))
-                    .find(|ip| !taken.contains(ip))
-                    .ok_or(AllocError::Full { subnet, reserved })?
-            }
+                    .and_then(of)
+            })
+        };
+        let ip = self.pick(
+            subnet,
+            req.ip,
+            req.gateway,
+            hint(false),
+            self.state.last_reserved,
+            req,
+            |r| Some(r.ip),
+        )?;
+        let ipv6 = match &req.ipv6 {
+            None => None,
+            Some(q) => Some(self.pick(
+                q.subnet,
+                q.ip,
+                q.gateway,
+                hint(true),
+                self.state.last_reserved_v6,
+                req,
+                |r| r.ipv6,
+            )?),
         };
         self.state
             .reservations
@@ -365,6 +355,7 @@ impl Locked {
             .retain(|r| !r.is(&req.container_id, &req.ifname));
         let r = Reservation {
             ip,
+            ipv6,
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
             host_veth: req.host_veth.clone(),
@@ -374,8 +365,101 @@ impl Locked {
         };
         self.state.reservations.push(r.clone());
         self.state.last_reserved = Some(ip);
+        if ipv6.is_some() {
+            self.state.last_reserved_v6 = ipv6;
+        }
         self.dirty = true;
         Ok((r, true))
+    }
+
+    /// One address of `subnet` for `req`: `want` if it is usable and free, else the next
+    /// free one after `last` (round-robin), `hint` first while it is free. `of` gives a
+    /// reservation's address of this family. Never enumerates the subnet: at most
+    /// |reserved| + 1 candidates are looked at, so a /64 costs what a /24 does.
+    #[allow(clippy::too_many_arguments)]
+    fn pick(
+        &self,
+        subnet: IpNet,
+        want: Option<IpAddr>,
+        gateway: Option<IpAddr>,
+        hint: Option<IpAddr>,
+        last: Option<IpAddr>,
+        req: &Request,
+        of: impl Fn(&Reservation) -> Option<IpAddr>,
+    ) -> Result<IpAddr, AllocError> {
+        let subnet = subnet.trunc();
+        let (first, last_host) = host_range(subnet);
+        let gateway = gateway.unwrap_or_else(|| from_u128(subnet, first));
+        let mut taken: HashSet<IpAddr> = self
+            .state
+            .reservations
+            .iter()
+            .filter(|r| !r.is(&req.container_id, &req.ifname))
+            .filter_map(&of)
+            .collect();
+        let reserved = taken.len();
+        // The gateway is skipped as if it were reserved, wherever it is in the subnet.
+        taken.insert(gateway);
+        if let Some(ip) = want {
+            let reason = if ip.is_ipv4() != subnet.addr().is_ipv4() || !subnet.contains(&ip) {
+                Some("outside the subnet")
+            } else if ip == subnet.network() {
+                Some(if ip.is_ipv4() {
+                    "the network address"
+                } else {
+                    "the subnet-router anycast (network) address"
+                })
+            } else if ip == gateway {
+                Some("the gateway")
+            } else if to_u128(ip) > last_host {
+                Some(if ip.is_ipv4() {
+                    "the broadcast address"
+                } else {
+                    "the last address of the subnet (reserved)"
+                })
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(AllocError::OutOfRange { ip, subnet, reason });
+            }
+            if let Some(r) = self.state.reservations.iter().find(|r| of(r) == Some(ip))
+                && !r.is(&req.container_id, &req.ifname)
+            {
+                return Err(AllocError::Taken {
+                    ip,
+                    container_id: r.container_id.clone(),
+                    ifname: r.ifname.clone(),
+                });
+            }
+            return Ok(ip);
+        }
+        if first > last_host {
+            return Err(AllocError::Full { subnet, reserved });
+        }
+        let hint = hint.filter(|ip| {
+            ip.is_ipv4() == subnet.addr().is_ipv4()
+                && subnet.contains(ip)
+                && (first..=last_host).contains(&to_u128(*ip))
+                && !taken.contains(ip)
+        });
+        // The size is at most 2^128 - 2 (::/0 without its first and last address): no
+        // overflow.
+        let size = last_host - first + 1;
+        let last = last
+            .filter(|l| l.is_ipv4() == subnet.addr().is_ipv4())
+            .map(to_u128);
+        let start = match (hint, last) {
+            (Some(h), _) => to_u128(h),
+            (None, Some(l)) if (first..last_host).contains(&l) => l + 1,
+            _ => first,
+        };
+        // At most |taken| + 1 candidates need a look before a free one shows up.
+        let tries = size.min(taken.len() as u128 + 1);
+        (0..tries)
+            .map(|i| from_u128(subnet, first + (start - first + i) % size))
+            .find(|ip| !taken.contains(ip))
+            .ok_or(AllocError::Full { subnet, reserved })
     }
 
     /// Releases the reservation of (container ID, ifname), if any.
@@ -860,6 +944,158 @@ mod tests {
         std::fs::remove_file(next_path(&a.state_path())).unwrap();
         let e = a.lock().unwrap_err().to_string();
         assert!(e.contains("no copy"), "{e}");
+    }
+
+    fn dual(cid: &str, v6: Option<&str>) -> Request {
+        Request {
+            gateway: Some("10.5.0.1".parse().unwrap()),
+            ipv6: Some(SecondFamily {
+                subnet: "fc00:0:0:3::/64".parse().unwrap(),
+                ip: v6.map(|s| s.parse().unwrap()),
+                gateway: Some("fc00:0:0:3::1".parse().unwrap()),
+            }),
+            ..req(cid)
+        }
+    }
+
+    /// Proves that a dual-stack request gets one IPv4 and one IPv6 address in one
+    /// reservation, sequentially after the IPv6 gateway (a /64 is never enumerated: this
+    /// test would not finish otherwise), and that a release frees both together.
+    #[test]
+    fn a_dual_stack_reservation_holds_both_families_and_releases_them_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "n");
+        let net = "10.5.0.0/24";
+        let mut got = Vec::new();
+        for c in ["a", "b", "c"] {
+            let mut l = a.lock().unwrap();
+            let (r, new) = l.reserve(net.parse().unwrap(), &dual(c, None)).unwrap();
+            assert!(new);
+            l.commit().unwrap();
+            got.push((r.ip.to_string(), r.ipv6.unwrap().to_string()));
+        }
+        assert_eq!(
+            got,
+            [
+                ("10.5.0.2".to_string(), "fc00:0:0:3::2".to_string()),
+                ("10.5.0.3".into(), "fc00:0:0:3::3".into()),
+                ("10.5.0.4".into(), "fc00:0:0:3::4".into()),
+            ]
+        );
+        // The same (container, ifname) again: unchanged.
+        let mut l = a.lock().unwrap();
+        let (r, new) = l.reserve(net.parse().unwrap(), &dual("b", None)).unwrap();
+        assert!(!new);
+        assert_eq!(r.ipv6.unwrap().to_string(), "fc00:0:0:3::3");
+        // Release frees both: the IPs are free again (requestable by another container).
+        assert_eq!(
+            l.release("b", "eth0").unwrap().ipv6.unwrap().to_string(),
+            "fc00:0:0:3::3"
+        );
+        let (r, _) = l
+            .reserve(
+                net.parse().unwrap(),
+                &Request {
+                    ip: Some("10.5.0.3".parse().unwrap()),
+                    ..dual("d", Some("fc00:0:0:3::3"))
+                },
+            )
+            .unwrap();
+        assert_eq!(r.ipv6.unwrap().to_string(), "fc00:0:0:3::3");
+        l.commit().unwrap();
+        let text = std::fs::read_to_string(a.state_path()).unwrap();
+        assert!(text.contains("\"ipv6\": \"fc00:0:0:3::4\""), "{text}");
+        assert!(text.contains("lastReservedV6"), "{text}");
+    }
+
+    /// Proves the IPv6 side refuses what it must (naming the IP and the reason), that a
+    /// failed IPv6 half reserves nothing (not even the IPv4 half), and that round-robin wraps
+    /// in a small IPv6 subnet skipping the network address, the gateway and the last address.
+    #[test]
+    fn the_ipv6_half_is_checked_wraps_and_fails_as_a_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "n");
+        let net = "10.5.0.0/24";
+        for (ip, frag) in [
+            ("fc00:0:0:3::", "network"),
+            ("fc00:0:0:3::1", "gateway"),
+            ("fc00::3:ffff:ffff:ffff:ffff", "last address"),
+            ("fc00:0:0:4::9", "outside"),
+        ] {
+            let mut l = a.lock().unwrap();
+            let e = l
+                .reserve(net.parse().unwrap(), &dual("x", Some(ip)))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(frag) && e.contains(ip), "{e}");
+            assert!(l.reservations().is_empty(), "nothing half-reserved");
+        }
+        // Taken by another container: refused, naming it.
+        let mut l = a.lock().unwrap();
+        l.reserve(net.parse().unwrap(), &dual("x", Some("fc00:0:0:3::99")))
+            .unwrap();
+        let e = l
+            .reserve(net.parse().unwrap(), &dual("y", Some("fc00:0:0:3::99")))
+            .unwrap_err();
+        assert!(matches!(e, AllocError::Taken { .. }) && e.to_string().contains("x"));
+        assert_eq!(l.reservations().len(), 1);
+        drop(l);
+
+        // A /126: hosts ::1 (gateway) and ::2; ::3 is the last address.
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "n");
+        let small = |cid: &str| Request {
+            ipv6: Some(SecondFamily {
+                subnet: "fd00::/126".parse().unwrap(),
+                ip: None,
+                gateway: Some("fd00::1".parse().unwrap()),
+            }),
+            ..req(cid)
+        };
+        let mut l = a.lock().unwrap();
+        let (r, _) = l.reserve(net.parse().unwrap(), &small("a")).unwrap();
+        assert_eq!(r.ipv6.unwrap().to_string(), "fd00::2");
+        let e = l.reserve(net.parse().unwrap(), &small("b")).unwrap_err();
+        assert!(matches!(e, AllocError::Full { .. }) && e.to_string().contains("fd00::/126"));
+        assert_eq!(l.reservations().len(), 1, "the IPv4 half was not kept");
+        l.release("a", "eth0");
+        let (r, _) = l.reserve(net.parse().unwrap(), &small("b")).unwrap();
+        assert_eq!(r.ipv6.unwrap().to_string(), "fd00::2", "wrapped around");
+        // The last reserved IPv6 address at the top of a /64 wraps to gateway + 1.
+        let mut l2 = Allocator::new(tempfile::tempdir().unwrap().path(), "n")
+            .lock()
+            .unwrap();
+        l2.state.last_reserved_v6 = Some("fc00::3:ffff:ffff:ffff:fffe".parse().unwrap());
+        let (r, _) = l2.reserve(net.parse().unwrap(), &dual("z", None)).unwrap();
+        assert_eq!(r.ipv6.unwrap().to_string(), "fc00:0:0:3::2");
+    }
+
+    /// Proves format compatibility: a state written by an IPv4-only twill (no `ipv6`, no
+    /// `lastReservedV6`) loads; its pod keeps its IPv4 and gets an IPv6 address once the
+    /// node is dual-stack; an IPv4-only state is written without the new keys.
+    #[test]
+    fn an_ipv4_only_state_loads_and_its_pod_keeps_its_ipv4_when_the_node_turns_dual_stack() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::new(dir.path(), "n");
+        std::fs::create_dir_all(a.dir()).unwrap();
+        std::fs::write(
+            a.state_path(),
+            r#"{"generation":3,"lastReserved":"10.5.0.7","reservations":[{"ip":"10.5.0.7","containerId":"old","ifname":"eth0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            reserve(&a, "10.5.0.0/24", &req("v4")).unwrap().to_string(),
+            "10.5.0.8"
+        );
+        let text = std::fs::read_to_string(a.state_path()).unwrap();
+        assert!(!text.contains("ipv6") && !text.contains("V6"), "{text}");
+        let mut l = a.lock().unwrap();
+        let (r, new) = l
+            .reserve("10.5.0.0/24".parse().unwrap(), &dual("old", None))
+            .unwrap();
+        assert!(new, "changed: an IPv6 address was added");
+        assert_eq!(r.ip.to_string(), "10.5.0.7");
+        assert_eq!(r.ipv6.unwrap().to_string(), "fc00:0:0:3::2");
     }
 
     #[test]

@@ -33,6 +33,10 @@ use crate::netns::{TestNetns, unique_name};
 
 /// The node's subnet file (flannel's subnet.env format).
 pub const SUBNET_ENV: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+/// A dual-stack node's subnet file: [`SUBNET_ENV`] plus the IPv6 keys twilld writes.
+pub const DUAL_SUBNET_ENV: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\nFLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:7::1/64\n";
+/// The node's IPv6 pod subnet, from [`DUAL_SUBNET_ENV`].
+pub const POD_SUBNET6: &str = "fc00:0:0:7::/64";
 /// The node's pod subnet and gateway (cni0's address), from [`SUBNET_ENV`].
 pub const POD_SUBNET: &str = "10.244.7.0/24";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 1);
@@ -90,6 +94,11 @@ pub fn require_tools() {
 impl Podman {
     /// Sets everything up; `plugin` is the built `twill` binary.
     pub fn new(plugin: &Path) -> Result<Self> {
+        Self::with_subnet_env(plugin, SUBNET_ENV)
+    }
+
+    /// [`Podman::new`] with another subnet file (e.g. [`DUAL_SUBNET_ENV`]).
+    pub fn with_subnet_env(plugin: &Path, subnet_env: &str) -> Result<Self> {
         require_tools();
         let node = TestNetns::new("pmnode")?;
         let dir = tempfile::Builder::new().prefix("twpodman").tempdir()?;
@@ -99,11 +108,11 @@ impl Podman {
             dir,
             started: vec![],
         };
-        pm.write_files(plugin)?;
+        pm.write_files(plugin, subnet_env)?;
         Ok(pm)
     }
 
-    fn write_files(&self, plugin: &Path) -> Result<()> {
+    fn write_files(&self, plugin: &Path, subnet_env: &str) -> Result<()> {
         let d = self.dir.path();
         for sub in ["root", "runroot", "tmp", "net", "cni-bin", "data"] {
             std::fs::create_dir_all(d.join(sub))?;
@@ -115,7 +124,7 @@ impl Podman {
             let e = e?;
             std::os::unix::fs::symlink(e.path(), d.join("cni-bin").join(e.file_name()))?;
         }
-        std::fs::write(d.join("subnet.env"), SUBNET_ENV)?;
+        std::fs::write(d.join("subnet.env"), subnet_env)?;
         let conflist = json!({"cniVersion":"1.0.0","cniVersions":["1.0.0","1.1.0"],"name":NETWORK,
             "plugins":[
                 {"type":"twill","subnetFile":d.join("subnet.env"),"dataDir":d.join("data"),
@@ -316,6 +325,18 @@ volume_path = "{volumes}"
             .with_context(|| format!("inspect {name}: no IPAddress on network {NETWORK}"))?;
         s.parse()
             .with_context(|| format!("inspect {name}: IPAddress {s:?}"))
+    }
+
+    /// The IPv6 address podman reports for `name` on the twill network (libcni's result).
+    pub fn ipv6(&self, name: &str) -> Result<std::net::Ipv6Addr> {
+        let v = self.inspect_json(name)?;
+        let s = v["NetworkSettings"]["Networks"][NETWORK]["GlobalIPv6Address"]
+            .as_str()
+            .with_context(|| {
+                format!("inspect {name}: no GlobalIPv6Address on network {NETWORK}")
+            })?;
+        s.parse()
+            .with_context(|| format!("inspect {name}: GlobalIPv6Address {s:?}"))
     }
 
     /// `podman exec <name> <cmd>`.

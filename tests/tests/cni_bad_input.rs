@@ -64,6 +64,20 @@ fn bad_inputs_fail_cleanly_with_the_right_code() {
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.255/24\nFLANNEL_MTU=1450\n",
     )
     .unwrap();
+    // A dual-stack subnet file: the IPv6 half of a request is checked as strictly, and a bad
+    // one leaves nothing behind either (not even the IPv4 half of the reservation).
+    let dual = node.dir.path().join("dual.env");
+    std::fs::write(
+        &dual,
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\n",
+    )
+    .unwrap();
+    let dual_ips = |ips: Value| {
+        let mut c = good.clone();
+        c["subnetFile"] = json!(dual);
+        c["runtimeConfig"] = json!({ "ips": ips });
+        c
+    };
     let log_target = node.dir.path().join("real.log");
     std::fs::write(&log_target, "").unwrap();
     let log_link = node.dir.path().join("link.log");
@@ -81,6 +95,34 @@ fn bad_inputs_fail_cleanly_with_the_right_code() {
     std::fs::write(&garbage, "this is not a subnet file\n").unwrap();
 
     let cases = vec![
+        Case {
+            name: "dual-stack: runtimeConfig.ips IPv6 outside the node IPv6 subnet",
+            env: base("ADD"),
+            conf: dual_ips(json!(["10.244.3.9", "fc00:0:0:9::5/64"])),
+            code: 7,
+            fragment: "runtimeConfig.ips: \"fc00:0:0:9::5/64\": fc00:0:0:9::5 is outside the node IPv6 subnet fc00:0:0:3::/64".into(),
+        },
+        Case {
+            name: "dual-stack: runtimeConfig.ips the IPv6 gateway",
+            env: base("ADD"),
+            conf: dual_ips(json!(["fc00:0:0:3::1"])),
+            code: 7,
+            fragment: "requested IP fc00:0:0:3::1 is not usable in subnet fc00:0:0:3::/64: the gateway".into(),
+        },
+        Case {
+            name: "dual-stack: runtimeConfig.ips two IPv6 addresses",
+            env: base("ADD"),
+            conf: dual_ips(json!(["fc00:0:0:3::5", "fc00:0:0:3::6"])),
+            code: 7,
+            fragment: "at most one IP per family".into(),
+        },
+        Case {
+            name: "dual-stack: CNI_ARGS IP= IPv6 with another prefix",
+            env: with("CNI_ARGS", "IP=fc00:0:0:3::5/80"),
+            conf: conf_with("subnetFile", json!(dual)),
+            code: 7,
+            fragment: "CNI_ARGS IP \"fc00:0:0:3::5/80\": prefix length /80 is not the node subnet's (fc00:0:0:3::/64)".into(),
+        },
         Case {
             name: "invalid JSON",
             env: base("ADD"),

@@ -11,11 +11,11 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use twill_dataplane::NetNs;
 use twill_tests::bins::bin;
 use twill_tests::netns::{require_root, run_host, tcp_fetch};
-use twill_tests::podman::{GATEWAY, NETWORK, POD_SUBNET, Podman};
+use twill_tests::podman::{DUAL_SUBNET_ENV, GATEWAY, NETWORK, POD_SUBNET, POD_SUBNET6, Podman};
 
 /// The links of the root namespace (read only).
 fn root_links() -> BTreeSet<String> {
@@ -234,4 +234,65 @@ fn podman_runs_containers_on_twill_through_libcni() {
         sandboxes.iter().all(|s| !s.exists()),
         "container netns left"
     );
+}
+
+/// Proves dual-stack through a real libcni client: on a node whose subnet file carries the
+/// IPv6 keys, each podman container gets one IPv4 and one IPv6 address (podman's view of the
+/// result, and eth0 in the container), the two containers ping each other over IPv6 right
+/// after `podman run` returned, and `podman rm` releases both addresses.
+#[test]
+fn podman_containers_get_both_families_on_a_dual_stack_node() {
+    require_root();
+    let root_before = root_links();
+    let mut pm = Podman::with_subnet_env(&bin("twill"), DUAL_SUBNET_ENV).expect("podman harness");
+    let (subnet, subnet6): (Ipv4Net, Ipv6Net) =
+        (POD_SUBNET.parse().unwrap(), POD_SUBNET6.parse().unwrap());
+    pm.run_detached("a", &[], &["sleep", "300"])
+        .expect("podman run a");
+    pm.run_detached("b", &[], &["sleep", "300"])
+        .expect("podman run b");
+    let (a4, a6) = (
+        pm.ip("a").expect("ip of a"),
+        pm.ipv6("a").expect("ipv6 of a"),
+    );
+    let b6 = pm.ipv6("b").expect("ipv6 of b");
+    assert!(subnet.contains(&a4), "{a4} is not in {subnet}");
+    for ip in [a6, b6] {
+        assert!(subnet6.contains(&ip), "{ip} is not in {subnet6}");
+    }
+    assert_ne!(a6, b6);
+    let eth0 = pm
+        .exec("a", &["ip", "-o", "addr", "show", "dev", "eth0"])
+        .expect("ip addr in a");
+    assert!(eth0.contains(&format!("inet {a4}/24")), "{eth0}");
+    assert!(eth0.contains(&format!("inet6 {a6}/64")), "{eth0}");
+    assert!(
+        !eth0.contains(&format!("{a6}/64 scope global tentative")),
+        "{eth0}"
+    );
+    let ping = pm
+        .exec("a", &["ping", "-c", "2", "-W", "5", &b6.to_string()])
+        .expect("ping6 from a to b");
+    assert_eq!(
+        twill_tests::cluster::ping_summary(&ping).expect("ping summary"),
+        (2, 2),
+        "{ping}"
+    );
+    let res = pm.reservations().expect("reservations");
+    let mut v6: Vec<String> = res
+        .iter()
+        .map(|r| r["ipv6"].as_str().unwrap_or_default().to_string())
+        .collect();
+    v6.sort();
+    let mut want = vec![a6.to_string(), b6.to_string()];
+    want.sort();
+    assert_eq!(v6, want, "twill reservations vs podman's view");
+    assert_root_untouched(&root_before, "with both containers up");
+
+    pm.rm(&["a", "b"]).expect("podman rm -f a b");
+    let res = pm.reservations().expect("reservations after rm");
+    assert!(res.is_empty(), "reservations left after DEL: {res:?}");
+    assert_eq!(node_veths(&pm), Vec::<String>::new(), "veths left");
+    drop(pm);
+    assert_root_untouched(&root_before, "after cleanup");
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use ipnet::IpNet;
 use rtnetlink::packet_route::route::{RouteProtocol, RouteType};
 
-use super::{AttachedVeth, Link, Mac, PodDataplane, Removal, Route, VethOwner, VethSpec};
+use super::{AttachedVeth, Link, Mac, PodAddr, PodDataplane, Removal, Route, VethOwner, VethSpec};
 use crate::{Error, Result};
 
 /// One namespace's fake kernel. Clones share it (keep one to inspect after handing one
@@ -134,15 +134,20 @@ impl PodDataplane for Recording {
     async fn attach_pod(
         &self,
         bridge: &Link,
-        gateway: IpNet,
+        gateways: &[IpNet],
         spec: &VethSpec<'_>,
     ) -> Result<AttachedVeth> {
         let host = spec.host_name;
+        let gw: Vec<String> = gateways.iter().map(|g| g.to_string()).collect();
         self.call(
             "attach_pod",
             format!(
-                "attach_pod {} {gateway} {host} {} {} hairpin={}",
-                bridge.name, spec.pod_ifname, spec.mtu, spec.hairpin
+                "attach_pod {} {} {host} {} {} hairpin={}",
+                bridge.name,
+                gw.join(","),
+                spec.pod_ifname,
+                spec.mtu,
+                spec.hairpin
             ),
         )?;
         if self.has_link(host) {
@@ -170,35 +175,34 @@ impl PodDataplane for Recording {
         })
     }
 
-    async fn configure_pod(
-        &self,
-        index: u32,
-        addr: IpNet,
-        routes: &[IpNet],
-        gateway: IpAddr,
-    ) -> Result<()> {
+    async fn configure_pod(&self, index: u32, addrs: &[PodAddr]) -> Result<()> {
         let n = self.by_index(index).unwrap_or_default();
-        let r: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+        let each: Vec<String> = addrs
+            .iter()
+            .map(|a| {
+                let r: Vec<String> = a.routes.iter().map(|r| r.to_string()).collect();
+                format!("{} via {} routes {}", a.addr, a.gateway, r.join(","))
+            })
+            .collect();
         self.call(
             "configure_pod",
-            format!(
-                "configure_pod {n} {addr} via {gateway} routes {}",
-                r.join(",")
-            ),
+            format!("configure_pod {n} {}", each.join("; ")),
         )?;
         if let Some(l) = self.inner.links.lock().unwrap().get_mut(&n) {
             l.up = true;
         }
-        self.inner.addrs.lock().unwrap().push((index, addr));
-        for dst in routes {
-            self.inner.routes.lock().unwrap().push(Route {
-                dst: *dst,
-                gateway: Some(gateway),
-                oif: Some(index),
-                // What `ip route add` and rtnetlink's builder give a route.
-                protocol: RouteProtocol::Static,
-                kind: RouteType::Unicast,
-            });
+        for a in addrs {
+            self.inner.addrs.lock().unwrap().push((index, a.addr));
+            for dst in &a.routes {
+                self.inner.routes.lock().unwrap().push(Route {
+                    dst: *dst,
+                    gateway: Some(a.gateway),
+                    oif: Some(index),
+                    // What `ip route add` and rtnetlink's builder give a route.
+                    protocol: RouteProtocol::Static,
+                    kind: RouteType::Unicast,
+                });
+            }
         }
         Ok(())
     }

@@ -126,6 +126,18 @@ pub struct VethSpec<'a> {
     pub hairpin: bool,
 }
 
+/// One address of a pod and the routes that go via its gateway: one per family on a
+/// dual-stack pod ([`PodDataplane::configure_pod`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAddr {
+    /// The pod's address, ip/len.
+    pub addr: IpNet,
+    /// The gateway (the bridge's address of this family).
+    pub gateway: IpAddr,
+    /// The routes via `gateway`, of this family.
+    pub routes: Vec<IpNet>,
+}
+
 /// What [`PodDataplane::attach_pod`] made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedVeth {
@@ -142,8 +154,9 @@ pub trait PodDataplane {
     /// A link of that name that is not a bridge is [`crate::Error::Invalid`], and is left
     /// alone.
     async fn ensure_bridge(&self, name: &str, mac: Mac, mtu: u32) -> Result<Link>;
-    /// The node side of a pod, in two round trips to the kernel: `gateway` (gateway/len) on
-    /// `bridge` (already there is fine), the veth pair of `spec` (the pod end born inside the
+    /// The node side of a pod, in two round trips to the kernel: each of `gateways`
+    /// (gateway/len, one per family; IPv6 ones without DAD) on `bridge` (already there is
+    /// fine), the veth pair of `spec` (the pod end born inside the
     /// pod namespace) and the host end read back; then, by the new link's index, its alias
     /// and hairpin on its bridge port. If the veth was made but a later step failed, it is
     /// removed before the error is returned. A veth whose host name (or pod ifname) is taken
@@ -151,18 +164,13 @@ pub trait PodDataplane {
     async fn attach_pod(
         &self,
         bridge: &Link,
-        gateway: IpNet,
+        gateways: &[IpNet],
         spec: &VethSpec<'_>,
     ) -> Result<AttachedVeth>;
-    /// The pod side, in one round trip: link `index` up, `addr` (ip/len) on it, and a route
-    /// to each of `routes` via `gateway` (replacing one that is there).
-    async fn configure_pod(
-        &self,
-        index: u32,
-        addr: IpNet,
-        routes: &[IpNet],
-        gateway: IpAddr,
-    ) -> Result<()>;
+    /// The pod side, in one round trip: link `index` up, each of `addrs`' address on it
+    /// (IPv6 ones without DAD, so none is left "tentative"), and a route to each of its
+    /// routes via its gateway (replacing one that is there).
+    async fn configure_pod(&self, index: u32, addrs: &[PodAddr]) -> Result<()>;
     /// Brings the link with index `index` up.
     async fn set_up(&self, index: u32) -> Result<()>;
     /// The link called `name`, if any.

@@ -6,7 +6,9 @@ use std::sync::OnceLock;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteMessage;
 use rtnetlink::{
@@ -14,7 +16,9 @@ use rtnetlink::{
     RouteMessageBuilder,
 };
 
-use super::{AttachedVeth, Link, Mac, PodDataplane, Removal, Route, Undo, VethOwner, VethSpec};
+use super::{
+    AttachedVeth, Link, Mac, PodAddr, PodDataplane, Removal, Route, Undo, VethOwner, VethSpec,
+};
 use crate::netlink::{Batch, errno, parse};
 use crate::{Error, NetNs, Netlink, Result, unlink};
 
@@ -53,17 +57,26 @@ impl RtnlPod {
     }
 }
 
-/// `addr` (ip/len) on link `index`.
+/// `addr` (ip/len) on link `index`; an IPv6 one with IFA_F_NODAD.
 fn address_msg(index: u32, addr: IpNet) -> AddressMessage {
     match addr {
         IpNet::V4(n) => AddressMessageBuilder::<std::net::Ipv4Addr>::new()
             .index(index)
             .address(n.addr(), n.prefix_len())
             .build(),
-        IpNet::V6(n) => AddressMessageBuilder::<std::net::Ipv6Addr>::new()
-            .index(index)
-            .address(n.addr(), n.prefix_len())
-            .build(),
+        IpNet::V6(n) => {
+            let mut m = AddressMessageBuilder::<std::net::Ipv6Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build();
+            // Without NODAD the address stays "tentative" (unusable as a source, and a
+            // gateway on it unanswered) for ~1 s of DAD after the link has carrier; the
+            // allocator guarantees its uniqueness on the bridge (docs/cni.md).
+            m.header.flags = AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            m
+        }
     }
 }
 
@@ -127,7 +140,7 @@ impl PodDataplane for RtnlPod {
     async fn attach_pod(
         &self,
         bridge: &Link,
-        gateway: IpNet,
+        gateways: &[IpNet],
         spec: &VethSpec<'_>,
     ) -> Result<AttachedVeth> {
         let host = spec.host_name;
@@ -159,11 +172,14 @@ impl PodDataplane for RtnlPod {
         // hairpin) follows once the create has succeeded, by the new link's index: a request
         // by name queued behind a create that fails with EEXIST would act on whatever else
         // has the name (another container's veth), so none is sent in this batch.
-        let mut res = Batch::new()
-            .create(
+        let mut batch = Batch::new();
+        for gateway in gateways {
+            batch = batch.create(
                 format!("add address {gateway} to bridge {}", bridge.name),
-                RouteNetlinkMessage::NewAddress(address_msg(bridge.index, gateway)),
-            )
+                RouteNetlinkMessage::NewAddress(address_msg(bridge.index, *gateway)),
+            );
+        }
+        let mut res = batch
             .create(
                 format!(
                     "create veth {host} with peer {} in {}",
@@ -178,7 +194,7 @@ impl PodDataplane for RtnlPod {
             )
             .send(self.handle()?)
             .await;
-        let addr = res.take();
+        let addrs: Vec<_> = gateways.iter().map(|_| res.take()).collect();
         // The read-back after a failed create saw whatever else has the name: ignored.
         res.take()?;
         // From here on a failure takes back the veth this call made (its peer goes with it).
@@ -186,10 +202,12 @@ impl PodDataplane for RtnlPod {
         undo.push(format!("delete {host}"), || {
             self.remove_link_now(host).map(drop)
         });
-        match addr {
-            // EEXIST: the gateway is there already (the usual case after the first pod).
-            Err(e) if e.errno() != Some(libc::EEXIST) => return Err(e),
-            _ => {}
+        for addr in addrs {
+            match addr {
+                // EEXIST: the gateway is there already (the usual case after the first pod).
+                Err(e) if e.errno() != Some(libc::EEXIST) => return Err(e),
+                _ => {}
+            }
         }
         let mut link = res
             .take()?
@@ -228,29 +246,26 @@ impl PodDataplane for RtnlPod {
         })
     }
 
-    async fn configure_pod(
-        &self,
-        index: u32,
-        addr: IpNet,
-        routes: &[IpNet],
-        gateway: IpAddr,
-    ) -> Result<()> {
+    async fn configure_pod(&self, index: u32, addrs: &[PodAddr]) -> Result<()> {
         // In this order on one socket: the routes need the link up and the address's
         // connected route, which the kernel has made by the time it reads them.
-        let mut batch = Batch::new()
-            .ack(
-                format!("set link {index} up"),
-                RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).up().build()),
-            )
-            .create(
-                format!("add address {addr} to link {index}"),
-                RouteNetlinkMessage::NewAddress(address_msg(index, addr)),
+        let mut batch = Batch::new().ack(
+            format!("set link {index} up"),
+            RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).up().build()),
+        );
+        for a in addrs {
+            batch = batch.create(
+                format!("add address {} to link {index}", a.addr),
+                RouteNetlinkMessage::NewAddress(address_msg(index, a.addr)),
             );
-        for dst in routes {
-            batch = batch.replace(
-                format!("add route {dst} via {gateway}"),
-                RouteNetlinkMessage::NewRoute(route_msg(index, *dst, gateway)?),
-            );
+        }
+        for a in addrs {
+            for dst in &a.routes {
+                batch = batch.replace(
+                    format!("add route {dst} via {}", a.gateway),
+                    RouteNetlinkMessage::NewRoute(route_msg(index, *dst, a.gateway)?),
+                );
+            }
         }
         batch.send(self.handle()?).await.all_ok()
     }
