@@ -1709,7 +1709,7 @@ impl Daemon {
         }
         f.write_atomic(&self.args.subnet_file)
             .with_context(|| format!("write subnet file {}", self.args.subnet_file.display()))?;
-        info!(path = %self.args.subnet_file.display(), subnet = %self.own, mtu = self.spec.mtu, "subnet file written");
+        info!(path = %self.args.subnet_file.display(), subnet = %self.own, ipv6_subnet = ?f.ipv6_subnet, mtu = f.mtu, "subnet file written");
         Ok(())
     }
 
