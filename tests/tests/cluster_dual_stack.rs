@@ -390,6 +390,59 @@ fn dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_and_a_flannel_node() {
         ip6(&n0.ns, &["route"]),
         c.logs()
     );
+
+    // A lease with a bad IPv6 side is rejected for IPv6 only, by key and field: its IPv4
+    // route is programmed, no IPv6 route; twillctl status shows both sides in sync.
+    let bad_key = "10.244.201.0-24&fd00:10:0:c9::-64";
+    etcd_put(
+        &c,
+        bad_key,
+        r#"{"PublicIP":"192.168.50.98","PublicIPv6":"not-an-ip","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:f1:00:00:00:05"},"BackendV6Data":{"VNI":1,"VtepMAC":"0e:f1:00:00:00:06"}}"#,
+    );
+    let v4_route = wait_for(Duration::from_secs(10), || {
+        n0.has_route("10.244.201.0/24").then_some(())
+    });
+    assert!(v4_route.is_some(), "{}", c.logs());
+    let status = wait_for(Duration::from_secs(10), || {
+        let out = n0
+            .ns
+            .command(twill_tests::bins::bin("twillctl"))
+            .args([
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379",
+                "status",
+                "-o",
+                "json",
+            ])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["ipv6"]["in_sync"] == true && v["in_sync"] == true).then_some(v)
+    });
+    let v = status.unwrap_or_else(|| panic!("status not in sync\n{}", c.logs()));
+    let v6 = &v["ipv6"];
+    assert_eq!(v6["peers"].as_array().unwrap().len(), 3, "{v6}");
+    assert_eq!(v6["expected"], 9, "{v6}");
+    assert_eq!(v6["vxlan"]["name"], "twill-v6.1", "{v6}");
+    let rejected = v6["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 1, "{v6}");
+    assert_eq!(rejected[0]["key"], bad_key, "{v6}");
+    assert!(
+        rejected[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not-an-ip"),
+        "{v6}"
+    );
+    assert!(
+        !ip6(&n0.ns, &["route"]).contains("fd00:10:0:c9::"),
+        "an IPv6 route for the bad lease"
+    );
+    assert!(
+        n0.log_text().contains("lease rejected for IPv6"),
+        "{}",
+        n0.log_text()
+    );
 }
 
 #[test]
