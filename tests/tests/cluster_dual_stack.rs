@@ -139,6 +139,19 @@ fn etcd_keys(c: &Cluster) -> Vec<String> {
     })
 }
 
+fn etcd_delete(c: &Cluster, key: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = twill_ipam::store::LeaseStore::connect(c.etcd_options())
+            .await
+            .unwrap();
+        let mut kv = store.client().kv_client();
+        kv.delete(format!("{ETCD_PREFIX}/subnets/{key}"), None)
+            .await
+            .unwrap();
+    })
+}
+
 fn etcd_put(c: &Cluster, key: &str, value: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -154,7 +167,7 @@ fn etcd_put(c: &Cluster, key: &str, value: &str) {
 
 #[test]
 fn dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_and_a_flannel_node() {
-    let c = Cluster::start(ClusterOpts {
+    let mut c = Cluster::start(ClusterOpts {
         nodes: 3,
         pods_per_node: 0,
         net_conf: Some(DUAL.to_string()),
@@ -443,6 +456,54 @@ fn dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_and_a_flannel_node() {
         "{}",
         n0.log_text()
     );
+
+    // Drift on twill-v6.1 comes back from the netlink events (the resync is 30 s away).
+    let (_, n1_6) = subnets(&c.nodes[1]);
+    let n0 = &c.nodes[0];
+    n0.ns
+        .ip(&["-6", "route", "del", &n1_6.to_string(), "dev", "twill-v6.1"])
+        .unwrap();
+    n0.ns
+        .ip(&[
+            "-6",
+            "neigh",
+            "del",
+            &n1_6.network().to_string(),
+            "dev",
+            "twill-v6.1",
+        ])
+        .unwrap();
+    let back = wait_for(Duration::from_secs(5), || {
+        let r = ip6(&n0.ns, &["route", "show", &n1_6.to_string()]);
+        let n = ip6(
+            &n0.ns,
+            &["neigh", "show", "dev", "twill-v6.1", "nud", "permanent"],
+        );
+        (r.contains("onlink") && n.contains(&n1_6.network().to_string())).then_some(())
+    });
+    assert!(back.is_some(), "IPv6 drift not repaired\n{}", n0.log_text());
+
+    // A removed lease removes its IPv6 entries (stale).
+    etcd_delete(&c, "10.244.200.0-24&fd00:10:0:c8::-64");
+    let gone = wait_for(Duration::from_secs(5), || {
+        (!ip6(&n0.ns, &["route"]).contains("fd00:10:0:c8::/64")
+            && !ip6(&n0.ns, &["neigh", "show", "dev", "twill-v6.1"]).contains("fd00:10:0:c8::"))
+        .then_some(())
+    });
+    assert!(gone.is_some(), "{}", ip6(&n0.ns, &["route"]));
+
+    // A restart adopts twill-v6.1 (same index and MAC: peers' entries stay right).
+    let show = |n: &Node| {
+        let j = n.ns.ip(&["-j", "link", "show", "twill-v6.1"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        (v[0]["ifindex"].clone(), v[0]["address"].clone())
+    };
+    let before = show(&c.nodes[0]);
+    c.nodes[0].stop_daemon().unwrap();
+    c.start_daemon(0).unwrap();
+    c.wait_ready(0, Duration::from_secs(20)).unwrap();
+    assert_eq!(show(&c.nodes[0]), before);
+    assert!(ping6(&pods[0].0, pods[2].2, 1, 2), "{}", c.logs());
 }
 
 #[test]

@@ -299,7 +299,12 @@ async fn startup(args: RunArgs) -> Result<Option<(Daemon, Inputs)>> {
     d.underlay_name = under.name.clone();
     d.v6 = v6;
     // Subscribe before the first dump so that no change between the two is missed.
-    let monitor = Monitor::current().context("subscribe to netlink events")?;
+    let monitor = if d.v6.is_some() {
+        Monitor::current_dual_stack()
+    } else {
+        Monitor::current()
+    }
+    .context("subscribe to netlink events")?;
     let Some(listed) = s.signals.unless(watch.wait_synced()).await else {
         return Ok(None);
     };
@@ -1178,6 +1183,14 @@ impl Daemon {
                 if let Some(v) = &mut self.v6 {
                     v.need_ensure = true;
                 }
+                true
+            }
+            // The IPv6 device's entries: the next reconcile dumps it again.
+            MonitorEvent::Changed6 { link: l }
+            | MonitorEvent::FdbUp { link: l, .. }
+            | MonitorEvent::FdbGone { link: l, .. }
+                if self.v6.as_ref().is_some_and(|v| v.link.index == l) =>
+            {
                 true
             }
             MonitorEvent::Link { index, .. } if index == link => {
