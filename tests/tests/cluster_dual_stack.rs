@@ -15,7 +15,7 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use twill_ipam::subnet_file::SubnetFile;
 use twill_tests::cluster::{
-    Cluster, ClusterOpts, ETCD_PREFIX, Node, in_netns, ping, ping6, wait_for,
+    Cluster, ClusterOpts, ETCD_PREFIX, Node, in_netns, metric, ping, ping6, wait_for,
 };
 use twill_tests::netns::{TestNetns, veth_between, veth_on_bridge};
 
@@ -451,6 +451,9 @@ fn dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_and_a_flannel_node() {
         !ip6(&n0.ns, &["route"]).contains("fd00:10:0:c9::"),
         "an IPv6 route for the bad lease"
     );
+    let m = n0.metrics();
+    assert_eq!(metric(&m, "twill_ipv6_peers"), Some(3.0), "{m}");
+    assert_eq!(metric(&m, "twill_ipv6_leases_rejected"), Some(1.0), "{m}");
     assert!(
         n0.log_text().contains("lease rejected for IPv6"),
         "{}",

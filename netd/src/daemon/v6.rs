@@ -256,6 +256,8 @@ impl Daemon {
             }
         }
         v6.logged = now;
+        self.metrics.ipv6_peers.set(peers.len() as i64);
+        self.metrics.ipv6_rejected.set(skipped.len() as i64);
         v6.peers = peers;
         v6.skipped = skipped;
         let link = v6.link.index;
