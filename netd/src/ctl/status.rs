@@ -418,6 +418,12 @@ async fn ipv6_status(
     let v = Validation6 {
         network,
         subnet_len: cfg.ipv6_subnet_len.unwrap_or(64),
+        subnet_min: cfg
+            .ipv6_subnet_min
+            .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED),
+        subnet_max: cfg
+            .ipv6_subnet_max
+            .unwrap_or(std::net::Ipv6Addr::from(u128::MAX)),
         vni,
         own_subnet: subnet,
         own_public_ip: own_ep.map_or(std::net::Ipv6Addr::UNSPECIFIED, |e| e.public_ip),

@@ -59,6 +59,9 @@ pub struct Skipped6 {
 pub struct Validation6 {
     pub network: Ipv6Net,
     pub subnet_len: u8,
+    /// `IPv6SubnetMin` / `IPv6SubnetMax` (resolved).
+    pub subnet_min: Ipv6Addr,
+    pub subnet_max: Ipv6Addr,
     pub vni: u32,
     pub own_subnet: Ipv6Net,
     pub own_public_ip: Ipv6Addr,
@@ -95,6 +98,12 @@ fn check6(l: &Lease, v: &Validation6) -> Result<Option<Peer6>, String> {
         return Err(format!(
             "IPv6 subnet {s} is not a /{} (IPv6SubnetLen)",
             v.subnet_len
+        ));
+    }
+    if s.network() < v.subnet_min || s.network() > v.subnet_max {
+        return Err(format!(
+            "IPv6 subnet {s} is not within IPv6SubnetMin {} .. IPv6SubnetMax {}",
+            v.subnet_min, v.subnet_max
         ));
     }
     if v.own_subnet.contains(&s) || s.contains(&v.own_subnet) {
@@ -242,6 +251,8 @@ mod tests {
         Validation6 {
             network: "fd00:10::/48".parse().unwrap(),
             subnet_len: 64,
+            subnet_min: "fd00:10:0:1::".parse().unwrap(),
+            subnet_max: "fd00:10:0:ff::".parse().unwrap(),
             vni: 1,
             own_subnet: "fd00:10:0:1::/64".parse().unwrap(),
             own_public_ip: "fd99::1".parse().unwrap(),
@@ -265,7 +276,10 @@ mod tests {
             dup_mac
                 .attrs
                 .with_ipv6("fd99::7".parse().unwrap(), 1, Mac::derive("v6-n2"));
+        let mut above_max = lease(8, true);
+        above_max.ipv6_subnet = Some("fd00:10:0:100::/64".parse().unwrap());
         let ls = [
+            above_max,
             lease(2, true),
             lease(3, false),
             bad_ip,
@@ -277,7 +291,8 @@ mod tests {
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].subnet, "fd00:10:0:2::/64".parse::<Ipv6Net>().unwrap());
         let details: Vec<&str> = skipped.iter().map(|s| s.detail.as_str()).collect();
-        assert_eq!(skipped.len(), 4, "{details:?}");
+        assert_eq!(skipped.len(), 5, "{details:?}");
+        assert!(details.iter().any(|d| d.contains("IPv6SubnetMax")), "{details:?}");
         assert!(
             details
                 .iter()

@@ -157,6 +157,8 @@ impl V6 {
         Validation6 {
             network: self.network,
             subnet_len: cfg.ipv6_subnet_len.unwrap_or(64),
+            subnet_min: cfg.ipv6_subnet_min.unwrap_or(Ipv6Addr::UNSPECIFIED),
+            subnet_max: cfg.ipv6_subnet_max.unwrap_or(Ipv6Addr::from(u128::MAX)),
             vni: cfg.backend.vxlan().vni,
             own_subnet: self.own,
             own_public_ip: self.spec.local,
