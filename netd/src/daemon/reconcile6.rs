@@ -292,7 +292,10 @@ mod tests {
         assert_eq!(p[0].subnet, "fd00:10:0:2::/64".parse::<Ipv6Net>().unwrap());
         let details: Vec<&str> = skipped.iter().map(|s| s.detail.as_str()).collect();
         assert_eq!(skipped.len(), 5, "{details:?}");
-        assert!(details.iter().any(|d| d.contains("IPv6SubnetMax")), "{details:?}");
+        assert!(
+            details.iter().any(|d| d.contains("IPv6SubnetMax")),
+            "{details:?}"
+        );
         assert!(
             details
                 .iter()
