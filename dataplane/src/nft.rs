@@ -17,12 +17,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Value, json};
 
 use crate::{Error, Result};
@@ -338,6 +338,77 @@ fn elements<T: std::fmt::Display>(items: &BTreeSet<T>) -> String {
     format!("{{ {} }}", v.join(", "))
 }
 
+/// The IPv6 table of a dual-stack node (`EnableIPv6`): `table ip6 twill`, the IPv6 twin of
+/// `table ip twill` (masquerade of pod traffic leaving `IPv6Network`, forward-accept for it,
+/// VXLAN over IPv6 only from the set [`PEER6_SET`] of the peers' `PublicIPv6`s).
+pub const PEER6_SET: &str = "peers6";
+/// The named counter of dropped VXLAN-over-IPv6 packets (in `table ip6 twill`).
+pub const DROP6_COUNTER: &str = "vxlan6_dropped";
+
+/// What `table ip6 twill` must say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nft6Config {
+    /// `IPv6Network`.
+    pub network: Ipv6Net,
+    /// This node's IPv6 subnet.
+    pub node_subnet: Ipv6Net,
+    /// `--ip-masq`.
+    pub masquerade: bool,
+    pub vxlan_port: u16,
+}
+
+/// `table ip6 twill` as one `nft -f` table block (without the set's elements).
+pub fn render6(cfg: &Nft6Config) -> String {
+    let n = cfg.network.trunc();
+    let s = cfg.node_subnet.trunc();
+    let mut t = format!("table ip6 {TABLE} {{\n");
+    t.push_str("\tcomment \"managed by twilld\"\n");
+    t.push_str(&format!("\tcounter {DROP6_COUNTER} {{\n\t}}\n\n"));
+    t.push_str(&format!(
+        "\tset {PEER6_SET} {{\n\t\ttype ipv6_addr\n\t}}\n\n"
+    ));
+    t.push_str("\tchain input {\n");
+    t.push_str("\t\ttype filter hook input priority filter; policy accept;\n");
+    t.push_str(&format!(
+        "\t\tudp dport {} ip6 saddr != @{PEER6_SET} counter name \"{DROP6_COUNTER}\" drop\n",
+        cfg.vxlan_port
+    ));
+    t.push_str("\t}\n\n");
+    t.push_str("\tchain postrouting {\n");
+    t.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
+    if cfg.masquerade {
+        t.push_str(&format!("\t\tip6 saddr {n} ip6 daddr {n} return\n"));
+        t.push_str(&format!("\t\tip6 saddr {n} ip6 daddr ff00::/8 return\n"));
+        t.push_str(&format!("\t\tip6 saddr {n} masquerade fully-random\n"));
+        t.push_str(&format!("\t\tip6 saddr != {n} ip6 daddr {s} return\n"));
+        t.push_str(&format!(
+            "\t\tip6 saddr != {n} ip6 daddr {n} masquerade fully-random\n"
+        ));
+    }
+    t.push_str("\t}\n\n");
+    t.push_str("\tchain forward {\n");
+    t.push_str("\t\ttype filter hook forward priority filter; policy accept;\n");
+    t.push_str(&format!("\t\tip6 saddr {n} accept\n"));
+    t.push_str(&format!("\t\tip6 daddr {n} accept\n"));
+    t.push_str("\t}\n");
+    t.push_str("}\n");
+    t
+}
+
+/// The one `nft -f` transaction that replaces `table ip6 twill` with [`render6`] and the
+/// members `peers` (create-if-absent, delete, create: never a moment without the rules).
+pub fn transaction6(cfg: &Nft6Config, peers: &BTreeSet<Ipv6Addr>) -> String {
+    let mut t = format!("table ip6 {TABLE} {{}}\ndelete table ip6 {TABLE}\n");
+    t.push_str(&render6(cfg));
+    if !peers.is_empty() {
+        t.push_str(&format!(
+            "add element ip6 {TABLE} {PEER6_SET} {}\n",
+            elements(peers)
+        ));
+    }
+    t
+}
+
 /// Runs `nft`, in the caller's namespace or (for tests) inside the namespace at a path.
 #[derive(Clone, Debug)]
 pub struct Nft {
@@ -597,6 +668,18 @@ impl Nft {
         })
     }
 
+    /// Writes `table ip6 twill` and its peer set in one transaction ([`transaction6`]).
+    pub fn ensure6(&self, cfg: &Nft6Config, peers: &BTreeSet<Ipv6Addr>) -> Result<()> {
+        self.run(&["-f", "-"], Some(&transaction6(cfg, peers)))
+            .map(|_| ())
+    }
+
+    /// The packets counted by `vxlan6_dropped` in `table ip6 twill`.
+    pub fn dropped6_packets(&self) -> Result<u64> {
+        let out = self.run(&["list", "counter", "ip6", TABLE, DROP6_COUNTER], None)?;
+        parse_packets(&out).ok_or_else(|| Error::Nft(format!("no packets in {out:?}")))
+    }
+
     /// Deletes the table if it exists.
     pub fn remove(&self) -> Result<()> {
         let tx = format!("table ip {TABLE} {{ }}\ndelete table ip {TABLE}\n");
@@ -630,6 +713,34 @@ fn parse_packets(listing: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The IPv6 table mirrors the IPv4 one: VXLAN over IPv6 only from the peer set, no NAT
+    /// inside IPv6Network, masquerade out of it, and the members in the same transaction.
+    #[test]
+    fn the_ip6_table_mirrors_the_ip_one() {
+        let cfg = Nft6Config {
+            network: "fd00:10::/56".parse().unwrap(),
+            node_subnet: "fd00:10:0:3::/64".parse().unwrap(),
+            masquerade: true,
+            vxlan_port: 8472,
+        };
+        let peers: BTreeSet<Ipv6Addr> = ["fd99::2".parse().unwrap()].into();
+        let tx = transaction6(&cfg, &peers);
+        assert!(tx.starts_with("table ip6 twill {}\ndelete table ip6 twill\n"));
+        assert!(
+            tx.contains("udp dport 8472 ip6 saddr != @peers6 counter name \"vxlan6_dropped\" drop")
+        );
+        assert!(tx.contains("ip6 saddr fd00:10::/56 ip6 daddr fd00:10::/56 return"));
+        assert!(tx.contains("ip6 saddr fd00:10::/56 masquerade fully-random"));
+        assert!(tx.contains("ip6 saddr != fd00:10::/56 ip6 daddr fd00:10:0:3::/64 return"));
+        assert!(tx.contains("add element ip6 twill peers6 { fd99::2 }"));
+        let no_masq = render6(&Nft6Config {
+            masquerade: false,
+            ..cfg
+        });
+        assert!(!no_masq.contains("masquerade"));
+        assert!(no_masq.contains("ip6 daddr fd00:10::/56 accept"));
+    }
 
     #[test]
     fn vxlan_filter_drops_only_the_vxlan_port_from_non_members() {

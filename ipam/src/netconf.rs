@@ -979,25 +979,30 @@ impl NetConfig {
     }
 
     /// The keys of this config that Flannel defines and twill accepts but does not
-    /// implement, where they ask for something (see `is_set`): `EnableIPv6` (true),
-    /// `IPv6Network`, `IPv6SubnetMin` / `IPv6SubnetMax` (when not the default),
+    /// implement, where they ask for something (see `is_set`): without `EnableIPv6`,
+    /// `IPv6Network`, `IPv6SubnetMin` / `IPv6SubnetMax` (when not the default: they hand
+    /// out nothing; with it twilld runs the IPv6 data plane),
     /// [`UNIMPLEMENTED_KEYS`] and the backend's (`Backend.MTU` when set,
     /// `Backend.GBP`, ...). They are kept in etcd and have no
     /// effect: twilld warns about them once when it reads the config, `twillctl network
     /// show` lists them.
     pub fn unsupported_keys(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.enable_ipv6 {
-            out.push("EnableIPv6".to_string());
-        }
-        if self.ipv6_network.is_some() {
+        let unused6 = !self.enable_ipv6;
+        if unused6 && self.ipv6_network.is_some() {
             out.push("IPv6Network".to_string());
         }
         let default = self.ipv6_default_range();
-        if self.ipv6_subnet_min.is_some() && self.ipv6_subnet_min != default.map(|r| r.min) {
+        if unused6
+            && self.ipv6_subnet_min.is_some()
+            && self.ipv6_subnet_min != default.map(|r| r.min)
+        {
             out.push("IPv6SubnetMin".to_string());
         }
-        if self.ipv6_subnet_max.is_some() && self.ipv6_subnet_max != default.map(|r| r.max) {
+        if unused6
+            && self.ipv6_subnet_max.is_some()
+            && self.ipv6_subnet_max != default.map(|r| r.max)
+        {
             out.push("IPv6SubnetMax".to_string());
         }
         for k in UNIMPLEMENTED_KEYS {
@@ -1462,15 +1467,7 @@ mod tests {
                 r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:2::","IPv6SubnetMax":"fd00:0:0:ff::","EnableNFTables":true,"Future":1,"Backend":{"Type":"vxlan","DirectRouting":true,"GBP":true,"Learning":true,"MTU":1400,"Other":true}}"#
             ),
             // Backend.MTU is implemented (the VXLAN device's MTU): not named.
-            [
-                "EnableIPv6",
-                "IPv6Network",
-                "IPv6SubnetMin",
-                "IPv6SubnetMax",
-                "EnableNFTables",
-                "Backend.GBP",
-                "Backend.Learning"
-            ]
+            ["EnableNFTables", "Backend.GBP", "Backend.Learning"]
         );
         // An IPv6Network without EnableIPv6 is unused too.
         assert_eq!(
@@ -1513,21 +1510,17 @@ mod tests {
         let out = c.to_json();
         assert!(!out.contains("IPv6SubnetMin"), "{out}");
         assert_eq!(NetConfig::from_json(&out).unwrap(), c);
-        // Explicit bounds are kept, written, and named as unsupported.
+        // Explicit bounds are kept and written; with EnableIPv6 they are in effect.
         let c = NetConfig::from_json(
             r#"{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:10::","IPv6SubnetMax":"fd00:0:0:1f::"}"#,
         )
         .unwrap();
         assert_eq!(c.ipv6_range().unwrap().count(), 16);
         assert_eq!(NetConfig::from_json(&c.to_json()).unwrap(), c);
-        assert_eq!(
-            c.unsupported_keys(),
-            [
-                "EnableIPv6",
-                "IPv6Network",
-                "IPv6SubnetMin",
-                "IPv6SubnetMax"
-            ]
+        assert!(
+            c.unsupported_keys().is_empty(),
+            "{:?}",
+            c.unsupported_keys()
         );
         // IPv6Network without EnableIPv6 hands out no IPv6 subnets.
         let off =

@@ -147,6 +147,10 @@ pub struct RunArgs {
     /// IP that other nodes send VXLAN traffic to (default: the first address of --iface).
     #[arg(long, env = "TWILLD_PUBLIC_IP")]
     pub public_ip: Option<IpAddr>,
+    /// IPv6 address that other nodes send IPv6 VXLAN traffic to, with `EnableIPv6` in the
+    /// network config (default: the first global IPv6 address of --iface).
+    #[arg(long, env = "TWILLD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
     /// Where to write the subnet file for the CNI plugin (Flannel's keys).
     #[arg(
         long,

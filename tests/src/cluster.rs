@@ -242,6 +242,8 @@ impl Drop for NsProxy {
 
 /// The etcd prefix every cluster uses.
 pub const ETCD_PREFIX: &str = "/twill/network";
+/// br0's IPv6 address on a dual-stack underlay ([`ClusterOpts::underlay_ipv6`]).
+pub const UNDERLAY_V6_GATEWAY: &str = "fd50::fe";
 /// The cluster network.
 pub const NETWORK: &str = "10.244.0.0/16";
 /// twilld's metrics address inside each node namespace.
@@ -262,6 +264,11 @@ pub struct ClusterOpts {
     /// n-member etcd cluster on the underlay ([`crate::etcd_ha::EtcdHa`]), every member an
     /// endpoint of every twilld.
     pub etcd_members: usize,
+    /// The network config (net-conf.json) instead of the harness's IPv4-only one.
+    pub net_conf: Option<String>,
+    /// A dual-stack underlay: br0 gets [`UNDERLAY_V6_GATEWAY`]/64 too and each node an
+    /// IPv6 address of `fd50::/64` on eth0 ([`Node::ip6`]).
+    pub underlay_ipv6: bool,
 }
 
 impl Default for ClusterOpts {
@@ -273,6 +280,8 @@ impl Default for ClusterOpts {
             lease_ttl: Duration::from_secs(60),
             extra_args: Vec::new(),
             etcd_members: 0,
+            net_conf: None,
+            underlay_ipv6: false,
         }
     }
 }
@@ -290,6 +299,8 @@ pub struct Node {
     pub ns: TestNetns,
     /// Underlay address on eth0.
     pub ip: Ipv4Addr,
+    /// IPv6 underlay address on eth0 (with [`ClusterOpts::underlay_ipv6`]).
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub dir: PathBuf,
     pub daemon: Option<ChildGuard>,
     pub pods: Vec<Pod>,
@@ -417,12 +428,23 @@ impl Cluster {
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["addr", "add", "192.168.50.254/24", "dev", "br0"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
-        std::fs::write(
-            dir.path().join("net-conf.json"),
+        if opts.underlay_ipv6 {
+            underlay.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{UNDERLAY_V6_GATEWAY}/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ])?;
+        }
+        let conf = opts.net_conf.clone().unwrap_or_else(|| {
             format!(
                 r#"{{"Network":"{NETWORK}","SubnetLen":24,"Backend":{{"Type":"vxlan","VNI":1}}}}"#
-            ),
-        )?;
+            )
+        });
+        std::fs::write(dir.path().join("net-conf.json"), conf)?;
         let ha = match opts.etcd_members {
             0 => None,
             n => Some(crate::etcd_ha::EtcdHa::start(
@@ -502,6 +524,22 @@ impl Cluster {
         veth_on_bridge(&self.underlay, bridge, &format!("n{n}"), &ns, "eth0")?;
         ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
         ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        let ip6 = if self.opts.underlay_ipv6 {
+            let a: std::net::Ipv6Addr = format!("fd50::{:x}", 10 + n).parse()?;
+            // nodad: usable at once (no tentative second), unique by construction.
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            Some(a)
+        } else {
+            None
+        };
         let dir = self.dir.path().join(&name);
         std::fs::create_dir_all(&dir)?;
         let upstream: std::net::SocketAddr = self
@@ -516,6 +554,7 @@ impl Cluster {
             name,
             ns,
             ip,
+            ip6,
             dir,
             daemon: None,
             pods: Vec::new(),
@@ -688,6 +727,27 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// `ping -6 -c <count> -W <wait>` from inside `ns`; true if every reply came back.
+pub fn ping6(ns: &TestNetns, dst: std::net::Ipv6Addr, count: u32, wait_s: u32) -> bool {
+    ns.exec_output(
+        "ping",
+        &[
+            "-6",
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            &wait_s.to_string(),
+            &dst.to_string(),
+        ],
+    )
+    .map(|o| o.status.success())
+    .unwrap_or(false)
 }
 
 /// `ping -c <count> -W <wait>` from inside `ns`; true if every reply came back.

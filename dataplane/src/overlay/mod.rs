@@ -19,6 +19,7 @@ mod monitor;
 mod rtnl;
 pub mod sysctl;
 pub mod underlay;
+pub mod v6;
 
 use std::collections::BTreeSet;
 use std::fmt;

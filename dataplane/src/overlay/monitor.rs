@@ -26,6 +26,14 @@ const GROUPS: &[MulticastGroup] = &[
     MulticastGroup::Ipv4Route,
 ];
 
+/// The groups of a dual-stack node: the IPv6 routes too.
+const GROUPS_DUAL: &[MulticastGroup] = &[
+    MulticastGroup::Link,
+    MulticastGroup::Neigh,
+    MulticastGroup::Ipv4Route,
+    MulticastGroup::Ipv6Route,
+];
+
 /// One notification that concerns the overlay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MonitorEvent {
@@ -70,6 +78,11 @@ pub enum MonitorEvent {
         oif: Option<u32>,
         dst: ipnet::Ipv4Net,
     },
+    /// A permanent IPv6 neighbour, or an IPv6 route of twill's, on `link` was added or
+    /// removed (the dual-stack receiver dumps its IPv6 device again).
+    Changed6 {
+        link: u32,
+    },
     /// Events were lost (ENOBUFS): dump everything again.
     Overrun,
 }
@@ -88,6 +101,11 @@ impl Monitor {
         Self::subscribe(None, RCVBUF)
     }
 
+    /// [`Monitor::current`] that also listens to IPv6 routes (a dual-stack node).
+    pub fn current_dual_stack() -> Result<Monitor> {
+        Self::subscribe_groups(None, GROUPS_DUAL, RCVBUF)
+    }
+
     /// Subscribes inside `ns` (the socket is created on a short-lived thread in `ns`).
     pub fn open(ns: &NetNs) -> Result<Monitor> {
         Self::open_with_rcvbuf(ns, RCVBUF)
@@ -100,7 +118,15 @@ impl Monitor {
     }
 
     fn subscribe(ns: Option<&NetNs>, rcvbuf: libc::c_int) -> Result<Monitor> {
-        let Subscription { handle, rx } = netlink::subscribe(ns, GROUPS, rcvbuf)?;
+        Self::subscribe_groups(ns, GROUPS, rcvbuf)
+    }
+
+    fn subscribe_groups(
+        ns: Option<&NetNs>,
+        groups: &'static [MulticastGroup],
+        rcvbuf: libc::c_int,
+    ) -> Result<Monitor> {
+        let Subscription { handle, rx } = netlink::subscribe(ns, groups, rcvbuf)?;
         Ok(Monitor {
             rx,
             _handle: handle,
@@ -149,6 +175,14 @@ fn foreign(r: &parse::Route) -> Option<MonitorEvent> {
     }
 }
 
+/// [`MonitorEvent::Changed6`] for an IPv6 route of twill's; `None` for any other route.
+fn changed6(r: &parse::Route) -> Option<MonitorEvent> {
+    match (r.dst, r.oif) {
+        (ipnet::IpNet::V6(_), Some(link)) if is_twills(r) => Some(MonitorEvent::Changed6 { link }),
+        _ => None,
+    }
+}
+
 fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
     match m {
         RouteNetlinkMessage::NewLink(l) => {
@@ -170,6 +204,8 @@ fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
             let link = n.index;
             if n.family == AddressFamily::Bridge {
                 fdb_on(&n, link).map(|fdb| MonitorEvent::FdbUp { link, fdb })
+            } else if n.family == AddressFamily::Inet6 {
+                (n.state == NeighbourState::Permanent).then_some(MonitorEvent::Changed6 { link })
             } else {
                 neigh_on(&n, link).map(|neigh| MonitorEvent::NeighUp { link, neigh })
             }
@@ -186,6 +222,7 @@ fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
                 (AddressFamily::Inet, Some(std::net::IpAddr::V4(ip))) => {
                     Some(MonitorEvent::NeighGone { link, ip })
                 }
+                (AddressFamily::Inet6, _) => Some(MonitorEvent::Changed6 { link }),
                 _ => None,
             }
         }
@@ -193,6 +230,9 @@ fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
         // underlay (the receiver tells them apart by `link`).
         RouteNetlinkMessage::NewRoute(r) => {
             let r = parse::route(&r)?;
+            if let Some(ev) = changed6(&r) {
+                return Some(ev);
+            }
             if let Some(ev) = foreign(&r) {
                 return Some(ev);
             }
@@ -201,6 +241,9 @@ fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
         }
         RouteNetlinkMessage::DelRoute(r) => {
             let r = parse::route(&r)?;
+            if let Some(ev) = changed6(&r) {
+                return Some(ev);
+            }
             if let Some(ev) = foreign(&r) {
                 return Some(ev);
             }

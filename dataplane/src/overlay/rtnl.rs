@@ -18,6 +18,8 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
+mod v6;
+
 use super::batch::BatchSocket;
 use super::{
     DirectRoute, EnsureOutcome, Fdb, Neigh, Op, Overlay, Programmed, Route, RoutePath,
@@ -158,8 +160,12 @@ impl RtnlOverlay {
     }
 
     async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<()> {
-        let name = spec.name();
-        let mut b = LinkVxlan::new(&name, spec.vni)
+        self.create_vxlan_named(&spec.name(), spec).await
+    }
+
+    /// Creates the VXLAN device `name` with the settings of `spec` (its address aside).
+    async fn create_vxlan_named(&self, name: &str, spec: &VxlanSpec) -> Result<()> {
+        let mut b = LinkVxlan::new(name, spec.vni)
             // `dev` is the underlay by index (LinkMessageBuilder::link() does not work for VXLAN).
             .dev(spec.underlay_index)
             .port(spec.port)

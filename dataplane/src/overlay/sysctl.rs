@@ -85,3 +85,18 @@ pub fn enable_forwarding_in(ns: &NetNs, vxlan: &str) -> Result<()> {
     let vx = vxlan.to_string();
     ns.run_in(move || enable_forwarding(&vx))?
 }
+
+/// The IPv6 twin of [`enable_forwarding`] for a dual-stack node: `net.ipv6.conf.all.forwarding`
+/// is required (an error if it is not 1 and cannot be set). With it on, interfaces with
+/// `accept_ra=1` stop taking router advertisements (the kernel's rule for routers): set
+/// `accept_ra=2` on an underlay that is configured by SLAAC (docs/operations.md).
+pub fn enable_forwarding6() -> Result<()> {
+    let key = "net/ipv6/conf/all/forwarding";
+    write(key, "1").map_err(|e| {
+        Error::Invalid(format!(
+            "net.ipv6.conf.all.forwarding must be 1 on a dual-stack node and twilld cannot set it \
+             ({e}): set it on the node (sysctl -w net.ipv6.conf.all.forwarding=1) or let twilld \
+             write /proc/sys"
+        ))
+    })
+}

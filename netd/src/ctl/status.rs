@@ -12,9 +12,11 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
+use ipnet::Ipv6Net;
 use serde_json::json;
 use twill_dataplane::Netlink;
-use twill_dataplane::overlay::{Overlay, Programmed, RtnlOverlay};
+use twill_dataplane::overlay::v6::{Op6, Programmed6, diff6};
+use twill_dataplane::overlay::{Overlay, Programmed, RtnlOverlay, VxlanLink};
 
 use super::{Cli, EXIT_ERROR, EXIT_NOT_FOUND, Failure, Output, connect, print_json, print_table};
 use crate::daemon::decide_direct;
@@ -22,6 +24,7 @@ use crate::daemon::health::{
     NodeReport, PATH_VXLAN, PeerView, PeersListed, health_prefix, read_report,
 };
 use crate::daemon::reconcile::{Direct, Peer, Skipped, Validation, desired_with, peers, status};
+use crate::daemon::reconcile6::{Peer6, Skipped6, Validation6, desired6, peers6};
 use twill_ipam::lease::Lease;
 
 #[derive(Debug, Clone, Args)]
@@ -143,6 +146,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
         }
     }
     let route_of = |p: &Peer| direct.mode(p).as_str();
+    let v6 = ipv6_status(&ov, &cfg, own, &peer_list, &leases).await?;
     let twilld = twilld_ready(args.metrics_addr);
     // A blocked node keeps its old subnet's address on twill.<VNI>, whose lease another node
     // holds now.
@@ -170,6 +174,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                 "in_sync": report.missing.is_empty() && report.stale.is_empty() && link.is_some(),
                 "peer_health": peer_health_json(&health, &rows, now),
                 "twilld": twilld.as_ref().map(|(ready, reason)| json!({"ready": ready, "reason": reason})),
+                "ipv6": v6.as_ref().map(V6Status::json),
             });
             print_json(&v);
         }
@@ -269,6 +274,9 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
                 print_table(&["KEY", "REASON", "DETAIL"], &rows);
                 println!();
             }
+            if let Some(v6) = &v6 {
+                v6.print();
+            }
             if !report.missing.is_empty() || !report.stale.is_empty() {
                 let mut rows = Vec::new();
                 for op in &report.missing {
@@ -285,6 +293,165 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The IPv6 side of a dual-stack node: `twill-v6.<VNI>` expected against programmed.
+struct V6Status {
+    subnet: Ipv6Net,
+    link: Option<VxlanLink>,
+    peers: Vec<Peer6>,
+    rejected: Vec<Skipped6>,
+    expected: usize,
+    programmed: usize,
+    missing: Vec<Op6>,
+    stale: Vec<Op6>,
+}
+
+impl V6Status {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "subnet": self.subnet.to_string(),
+            "vxlan": self.link.as_ref().map(|l| json!({
+                "name": l.name, "index": l.index, "mtu": l.mtu, "mac": l.mac.to_string(),
+                "up": l.up, "local": l.local.map(|a| a.to_string()),
+            })),
+            "peers": self.peers.iter().map(|p| json!({
+                "key": p.key, "subnet": p.subnet.to_string(),
+                "public_ipv6": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.to_string(),
+            })).collect::<Vec<_>>(),
+            "rejected": self.rejected.iter().map(|s| json!({"key": s.key, "detail": s.detail})).collect::<Vec<_>>(),
+            "expected": self.expected,
+            "programmed": self.programmed,
+            "missing": self.missing,
+            "stale": self.stale,
+            "in_sync": self.missing.is_empty() && self.stale.is_empty() && self.link.is_some(),
+        })
+    }
+
+    fn print(&self) {
+        println!();
+        match &self.link {
+            Some(l) => println!(
+                "ipv6 subnet {}: {} mtu {} mac {} local {} ({})",
+                self.subnet,
+                l.name,
+                l.mtu,
+                l.mac,
+                l.local.map_or("-".to_string(), |a| a.to_string()),
+                if l.up { "up" } else { "DOWN" }
+            ),
+            None => println!(
+                "ipv6 subnet {}: the IPv6 VXLAN device is MISSING",
+                self.subnet
+            ),
+        }
+        println!(
+            "ipv6 peers {}  expected entries {}  programmed {}  missing {}  stale {}",
+            self.peers.len(),
+            self.expected,
+            self.programmed,
+            self.missing.len(),
+            self.stale.len()
+        );
+        if !self.peers.is_empty() {
+            let rows: Vec<Vec<String>> = self
+                .peers
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.subnet.to_string(),
+                        p.public_ip.to_string(),
+                        p.vtep_mac.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["IPV6-SUBNET", "PUBLIC-IPV6", "VTEP"], &rows);
+        }
+        if !self.rejected.is_empty() {
+            println!("REJECTED FOR IPV6 ({})", self.rejected.len());
+            let rows: Vec<Vec<String>> = self
+                .rejected
+                .iter()
+                .map(|s| vec![s.key.clone(), s.detail.clone()])
+                .collect();
+            print_table(&["KEY", "DETAIL"], &rows);
+        }
+        let mut rows = Vec::new();
+        for op in &self.missing {
+            rows.push(vec!["missing".to_string(), op.to_string()]);
+        }
+        for op in &self.stale {
+            rows.push(vec!["stale".to_string(), op.to_string()]);
+        }
+        if rows.is_empty() {
+            println!("ipv6 in sync");
+        } else {
+            print_table(&["STATE", "FIX"], &rows);
+        }
+        println!();
+    }
+}
+
+/// The IPv6 side as twilld computes it (`None`: an IPv4-only config, or a lease without an
+/// IPv6 subnet).
+async fn ipv6_status(
+    ov: &RtnlOverlay,
+    cfg: &twill_ipam::netconf::NetConfig,
+    own: &Lease,
+    peers: &[Peer],
+    leases: &[Lease],
+) -> Result<Option<V6Status>, Failure> {
+    let (true, Some(subnet), Some(network)) = (cfg.enable_ipv6, own.ipv6_subnet, cfg.ipv6_network)
+    else {
+        return Ok(None);
+    };
+    let vni = cfg.backend.vxlan().vni;
+    let link = ov
+        .get_vxlan6(vni)
+        .await
+        .map_err(|e| Failure::new(EXIT_ERROR, format!("read the IPv6 VXLAN device: {e}")))?;
+    let own_ep = own.attrs.ipv6_endpoint().ok().flatten();
+    let own_mac = match &link {
+        Some(l) if !l.mac.is_zero() => Some(l.mac),
+        _ => own_ep.map(|e| e.vtep_mac),
+    };
+    let v = Validation6 {
+        network,
+        subnet_len: cfg.ipv6_subnet_len.unwrap_or(64),
+        subnet_min: cfg
+            .ipv6_subnet_min
+            .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED),
+        subnet_max: cfg
+            .ipv6_subnet_max
+            .unwrap_or(std::net::Ipv6Addr::from(u128::MAX)),
+        vni,
+        own_subnet: subnet,
+        own_public_ip: own_ep.map_or(std::net::Ipv6Addr::UNSPECIFIED, |e| e.public_ip),
+        own_vtep_mac: own_mac.unwrap_or_default(),
+    };
+    let accepted: std::collections::HashSet<_> = peers.iter().map(|p| p.subnet).collect();
+    let (peers, rejected) = peers6(leases.iter().filter(|l| accepted.contains(&l.subnet)), &v);
+    let want = desired6(&peers);
+    let actual = match &link {
+        Some(l) => ov
+            .dump6(l.index)
+            .await
+            .map_err(|e| Failure::new(EXIT_ERROR, format!("dump {}: {e}", l.name)))?,
+        None => Programmed6::default(),
+    };
+    let (missing, stale) = diff6(&want, &actual)
+        .into_iter()
+        .partition(|o| o.is_replace());
+    Ok(Some(V6Status {
+        subnet,
+        link,
+        expected: want.len(),
+        programmed: actual.len(),
+        peers,
+        rejected,
+        missing,
+        stale,
+    }))
 }
 
 /// One entry of the `rejected` / `pending` arrays (docs/leases.md).

@@ -26,6 +26,10 @@ use twill_ipam::store::{HolderStats, LeaseHolder, WatchCounters};
 #[derive(Clone)]
 pub struct Metrics {
     pub peers: Gauge,
+    /// Dual-stack: peers with an IPv6 side programmed on `twill-v6.<VNI>`.
+    pub ipv6_peers: Gauge,
+    /// Dual-stack: leases whose IPv6 side is rejected (their IPv4 side may be a peer).
+    pub ipv6_rejected: Gauge,
     pub routes: Gauge,
     pub fdb: Gauge,
     pub neighs: Gauge,
@@ -58,6 +62,8 @@ impl Metrics {
     pub fn new(reg: &mut Registry) -> Metrics {
         let m = Metrics {
             peers: Gauge::default(),
+            ipv6_peers: Gauge::default(),
+            ipv6_rejected: Gauge::default(),
             routes: Gauge::default(),
             fdb: Gauge::default(),
             neighs: Gauge::default(),
@@ -85,6 +91,16 @@ impl Metrics {
             "twill_peers",
             "Peer nodes (other leases) programmed for",
             m.peers.clone(),
+        );
+        reg.register(
+            "twill_ipv6_peers",
+            "Dual-stack: peers whose IPv6 side is programmed for on the IPv6 VXLAN device",
+            m.ipv6_peers.clone(),
+        );
+        reg.register(
+            "twill_ipv6_leases_rejected",
+            "Dual-stack: leases whose IPv6 side is rejected (IPv4 side unaffected)",
+            m.ipv6_rejected.clone(),
         );
         reg.register(
             "twill_routes_programmed",

@@ -17,8 +17,10 @@ pub mod health;
 mod memory;
 pub mod metrics;
 pub mod reconcile;
+pub mod reconcile6;
 pub mod tls_reload;
 mod underlay_check;
+mod v6;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -147,6 +149,8 @@ struct Daemon {
     /// A route that is not twill's changed since the direct peers were last decided: the
     /// next reconcile looks every peer up again.
     underlay_routes_changed: bool,
+    /// The IPv6 side of a dual-stack node (`EnableIPv6`); `None`: IPv4 only.
+    v6: Option<v6::V6>,
 }
 
 /// Asks the kernel how it routes each of `ips` now (one RTM_GETROUTE each, up to
@@ -271,7 +275,15 @@ async fn startup(args: RunArgs) -> Result<Option<(Daemon, Inputs)>> {
     // while this node takes its lease and sets up its device and nftables.
     let mut watch = store.watch();
     s.metrics.counted.set_watch(watch.counters());
-    let Some((holder, lease, mac)) = s.take_lease(&store, &cfg, &kernel).await? else {
+    let side6 = if cfg.enable_ipv6 {
+        let vni = cfg.backend.vxlan().vni;
+        let side = v6::side6(&s.args, &kernel.nl, &kernel.ov, &kernel.under, vni, &s.node).await?;
+        info!(public_ipv6 = %side.public_ip, "dual-stack: IPv6 side");
+        Some(side)
+    } else {
+        None
+    };
+    let Some((holder, lease, mac)) = s.take_lease(&store, &cfg, &kernel, side6).await? else {
         return Ok(None);
     };
     let Kernel {
@@ -281,11 +293,18 @@ async fn startup(args: RunArgs) -> Result<Option<(Daemon, Inputs)>> {
         ..
     } = kernel;
     let spec = s.vxlan_spec(&under, &cfg, mac, &lease);
+    let v6 = side6.and_then(|side| v6::V6::new(&cfg, &s.args, &under, side, &lease));
     let (health_tx, health_rx) = tokio::sync::watch::channel(health::Targets::default());
     let mut d = s.daemon(ov, peer_set, cfg, spec, lease.subnet, health_tx);
     d.underlay_name = under.name.clone();
+    d.v6 = v6;
     // Subscribe before the first dump so that no change between the two is missed.
-    let monitor = Monitor::current().context("subscribe to netlink events")?;
+    let monitor = if d.v6.is_some() {
+        Monitor::current_dual_stack()
+    } else {
+        Monitor::current()
+    }
+    .context("subscribe to netlink events")?;
     let Some(listed) = s.signals.unless(watch.wait_synced()).await else {
         return Ok(None);
     };
@@ -476,11 +495,16 @@ impl Startup {
         store: &LeaseStore,
         cfg: &NetConfig,
         k: &Kernel,
+        side6: Option<v6::Side6>,
     ) -> Result<Option<(Arc<LeaseHolder>, Lease, Mac)>> {
         let vni = cfg.backend.vxlan().vni;
         let mac = vtep_mac(&k.ov, vni, &self.node).await?;
         let prefer = previous_subnet(&self.args, cfg.subnet_len);
-        let attrs = LeaseAttrs::vxlan(&self.node, k.public_v4, vni, mac);
+        let mut attrs = LeaseAttrs::vxlan(&self.node, k.public_v4, vni, mac);
+        if let Some(side) = side6 {
+            // Dual-stack: the holder takes a v4+v6 pair key in one transaction.
+            attrs = attrs.with_ipv6(side.public_ip, vni, side.mac);
+        }
         // Never leave a subnet whose addresses pods here still hold (issue 14): the holder takes
         // that subnet only, and is blocked while another node has it.
         let data_dir = self.args.cni_data_dir.clone();
@@ -577,6 +601,7 @@ impl Startup {
             direct: Direct::default(),
             nft_direct: None,
             underlay_routes_changed: false,
+            v6: None,
         }
     }
 
@@ -916,6 +941,18 @@ impl Daemon {
                     }
                 }
                 if let Some(l) = &st.lease
+                    && st.held
+                    && let (Some(v), Some(s6)) = (&mut self.v6, l.ipv6_subnet)
+                    && v.own != s6
+                {
+                    warn!(old = %v.own, new = %s6, "lease re-acquired with another IPv6 subnet");
+                    v.move_to(s6);
+                    self.reconcile(watch, Cause::Leases).await;
+                    if let Err(e) = self.write_subnet_file() {
+                        error!(error = %format!("{e:#}"), "subnet file");
+                    }
+                }
+                if let Some(l) = &st.lease
                     && let Some(exp) = l.expires
                 {
                     set_expiry(&self.metrics, exp);
@@ -1008,7 +1045,8 @@ impl Daemon {
             self.nft_direct = Some(direct_written);
             self.last_vxlan_dropped = 0;
         }
-        Ok(())
+        // The IPv6 side after the IPv4 one: its failure never holds the IPv4 entries back.
+        self.ensure_v6().await
     }
 
     /// Runs a blocking nft call off the runtime; a failure is logged, counted and makes the
@@ -1144,6 +1182,22 @@ impl Daemon {
             MonitorEvent::LinkGone { index, .. } if index == link => {
                 warn!(link = %self.link.name, "VXLAN device deleted: recreating");
                 self.need_dump = true;
+                true
+            }
+            MonitorEvent::LinkGone { index, .. } | MonitorEvent::Link { index, .. }
+                if self.v6.as_ref().is_some_and(|v| v.link.index == index) =>
+            {
+                if let Some(v) = &mut self.v6 {
+                    v.need_ensure = true;
+                }
+                true
+            }
+            // The IPv6 device's entries: the next reconcile dumps it again.
+            MonitorEvent::Changed6 { link: l }
+            | MonitorEvent::FdbUp { link: l, .. }
+            | MonitorEvent::FdbGone { link: l, .. }
+                if self.v6.as_ref().is_some_and(|v| v.link.index == l) =>
+            {
                 true
             }
             MonitorEvent::Link { index, .. } if index == link => {
@@ -1290,6 +1344,9 @@ impl Daemon {
         self.set_entry_metrics(peer_count);
         if delta.full || dumped {
             memory::release_freed();
+        }
+        if self.v6.is_some() {
+            self.reconcile_v6(watch).await;
         }
         self.metrics.reconciles.inc();
         self.metrics
@@ -1654,12 +1711,16 @@ impl Daemon {
     }
 
     fn write_subnet_file(&self) -> Result<()> {
-        let f = SubnetFile::for_node_subnet(
+        let mut f = SubnetFile::for_node_subnet(
             IpNet::V4(self.cfg.network),
             IpNet::V4(self.own),
             self.spec.mtu,
             self.args.ip_masq,
         );
+        if let Some((network, own, mtu)) = self.v6_subnet_file() {
+            f = f.with_ipv6(network, own);
+            f.mtu = mtu;
+        }
         if SubnetFile::read(&self.args.subnet_file).ok().as_ref() == Some(&f) {
             return Ok(());
         }
@@ -1668,7 +1729,7 @@ impl Daemon {
         }
         f.write_atomic(&self.args.subnet_file)
             .with_context(|| format!("write subnet file {}", self.args.subnet_file.display()))?;
-        info!(path = %self.args.subnet_file.display(), subnet = %self.own, mtu = self.spec.mtu, "subnet file written");
+        info!(path = %self.args.subnet_file.display(), subnet = %self.own, ipv6_subnet = ?f.ipv6_subnet, mtu = f.mtu, "subnet file written");
         Ok(())
     }
 
