@@ -535,3 +535,63 @@ fn an_ipv4_only_config_gets_no_ipv6_device_key_or_subnet_file_line() {
     let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
     assert!(ping(&a.ns, b.ip, 1, 2), "{}", c.logs());
 }
+
+/// The pod's global IPv6 addresses on `eth0`, with whether each is still tentative.
+fn pod_ipv6(ns: &TestNetns) -> Vec<(Ipv6Addr, bool)> {
+    let out = ns
+        .ip(&["-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"])
+        .unwrap();
+    out.lines()
+        .filter_map(|l| {
+            let mut t = l.split_whitespace().skip_while(|t| *t != "inet6");
+            let addr = t.nth(1)?.split('/').next()?.parse().ok()?;
+            Some((addr, l.contains("tentative")))
+        })
+        .collect()
+}
+
+/// End to end, the two halves together: twilld on dual-stack nodes writes the subnet file
+/// with FLANNEL_IPV6_SUBNET, the real `twill` plugin (CNI ADD, the cluster harness's pods)
+/// gives each pod an address of its node's IPv6 subnet, usable at once (not tentative),
+/// and the pods on different nodes reach each other over IPv6 through `twill-v6.1` (and
+/// over IPv4 through `twill.1`). Fails if the plugin ignores the IPv6 subnet, if twilld
+/// does not write it, or if the IPv6 overlay does not carry the pods' traffic.
+#[test]
+fn pods_made_by_the_plugin_reach_each_other_over_ipv6_across_nodes() {
+    let c = Cluster::start(ClusterOpts {
+        nodes: 2,
+        pods_per_node: 1,
+        net_conf: Some(DUAL.to_string()),
+        underlay_ipv6: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut v6 = Vec::new();
+    for n in &c.nodes {
+        let (_, s6) = subnets(n);
+        let pod = &n.pods[0];
+        let addrs = pod_ipv6(&pod.ns);
+        assert_eq!(addrs.len(), 1, "{}: {addrs:?}", n.name);
+        let (a, tentative) = addrs[0];
+        assert!(s6.contains(&a), "{}: {a} not in {s6}", n.name);
+        assert!(!tentative, "{}: {a} is tentative after ADD", n.name);
+        v6.push(a);
+    }
+    for (i, n) in c.nodes.iter().enumerate() {
+        let j = 1 - i;
+        let (from, to4, to6) = (&n.pods[0].ns, c.nodes[j].pods[0].ip, v6[j]);
+        assert!(
+            ping6(from, to6, 3, 2),
+            "pod on {} cannot ping6 {to6} on {}\n{}",
+            n.name,
+            c.nodes[j].name,
+            c.logs()
+        );
+        assert!(
+            ping(from, to4, 3, 2),
+            "pod on {} cannot ping {to4}\n{}",
+            n.name,
+            c.logs()
+        );
+    }
+}
