@@ -731,43 +731,24 @@ impl Cluster {
 
 /// `ping -6 -c <count> -W <wait>` from inside `ns`; true if every reply came back.
 pub fn ping6(ns: &TestNetns, dst: std::net::Ipv6Addr, count: u32, wait_s: u32) -> bool {
-    ns.exec_output(
-        "ping",
-        &[
-            "-6",
-            "-n",
-            "-q",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.2",
-            "-W",
-            &wait_s.to_string(),
-            &dst.to_string(),
-        ],
-    )
-    .map(|o| o.status.success())
-    .unwrap_or(false)
+    ping_ip(ns, dst.into(), count, wait_s)
 }
 
 /// `ping -c <count> -W <wait>` from inside `ns`; true if every reply came back.
 pub fn ping(ns: &TestNetns, dst: Ipv4Addr, count: u32, wait_s: u32) -> bool {
-    ns.exec_output(
-        "ping",
-        &[
-            "-n",
-            "-q",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.2",
-            "-W",
-            &wait_s.to_string(),
-            &dst.to_string(),
-        ],
-    )
-    .map(|o| o.status.success())
-    .unwrap_or(false)
+    ping_ip(ns, dst.into(), count, wait_s)
+}
+
+/// `ping -4|-6 -c <count> -i 0.2 -W <wait> <dst>` from inside `ns`.
+fn ping_ip(ns: &TestNetns, dst: std::net::IpAddr, count: u32, wait_s: u32) -> bool {
+    let family = if dst.is_ipv6() { "-6" } else { "-4" };
+    let (count, wait, dst) = (count.to_string(), wait_s.to_string(), dst.to_string());
+    let args = [
+        family, "-n", "-q", "-c", &count, "-i", "0.2", "-W", &wait, &dst,
+    ];
+    ns.exec_output("ping", &args)
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// A ping running in the background (`-i interval`), whose loss is read at the end.

@@ -8,6 +8,7 @@ use futures::channel::mpsc::UnboundedReceiver;
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::neighbour::NeighbourState;
+use rtnetlink::packet_route::route::RouteMessage;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::SocketAddr;
 
@@ -183,6 +184,25 @@ fn changed6(r: &parse::Route) -> Option<MonitorEvent> {
     }
 }
 
+/// A route notification: an IPv6 change on a dual-stack node, a route that is not twill's
+/// (the underlay's), or one of twill's, added (`up`) or gone.
+fn route_event(r: &RouteMessage, up: bool) -> Option<MonitorEvent> {
+    let r = parse::route(r)?;
+    if let Some(ev) = changed6(&r) {
+        return Some(ev);
+    }
+    if let Some(ev) = foreign(&r) {
+        return Some(ev);
+    }
+    let link = r.oif?;
+    let route = route_on(&r, link)?;
+    Some(if up {
+        MonitorEvent::RouteUp { link, route }
+    } else {
+        MonitorEvent::RouteGone { link, route }
+    })
+}
+
 fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
     match m {
         RouteNetlinkMessage::NewLink(l) => {
@@ -228,28 +248,8 @@ fn convert(m: RouteNetlinkMessage) -> Option<MonitorEvent> {
         }
         // twill's routes on any device: the VXLAN device's, and the direct ones on the
         // underlay (the receiver tells them apart by `link`).
-        RouteNetlinkMessage::NewRoute(r) => {
-            let r = parse::route(&r)?;
-            if let Some(ev) = changed6(&r) {
-                return Some(ev);
-            }
-            if let Some(ev) = foreign(&r) {
-                return Some(ev);
-            }
-            let link = r.oif?;
-            route_on(&r, link).map(|route| MonitorEvent::RouteUp { link, route })
-        }
-        RouteNetlinkMessage::DelRoute(r) => {
-            let r = parse::route(&r)?;
-            if let Some(ev) = changed6(&r) {
-                return Some(ev);
-            }
-            if let Some(ev) = foreign(&r) {
-                return Some(ev);
-            }
-            let link = r.oif?;
-            route_on(&r, link).map(|route| MonitorEvent::RouteGone { link, route })
-        }
+        RouteNetlinkMessage::NewRoute(r) => route_event(&r, true),
+        RouteNetlinkMessage::DelRoute(r) => route_event(&r, false),
         _ => None,
     }
 }
