@@ -283,6 +283,46 @@ impl RtnlOverlay {
             .await
     }
 
+    /// Writes `msg`, a route to `dst`, create-only first: NLM_F_REPLACE would take over any
+    /// route with this dst and metric (connected, default, a host route), whoever made it.
+    /// When one exists (EEXIST), the route that `holds` the destination in a dump of
+    /// `dst`'s family is replaced only if `may_take` allows it; any other is a
+    /// [`Error::Conflict`], left alone.
+    pub(super) async fn add_or_take_over(
+        &self,
+        what: String,
+        dst: IpNet,
+        msg: RouteMessage,
+        holds: impl Fn(&parse::Route) -> bool,
+        may_take: impl Fn(&parse::Route) -> bool,
+    ) -> Result<()> {
+        let req = self.nl.handle().route().add(msg.clone()).execute();
+        let e = match self.nl.run(|| what.clone(), req).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if e.errno() != Some(libc::EEXIST) {
+            return Err(e);
+        }
+        let dump = match dst {
+            IpNet::V4(_) => self.route_dump().await?,
+            IpNet::V6(_) => self.route6_dump().await?,
+        };
+        let owner = dump.iter().filter_map(parse::route).find(|m| holds(m));
+        if let Some(m) = owner
+            && !may_take(&m)
+        {
+            return Err(Error::Conflict(format!(
+                "route {dst}: the main table has a route of protocol {} on device index {}: \
+                 not twill's, left alone",
+                m.protocol,
+                m.oif.map_or("none".into(), |i| i.to_string())
+            )));
+        }
+        let req = self.nl.handle().route().add(msg).replace().execute();
+        self.nl.run(|| what, req).await
+    }
+
     async fn route_dump(&self) -> Result<Vec<RouteMessage>> {
         self.nl
             .run(
@@ -418,11 +458,7 @@ pub(super) fn direct_msg(r: &DirectRoute) -> RouteMessage {
 /// Direct route `r`, to delete: only twill's route with this dst on `r.dev` matches (a VXLAN
 /// route that took its place is on another device and stays); NOWHERE = any scope.
 pub(super) fn direct_del_msg(r: &DirectRoute) -> RouteMessage {
-    let mut m = direct_msg(r);
-    m.header.scope = RouteScope::NoWhere;
-    m.attributes
-        .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
-    m
+    to_delete(direct_msg(r))
 }
 
 /// `<ip> lladdr <mac> permanent` on `link` (with NLM_F_CREATE | NLM_F_REPLACE).
@@ -482,7 +518,12 @@ pub(super) fn fdb_del_msg(link: u32, f: &Fdb) -> NeighbourMessage {
 /// Route `r` on `link`, to delete: the kernel deletes only a route with this protocol
 /// (twill's) and oif; NOWHERE = any scope.
 pub(super) fn route_del_msg(link: u32, r: &Route) -> RouteMessage {
-    let mut m = route_msg(link, r);
+    to_delete(route_msg(link, r))
+}
+
+/// The route message `m` (as written) turned into the one that deletes it: any scope
+/// (NOWHERE), no gateway, so that only destination, device and protocol must match.
+pub(super) fn to_delete(mut m: RouteMessage) -> RouteMessage {
     m.header.scope = RouteScope::NoWhere;
     m.attributes
         .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
@@ -583,45 +624,16 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn replace_route(&self, link: u32, r: &Route) -> Result<()> {
-        // Create-only first: NLM_F_REPLACE would take over any route with this dst and
-        // metric (connected, default, a host route), whoever made it.
-        let what = format!("replace route {} via {}", r.dst, r.via);
-        let req = self.nl.handle().route().add(route_msg(link, r)).execute();
-        let e = match self.nl.run(|| what.clone(), req).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if e.errno() != Some(libc::EEXIST) {
-            return Err(e);
-        }
         // Replace only a route that is twill's, or that is on twill's own device (an older
         // twilld's route, with another protocol): anything else is a conflict.
-        let owner = self
-            .route_dump()
-            .await?
-            .iter()
-            .filter_map(parse::route)
-            .find(|m| foreign_dst(m).or_else(|| on_link(m, link).map(|x| x.dst)) == Some(r.dst));
-        if let Some(m) = owner
-            && !is_twills(&m)
-            && m.oif != Some(link)
-        {
-            return Err(Error::Conflict(format!(
-                "route {}: the main table has a route of protocol {} on device index {}: \
-                 not twill's, left alone",
-                r.dst,
-                m.protocol,
-                m.oif.map_or("none".into(), |i| i.to_string())
-            )));
-        }
-        let req = self
-            .nl
-            .handle()
-            .route()
-            .add(route_msg(link, r))
-            .replace()
-            .execute();
-        self.nl.run(|| what, req).await
+        self.add_or_take_over(
+            format!("replace route {} via {}", r.dst, r.via),
+            IpNet::V4(r.dst),
+            route_msg(link, r),
+            |m| foreign_dst(m).or_else(|| on_link(m, link).map(|x| x.dst)) == Some(r.dst),
+            |m| is_twills(m) || m.oif == Some(link),
+        )
+        .await
     }
 
     async fn delete_route(&self, link: u32, r: &Route) -> Result<()> {
@@ -631,43 +643,16 @@ impl Overlay for RtnlOverlay {
     }
 
     async fn replace_direct(&self, r: &DirectRoute) -> Result<()> {
-        // Create-only first, as for the VXLAN routes: a replace would take over anyone's.
-        let what = format!("replace route {} via {} dev index {}", r.dst, r.via, r.dev);
-        let req = self.nl.handle().route().add(direct_msg(r)).execute();
-        let e = match self.nl.run(|| what.clone(), req).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if e.errno() != Some(libc::EEXIST) {
-            return Err(e);
-        }
         // Replace only twill's own route (VXLAN or direct, on any device): the switch of a
         // peer between the two is this one replace, never a delete and an add.
-        let owner = self
-            .route_dump()
-            .await?
-            .iter()
-            .filter_map(parse::route)
-            .find(|m| m.dst == IpNet::V4(r.dst));
-        if let Some(m) = owner
-            && !is_twills(&m)
-        {
-            return Err(Error::Conflict(format!(
-                "route {}: the main table has a route of protocol {} on device index {}: \
-                 not twill's, left alone",
-                r.dst,
-                m.protocol,
-                m.oif.map_or("none".into(), |i| i.to_string())
-            )));
-        }
-        let req = self
-            .nl
-            .handle()
-            .route()
-            .add(direct_msg(r))
-            .replace()
-            .execute();
-        self.nl.run(|| what, req).await
+        self.add_or_take_over(
+            format!("replace route {} via {} dev index {}", r.dst, r.via, r.dev),
+            IpNet::V4(r.dst),
+            direct_msg(r),
+            |m| m.dst == IpNet::V4(r.dst),
+            is_twills,
+        )
+        .await
     }
 
     async fn delete_direct(&self, r: &DirectRoute) -> Result<()> {

@@ -11,11 +11,9 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
-use rtnetlink::packet_route::route::{
-    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteType};
 
-use super::{RtnlOverlay, fdb_add_msg, fdb_del_msg, fdb_on, is_twills};
+use super::{RtnlOverlay, fdb_add_msg, fdb_del_msg, fdb_on, is_twills, to_delete};
 use crate::netlink::parse;
 use crate::overlay::v6::{Neigh6, Op6, Programmed6, Route6, Vxlan6Spec, vxlan6_name};
 use crate::overlay::{EnsureOutcome, TWILL_ROUTE_PROTOCOL, VxlanLink, VxlanSpec};
@@ -85,11 +83,7 @@ fn route6_msg(link: u32, r: &Route6) -> RouteMessage {
 }
 
 fn route6_del_msg(link: u32, r: &Route6) -> RouteMessage {
-    let mut m = route6_msg(link, r);
-    m.header.scope = RouteScope::NoWhere;
-    m.attributes
-        .retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
-    m
+    to_delete(route6_msg(link, r))
 }
 
 fn neigh6_msg(link: u32, n: &Neigh6, add: bool) -> NeighbourMessage {
@@ -215,7 +209,7 @@ impl RtnlOverlay {
         Ok((link, outcome))
     }
 
-    async fn route6_dump(&self) -> Result<Vec<RouteMessage>> {
+    pub(super) async fn route6_dump(&self) -> Result<Vec<RouteMessage>> {
         self.nl
             .run(
                 || "dump IPv6 routes".into(),
@@ -258,42 +252,15 @@ impl RtnlOverlay {
     }
 
     async fn replace_route6(&self, link: u32, r: &Route6) -> Result<()> {
-        // Create-only first, as for IPv4: a replace would take over anyone's route.
-        let what = format!("replace route {} via {}", r.dst, r.via);
-        let req = self.nl.handle().route().add(route6_msg(link, r)).execute();
-        let e = match self.nl.run(|| what.clone(), req).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if e.errno() != Some(libc::EEXIST) {
-            return Err(e);
-        }
-        let owner = self
-            .route6_dump()
-            .await?
-            .iter()
-            .filter_map(parse::route)
-            .find(|m| m.dst == IpNet::V6(r.dst));
-        if let Some(m) = owner
-            && !is_twills(&m)
-            && m.oif != Some(link)
-        {
-            return Err(Error::Conflict(format!(
-                "route {}: the main table has a route of protocol {} on device index {}: \
-                 not twill's, left alone",
-                r.dst,
-                m.protocol,
-                m.oif.map_or("none".into(), |i| i.to_string())
-            )));
-        }
-        let req = self
-            .nl
-            .handle()
-            .route()
-            .add(route6_msg(link, r))
-            .replace()
-            .execute();
-        self.nl.run(|| what, req).await
+        // As for IPv4: twill's route, or one on twill's own device, is replaced.
+        self.add_or_take_over(
+            format!("replace route {} via {}", r.dst, r.via),
+            IpNet::V6(r.dst),
+            route6_msg(link, r),
+            |m| m.dst == IpNet::V6(r.dst),
+            |m| is_twills(m) || m.oif == Some(link),
+        )
+        .await
     }
 
     async fn apply6(&self, link: u32, op: &Op6) -> Result<()> {
